@@ -1,0 +1,18 @@
+"""adaptive_kernels: Adaptive Depth Networks — models, self-distillation training, fused inference."""
+
+from ._ext import EXT_ERROR, HAS_EXT
+from .models import create_model, list_models
+from .models.skip import all_skip_configs, parse_skip, skip_to_str
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXT_ERROR",
+    "HAS_EXT",
+    "__version__",
+    "all_skip_configs",
+    "create_model",
+    "list_models",
+    "parse_skip",
+    "skip_to_str",
+]

@@ -1,0 +1,137 @@
+"""What every ADN model shares: the skip API, MAC counting and upstream-weight loading."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip
+
+
+class ADNModel(nn.Module):
+    """Base class of the ADN models.
+
+    Subclasses set ``num_skippable_stages`` and ``in_chans``, implement ``forward(x, skip=None)``
+    (calling ``self.parse_skip`` and ``self.check_input`` first) and, when they can import
+    upstream (torchvision) weights, ``_upstream_key(key)``.
+    Normalisation layers whose module name ends in ``_skip`` are the skip-aware twins of the layer
+    with the same name minus ``_skip``.
+    """
+
+    num_skippable_stages: int
+    in_chans: int
+
+    # ---- skip API -------------------------------------------------------------------------
+    def parse_skip(self, skip: SkipLike) -> SkipConfig:
+        """Normalise ``skip`` (None, "super", "base", "TFFT", [bools]) to a tuple of bools."""
+        return parse_skip(skip, self.num_skippable_stages)
+
+    def skip_configs(self) -> list[SkipConfig]:
+        """All 2^S skip configurations, super-net first, base-net last."""
+        return all_skip_configs(self.num_skippable_stages)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an input tensor (N, C, H, W), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"
+                + (" (build the model with in_chans=... to change the channel count)" if x.dim() == 4 else "")
+            )
+
+    # ---- MACs -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def macs(self, skip: SkipLike = None, input_size: tuple[int, int] = (224, 224)) -> int:
+        """Multiply-accumulates of one image through the sub-network ``skip`` (the paper's "FLOPs").
+
+        Counts convolutions, linear layers and attention matmuls (the layers that dominate); norms,
+        activations and pooling are not counted, as is customary.
+        """
+        p = next(self.parameters())
+        x = torch.zeros(1, self.in_chans, *input_size, device=p.device, dtype=p.dtype)
+        total = [0]
+
+        def hook(module, inputs, output):
+            total[0] += module_macs(module, inputs, output)
+
+        handles = [m.register_forward_hook(hook) for m in self.modules() if _counts_macs(m)]
+        was_training = self.training
+        self.eval()
+        try:
+            self(x, skip=skip)
+        finally:
+            self.train(was_training)
+            for h in handles:
+                h.remove()
+        return total[0]
+
+    # ---- upstream weights -----------------------------------------------------------------
+    def _upstream_key(self, key: str) -> str:
+        """Map an upstream (torchvision) state-dict key to this model's key. Identity by default."""
+        return key
+
+    def skip_norm_twins(self) -> dict[str, str]:
+        """``{"layer1.0.bn1_skip": "layer1.0.bn1", ...}``: every skip-aware norm and its twin."""
+        names = dict(self.named_modules())
+        twins = {}
+        for name in names:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.endswith("_skip"):
+                twin = name[: -len("_skip")]
+                if twin not in names:
+                    raise RuntimeError(f"skip-aware norm {name} has no twin {twin}")
+                twins[name] = twin
+        return twins
+
+    def load_upstream_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load an upstream (torchvision) state dict and initialise every ``_skip`` norm from its twin.
+
+        Strict: a missing or unexpected key, or a shape mismatch, raises ``ValueError`` naming them.
+        After loading, the super-net computes exactly what the upstream model computes.
+        """
+        mapped = {self._upstream_key(k): v for k, v in state_dict.items()}
+        own = self.state_dict()
+        twins = self.skip_norm_twins()
+        skip_prefixes = tuple(n + "." for n in twins)
+        expected = {k for k in own if not k.startswith(skip_prefixes)}
+        missing = sorted(expected - mapped.keys())
+        unexpected = sorted(mapped.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{type(self).__name__}.load_upstream_state_dict: the state dict does not match this "
+                f"model (is it the right architecture?). missing: {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}; unexpected: {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
+            )
+        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items() if v.shape != own[k].shape]
+        if bad:
+            raise ValueError(
+                "load_upstream_state_dict: shape mismatch (upstream vs this model): " + "; ".join(bad[:8])
+                + " — build the model with matching num_classes/in_chans"
+            )
+        for twin_skip, twin in twins.items():
+            for k in list(own):
+                if k.startswith(twin + "."):
+                    mapped[twin_skip + k[len(twin):]] = mapped[k]
+        self.load_state_dict(mapped, strict=True)
+
+
+def _counts_macs(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)) or hasattr(m, "attention_macs")
+
+
+def module_macs(module: nn.Module, inputs, output) -> int:
+    """MACs of one call of a counted module (see ``ADNModel.macs``)."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    if isinstance(module, nn.MultiheadAttention):
+        # (N, L, E) batch_first: in-projection, QK^T, AV, out-projection
+        q = inputs[0]
+        n, seq, e = (q.shape[0], q.shape[1], q.shape[2]) if module.batch_first else (q.shape[1], q.shape[0], q.shape[2])
+        return n * (seq * e * 3 * e + 2 * seq * seq * e + seq * e * e)
+    return module.attention_macs(inputs, output)
