@@ -1,0 +1,54 @@
+"""Skip-configuration parsing and the model registry (no model building needed)."""
+
+import pytest
+
+import adaptive_kernels as ak
+from adaptive_kernels.models.skip import all_skip_configs, parse_skip, skip_to_str
+
+
+def test_parse_skip_spellings():
+    assert parse_skip(None, 4) == (False, False, False, False)
+    assert parse_skip("super", 4) == (False,) * 4
+    assert parse_skip("BASE", 4) == (True,) * 4
+    assert parse_skip("TFfT", 4) == (True, False, False, True)
+    assert parse_skip([True, 0, 1, False], 4) == (True, False, True, False)
+    assert parse_skip((False, True), 2) == (False, True)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("TFT", "3 letters but this model has 4"),
+        ("TFXZ", "unknown letter"),
+        ([True, False], "2 entries but this model has 4"),
+        ([True, False, 2, False], r"skip\[2\]=2 is not a bool"),
+        (3.5, "got float"),
+    ],
+)
+def test_parse_skip_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_skip(bad, 4)
+
+
+def test_all_skip_configs_order():
+    configs = all_skip_configs(3)
+    assert len(configs) == 8 and len(set(configs)) == 8
+    assert configs[0] == (False,) * 3 and configs[-1] == (True,) * 3
+    assert skip_to_str(configs[1]) == "FFT"
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ValueError, match="did you mean.*resnet50_adn"):
+        ak.create_model("resnet50adn")
+    with pytest.raises(ValueError, match="unknown model"):
+        ak.create_model("no_such_thing_at_all")
+
+
+def test_registry_has_every_model_of_the_issue():
+    expected = {
+        "resnet18_adn", "resnet34_adn", "resnet50_adn", "resnet101_adn", "mobilenet_v2_adn",
+        "vit_b_16_adn", "vit_b_32_adn", "deit_tiny_adn", "deit_small_adn", "swin_t_adn",
+        "resnet20_adn", "resnet56_adn",
+    }
+    assert expected <= set(ak.list_models())
+    assert ak.list_models("resnet5*") == ["resnet50_adn", "resnet56_adn"]
