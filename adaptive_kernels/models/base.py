@@ -109,7 +109,7 @@ class ADNModel(nn.Module):
         if bad:
             raise ValueError(
                 "load_upstream_state_dict: shape mismatch (upstream vs this model): " + "; ".join(bad[:8])
-                + " — build the model with matching num_classes/in_chans"
+                + " — build the model with matching num_classes/in_chans (and image_size for ViT)"
             )
         for twin_skip, twin in twins.items():
             for k in list(own):
