@@ -3,6 +3,8 @@ says whether it is usable and ``EXT_ERROR`` why not."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 HAS_EXT = False
@@ -10,9 +12,12 @@ EXT_ERROR: str | None = None
 _C = None
 
 try:
-    from . import _C as _C_mod  # type: ignore[attr-defined]
+    _C_mod = importlib.import_module("adaptive_kernels._C")
 except ImportError as e:
-    EXT_ERROR = f"adaptive_kernels._C is not built ({e}); reinstall with a CUDA toolkit present"
+    EXT_ERROR = (
+        f"adaptive_kernels._C is not available ({e}); build it with a CUDA toolkit present: "
+        "pip install --no-build-isolation -e ."
+    )
 else:
     built_torch, built_cuda = _C_mod.built_with()
     if built_torch.split("+")[0] != torch.__version__.split("+")[0] or built_cuda != str(torch.version.cuda):

@@ -1,0 +1,31 @@
+"""Fused Triton kernels that read the skip mask from device memory, each with its pure-torch reference.
+
+One op per module: ``conv2d`` (NHWC implicit GEMM + depthwise, fused skip-aware BN / activation /
+residual), ``linear`` (GEMM + bias / GELU / residual), ``layer_norm`` (skip-aware affine) and
+``attention`` (SDPA or a Triton flash kernel). Mask contract: an int32 tensor on the device, one entry
+per skippable stage, 1 = run the skippable sub-path, 0 = skip it; kernels take it with an index
+(-1 = unused) and nothing on the host reads it.
+
+Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors in Triton's
+interpreter (slow; for tests). Importing never queries a GPU; autotuning happens at the first call of
+each shape, so call every layer once (with the mask all ones: a kernel that exits early would be tuned on
+its exit path) before capturing a CUDA graph. ``ADN_KERNEL_AUTOTUNE=0`` (read at import) replaces
+autotuning by one default config per kernel (fast start for correctness checks on a GPU).
+"""
+
+from .attention import attention, attention_ref
+from .conv2d import conv2d, conv2d_ref, pack_conv2d_weight
+from .layer_norm import layer_norm, layer_norm_ref
+from .linear import linear, linear_ref
+
+__all__ = [
+    "attention",
+    "attention_ref",
+    "conv2d",
+    "conv2d_ref",
+    "layer_norm",
+    "layer_norm_ref",
+    "linear",
+    "linear_ref",
+    "pack_conv2d_weight",
+]

@@ -1,0 +1,519 @@
+"""2-D convolution on NHWC tensors with a fused, skip-mask-aware epilogue.
+
+Two Triton kernels: an implicit GEMM for groups=1 (M = N*HO*WO output pixels, N = Cout, K = KH*KW*Cin,
+fp32 accumulation) and a direct kernel for depthwise convolutions (groups = Cin = Cout). Both end with
+the same epilogue: ``y = act(acc * scale + shift) (+ residual) (then ReLU)``, where the (scale, shift)
+set is chosen on the device by ``mask[norm_index]`` (the normal set when 1, the ``_skip`` set when 0 —
+skip-aware BatchNorm folded into the conv), and ``mask[exit_index] == 0`` makes the kernel return before
+touching memory (early exit of a skipped sub-path). No host code reads the mask.
+
+Weights are packed once (``pack_conv2d_weight``) to ``(KH*KW*Cin/groups, Cout)``, row
+``(kh*KW + kw)*Cin/groups + c``: for each tap, the channels of one input pixel are contiguous in x (NHWC)
+and the output channels are contiguous in the packed weight, so both GEMM operands load coalesced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import dot_precision, fused_epilogue
+
+_ACTIVATIONS = ("none", "relu", "relu6")
+
+# Flattened-K gather (im2col order) instead of per-tap channel blocks: for the 3-channel stem or
+# patch-embedding convs a channel block of >= 16 would be mostly padding.
+_FLAT_K_MAX_CIN = 8
+
+
+def _gemm_configs() -> list[triton.Config]:
+    shapes = [  # BM, BN, BK, warps, stages: Hopper (228 KB shared memory per SM); the first is the default
+        (128, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 64, 4, 4),
+        (32, 32, 64, 4, 4),
+        (16, 32, 128, 4, 3),
+        (16, 128, 64, 4, 4),
+    ]
+    tuned = [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+    return _common.choose_configs(triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1), tuned)
+
+
+def _prune_gemm_configs(configs, nargs, **kwargs):
+    """Drop tiles much larger than the problem (they only waste tuning time); keep at least one."""
+    m_cap = max(16, triton.next_power_of_2(nargs["M"]))
+    n_cap = max(16, triton.next_power_of_2(nargs["COUT"]))
+    kept = [c for c in configs if c.kwargs["BM"] <= m_cap and c.kwargs["BN"] <= n_cap]
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M", "COUT", "CIN", "KH", "KW", "SH", "SW"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    restore_value=["out_ptr"],  # tuning runs the kernel repeatedly; out may alias residual (in place)
+)
+@triton.jit
+def _conv2d_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    res_ptr,
+    scale_ptr,
+    shift_ptr,
+    scale_skip_ptr,
+    shift_skip_ptr,
+    mask_ptr,
+    norm_index,
+    exit_index,
+    H,
+    W,
+    CIN,
+    HO,
+    WO,
+    COUT,
+    M,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SELECT_NORM: tl.constexpr,
+    HAS_EXIT: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RES_RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """out[m, co] = epilogue(sum_{kh, kw, c} x[n, ho*SH - PH + kh, wo*SW - PW + kw, c] * w[(kh*KW + kw)*CIN + c, co])
+    with m = (n*HO + ho)*WO + wo; x: (N, H, W, CIN), out and res: (M, COUT), all row-major."""
+    if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
+        if tl.load(mask_ptr + exit_index) == 0:
+            return
+    # Grouped tile order: GROUP_M row tiles share their weight tiles while they are in L2.
+    GROUP_M: tl.constexpr = 8
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(COUT, BN)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < COUT
+    img = rm // (HO * WO)
+    pix = rm % (HO * WO)
+    hi0 = (pix // WO) * SH - PH
+    wi0 = (pix % WO) * SW - PW
+    img_base = img.to(tl.int64) * H * W * CIN
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if FLAT_K:
+        k_total = KH * KW * CIN
+        for k0 in range(0, k_total, BK):
+            rk = k0 + tl.arange(0, BK)
+            c = rk % CIN
+            tap = rk // CIN
+            hi = hi0[:, None] + (tap // KW)[None, :]
+            wi = wi0[:, None] + (tap % KW)[None, :]
+            a_ok = m_ok[:, None] & (rk < k_total)[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            a = tl.load(x_ptr + img_base[:, None] + (hi * W + wi) * CIN + c[None, :], mask=a_ok, other=0.0)
+            b = tl.load(
+                w_ptr + rk[:, None] * COUT + rn[None, :], mask=(rk < k_total)[:, None] & n_ok[None, :], other=0.0
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # One flat loop over (tap, channel block) so the compiler pipelines across taps too.
+        c_blocks = tl.cdiv(CIN, BK)
+        for t in range(KH * KW * c_blocks):
+            tap = t // c_blocks
+            c0 = (t % c_blocks) * BK
+            hi = hi0 + tap // KW
+            wi = wi0 + tap % KW
+            row_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            rk = c0 + tl.arange(0, BK)
+            k_ok = rk < CIN
+            a_rows = img_base + (hi * W + wi) * CIN
+            a = tl.load(x_ptr + a_rows[:, None] + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(
+                w_ptr + (tap * CIN + rk)[:, None] * COUT + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    fused_epilogue(
+        acc,
+        rm,
+        rn,
+        M,
+        COUT,
+        out_ptr,
+        res_ptr,
+        scale_ptr,
+        shift_ptr,
+        scale_skip_ptr,
+        shift_skip_ptr,
+        mask_ptr,
+        norm_index,
+        HAS_SCALE,
+        HAS_SHIFT,
+        SELECT_NORM,
+        ACT,
+        HAS_RES,
+        RES_RELU,
+    )
+
+
+def _depthwise_configs() -> list[triton.Config]:
+    shapes = [(32, 64, 4), (16, 64, 2), (64, 64, 4), (16, 128, 4), (32, 128, 4), (64, 32, 4), (128, 32, 4), (8, 256, 4)]
+    tuned = [triton.Config({"BM": m, "BC": c}, num_warps=w, num_stages=2) for m, c, w in shapes]
+    return _common.choose_configs(triton.Config({"BM": 32, "BC": 32}, num_warps=4, num_stages=1), tuned)
+
+
+def _prune_depthwise_configs(configs, nargs, **kwargs):
+    c_cap = max(16, triton.next_power_of_2(nargs["C"]))
+    kept = [c for c in configs if c.kwargs["BC"] <= c_cap]
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_depthwise_configs(),
+    key=["M", "C", "KH", "KW", "SH", "SW"],
+    prune_configs_by={"early_config_prune": _prune_depthwise_configs},
+    restore_value=["out_ptr"],
+)
+@triton.jit
+def _depthwise_conv2d_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    res_ptr,
+    scale_ptr,
+    shift_ptr,
+    scale_skip_ptr,
+    shift_skip_ptr,
+    mask_ptr,
+    norm_index,
+    exit_index,
+    H,
+    W,
+    C,
+    HO,
+    WO,
+    M,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SELECT_NORM: tl.constexpr,
+    HAS_EXIT: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RES_RELU: tl.constexpr,
+    BM: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """out[m, c] = epilogue(sum_{kh, kw} x[n, ho*SH - PH + kh, wo*SW - PW + kw, c] * w[kh*KW + kw, c]);
+    x: (N, H, W, C), w: (KH*KW, C), out and res: (M, C), all row-major."""
+    if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
+        if tl.load(mask_ptr + exit_index) == 0:
+            return
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_ok = rm < M
+    c_ok = rc < C
+    img = rm // (HO * WO)
+    pix = rm % (HO * WO)
+    hi0 = (pix // WO) * SH - PH
+    wi0 = (pix % WO) * SW - PW
+    img_base = img.to(tl.int64) * H * W * C
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            hi = hi0 + kh
+            wi = wi0 + kw
+            row_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            a = tl.load(
+                x_ptr + (img_base + (hi * W + wi) * C)[:, None] + rc[None, :],
+                mask=row_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            wt = tl.load(w_ptr + (kh * KW + kw) * C + rc, mask=c_ok, other=0.0)
+            acc += a.to(tl.float32) * wt.to(tl.float32)[None, :]
+    fused_epilogue(
+        acc,
+        rm,
+        rc,
+        M,
+        C,
+        out_ptr,
+        res_ptr,
+        scale_ptr,
+        shift_ptr,
+        scale_skip_ptr,
+        shift_skip_ptr,
+        mask_ptr,
+        norm_index,
+        HAS_SCALE,
+        HAS_SHIFT,
+        SELECT_NORM,
+        ACT,
+        HAS_RES,
+        RES_RELU,
+    )
+
+
+def _pair(name: str, v: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(p, int) and p >= minimum for p in pair):
+        raise ValueError(f"conv2d: {name}={v!r} must be an int or a pair of ints >= {minimum}")
+    return pair
+
+
+def pack_conv2d_weight(w: torch.Tensor) -> torch.Tensor:
+    """Pack a conv weight ``w: (Cout, Cin/groups, KH, KW)`` (nn.Conv2d layout) for :func:`conv2d`.
+
+    Returns a contiguous ``(KH*KW*Cin/groups, Cout)`` tensor with
+    ``packed[(kh*KW + kw)*Cin/groups + c, co] = w[co, c, kh, kw]`` (for depthwise: ``(KH*KW, C)``).
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 4:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"pack_conv2d_weight: w must be a 4-D (Cout, Cin/groups, KH, KW) tensor, got {shape}")
+    cout, cin_g, kh, kw = w.shape
+    return w.permute(2, 3, 1, 0).reshape(kh * kw * cin_g, cout).contiguous()
+
+
+def _output_size(h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]) -> tuple[int, int]:
+    return (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
+
+
+def conv2d(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale_skip: torch.Tensor | None = None,
+    shift_skip: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    norm_index: int = -1,
+    exit_index: int = -1,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    residual_relu: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused NHWC convolution: ``y = act(conv(x, w) * scale + shift) (+ residual) (then ReLU if residual_relu)``.
+
+    x: (N, H, W, Cin) contiguous, fp16/bf16/fp32; w_packed: from :func:`pack_conv2d_weight`, x's dtype.
+    Returns y: (N, HO, WO, Cout), x's dtype (``out`` when given). groups: 1, or Cin = Cout (depthwise).
+    scale, shift (and scale_skip, shift_skip): (Cout,) float, each optional; when ``norm_index >= 0`` the
+    set is chosen on the device: ``mask[norm_index] == 1`` -> (scale, shift), ``0`` -> (scale_skip, shift_skip).
+    residual: (N, HO, WO, Cout); ``out`` may be the residual tensor itself (in-place residual update).
+    ``exit_index >= 0`` and ``mask[exit_index] == 0``: the kernel returns at once and ``out`` keeps its content
+    (``out`` is then required). The first call for a new shape autotunes (on a GPU): do it before graph capture.
+    """
+    op = "conv2d"
+    _common.check_float(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D NHWC (N, H, W, Cin), got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{op}: x must be a contiguous NHWC tensor (N, H, W, Cin): for an NCHW tensor pass "
+            f"x.permute(0, 2, 3, 1).contiguous() (free for a channels_last tensor)"
+        )
+    n, h, w, cin = x.shape
+    kh, kw = _pair("kernel_size", kernel_size, 1)
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    depthwise = groups != 1
+    _common.check_float(op, "w_packed", w_packed, (x.dtype,))
+    if depthwise:
+        if groups != cin:
+            raise ValueError(f"{op}: groups={groups} is not supported: use groups=1 or groups=Cin={cin} (depthwise)")
+        cout = cin
+        expect, expect_str = (kh * kw, cin), f"({kh * kw}, {cin})"
+    else:
+        cout = w_packed.shape[-1] if w_packed.dim() == 2 else -1
+        expect, expect_str = (kh * kw * cin, cout), f"({kh * kw * cin}, Cout)"
+    if w_packed.dim() != 2 or tuple(w_packed.shape) != expect or not w_packed.is_contiguous():
+        raise ValueError(
+            f"{op}: w_packed must be a contiguous {expect_str} tensor from pack_conv2d_weight(w) for "
+            f"kernel_size=({kh}, {kw}), Cin={cin}, groups={groups}; got shape {tuple(w_packed.shape)}"
+        )
+    ho, wo = _output_size(h, w, (kh, kw), (sh, sw), (ph, pw))
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{op}: input {h}x{w} is smaller than kernel ({kh}, {kw}) with padding ({ph}, {pw})")
+    out_shape = (n, ho, wo, cout)
+    _common.check_vector(op, "scale", scale, cout)
+    _common.check_vector(op, "shift", shift, cout)
+    _common.check_mask(op, mask, norm_index=norm_index, exit_index=exit_index)
+    select = norm_index >= 0
+    for name, normal, skip in (("scale", scale, scale_skip), ("shift", shift, shift_skip)):
+        if select and normal is not None and skip is None:
+            raise ValueError(f"{op}: norm_index={norm_index} selects between {name} and {name}_skip: pass {name}_skip")
+        if skip is not None and (not select or normal is None):
+            raise ValueError(f"{op}: {name}_skip is only used with {name} and norm_index >= 0 (and a mask)")
+        _common.check_vector(op, f"{name}_skip", skip, cout, like=normal)
+    act = _common.activation_code(op, activation, _ACTIVATIONS)
+    if residual_relu and residual is None:
+        raise ValueError(f"{op}: residual_relu=True needs residual (for a plain ReLU use activation='relu')")
+    _common.check_output(op, "residual", residual, out_shape, x.dtype)
+    _common.check_output(op, "out", out, out_shape, x.dtype)
+    _common.check_exit_out(op, exit_index, out)
+    _common.check_device(
+        op,
+        "conv2d_ref",
+        x=x,
+        w_packed=w_packed,
+        scale=scale,
+        shift=shift,
+        scale_skip=scale_skip,
+        shift_skip=shift_skip,
+        mask=mask,
+        residual=residual,
+        out=out,
+    )
+    if out is not None:
+        if _common.overlaps(out, x):
+            raise ValueError(
+                f"{op}: out overlaps x: a convolution reads neighbouring pixels, so it cannot run in "
+                f"place on its input; use another output buffer"
+            )
+        if residual is not None and _common.overlaps(out, residual) and out.data_ptr() != residual.data_ptr():
+            raise ValueError(f"{op}: out partially overlaps residual: pass the same tensor (in place) or disjoint ones")
+    else:
+        out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
+    m = n * ho * wo
+    if m == 0 or cout == 0:
+        return out
+    dummy = out  # stands in for absent pointers; the kernels never dereference them (constexpr-disabled)
+    ptrs = (
+        x,
+        w_packed,
+        out,
+        residual if residual is not None else dummy,
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        scale_skip if scale_skip is not None else dummy,
+        shift_skip if shift_skip is not None else dummy,
+        mask if mask is not None else dummy,
+    )
+    flags = {
+        "KH": kh,
+        "KW": kw,
+        "SH": sh,
+        "SW": sw,
+        "PH": ph,
+        "PW": pw,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "SELECT_NORM": select,
+        "HAS_EXIT": exit_index >= 0,
+        "ACT": act,
+        "HAS_RES": residual is not None,
+        "RES_RELU": bool(residual_relu),
+    }
+    if depthwise:
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BC"])
+
+        _depthwise_conv2d_kernel[grid](*ptrs, max(norm_index, 0), max(exit_index, 0), h, w, cin, ho, wo, m, **flags)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BM"]) * triton.cdiv(cout, meta["BN"]),)
+
+        _conv2d_kernel[grid](
+            *ptrs,
+            max(norm_index, 0),
+            max(exit_index, 0),
+            h,
+            w,
+            cin,
+            ho,
+            wo,
+            cout,
+            m,
+            FLAT_K=cin <= _FLAT_K_MAX_CIN,
+            DOT_PRECISION=dot_precision(x.dtype),
+            **flags,
+        )
+    return out
+
+
+def conv2d_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    kernel_size: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale_skip: torch.Tensor | None = None,
+    shift_skip: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    norm_index: int = -1,
+    exit_index: int = -1,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    residual_relu: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-torch reference of :func:`conv2d` (same keywords) with the UNPACKED weight ``w: (Cout, Cin/g, KH, KW)``.
+
+    x: (N, H, W, Cin) NHWC; returns (N, HO, WO, Cout) NHWC. Every step runs in x's dtype (parameters are cast
+    to it), so float64 inputs give the exact answer and fp16 inputs show torch's own fp16 rounding. Reads
+    the mask with ``.item()`` (a host sync; reference only).
+    """
+    if kernel_size is not None and _pair("kernel_size", kernel_size, 1) != tuple(w.shape[2:]):
+        raise ValueError(f"conv2d_ref: kernel_size={kernel_size} does not match w's shape {tuple(w.shape)}")
+    if exit_index >= 0 and int(mask[exit_index].item()) == 0:
+        _common.check_exit_out("conv2d_ref", exit_index, out)
+        return out
+    dt = x.dtype
+    y = F.conv2d(x.permute(0, 3, 1, 2), w.to(dt), stride=stride, padding=padding, groups=groups)
+    if norm_index >= 0 and int(mask[norm_index].item()) == 0:
+        scale, shift = scale_skip, shift_skip
+    if scale is not None:
+        y = y * scale.to(dt)[:, None, None]
+    if shift is not None:
+        y = y + shift.to(dt)[:, None, None]
+    y = _common.activation_ref(y, activation)
+    if residual is not None:
+        y = y + residual.permute(0, 3, 1, 2).to(dt)
+        if residual_relu:
+            y = torch.relu(y)
+    y = y.permute(0, 2, 3, 1)
+    if out is not None:
+        return out.copy_(y)
+    return y.contiguous()
