@@ -1,6 +1,7 @@
 """adaptive_kernels: Adaptive Depth Networks — models, self-distillation training, fused inference."""
 
 from ._ext import EXT_ERROR, HAS_EXT
+from .engine import compile, select_skip
 from .models import create_model, list_models
 from .models.skip import all_skip_configs, parse_skip, skip_to_str
 
@@ -11,8 +12,10 @@ __all__ = [
     "HAS_EXT",
     "__version__",
     "all_skip_configs",
+    "compile",
     "create_model",
     "list_models",
     "parse_skip",
+    "select_skip",
     "skip_to_str",
 ]

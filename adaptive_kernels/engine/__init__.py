@@ -1,0 +1,13 @@
+"""Inference engine: lower an ADN model to fused Triton kernels and run every sub-network from one CUDA graph.
+
+``compile(model, example_input)`` -> :class:`Engine`; ``select_skip(latency, accuracy, budget_us)`` picks
+the most accurate sub-network within a latency budget. Pieces, one job per module: ``lowering`` (model ->
+program, BatchNorm folding), ``program`` (the ops), ``runtime`` (kernel sets, buffers, execution),
+``graph`` (capture, CUDA IF nodes), ``engine`` (the module), ``select`` (budgeted choice).
+"""
+
+from .engine import Engine, compile
+from .lowering import LoweringError, NotLoweredError
+from .select import select_skip
+
+__all__ = ["Engine", "LoweringError", "NotLoweredError", "compile", "select_skip"]

@@ -1,0 +1,135 @@
+"""One CUDA graph per input shape: static buffers, warm-up, capture, and the IF-node splice.
+
+:class:`CapturedGraph` allocates the program's buffers, runs it once outside the capture (Triton
+compiles and autotunes there: nothing may compile inside a capture), then captures it ONCE with
+``torch.cuda.graph``. Switching sub-networks afterwards only rewrites the int32 mask the graph reads.
+
+With ``mechanism="conditional"`` each skippable body is captured into the body of a CUDA IF node
+spliced into torch's capture by the ``adaptive_kernels._C`` extension (:class:`IfNodeSplicer`); a
+small kernel at the start of the graph sets every IF condition from the mask, so a skipped body
+launches nothing. Bodies are captured on a second stream made current with ``torch.cuda.stream``, so
+Triton launches and torch ops inside them land in the body graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from .program import Program, Value
+from .runtime import allocate_buffers, execute
+
+#: CUDA 12.4: IF nodes whose condition a kernel sets (cudaGraphSetConditional), spliced into a capture.
+MIN_CONDITIONAL_CUDA = 12040
+
+
+def conditional_nodes_unavailable() -> str | None:
+    """None when the conditional mechanism can run here, else why not (for errors and warnings)."""
+    from .. import _ext
+
+    if not _ext.HAS_EXT:
+        return _ext.EXT_ERROR or "adaptive_kernels._C is not available"
+    ext = _ext._C
+    if not ext.has_conditional_nodes():
+        return (
+            f"adaptive_kernels._C was compiled with CUDA runtime {ext.compiled_cuda_runtime()}, which has no "
+            f"conditional graph nodes (needs CUDA >= 12.4)"
+        )
+    driver = ext.driver_version()
+    if driver < MIN_CONDITIONAL_CUDA:
+        return f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}; conditional nodes need 12.4"
+    return None
+
+
+class IfNodeSplicer:
+    """Opens and closes CUDA IF-node bodies inside the capture that the current stream is running.
+
+    Usage inside ``torch.cuda.graph(...)``: ``create_conditions(mask, stages)`` once, before any body
+    (it launches the kernel that sets condition j to ``mask[stages[j]] != 0`` on every replay), then
+    ``with splicer.body(j): ...`` for body j, in order. ``body_stream`` must not be the capture stream.
+    """
+
+    def __init__(self, body_stream: torch.cuda.Stream) -> None:
+        from .. import _ext
+
+        why = conditional_nodes_unavailable()
+        if why is not None:
+            raise RuntimeError(f"CUDA IF nodes are unavailable: {why}")
+        self._ext = _ext._C
+        self._body_stream = body_stream
+        self._handles: list[int] = []
+
+    def create_conditions(self, mask: torch.Tensor, stages: Sequence[int]) -> None:
+        capture = torch.cuda.current_stream(mask.device)
+        self._handles = list(self._ext.create_conditions(capture.cuda_stream, mask, list(stages)))
+
+    @contextmanager
+    def body(self, index: int) -> Iterator[None]:
+        """Ops run in this block are captured into the body of IF node ``index`` (in creation order)."""
+        capture = torch.cuda.current_stream(self._body_stream.device)
+        self._ext.begin_if(capture.cuda_stream, self._body_stream.cuda_stream, self._handles[index])
+        body_ok = False
+        try:
+            with torch.cuda.stream(self._body_stream):
+                yield
+            body_ok = True
+        finally:
+            try:
+                self._ext.end_if(self._body_stream.cuda_stream)
+            except RuntimeError:
+                if body_ok:  # otherwise the body's own error is the one to report
+                    raise
+
+
+class CapturedGraph:
+    """The static buffers and the single CUDA graph of one input shape.
+
+    ``replay(x)`` copies x (the captured shape and dtype) into the static input, replays the graph on
+    the current stream and returns the static output buffer (overwritten by the next replay).
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        input_shape: tuple[int, ...],
+        input_dtype: torch.dtype,
+        device: torch.device,
+        mask: torch.Tensor,
+        mechanism: str,
+        body_stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        if mechanism not in ("conditional", "early_exit"):
+            raise ValueError(f"a graph captures mechanism 'conditional' or 'early_exit', got {mechanism!r}")
+        self.input_shape = tuple(input_shape)
+        self.tensors: dict[Value, torch.Tensor] = allocate_buffers(program, input_shape[0], device, input_dtype)
+        self.input = self.tensors[program.input]
+        self.output = self.tensors[program.output]
+        self._warm_up(program, mask, mechanism)
+        splicer = IfNodeSplicer(body_stream or torch.cuda.Stream(device)) if mechanism == "conditional" else None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            execute(program, self.tensors, mask, mechanism=mechanism, splicer=splicer)
+
+    def _warm_up(self, program: Program, mask: torch.Tensor, mechanism: str) -> None:
+        """Run every kernel variant the capture will launch, outside the capture, on a side stream.
+
+        Everything runs (an all-ones mask): autotuning an early-exit kernel while its stage is skipped
+        would time an empty launch. Bodies run with the exit index the capture will use, since it
+        selects the compiled variant (early exit on or off).
+        """
+        run_all = torch.ones_like(mask)
+        side = torch.cuda.Stream(mask.device)
+        side.wait_stream(torch.cuda.current_stream(mask.device))
+        with torch.cuda.stream(side):
+            if mechanism == "early_exit":
+                execute(program, self.tensors, run_all, mechanism="early_exit")
+            else:
+                execute(program, self.tensors, run_all, mechanism="host", skip=(False,) * program.num_stages)
+        torch.cuda.current_stream(mask.device).wait_stream(side)
+
+    def replay(self, x: torch.Tensor) -> torch.Tensor:
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output

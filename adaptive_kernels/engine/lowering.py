@@ -1,0 +1,517 @@
+"""Lowering an ADN model to a :class:`~.program.Program` of fused ops.
+
+What is lowered (eval-mode semantics: BatchNorm running statistics, no dropout):
+
+* ResNet-ADN (BasicBlock and Bottleneck, ImageNet and CIFAR stems): every conv + BN (+ ReLU) becomes
+  one fused conv; the shortcut add and the block's final ReLU go into the last conv's epilogue, which
+  writes the residual stream IN PLACE (the downsample branch's output in the first block of a stage).
+* MobileNetV2-ADN: conv + BN + ReLU6 / linear bottleneck, depthwise convs, residual add fused.
+* ViT / DeiT-ADN: patch embedding as one linear layer over gathered patches, pre-norm encoder blocks as
+  LayerNorm -> QKV linear -> attention -> out-projection (+ residual, in place) -> LayerNorm ->
+  fc1 + GELU -> fc2 (+ residual, in place), final LayerNorm on the class token only, head.
+
+Skip-aware norms: a mandatory layer with a ``_skip`` twin gets both parameter sets and
+``norm_index = stage``, so the kernel picks the set from the device mask. Each stage's skippable blocks
+become one :class:`~.program.Body`.
+
+BatchNorm folding: ``bn(conv(x) + b) = conv(x) * scale + shift`` with ``scale = gamma / sqrt(var + eps)``
+and ``shift = beta + (b - mean) * scale``, computed in float64 and kept in float32 (float64 for a
+float64 program) whatever the compute dtype, since the kernels apply them in fp32.
+
+Swin-T-ADN is not lowered yet: :class:`NotLoweredError` (the engine then runs the reference model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.base import ADNModel
+from ..models.mobilenetv2 import ConvNormActivation, InvertedResidual, MobileNetV2ADN
+from ..models.resnet import BasicBlock, Bottleneck, ResNetADN, SkippableStage
+from ..models.swin import SwinTransformerADN
+from ..models.vit import EncoderBlock, VisionTransformerADN
+from .program import (
+    Attention,
+    Body,
+    Conv,
+    EmbedTokens,
+    LayerNorm,
+    Linear,
+    LoweringError,
+    MaxPool,
+    MeanPool,
+    Op,
+    PatchGather,
+    Program,
+    ToNHWC,
+    Value,
+    validate,
+)
+from .runtime import KernelSet
+
+LOWERED_FAMILIES = (ResNetADN, MobileNetV2ADN, VisionTransformerADN)
+
+
+class NotLoweredError(LoweringError):
+    """The model family is known but has no lowering yet (the engine falls back to the reference)."""
+
+
+def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` in float64 such that ``bn(y + conv_bias) == y * scale + shift`` in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise LoweringError(f"{bn} has no running statistics (track_running_stats=False): it cannot be folded")
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    scale = 1.0 / torch.sqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    bias = -mean if conv_bias is None else conv_bias.detach().double() - mean
+    shift = bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    return scale, shift
+
+
+class _Builder:
+    """Collects ops (into the current body, if one is open) and creates values with unique names."""
+
+    def __init__(self, kernels: KernelSet, dtype: torch.dtype, device: torch.device) -> None:
+        self.kernels = kernels
+        self.dtype = dtype
+        self.device = device
+        self.param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.items: list[Op | Body] = []
+        self._body: Body | None = None
+        self._names: dict[str, int] = {}
+
+    def value(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Value:
+        count = self._names.get(name, 0)
+        self._names[name] = count + 1
+        return Value(name if count == 0 else f"{name}.{count}", tuple(int(s) for s in shape), dtype)
+
+    def emit(self, op: Op) -> Value:
+        (self._body.ops if self._body is not None else self.items).append(op)
+        return op.writes()
+
+    @contextmanager
+    def body(self, stage: int) -> Iterator[None]:
+        if self._body is not None:
+            raise LoweringError("skippable bodies cannot nest")
+        self._body = Body(stage)
+        try:
+            yield
+        finally:
+            body, self._body = self._body, None
+        if body.ops:
+            self.items.append(body)
+
+    @property
+    def in_body(self) -> bool:
+        return self._body is not None
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w.detach().to(self.device, self.dtype).contiguous()
+
+    def vector(self, v: torch.Tensor) -> torch.Tensor:
+        return v.detach().to(self.device, self.param_dtype).contiguous()
+
+    # ---- fused ops -----------------------------------------------------------------------
+    def conv_bn(
+        self,
+        x: Value,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        bn_skip: nn.BatchNorm2d | None = None,
+        *,
+        stage: int = -1,
+        activation: str = "none",
+        residual: Value | None = None,
+        residual_relu: bool = False,
+        name: str,
+    ) -> Value:
+        """conv + folded BN (two sets when ``bn_skip``) + activation (+ residual, written in place)."""
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise LoweringError(
+                f"{name}: expected Conv2d + BatchNorm2d, got {type(conv).__name__} + {type(bn).__name__}"
+            )
+        h, w, cin = x.shape
+        if conv.in_channels != cin or bn.num_features != conv.out_channels:
+            raise LoweringError(
+                f"{name}: channel mismatch ({cin} in, conv {conv.in_channels}->{conv.out_channels}, "
+                f"BN {bn.num_features})"
+            )
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros" or conv.dilation != (1, 1):
+            raise LoweringError(
+                f"{name}: only zero padding given as numbers and dilation 1 are lowered, got "
+                f"padding={conv.padding!r} ({conv.padding_mode}), dilation={conv.dilation}"
+            )
+        if conv.groups not in (1, cin) or (conv.groups != 1 and conv.out_channels != cin):
+            raise LoweringError(f"{name}: groups={conv.groups} is not lowered (only 1 and depthwise)")
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        shape = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, conv.out_channels)
+        if residual is not None and residual.shape != shape:
+            raise LoweringError(f"{name}: residual {residual} does not match the conv output (N, {shape})")
+        scale, shift = fold_batchnorm(bn, conv.bias)
+        scale_skip = shift_skip = None
+        if bn_skip is not None:
+            scale_skip, shift_skip = (self.vector(t) for t in fold_batchnorm(bn_skip, conv.bias))
+        return self.emit(
+            Conv(
+                x=x,
+                out=residual if residual is not None else self.value(name, shape),
+                weight=self.kernels.prepare_conv_weight(self.weight(conv.weight)),
+                kernel_size=(kh, kw),
+                stride=(sh, sw),
+                padding=(ph, pw),
+                groups=conv.groups,
+                scale=self.vector(scale),
+                shift=self.vector(shift),
+                scale_skip=scale_skip,
+                shift_skip=shift_skip,
+                norm_index=stage if bn_skip is not None else -1,
+                activation=activation,
+                residual=residual,
+                residual_relu=residual_relu,
+            )
+        )
+
+    def linear(
+        self,
+        x: Value,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        activation: str = "none",
+        residual: Value | None = None,
+        name: str,
+    ) -> Value:
+        """``act(x @ weight.T + bias) (+ residual, in place)`` over x's last dim."""
+        if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+            raise LoweringError(
+                f"{name}: weight {tuple(weight.shape)} does not take inputs with {x.shape[-1]} features"
+            )
+        shape = (*x.shape[:-1], weight.shape[0])
+        if residual is not None and residual.shape != shape:
+            raise LoweringError(f"{name}: residual {residual} does not match the output (N, {shape})")
+        return self.emit(
+            Linear(
+                x=x,
+                out=residual if residual is not None else self.value(name, shape),
+                weight=self.weight(weight),
+                bias=None if bias is None else self.vector(bias),
+                activation=activation,
+                residual=residual,
+            )
+        )
+
+    def layer_norm(
+        self,
+        x: Value,
+        ln: nn.LayerNorm,
+        ln_skip: nn.LayerNorm | None = None,
+        *,
+        stage: int = -1,
+        first_token: bool = False,
+        name: str,
+    ) -> Value:
+        """LayerNorm over x's last dim (both parameter sets when ``ln_skip``)."""
+        c = x.shape[-1]
+        for norm in (ln, ln_skip):
+            if norm is None:
+                continue
+            if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (c,):
+                raise LoweringError(f"{name}: expected LayerNorm({c}), got {norm}")
+            if ln_skip is not None and norm.eps != ln.eps:
+                raise LoweringError(f"{name}: the norm and its _skip twin use different eps")
+
+        def params(norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+            weight = norm.weight if norm.weight is not None else torch.ones(c)
+            bias = norm.bias if norm.bias is not None else torch.zeros(c)
+            return self.vector(weight), self.vector(bias)
+
+        weight, bias = params(ln)
+        weight_skip, bias_skip = params(ln_skip) if ln_skip is not None else (None, None)
+        shape = (c,) if first_token else x.shape
+        return self.emit(
+            LayerNorm(
+                x=x,
+                out=self.value(name, shape),
+                weight=weight,
+                bias=bias,
+                weight_skip=weight_skip,
+                bias_skip=bias_skip,
+                eps=float(ln.eps),
+                norm_index=stage if ln_skip is not None else -1,
+                first_token=first_token,
+            )
+        )
+
+
+def _twin(module: nn.Module, name: str) -> nn.Module | None:
+    """The ``_skip`` twin of ``module.<name>`` (None in skippable layers, which have one set)."""
+    return getattr(module, name + "_skip", None)
+
+
+def _stage_blocks(stage: nn.Module, name: str) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Split a stage into (mandatory blocks, skippable blocks); the skippable ones must come last."""
+    blocks = list(stage)
+    flags = [bool(getattr(b, "skippable", False)) for b in blocks]
+    first = flags.index(True) if True in flags else len(flags)
+    if not all(flags[first:]):
+        raise LoweringError(f"{name}: skippable blocks must form the end of the stage, got skippable={flags}")
+    return blocks[:first], blocks[first:]
+
+
+# ---- ResNet ---------------------------------------------------------------------------------------
+def _lower_resnet_block(b: _Builder, block: nn.Module, x: Value, name: str) -> Value:
+    stage = block.stage
+    if not isinstance(block, (BasicBlock, Bottleneck)):
+        raise LoweringError(f"{name}: {type(block).__name__} is not a ResNet BasicBlock/Bottleneck")
+    if not isinstance(block.relu, nn.ReLU):
+        raise LoweringError(f"{name}: only ReLU activations are lowered")
+    shortcut = x
+    if block.downsample is not None:
+        ds = block.downsample
+        if not (isinstance(ds, nn.Sequential) and len(ds) == 2):
+            raise LoweringError(f"{name}.downsample: expected Sequential(Conv2d, BatchNorm2d), got {ds}")
+        shortcut = b.conv_bn(x, ds[0], ds[1], name=f"{name}.downsample")
+    convs = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
+    h = x
+    for i, conv in enumerate(convs):
+        norm = f"bn{i + 1}"
+        last = i == len(convs) - 1
+        h = b.conv_bn(
+            h,
+            getattr(block, conv),
+            getattr(block, norm),
+            _twin(block, norm),
+            stage=stage,
+            activation="none" if last else "relu",
+            residual=shortcut if last else None,
+            residual_relu=last,
+            name=f"{name}.{conv}",
+        )
+    return h
+
+
+def _lower_resnet(b: _Builder, model: ResNetADN, x: Value) -> Value:
+    h = b.emit(ToNHWC(x, b.value("input_nhwc", (x.shape[1], x.shape[2], x.shape[0]))))
+    h = b.conv_bn(h, model.conv1, model.bn1, activation="relu", name="conv1")
+    if isinstance(model.maxpool, nn.MaxPool2d):
+        mp = model.maxpool
+        if (
+            mp.dilation not in (1, (1, 1))
+            or mp.ceil_mode
+            or not all(isinstance(v, int) for v in (mp.kernel_size, mp.stride, mp.padding))
+        ):
+            raise LoweringError(f"maxpool: only square, dilation-1, floor-mode pooling is lowered, got {mp}")
+        hh, ww, c = h.shape
+        size = (
+            (hh + 2 * mp.padding - mp.kernel_size) // mp.stride + 1,
+            (ww + 2 * mp.padding - mp.kernel_size) // mp.stride + 1,
+            c,
+        )
+        h = b.emit(MaxPool(h, b.value("maxpool", size), mp.kernel_size, mp.stride, mp.padding))
+    elif not isinstance(model.maxpool, nn.Identity):
+        raise LoweringError(f"maxpool: expected MaxPool2d or Identity, got {model.maxpool}")
+    for k, stage in enumerate(model.stages):
+        name = f"layer{k + 1}"
+        if not isinstance(stage, SkippableStage):
+            raise LoweringError(f"{name}: expected a SkippableStage, got {type(stage).__name__}")
+        mandatory, skippable = _stage_blocks(stage, name)
+        for i, block in enumerate(mandatory):
+            h = _lower_resnet_block(b, block, h, f"{name}.{i}")
+        with b.body(stage.stage):
+            for i, block in enumerate(skippable, start=len(mandatory)):
+                h = _lower_resnet_block(b, block, h, f"{name}.{i}")
+    pooled = b.emit(MeanPool(h, b.value("avgpool", (h.shape[-1],))))
+    return b.linear(pooled, model.fc.weight, model.fc.bias, name="fc")
+
+
+# ---- MobileNetV2 ----------------------------------------------------------------------------------
+def _lower_conv_norm_act(b: _Builder, layer: nn.Module, x: Value, name: str, residual: Value | None = None) -> Value:
+    if not isinstance(layer, ConvNormActivation):
+        raise LoweringError(f"{name}: expected ConvNormActivation, got {type(layer).__name__}")
+    act = layer.activation_layer
+    if act is not None and not isinstance(act, nn.ReLU6):
+        raise LoweringError(f"{name}: only ReLU6 (or no activation) is lowered, got {act}")
+    return b.conv_bn(
+        x,
+        layer.conv_layer,
+        layer.norm,
+        _twin(layer, "norm"),
+        stage=layer.stage,
+        activation="relu6" if act is not None else "none",
+        residual=residual,
+        name=name,
+    )
+
+
+def _lower_inverted_residual(b: _Builder, block: nn.Module, x: Value, name: str) -> Value:
+    if not isinstance(block, InvertedResidual):
+        raise LoweringError(f"{name}: expected InvertedResidual, got {type(block).__name__}")
+    h = x
+    layers = list(block.conv)
+    for i, layer in enumerate(layers):
+        last = i == len(layers) - 1
+        h = _lower_conv_norm_act(
+            b, layer, h, f"{name}.conv.{i}", residual=x if last and block.use_res_connect else None
+        )
+    return h
+
+
+def _lower_mobilenetv2(b: _Builder, model: MobileNetV2ADN, x: Value) -> Value:
+    h = b.emit(ToNHWC(x, b.value("input_nhwc", (x.shape[1], x.shape[2], x.shape[0]))))
+    for i, module in enumerate(model.features):
+        name = f"features.{i}"
+        if isinstance(module, ConvNormActivation):
+            h = _lower_conv_norm_act(b, module, h, name)
+        elif isinstance(module, InvertedResidual):
+            h = _lower_inverted_residual(b, module, h, name)
+        elif isinstance(module, SkippableStage):
+            mandatory, skippable = _stage_blocks(module, name)
+            for j, block in enumerate(mandatory):
+                h = _lower_inverted_residual(b, block, h, f"{name}.{j}")
+            with b.body(module.stage):
+                for j, block in enumerate(skippable, start=len(mandatory)):
+                    h = _lower_inverted_residual(b, block, h, f"{name}.{j}")
+        else:
+            raise LoweringError(f"{name}: {type(module).__name__} is not lowered")
+    pooled = b.emit(MeanPool(h, b.value("avgpool", (h.shape[-1],))))
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    others = [m for m in model.classifier if not isinstance(m, (nn.Linear, nn.Dropout))]
+    if len(linears) != 1 or others:
+        raise LoweringError(f"classifier: expected Dropout + one Linear, got {model.classifier}")
+    return b.linear(pooled, linears[0].weight, linears[0].bias, name="classifier")
+
+
+# ---- ViT ------------------------------------------------------------------------------------------
+def _lower_encoder_block(b: _Builder, block: nn.Module, tokens: Value, name: str) -> Value:
+    if not isinstance(block, EncoderBlock):
+        raise LoweringError(f"{name}: expected EncoderBlock, got {type(block).__name__}")
+    mha = block.self_attention
+    d = tokens.shape[-1]
+    if (
+        not isinstance(mha, nn.MultiheadAttention)
+        or not mha.batch_first
+        or not mha._qkv_same_embed_dim
+        or mha.in_proj_bias is None
+        or mha.bias_k is not None
+        or mha.add_zero_attn
+    ):
+        raise LoweringError(
+            f"{name}.self_attention: only batch_first MultiheadAttention with a packed, biased "
+            f"in-projection (no bias_k/v, no zero attention) is lowered"
+        )
+    mlp = list(block.mlp)
+    fcs = [m for m in mlp if isinstance(m, nn.Linear)]
+    acts = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
+    if (
+        len(fcs) != 2
+        or len(acts) != 1
+        or not isinstance(acts[0], nn.GELU)
+        or acts[0].approximate != "none"
+        or mlp.index(fcs[0]) > mlp.index(acts[0])
+        or mlp.index(acts[0]) > mlp.index(fcs[1])
+    ):
+        raise LoweringError(f"{name}.mlp: expected Linear, GELU (erf), Linear (and Dropouts), got {block.mlp}")
+    stage = block.stage
+    # SDPA allocates its result: fine in the main capture, not inside an IF body (see program.py).
+    backend = "triton" if b.in_body else "sdpa"
+    h = b.layer_norm(tokens, block.ln_1, _twin(block, "ln_1"), stage=stage, name=f"{name}.ln_1")
+    qkv = b.linear(h, mha.in_proj_weight, mha.in_proj_bias, name=f"{name}.qkv")
+    a = b.emit(Attention(qkv, b.value(f"{name}.attention", tokens.shape), mha.num_heads, backend))
+    tokens = b.linear(a, mha.out_proj.weight, mha.out_proj.bias, residual=tokens, name=f"{name}.out_proj")
+    h = b.layer_norm(tokens, block.ln_2, _twin(block, "ln_2"), stage=stage, name=f"{name}.ln_2")
+    h = b.linear(h, fcs[0].weight, fcs[0].bias, activation="gelu", name=f"{name}.fc1")
+    if fcs[0].out_features != fcs[1].in_features or fcs[1].out_features != d:
+        raise LoweringError(f"{name}.mlp: shapes {fcs[0]} -> {fcs[1]} do not map {d} features back to {d}")
+    return b.linear(h, fcs[1].weight, fcs[1].bias, residual=tokens, name=f"{name}.fc2")
+
+
+def _lower_vit(b: _Builder, model: VisionTransformerADN, x: Value) -> Value:
+    c, hh, ww = x.shape
+    p = model.patch_size
+    proj = model.conv_proj
+    if (
+        proj.kernel_size != (p, p)
+        or proj.stride != (p, p)
+        or proj.padding != (0, 0)
+        or proj.groups != 1
+        or hh % p
+        or ww % p
+    ):
+        raise LoweringError(f"conv_proj: expected a {p}x{p} stride-{p} patch embedding dividing the {hh}x{ww} input")
+    seq = (hh // p) * (ww // p)
+    d = model.hidden_dim
+    pos = model.encoder.pos_embedding.detach()
+    if tuple(pos.shape) != (1, seq + 1, d):
+        raise LoweringError(f"encoder.pos_embedding has shape {tuple(pos.shape)}, expected (1, {seq + 1}, {d})")
+    patches = b.emit(PatchGather(x, b.value("patches", (seq, c * p * p)), p))
+    emb = b.linear(patches, proj.weight.reshape(d, -1), proj.bias, name="conv_proj")
+    cls_pos = model.class_token.detach().reshape(d) + pos[0, 0]
+    tokens = b.emit(EmbedTokens(emb, b.value("tokens", (seq + 1, d)), b.weight(cls_pos), b.weight(pos[0, 1:])))
+    layers = list(model.encoder.layers)
+    for i, block in enumerate(layers):
+        name = f"encoder.layers.encoder_layer_{i}"
+        if block.skippable:
+            with b.body(block.stage):
+                tokens = _lower_encoder_block(b, block, tokens, name)
+        else:
+            tokens = _lower_encoder_block(b, block, tokens, name)
+    cls = b.layer_norm(tokens, model.encoder.ln, first_token=True, name="encoder.ln")
+    heads = list(model.heads)
+    if len(heads) != 1 or not isinstance(heads[0], nn.Linear):
+        raise LoweringError(f"heads: expected one Linear (no pre-logits layer), got {model.heads}")
+    return b.linear(cls, heads[0].weight, heads[0].bias, name="heads.head")
+
+
+_LOWERINGS = {ResNetADN: _lower_resnet, MobileNetV2ADN: _lower_mobilenetv2, VisionTransformerADN: _lower_vit}
+
+
+@torch.no_grad()
+def lower(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    *,
+    kernels: KernelSet,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Program:
+    """Lower ``model`` for inputs of shape ``(batch, *input_shape)`` = (N, C, H, W).
+
+    Parameters are folded, cast to ``dtype`` (norm scales/shifts: fp32, or fp64 for an fp64 program),
+    moved to ``device`` and prepared for ``kernels``. The result is validated (see program.py).
+    Raises :class:`LoweringError` (a ValueError) for anything outside the lowered families, or
+    :class:`NotLoweredError` for Swin-T-ADN.
+    """
+    if isinstance(model, SwinTransformerADN):
+        raise NotLoweredError("Swin-T-ADN is not lowered yet (shifted-window attention has no fused path)")
+    family = next((f for f in LOWERED_FAMILIES if isinstance(model, f)), None)
+    if family is None:
+        names = ", ".join(f.__name__ for f in LOWERED_FAMILIES)
+        kind = "an ADN model" if isinstance(model, ADNModel) else "not an ADN model"
+        raise LoweringError(
+            f"cannot lower {type(model).__name__} ({kind}): the engine lowers {names} (and "
+            f"their subclasses built by adaptive_kernels.create_model)"
+        )
+    if len(input_shape) != 3 or input_shape[0] != model.in_chans:
+        raise LoweringError(
+            f"input shape (N, {', '.join(map(str, input_shape))}) does not match the model's "
+            f"(N, {model.in_chans}, H, W)"
+        )
+    b = _Builder(kernels, dtype, torch.device(device))
+    x = b.value("input", tuple(input_shape))
+    out = _LOWERINGS[family](b, model, x)
+    program = Program(b.items, x, out, model.num_skippable_stages, kernels, dtype, type(model).__name__)
+    stages = [body.stage for body in program.bodies()]
+    if sorted(stages) != list(range(model.num_skippable_stages)):
+        raise LoweringError(
+            f"expected one skippable body per stage 0..{model.num_skippable_stages - 1}, got stages {stages}"
+        )
+    validate(program)
+    return program

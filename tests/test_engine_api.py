@@ -1,0 +1,259 @@
+"""The engine's public API on the CPU: compile's argument checks, the reference fallback (one warning, same
+outputs as the model), input checks naming the compiled shape, profile(), and select_skip."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import warnings
+
+import pytest
+import torch
+from engine_helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+from torch import nn
+
+import adaptive_kernels
+from adaptive_kernels import create_model
+from adaptive_kernels.engine import Engine, LoweringError, compile, select_skip
+from adaptive_kernels.engine import engine as engine_module
+from adaptive_kernels.engine.engine import _resolve_mechanism
+from adaptive_kernels.engine.graph import conditional_nodes_unavailable
+from adaptive_kernels.engine.lowering import lower
+from adaptive_kernels.engine.runtime import allocate_buffers, execute, reference_kernels
+from adaptive_kernels.models.skip import skip_to_str
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback used without CUDA")
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return randomize(create_model("resnet20_adn"), calibrate=(4, 3, 16, 16))
+
+
+def test_package_exports():
+    assert adaptive_kernels.compile is compile
+    assert adaptive_kernels.select_skip is select_skip
+
+
+# ---- compile -----------------------------------------------------------------------------------------
+def test_compile_rejects_bad_arguments(resnet20):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(TypeError, match="takes an ADN model"):
+        compile(nn.Conv2d(3, 3, 1), x)
+    with pytest.raises(TypeError, match="example_input must be a torch.Tensor"):
+        compile(resnet20, [[1.0]])
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        compile(resnet20, torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="dtype=torch.int8 is not supported"):
+        compile(resnet20, x, dtype=torch.int8)
+    with pytest.raises(ValueError, match="mechanism='fast'"):
+        compile(resnet20, x, mechanism="fast")
+    with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
+        compile(resnet20, x, dynamic_batch=1)
+
+
+def test_compile_rejects_a_model_it_cannot_lower_even_without_cuda():
+    model = create_model("resnet20_adn").eval()
+    model.layer3[1].relu = nn.SiLU()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error comes first, not a fallback warning
+        with pytest.raises(LoweringError, match="layer3.1: only ReLU activations are lowered"):
+            compile(model, torch.randn(1, 3, 16, 16))
+    assert issubclass(LoweringError, ValueError)
+
+
+# ---- the reference fallback --------------------------------------------------------------------------
+@needs_no_cuda
+def test_cpu_fallback_warns_once_and_matches_the_model(resnet20):
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="CUDA is not available; running the reference model") as record:
+        engine = compile(resnet20, x)
+    assert len(record) == 1
+    assert isinstance(engine, Engine) and engine.mechanism == "reference" and engine.capture_count == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning per call
+        with torch.no_grad():
+            for skip in resnet20.skip_configs():
+                torch.testing.assert_close(engine(x, skip), resnet20(x, skip), rtol=0, atol=0)
+            engine.set_skip("TFT")
+            assert engine.skip == (True, False, True)
+            # skip=None keeps the configuration set last
+            torch.testing.assert_close(engine(x), resnet20(x, "TFT"), rtol=0, atol=0)
+            engine.set_skip(None)
+            torch.testing.assert_close(engine(x), resnet20(x, "super"), rtol=0, atol=0)
+
+
+@needs_no_cuda
+def test_fallback_runs_its_own_copy_in_eval_mode(resnet20):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.warns(UserWarning):
+        engine = compile(resnet20, x)
+    want = resnet20(x).detach()
+    resnet20.train()
+    try:
+        with torch.no_grad():
+            resnet20.fc.weight.add_(1.0)
+            got = engine(x)
+            resnet20.fc.weight.sub_(1.0)
+    finally:
+        resnet20.eval()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_swin_is_not_lowered_and_runs_its_reference():
+    model = create_model("swin_t_adn", num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="Swin-T-ADN is not lowered yet"):
+        engine = compile(model, x)
+    assert engine.mechanism == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x, "TFTF"), model(x, "TFTF"), rtol=0, atol=0)
+
+
+# ---- input checks --------------------------------------------------------------------------------------
+def _engine(model, x, **kwargs) -> Engine:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compile(model, x, **kwargs)
+
+
+def test_bad_input_errors_name_the_compiled_shape(resnet20):
+    engine = _engine(resnet20, torch.randn(2, 3, 16, 16))
+    compiled = r"\(2, 3, 16, 16\) torch.float32"
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        engine("image")
+    with pytest.raises(TypeError, match=f"has dtype torch.float64; this engine was compiled for {compiled}"):
+        engine(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=f"has shape \\(2, 3, 32, 32\\); this engine was compiled for {compiled}"):
+        engine(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=f"has shape \\(2, 48, 16\\); this engine was compiled for {compiled}"):
+        engine(torch.randn(2, 48, 16))
+    with pytest.raises(ValueError, match="has batch 3; .* compile with dynamic_batch=True"):
+        engine(torch.randn(3, 3, 16, 16))
+    with pytest.raises(ValueError, match="is on meta; this engine was compiled for"):
+        engine(torch.empty(2, 3, 16, 16, device="meta"))
+    with pytest.raises(ValueError, match="has 2 letters but this model has 3 skippable stages"):
+        engine(torch.randn(2, 3, 16, 16), skip="TF")
+    assert engine.skip == (False, False, False)  # a rejected call changes nothing
+
+
+@needs_no_cuda
+def test_dynamic_batch_accepts_other_batch_sizes(resnet20):
+    engine = _engine(resnet20, torch.randn(2, 3, 16, 16), dynamic_batch=True)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x, "FTF"), resnet20(x, "FTF"), rtol=0, atol=0)
+
+
+# ---- mechanisms ----------------------------------------------------------------------------------------
+def test_mechanism_resolution():
+    assert _resolve_mechanism("early_exit") == "early_exit"
+    why = conditional_nodes_unavailable()
+    if why is None:
+        assert _resolve_mechanism("auto") == _resolve_mechanism("conditional") == "conditional"
+    else:
+        assert _resolve_mechanism("auto") == "early_exit"
+        with pytest.raises(ValueError, match="mechanism='conditional' is unavailable: .*Use mechanism='early_exit'"):
+            _resolve_mechanism("conditional")
+
+
+# ---- profile and select_skip ---------------------------------------------------------------------------
+@needs_no_cuda
+def test_profile_times_every_subnetwork_and_restores_the_skip(resnet20):
+    engine = _engine(resnet20, torch.randn(1, 3, 16, 16))
+    engine.set_skip("FTF")
+    table = engine.profile(iters=2, warmup=1)
+    assert list(table) == [skip_to_str(s) for s in resnet20.skip_configs()]
+    assert all(isinstance(v, float) and v > 0 for v in table.values())
+    assert engine.skip == (False, True, False)
+    accuracy = {s: 90.0 - 2.0 * s.count("T") for s in table}  # skipping costs accuracy
+    budget = max(table.values()) + 1.0
+    assert select_skip(table, accuracy, budget) == (False, False, False)
+    with pytest.raises(ValueError, match="iters must be a positive int"):
+        engine.profile(iters=0)
+
+
+def test_select_skip_picks_the_most_accurate_within_budget():
+    latency = {"FF": 400.0, "FT": 300.0, "TF": 250.0, "TT": 150.0}
+    accuracy = {"FF": 77.6, "FT": 77.1, "TF": 76.9, "TT": 76.1}
+    assert select_skip(latency, accuracy, 1000) == (False, False)
+    assert select_skip(latency, accuracy, 399.9) == (False, True)
+    assert select_skip(latency, accuracy, 260) == (True, False)
+    assert select_skip(latency, accuracy, 150) == (True, True)
+    # ties in accuracy go to the faster sub-network
+    assert select_skip(latency, {**accuracy, "TF": 77.1}, 350) == (True, False)
+    # eval --json records, and bool tuples as keys
+    records = [{"skip": k, "accuracy": v, "macs": 1} for k, v in accuracy.items()]
+    tuples = {(k[0] == "T", k[1] == "T"): v for k, v in latency.items()}
+    assert select_skip(tuples, records, 300) == (False, True)
+
+
+def test_select_skip_agrees_with_brute_force():
+    rng = random.Random(0)
+    configs = ["".join(c) for c in itertools.product("FT", repeat=4)]
+    for _ in range(50):
+        latency = {c: rng.uniform(100, 500) for c in configs}
+        accuracy = {c: rng.uniform(70, 80) for c in configs}
+        budget = rng.uniform(100, 500)
+        fitting = [c for c in configs if latency[c] <= budget]
+        if not fitting:
+            continue
+        best = max(fitting, key=lambda c: accuracy[c])
+        assert skip_to_str(select_skip(latency, accuracy, budget)) == best
+
+
+def test_select_skip_errors():
+    latency = {"FF": 400.0, "TT": 150.0}
+    accuracy = {"FF": 77.6, "TT": 76.1}
+    with pytest.raises(ValueError, match="no sub-network runs within 100 us: the fastest, TT, takes 150.0 us"):
+        select_skip(latency, accuracy, 100)
+    with pytest.raises(ValueError, match="budget_us must be a positive number"):
+        select_skip(latency, accuracy, -5)
+    with pytest.raises(ValueError, match="share no skip configuration"):
+        select_skip({"FT": 1.0}, accuracy, 100)
+    with pytest.raises(ValueError, match="must all have one length"):
+        select_skip({"FT": 1.0, "TTT": 2.0}, accuracy, 100)
+    with pytest.raises(ValueError, match=r"latency_table\[FF\] = nan is not a finite number"):
+        select_skip({"FF": float("nan")}, accuracy, 100)
+    with pytest.raises(ValueError, match="must be a mapping with keys 'skip' and 'accuracy'"):
+        select_skip(latency, [{"skip": "FF"}], 100)
+    with pytest.raises(TypeError, match="must be a mapping"):
+        select_skip(latency, 3.0, 100)
+
+
+# ---- the graph-mode engine logic, with the CUDA graph replaced by eager execution ------------------------
+class _EagerCapture:
+    """Stands in for CapturedGraph on the CPU: "replay" executes the program eagerly with early exit, reading
+    the engine's device mask exactly as the captured kernels would."""
+
+    def __init__(self, program, input_shape, input_dtype, device, mask, mechanism, body_stream=None):
+        assert mechanism == "early_exit" and body_stream is None
+        self.program, self.mask = program, mask
+        self.tensors = allocate_buffers(program, input_shape[0], device, input_dtype)
+        self.input = self.tensors[program.input]
+
+    def replay(self, x):
+        self.input.copy_(x)
+        return execute(self.program, self.tensors, self.mask, mechanism="early_exit")
+
+
+def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resnet20):
+    monkeypatch.setattr(engine_module, "CapturedGraph", _EagerCapture)
+    x = torch.randn(2, 3, 16, 16)
+    program = lower(resnet20, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    engine = Engine(program=program, mechanism="early_exit", num_stages=3, example_input=x, dynamic_batch=True)
+    assert engine.capture_count == 1
+    configs = resnet20.skip_configs() * 2
+    random.Random(0).shuffle(configs)
+    with torch.no_grad():
+        for skip in configs:
+            engine.set_skip(skip)
+            got = engine(x)
+            assert got.data_ptr() != engine._captures[2].tensors[program.output].data_ptr()  # a copy
+            torch.testing.assert_close(got, resnet20(x, skip), rtol=1e-4, atol=1e-5)
+        assert engine.capture_count == 1
+        x5 = torch.randn(5, 3, 16, 16)
+        with pytest.warns(UserWarning, match=r"capturing a new CUDA graph for input shape \(5, 3, 16, 16\)"):
+            got = engine(x5, "TTF")
+        torch.testing.assert_close(got, resnet20(x5, "TTF"), rtol=1e-4, atol=1e-5)
+        assert engine.capture_count == 2

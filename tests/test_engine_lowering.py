@@ -1,0 +1,208 @@
+"""Lowering is exact: the lowered program, executed with the kernels' torch references in fp32, equals the
+model for EVERY skip configuration — BatchNorm folded, both norm sets chosen by the device mask, skippable
+bodies run on the host's word ("host", what a CUDA IF node does) or by early exit on the mask bit.
+Also: the program invariants, buffer reuse, and the conditional mechanism's wiring with a stand-in splicer."""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+import pytest
+import torch
+from engine_helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
+from torch import nn
+
+from adaptive_kernels import create_model, list_models
+from adaptive_kernels.engine.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
+from adaptive_kernels.engine.program import Body, Conv, MaxPool, Program, Value, validate
+from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels
+from adaptive_kernels.models.vit import VisionTransformerADN
+
+FP32_TOL = 1e-4  # fp32 rounding of folded vs unfolded BN, amplified by calibrated (small-variance) BN layers
+
+
+MODELS = {
+    "resnet20_adn": (lambda: create_model("resnet20_adn"), (2, 3, 16, 16)),
+    "resnet18_adn": (lambda: create_model("resnet18_adn", num_classes=10), (1, 3, 32, 32)),
+    "resnet50_adn": (lambda: create_model("resnet50_adn", num_classes=10), (1, 3, 32, 32)),
+    "mobilenet_v2_adn": (lambda: create_model("mobilenet_v2_adn", num_classes=10, width_mult=0.5), (1, 3, 32, 32)),
+    "deit_tiny_adn": (lambda: create_model("deit_tiny_adn", num_classes=10, image_size=32), (2, 3, 32, 32)),
+    "vit_small": (lambda: VisionTransformerADN(32, 8, 12, 4, 64, 128, num_classes=10), (2, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_program_equals_model_for_every_skip_config(name):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize(build(), calibrate=(4, *shape[1:]))
+    x = torch.randn(shape)
+    program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    assert len(program.bodies()) == model.num_skippable_stages
+    tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
+    configs = model.skip_configs()
+    outputs = {}
+    with torch.no_grad():
+        for skip in configs:
+            want = model(x, skip)
+            for mechanism in ("host", "early_exit"):
+                tensors[program.input].copy_(x)
+                got = execute(program, tensors, device_mask(skip), mechanism=mechanism, skip=skip).clone()
+                assert rel_err(got, want) < FP32_TOL, (name, skip, mechanism, rel_err(got, want))
+            outputs[skip] = want
+    # every two sub-networks differ by far more than the tolerance (so a program that ran the wrong one, or the
+    # wrong norm set, could not pass)
+    assert min(rel_err(outputs[a], outputs[b]) for a in configs for b in configs if a < b) > 100 * FP32_TOL
+
+
+def test_program_float64_is_exact_to_rounding():
+    model = randomize(create_model("resnet20_adn")).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    program = lower(model, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float64, device="cpu")
+    tensors = allocate_buffers(program, 2, "cpu", torch.float64)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            tensors[program.input].copy_(x)
+            got = execute(program, tensors, device_mask(skip), mechanism="early_exit")
+            assert rel_err(got, model(x, skip)) < 1e-12
+
+
+def test_fold_batchnorm_matches_eval_batchnorm():
+    torch.manual_seed(1)
+    bn = randomize(nn.BatchNorm2d(7)).double()
+    bias = torch.randn(7, dtype=torch.float64)
+    y = torch.randn(3, 7, 4, 5, dtype=torch.float64)
+    scale, shift = fold_batchnorm(bn, bias)
+    want = bn(y + bias[:, None, None])
+    torch.testing.assert_close(y * scale[:, None, None] + shift[:, None, None], want, rtol=1e-12, atol=1e-12)
+
+
+def test_buffers_are_reused_and_residual_stream_is_updated_in_place():
+    model = create_model("resnet50_adn", num_classes=10).eval()
+    program = lower(model, (3, 32, 32), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    tensors = allocate_buffers(program, 1, "cpu", torch.float32)
+    storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    assert len(storages) < len(tensors) / 2
+    for body in program.bodies():
+        # the last conv of every skippable block writes the block input's buffer
+        residual_writes = [op for op in body.ops if isinstance(op, Conv) and op.residual is not None]
+        assert residual_writes and all(op.out is op.residual for op in residual_writes)
+    # no two values alive at the same time share memory: check along the execution order
+    order = list(program.flat_ops())
+    span = {}
+    for i, (op, _) in enumerate(order):
+        for v in (*op.reads(), op.writes()):
+            span[v] = (span.get(v, (i, i))[0], i)
+    by_storage = {}
+    for v, t in tensors.items():
+        if v in span:
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(span[v])
+    for spans in by_storage.values():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
+
+
+class _HostSplicer:
+    """Stands in for the CUDA IF-node splicer on the CPU: a body whose condition is 0 is rolled back (every
+    buffer restored on exit), which is what an IF node that launches nothing amounts to."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.created = None
+
+    def create_conditions(self, mask, stages):
+        self.created = (mask, list(stages))
+
+    @contextmanager
+    def body(self, index):
+        mask, stages = self.created
+        saved = {v: t.clone() for v, t in self.tensors.items()}
+        yield
+        if int(mask[stages[index]]) == 0:
+            for v, t in saved.items():
+                self.tensors[v].copy_(t)
+
+
+def test_conditional_mechanism_wiring_with_a_host_splicer():
+    model = randomize(create_model("resnet20_adn"))
+    x = torch.randn(1, 3, 8, 8)
+    program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    tensors = allocate_buffers(program, 1, "cpu", torch.float32)
+    splicer = _HostSplicer(tensors)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            tensors[program.input].copy_(x)
+            got = execute(program, tensors, device_mask(skip), mechanism="conditional", splicer=splicer)
+            assert splicer.created[1] == [0, 1, 2]
+            assert rel_err(got, model(x, skip)) < FP32_TOL
+
+
+def test_execute_rejects_bad_mechanism_arguments():
+    model = create_model("resnet20_adn").eval()
+    program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    tensors = allocate_buffers(program, 1, "cpu", torch.float32)
+    mask = device_mask((False,) * 3)
+    with pytest.raises(ValueError, match="mechanism='host' needs skip"):
+        execute(program, tensors, mask, mechanism="host")
+    with pytest.raises(ValueError, match="needs an IfNodeSplicer"):
+        execute(program, tensors, mask, mechanism="conditional")
+    with pytest.raises(ValueError, match="use one of"):
+        execute(program, tensors, mask, mechanism="sometimes")
+
+
+# ---- invariants --------------------------------------------------------------------------------------
+def _conv(x: Value, out: Value, residual: Value | None = None) -> Conv:
+    w = torch.zeros(4, 4, 1, 1)
+    one = torch.ones(4)
+    return Conv(x, out, w, (1, 1), (1, 1), (0, 0), 1, one, one, residual=residual)
+
+
+def _program(items, inp, out) -> Program:
+    return Program(items, inp, out, 1, reference_kernels(), torch.float32, "toy")
+
+
+def test_validate_accepts_in_place_bodies_and_rejects_leaks():
+    inp, a, scratch = Value("in", (2, 2, 4)), Value("a", (2, 2, 4)), Value("s", (2, 2, 4))
+    out = Value("out", (2, 2, 4))
+    ok = _program([_conv(inp, a), Body(0, [_conv(a, scratch), _conv(scratch, a, residual=a)]), _conv(a, out)], inp, out)
+    validate(ok)
+    leak = _program([_conv(inp, a), Body(0, [_conv(a, scratch)]), _conv(scratch, out)], inp, out)
+    with pytest.raises(LoweringError, match="defined inside the skippable body of stage 0"):
+        validate(leak)
+    pooled = Value("p", (1, 1, 4))
+    alloc = _program([_conv(inp, a), Body(0, [MaxPool(a, pooled, 2, 2, 0)]), _conv(a, out)], inp, out)
+    with pytest.raises(LoweringError, match="allocates a temporary inside the skippable body"):
+        validate(alloc)
+    undefined = _program([_conv(a, out)], inp, out)
+    with pytest.raises(LoweringError, match="before any op writes it"):
+        validate(undefined)
+
+
+def test_lowering_rejects_models_outside_its_families():
+    model = create_model("resnet20_adn").eval()
+    model.layer2[0].relu = nn.GELU()
+    with pytest.raises(LoweringError, match="layer2.0: only ReLU"):
+        lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    with pytest.raises(LoweringError, match="cannot lower Sequential"):
+        lower(
+            nn.Sequential(nn.Conv2d(3, 3, 1)), (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu"
+        )
+    with pytest.raises(LoweringError, match="does not match the model's"):
+        lower(create_model("resnet20_adn"), (1, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_lowers_at_its_default_size(name):
+    # On the meta device: structure, shapes and invariants only, no weights or kernels (fast).
+    with torch.device("meta"):
+        model = create_model(name)
+    size = getattr(model, "image_size", 32 if name in ("resnet20_adn", "resnet56_adn") else 224)
+    if name.startswith("swin"):
+        with pytest.raises(NotLoweredError, match="not lowered yet"):
+            lower(model, (3, size, size), kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
+        return
+    program = lower(model, (3, size, size), kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
+    assert [b.stage for b in program.bodies()] == list(range(model.num_skippable_stages))
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    assert program.output.shape == (head.out_features,)
