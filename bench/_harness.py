@@ -52,35 +52,19 @@ if not CUDA:  # Triton kernels run under the interpreter without a GPU; must be 
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = not CUDA or os.environ.get("ADN_BENCH_SMOKE") == "1"
 MODE = "smoke" if SMOKE else "full"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-PROVIDERS = ("eager", "cuda_graph", "compile", "compile_freeze", "engine_conditional", "engine_early_exit")
 # Providers that measure nothing meaningful without a GPU: marked ``gpu`` and skipped on CPU machines.
 GPU_ONLY_PROVIDERS = frozenset({"cuda_graph", "compile", "compile_freeze"})
 COMPILE_PROVIDERS = frozenset({"compile", "compile_freeze"})
 ENGINE_MECHANISM = {"engine_conditional": "conditional", "engine_early_exit": "early_exit"}
 
-ROW_KEYS = (
-    "provider",
-    "model",
-    "skip",
-    "batch",
-    "dtype",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "macs",
-    "gpu",
-    "driver",
-    "torch",
-    "triton",
-    "cuda",
-    "git_sha",
-)
-_ENV_ROW_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "git_sha", "git_dirty")
+_ENV_ROW_KEYS = (*ENV_KEYS, "git_dirty")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -23,25 +23,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-ROW_KEYS = (
-    "provider",
-    "model",
-    "skip",
-    "batch",
-    "dtype",
-    "median_us",
-    "p20_us",
-    "p80_us",
-    "macs",
-    "gpu",
-    "driver",
-    "torch",
-    "triton",
-    "cuda",
-    "git_sha",
-)
-PROVIDER_ORDER = ("eager", "cuda_graph", "compile", "compile_freeze", "engine_conditional", "engine_early_exit")
-ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "git_sha")
+if not __package__:  # run as a script (python bench/plot.py): make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS  # noqa: E402
+
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -89,9 +74,18 @@ def _fmt_us(v: float | None) -> str:
     return f"{v:.1f}" if v < 1000 else f"{v:.0f}"
 
 
+def _md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_table_head(title: str, header: list[str]) -> list[str]:
+    """A markdown table's title, a blank line, its header row and the separator row."""
+    return [title, "", _md_row(header), "|" + "---|" * len(header)]
+
+
 def _providers(rows: Iterable[dict]) -> list[str]:
     present = {r["provider"] for r in rows}
-    return [p for p in PROVIDER_ORDER if p in present] + sorted(present - set(PROVIDER_ORDER))
+    return [p for p in PROVIDERS if p in present] + sorted(present - set(PROVIDERS))
 
 
 def latency_tables(rows: list[dict]) -> str:
@@ -107,12 +101,7 @@ def latency_tables(rows: list[dict]) -> str:
         skips = sorted(macs, key=lambda s: (-(macs[s] or 0), s))
         ratio = any(p.startswith("engine") for p in providers) and any(p.startswith("compile") for p in providers)
         header = ["sub-network", "GMACs", *providers] + (["best engine / best compile"] if ratio else [])
-        out += [
-            f"**{model}**, batch {batch}, {dtype} — median latency, µs",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-        ]
+        out += _md_table_head(f"**{model}**, batch {batch}, {dtype} — median latency, µs", header)
         for skip in skips:
             medians = {p: cells[(skip, p)]["median_us"] for p in providers if (skip, p) in cells}
             line = [
@@ -124,7 +113,7 @@ def latency_tables(rows: list[dict]) -> str:
                 engine = [v for p, v in medians.items() if p.startswith("engine") and v]
                 compiled = [v for p, v in medians.items() if p.startswith("compile") and v]
                 line.append(f"{min(engine) / min(compiled):.2f}" if engine and compiled else "—")
-            out.append("| " + " | ".join(line) + " |")
+            out.append(_md_row(line))
         out.append("")
     return "\n".join(out)
 
@@ -137,15 +126,19 @@ def switching_tables(rows: list[dict]) -> str:
             by_model[r["model"]].append(r)
     out = []
     for model, rs in sorted(by_model.items()):
-        out += [
+        out += _md_table_head(
             f"**{model}**, batch {rs[0]['batch']} — making sub-networks available and switching",
-            "",
-            (
-                "| provider | sub-networks made available | first (s) | each later one (s, mean) | compiled past "
-                "recompile limit | switch cost (µs/call) | set_skip (µs) | peak memory (MiB) |"
-            ),
-            "|---|---|---|---|---|---|---|---|",
-        ]
+            [
+                "provider",
+                "sub-networks made available",
+                "first (s)",
+                "each later one (s, mean)",
+                "compiled past recompile limit",
+                "switch cost (µs/call)",
+                "set_skip (µs)",
+                "peak memory (MiB)",
+            ],
+        )
         for provider in _providers(rs):
             mine = [r for r in rs if r["provider"] == provider]
             made = [r for r in mine if r["metric"] == "make_available"]
@@ -164,8 +157,7 @@ def switching_tables(rows: list[dict]) -> str:
                 )
             )
             out.append(
-                "| "
-                + " | ".join(
+                _md_row(
                     [
                         provider,
                         str(len(made)),
@@ -177,7 +169,6 @@ def switching_tables(rows: list[dict]) -> str:
                         f"{memory['peak_alloc_bytes'] / 2**20:.0f}" if memory else "—",
                     ]
                 )
-                + " |"
             )
         out.append("")
     return "\n".join(out)
@@ -191,12 +182,10 @@ def train_tables(rows: list[dict]) -> str:
             steps[(r["model"], r["batch"], r["dtype"])][r["step_mode"]] = r
     if not steps:
         return ""
-    out = [
+    out = _md_table_head(
         "Training step (median ms per step; images/s)",
-        "",
-        "| model | batch | autocast | adn | plain | single (base depth) | adn / plain |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        ["model", "batch", "autocast", "adn", "plain", "single (base depth)", "adn / plain"],
+    )
 
     def cell(r: dict | None) -> str:
         return f"{r['median_us'] / 1e3:.1f} ({r['images_per_s']:.0f}/s)" if r else "—"
@@ -223,17 +212,12 @@ def layer_tables(rows: list[dict]) -> str:
     for (batch, dtype), cells in sorted(groups.items()):
         providers = _providers(cells.values())
         layers = list(dict.fromkeys(layer for layer, _ in cells))
-        out += [
-            f"Single layers, batch {batch}, {dtype} — median µs per call",
-            "",
-            "| layer | " + " | ".join(providers) + " |",
-            "|" + "---|" * (len(providers) + 1),
-        ]
+        out += _md_table_head(f"Single layers, batch {batch}, {dtype} — median µs per call", ["layer", *providers])
         for layer in layers:
             line = [layer] + [
                 _fmt_us(cells[(layer, p)]["median_us"]) if (layer, p) in cells else "—" for p in providers
             ]
-            out.append("| " + " | ".join(line) + " |")
+            out.append(_md_row(line))
         out.append("")
     return "\n".join(out)
 

@@ -83,12 +83,12 @@ def _graph_of(fn, reps: int):
     return graph
 
 
-def _time_and_record(get_benchmark, rows, *, group, layer, provider, batch, fn, macs, extra):
-    """Time ``fn`` as one call of a REPS-call graph; write and return its row."""
+def _time_and_record(get_benchmark, rows, *, layer, provider, batch, fn, macs, extra):
+    """Time ``fn`` as one call of a REPS-call graph; write and return its row (benchmark group: layer and batch)."""
     graph = _graph_of(fn, REPS)
     benchmark = get_benchmark()
     if benchmark is not None:
-        benchmark.group = group
+        benchmark.group = f"{layer} b{batch}"
     timing = harness.measure(graph.replay, benchmark)
     per_call = harness.Timing([t / REPS for t in timing.samples_us])
     row = harness.make_row(
@@ -207,15 +207,7 @@ def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
     else:
         fn = functools.partial(eager, provider == "cudnn+epilogue")
     _time_and_record(
-        benchmark_or_none,
-        rows,
-        group=f"{layer} b{batch}",
-        layer=layer,
-        provider=provider,
-        batch=batch,
-        fn=fn,
-        macs=c["macs"],
-        extra=extra,
+        benchmark_or_none, rows, layer=layer, provider=provider, batch=batch, fn=fn, macs=c["macs"], extra=extra
     )
 
 
@@ -255,15 +247,7 @@ def test_linear_layer(benchmark_or_none, rows, layer, batch, provider):
     else:
         fn = functools.partial(eager, provider == "cublas+epilogue")
     _time_and_record(
-        benchmark_or_none,
-        rows,
-        group=f"{layer} b{batch}",
-        layer=layer,
-        provider=provider,
-        batch=batch,
-        fn=fn,
-        macs=tokens * k * n,
-        extra=extra,
+        benchmark_or_none, rows, layer=layer, provider=provider, batch=batch, fn=fn, macs=tokens * k * n, extra=extra
     )
 
 
@@ -287,7 +271,6 @@ def test_attention_layer(benchmark_or_none, rows, layer, batch, provider):
     _time_and_record(
         benchmark_or_none,
         rows,
-        group=f"{layer} b{batch}",
         layer=layer,
         provider=provider,
         batch=batch,

@@ -23,7 +23,7 @@ Swin-T-ADN is not lowered yet: :class:`NotLoweredError` (the engine then runs th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -266,6 +266,20 @@ def _stage_blocks(stage: nn.Module, name: str) -> tuple[list[nn.Module], list[nn
     return blocks[:first], blocks[first:]
 
 
+def _lower_stage(
+    b: _Builder, stage: nn.Module, x: Value, name: str, lower_block: Callable[[_Builder, nn.Module, Value, str], Value]
+) -> Value:
+    """A stage's mandatory blocks, then its skippable blocks inside the body of ``stage.stage``."""
+    mandatory, skippable = _stage_blocks(stage, name)
+    h = x
+    for i, block in enumerate(mandatory):
+        h = lower_block(b, block, h, f"{name}.{i}")
+    with b.body(stage.stage):
+        for i, block in enumerate(skippable, start=len(mandatory)):
+            h = lower_block(b, block, h, f"{name}.{i}")
+    return h
+
+
 # ---- ResNet ---------------------------------------------------------------------------------------
 def _lower_resnet_block(b: _Builder, block: nn.Module, x: Value, name: str) -> Value:
     stage = block.stage
@@ -322,12 +336,7 @@ def _lower_resnet(b: _Builder, model: ResNetADN, x: Value) -> Value:
         name = f"layer{k + 1}"
         if not isinstance(stage, SkippableStage):
             raise LoweringError(f"{name}: expected a SkippableStage, got {type(stage).__name__}")
-        mandatory, skippable = _stage_blocks(stage, name)
-        for i, block in enumerate(mandatory):
-            h = _lower_resnet_block(b, block, h, f"{name}.{i}")
-        with b.body(stage.stage):
-            for i, block in enumerate(skippable, start=len(mandatory)):
-                h = _lower_resnet_block(b, block, h, f"{name}.{i}")
+        h = _lower_stage(b, stage, h, name, _lower_resnet_block)
     pooled = b.emit(MeanPool(h, b.value("avgpool", (h.shape[-1],))))
     return b.linear(pooled, model.fc.weight, model.fc.bias, name="fc")
 
@@ -373,12 +382,7 @@ def _lower_mobilenetv2(b: _Builder, model: MobileNetV2ADN, x: Value) -> Value:
         elif isinstance(module, InvertedResidual):
             h = _lower_inverted_residual(b, module, h, name)
         elif isinstance(module, SkippableStage):
-            mandatory, skippable = _stage_blocks(module, name)
-            for j, block in enumerate(mandatory):
-                h = _lower_inverted_residual(b, block, h, f"{name}.{j}")
-            with b.body(module.stage):
-                for j, block in enumerate(skippable, start=len(mandatory)):
-                    h = _lower_inverted_residual(b, block, h, f"{name}.{j}")
+            h = _lower_stage(b, module, h, name, _lower_inverted_residual)
         else:
             raise LoweringError(f"{name}: {type(module).__name__} is not lowered")
     pooled = b.emit(MeanPool(h, b.value("avgpool", (h.shape[-1],))))

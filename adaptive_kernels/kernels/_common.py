@@ -35,6 +35,30 @@ def choose_configs(interpreter: triton.Config, tuned: list[triton.Config]) -> li
     return tuned if AUTOTUNE else tuned[:1]
 
 
+def prune_tiles(configs: list[triton.Config], **sizes: int) -> list[triton.Config]:
+    """An autotuner's ``early_config_prune``: drop configs whose tile (``configs[i].kwargs[name]``) is much larger
+    than the problem size given for it (they only waste tuning time); keep at least one.
+    ``prune_tiles(configs, BM=M, BN=N)``: tiles up to next_pow2(size), and at least 16, stay."""
+    caps = {name: max(16, triton.next_power_of_2(size)) for name, size in sizes.items()}
+    kept = [c for c in configs if all(c.kwargs[name] <= cap for name, cap in caps.items())]
+    return kept or configs[-1:]
+
+
+def rows_2d(op: str, x: torch.Tensor, last: str) -> torch.Tensor:
+    """x: (..., L) -> a (M, L) view with unit stride along L (2-D inputs may have any row stride); ``last``
+    names the last dim in the error messages ("K", "C")."""
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be (M, {last}) or (..., {last}), got shape {tuple(x.shape)}")
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{op}: x of shape {tuple(x.shape)} must be contiguous (or 2-D with unit stride along {last}): "
+            f"pass x.contiguous()"
+        )
+    return x.view(-1, x.shape[-1])
+
+
 def activation_code(op: str, activation: str, allowed: tuple[str, ...]) -> int:
     """Map an activation name to its kernel code, or raise a ValueError that lists the allowed names."""
     if activation not in allowed:

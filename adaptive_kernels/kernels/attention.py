@@ -46,10 +46,7 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, nargs, **kwargs):
-    lq_cap = max(16, triton.next_power_of_2(nargs["LQ"]))
-    lk_cap = max(16, triton.next_power_of_2(nargs["LK"]))
-    kept = [c for c in configs if c.kwargs["BM"] <= lq_cap and c.kwargs["BN"] <= lk_cap]
-    return kept or configs[-1:]
+    return _common.prune_tiles(configs, BM=nargs["LQ"], BN=nargs["LK"])
 
 
 @triton.autotune(

@@ -50,11 +50,7 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def _prune_gemm_configs(configs, nargs, **kwargs):
-    """Drop tiles much larger than the problem (they only waste tuning time); keep at least one."""
-    m_cap = max(16, triton.next_power_of_2(nargs["M"]))
-    n_cap = max(16, triton.next_power_of_2(nargs["COUT"]))
-    kept = [c for c in configs if c.kwargs["BM"] <= m_cap and c.kwargs["BN"] <= n_cap]
-    return kept or configs[-1:]
+    return _common.prune_tiles(configs, BM=nargs["M"], BN=nargs["COUT"])
 
 
 @triton.autotune(
@@ -189,9 +185,7 @@ def _depthwise_configs() -> list[triton.Config]:
 
 
 def _prune_depthwise_configs(configs, nargs, **kwargs):
-    c_cap = max(16, triton.next_power_of_2(nargs["C"]))
-    kept = [c for c in configs if c.kwargs["BC"] <= c_cap]
-    return kept or configs[-1:]
+    return _common.prune_tiles(configs, BC=nargs["C"])
 
 
 @triton.autotune(

@@ -86,17 +86,7 @@ def layer_norm(
     """
     op = "layer_norm"
     _common.check_float(op, "x", x)
-    if x.dim() < 2:
-        raise ValueError(f"{op}: x must be (M, C) or (..., C), got shape {tuple(x.shape)}")
-    if x.dim() == 2 and x.stride(1) == 1:
-        x2 = x
-    elif x.is_contiguous():
-        x2 = x.view(-1, x.shape[-1])
-    else:
-        raise ValueError(
-            f"{op}: x of shape {tuple(x.shape)} must be contiguous (or 2-D with unit stride along C): "
-            f"pass x.contiguous()"
-        )
+    x2 = _common.rows_2d(op, x, "C")
     m, c = x2.shape
     if weight is None or bias is None:
         raise ValueError(f"{op}: weight and bias are required (for a LayerNorm without affine pass ones and zeros)")

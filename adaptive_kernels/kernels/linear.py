@@ -38,11 +38,7 @@ def _configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs, nargs, **kwargs):
-    """Drop tiles much larger than the problem (they only waste tuning time); keep at least one."""
-    m_cap = max(16, triton.next_power_of_2(nargs["M"]))
-    n_cap = max(16, triton.next_power_of_2(nargs["N"]))
-    kept = [c for c in configs if c.kwargs["BM"] <= m_cap and c.kwargs["BN"] <= n_cap]
-    return kept or configs[-1:]
+    return _common.prune_tiles(configs, BM=nargs["M"], BN=nargs["N"])
 
 
 @triton.autotune(
@@ -126,20 +122,6 @@ def _linear_kernel(
     )
 
 
-def _rows(op: str, x: torch.Tensor) -> torch.Tensor:
-    """x: (..., K) -> a (M, K) view with unit stride along K (2-D inputs may have any row stride)."""
-    if x.dim() < 2:
-        raise ValueError(f"{op}: x must be (M, K) or (..., K), got shape {tuple(x.shape)}")
-    if x.dim() == 2 and x.stride(1) == 1:
-        return x
-    if not x.is_contiguous():
-        raise ValueError(
-            f"{op}: x of shape {tuple(x.shape)} must be contiguous (or 2-D with unit stride along K): "
-            f"pass x.contiguous()"
-        )
-    return x.view(-1, x.shape[-1])
-
-
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -162,7 +144,7 @@ def linear(
     op = "linear"
     _common.check_float(op, "x", x)
     _common.check_float(op, "weight", weight, (x.dtype,))
-    x2 = _rows(op, x)
+    x2 = _common.rows_2d(op, x, "K")
     m, k = x2.shape
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(
