@@ -1,0 +1,154 @@
+"""Checkpoints you can trust: atomic writes, safe loading, clear errors, RNG state capture.
+
+A checkpoint is a dict saved with ``torch.save`` holding only tensors and plain Python values, so it
+loads with ``torch.load(weights_only=True)`` (no arbitrary code runs when a file is opened).
+``save_checkpoint`` writes a temporary file in the target's folder, fsyncs it, ``os.replace``s it over
+the target and fsyncs the folder: a process killed at any moment leaves either the previous complete
+file or the new complete file at ``path``, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "adaptive_kernels.checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, corrupt or of the wrong kind."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically write ``state`` (plus the format marker) to ``path``; returns the path.
+
+    ``state`` must hold a ``"model"`` state dict; everything in it must be tensors or plain Python values.
+    """
+    path = Path(path)
+    if "model" not in state:
+        raise ValueError("a checkpoint needs a 'model' state dict")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: the target is untouched; do not leave the partial temp file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint written by ``save_checkpoint``.
+
+    Raises ``CheckpointError`` naming the file and the problem: missing, unreadable/truncated/corrupt,
+    not one of our checkpoints (e.g. a bare state dict), or a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip/pickle errors of every kind: report them as one clear problem
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: the file is truncated, corrupt or not a torch checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict without our format marker"
+        raise CheckpointError(
+            f"{path} is not an adaptive_kernels training checkpoint ({what}); to load a bare state dict use "
+            f"model.load_state_dict(torch.load(path, weights_only=True))"
+        )
+    if not isinstance(state.get("version"), int) or state["version"] > VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state.get('version')!r}; this adaptive_kernels reads "
+            f"versions <= {VERSION}: upgrade the package"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written completely by save_checkpoint")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``model.load_state_dict(strict=True)`` with an error that names ``source`` and the mismatching keys."""
+    own = model.state_dict()
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    shapes = [
+        f"{k}: {tuple(v.shape)} in file vs {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(model).__name__} (other architecture or width?): "
+            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
+            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}; "
+            f"shape mismatches {shapes[:6]}{' ...' if len(shapes) > 6 else ''}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every RNG a training process uses (python, numpy, torch CPU and all CUDA devices),
+    as tensors and plain values so that it loads with ``weights_only=True``."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    py = state["python"]
+    # weights_only loading returns the tuple's inner sequence as a list; random.setstate wants tuples.
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename durable across a power loss. Not possible on every OS/file system (Windows): skip there.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)

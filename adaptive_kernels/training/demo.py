@@ -1,0 +1,204 @@
+"""The demo: train a small ResNet-ADN within a time budget, evaluate every sub-network, save table and plot.
+
+The run is sized on the machine it runs on: a few training steps and a test forward are timed first, and the
+number of training images and epochs is chosen so that training plus evaluation fit the budget (default
+7 minutes on a 2-core CPU, where a step costs two forward and two backward passes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import create_model
+from .data import DataSource, InMemoryImages
+from .distributed import DistEnv
+from .evaluate import evaluate_subnets, format_table, plot_tradeoff, require_matplotlib
+from .step import StepConfig, train_step
+from .trainer import TrainConfig, Trainer, build_optimizer, seed_everything
+
+DEMO_MODEL = "resnet20_adn"
+MAX_EPOCHS = 15
+LATENCY_REPEATS = 30
+# Latency of a batch of 64: at batch 1 a CPU spends most of a small net's time in per-layer overheads.
+LATENCY_BATCH = 64
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How the demo spends its budget (all estimates measured on this machine)."""
+
+    width: int
+    batch_size: int
+    epochs: int
+    train_images: int
+    test_images: int
+    train_img_per_s: float
+    est_train_s: float
+    est_eval_s: float
+
+
+def measure_train_speed(
+    model: torch.nn.Module, data: DataSource, config: TrainConfig, max_seconds: float = 6.0
+) -> float:
+    """Training images per second of ``config``'s step on a throw-away copy of ``model`` (one warm-up step,
+    then up to 4 timed steps or ``max_seconds``)."""
+    model = copy.deepcopy(model).train()
+    optimizer = build_optimizer(model, config)
+    step = StepConfig(mode=config.mode)
+    batches = data.train_batches(0, batch_size=config.batch_size, seed=config.seed)
+    timed, start = 0, None
+    for i, (x, y) in enumerate(batches):
+        train_step(model, optimizer, x, y, step)
+        if i == 0:
+            start = time.perf_counter()  # the first step pays one-off costs (allocations, kernel selection)
+            continue
+        timed += 1
+        if timed == 4 or time.perf_counter() - start > max_seconds:
+            break
+    if start is None or timed == 0:
+        raise ValueError(f"{data.name}: too few training images to measure a step of batch {config.batch_size}")
+    return timed * config.batch_size / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def estimate_eval_seconds(model: torch.nn.Module, data: DataSource, num_test: int) -> float:
+    """Seconds to score every sub-network on ``num_test`` images and time each LATENCY_REPEATS times."""
+    model = copy.deepcopy(model).eval()
+    x, _ = next(data.test_batches(batch_size=min(256, data.num_test)))
+    model(x)
+    t0 = time.perf_counter()
+    model(x)
+    per_image = (time.perf_counter() - t0) / len(x)
+    t0 = time.perf_counter()
+    model(x[:LATENCY_BATCH])
+    latency = time.perf_counter() - t0
+    super_macs = model.macs(None, data.image_size)
+    relative = sum(model.macs(s, data.image_size) / super_macs for s in model.skip_configs())
+    return relative * (per_image * num_test + latency * (LATENCY_REPEATS + 5))
+
+
+def plan_demo(
+    img_per_s: float, eval_s: float, seconds_left: float, data: DataSource, width: int, batch_size: int,
+    epochs: int | None = None, train_images: int | None = None,
+) -> DemoPlan:
+    """Choose epochs and the training subset: as many distinct images as the time allows (one pass over
+    more data beats several passes over less), whole epochs over the full set once it fits (at most
+    MAX_EPOCHS). ``epochs``/``train_images`` given by the user are kept."""
+    # 10% slack: the measured speed is a few steps' worth, and a shared machine's speed drifts.
+    budget_images = 0.9 * max(0.0, seconds_left - eval_s) * img_per_s
+    n = data.num_train
+    if epochs is None:
+        epochs = max(1, min(MAX_EPOCHS, int(budget_images // n)))
+    if train_images is None:
+        train_images = int(min(n, budget_images // epochs))
+    train_images = min(n, max(train_images, batch_size))  # at least one batch, even when the budget is gone
+    return DemoPlan(
+        width=width, batch_size=batch_size, epochs=epochs, train_images=train_images, test_images=data.num_test,
+        train_img_per_s=img_per_s, est_train_s=epochs * train_images / img_per_s, est_eval_s=eval_s,
+    )
+
+
+def run_demo(
+    data: InMemoryImages,
+    out_dir: str | os.PathLike,
+    *,
+    budget_s: float = 420.0,
+    width: int = 8,
+    batch_size: int = 64,
+    epochs: int | None = None,
+    train_images: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    choose_threads: bool = True,
+    started: float | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``DEMO_MODEL`` (ADN self-distillation) on ``data`` within ``budget_s`` seconds counted from
+    ``started`` (``time.perf_counter()``; default now), evaluate all sub-networks, write into ``out_dir``:
+    ``last.pt`` (checkpoint), ``log.jsonl``, ``subnets.json`` (list of {skip, accuracy, macs, latency_us}),
+    ``summary.json`` and ``tradeoff.png``. With ``choose_threads``, the faster of torch's thread count and one
+    thread is used. Returns the summary."""
+    started = time.perf_counter() if started is None else started
+    require_matplotlib()  # fail now, not after minutes of training
+    out_dir = Path(out_dir)
+    (out_dir / "log.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
+    seed_everything(seed)
+    spec = {"name": DEMO_MODEL, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans, "width": width}}
+    model = create_model(spec["name"], **spec["kwargs"])
+    base_config = {
+        "batch_size": batch_size, "lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "mode": "adn",
+        "seed": seed, "eval_every_epochs": 0, "progress": progress, "log_every_steps": 10, "warmup_epochs": 0.1,
+    }
+
+    echo(f"[demo] measuring this machine ({torch.get_num_threads()} threads): {DEMO_MODEL} width {width}, "
+         f"batch {batch_size}, two forward + two backward passes per step ...")
+    img_per_s = measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
+    threads = torch.get_num_threads()
+    if choose_threads and threads > 1:
+        # Small convolutions gain little from threads, and on a busy machine OpenMP barriers make several
+        # threads far slower than one: keep whichever is faster here.
+        torch.set_num_threads(1)
+        one = measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
+        if one > img_per_s:
+            echo(f"[demo] 1 thread trains faster than {threads} on this machine ({one:.0f} vs {img_per_s:.0f} img/s)")
+            img_per_s = one
+        else:
+            torch.set_num_threads(threads)
+    full_eval_s = estimate_eval_seconds(model, data, data.num_test)
+    seconds_left = budget_s - (time.perf_counter() - started) - 3.0  # 3 s: checkpoint, JSON, plot
+    # Evaluation may take at most a third of what is left; score a test subset on a slow machine.
+    test_images, eval_s = data.num_test, full_eval_s
+    if full_eval_s > seconds_left / 3:
+        test_images = max(min(data.num_test, 500), int(data.num_test * (seconds_left / 3) / full_eval_s))
+        eval_s = full_eval_s * test_images / data.num_test
+        data = data.subset(num_test=test_images)
+    plan = plan_demo(img_per_s, eval_s, seconds_left, data, width, batch_size, epochs, train_images)
+    echo(
+        f"[demo] {img_per_s:.0f} training images/s -> {plan.epochs} epoch(s) over {plan.train_images} of "
+        f"{data.num_train} training images (~{plan.est_train_s:.0f} s), then all {2 ** model.num_skippable_stages} "
+        f"sub-networks on {plan.test_images} test images (~{plan.est_eval_s:.0f} s)"
+    )
+    train_data = data.subset(num_train=plan.train_images) if plan.train_images < data.num_train else data
+    config = TrainConfig(
+        epochs=plan.epochs,
+        # Safety net when the machine gets slower than measured: stop (and still evaluate) on time.
+        time_limit_s=max(1.0, (budget_s - (time.perf_counter() - started) - eval_s - 3.0)),
+        **base_config,
+    )
+    trainer = Trainer(model, train_data, config, out_dir=out_dir, env=DistEnv(), model_spec=spec, echo=echo)
+    summary = trainer.fit()
+    if summary["stopped_early"]:
+        echo("[demo] the time budget ran out before the planned epochs ended; evaluating the model as it is")
+
+    echo(f"[demo] evaluating every sub-network on {data.num_test} test images ...")
+    results = evaluate_subnets(trainer.eval_model, data, latency_batch=LATENCY_BATCH, latency_repeats=LATENCY_REPEATS)
+    table = format_table(results, latency_batch=LATENCY_BATCH)
+    echo(table)
+    (out_dir / "subnets.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+    plot = plot_tradeoff(
+        {f"{DEMO_MODEL}-ADN width {width} (all sub-networks)": results}, out_dir / "tradeoff.png",
+        title=f"{DEMO_MODEL} on {data.name}: {plan.epochs} epoch(s) x {plan.train_images} images, "
+              f"CPU, {torch.get_num_threads()} thread(s)",
+        latency_batch=LATENCY_BATCH,
+    )
+    result = {
+        "model": spec, "data": data.name, "plan": asdict(plan), "subnets": [r.to_dict() for r in results],
+        "train_seconds": round(summary["train_seconds"], 1), "stopped_early": summary["stopped_early"],
+        "total_seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "latency_batch": LATENCY_BATCH,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
+    for name in ("last.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
+        echo(f"  {out_dir / name}")
+    echo(f"  evaluate again: python -m adaptive_kernels eval --checkpoint {out_dir / 'last.pt'} --data {data.name}")
+    return result

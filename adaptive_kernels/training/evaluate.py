@@ -1,0 +1,187 @@
+"""Evaluate every sub-network of an ADN model: test accuracy, MACs, measured latency; table and plot."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.skip import SkipLike, skip_to_str
+from .data import DataSource
+from .distributed import DistEnv, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class SubnetResult:
+    """One sub-network: ``skip`` as T/F letters, top-1 ``accuracy`` in percent, ``macs`` per image,
+    ``latency_us`` = median wall-clock time of one forward at the measured batch size."""
+
+    skip: str
+    accuracy: float
+    macs: int
+    latency_us: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def accuracy(
+    model: nn.Module,
+    data: DataSource,
+    skip: SkipLike = None,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 500,
+    env: DistEnv | None = None,
+) -> float:
+    """Top-1 accuracy (percent) of sub-network ``skip`` on ``data``'s test split.
+
+    Under DDP each rank scores its share of the test set and the counts are summed over ranks.
+    """
+    env = env or DistEnv()
+    was_training = model.training
+    model.eval()
+    try:
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
+        for x, y in data.test_batches(batch_size=batch_size, rank=env.rank, world_size=env.world_size, device=device):
+            counts[0] += (model(x, skip=skip).argmax(dim=1) == y).sum()
+            counts[1] += y.numel()
+    finally:
+        model.train(was_training)
+    correct, total = all_reduce_sum(counts, env).tolist()
+    if total == 0:
+        raise ValueError(f"{data.name} has an empty test split")
+    return 100.0 * correct / total
+
+
+@torch.inference_mode()
+def measure_latency_us(
+    model: nn.Module,
+    skip: SkipLike,
+    input_shape: tuple[int, int, int, int],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 5,
+    repeats: int = 30,
+) -> float:
+    """Median wall-clock microseconds of one forward of sub-network ``skip`` on an input of ``input_shape``
+    (N, C, H, W), in eval mode on ``device`` (synchronised on CUDA)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(input_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(x, skip=skip)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times) * 1e6
+
+
+def evaluate_subnets(
+    model: nn.Module,
+    data: DataSource,
+    *,
+    device: torch.device | str = "cpu",
+    skips: Sequence[SkipLike] | None = None,
+    batch_size: int = 500,
+    latency_batch: int = 1,
+    latency_repeats: int = 30,
+    env: DistEnv | None = None,
+) -> list[SubnetResult]:
+    """Accuracy, MACs and latency of every sub-network (``skips``: default all 2^S, super-net first)."""
+    configs = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
+    shape = (latency_batch, data.in_chans, *data.image_size)
+    results = []
+    for skip in configs:
+        results.append(SubnetResult(
+            skip=skip_to_str(skip),
+            accuracy=accuracy(model, data, skip, device=device, batch_size=batch_size, env=env),
+            macs=model.macs(skip, input_size=data.image_size),
+            latency_us=measure_latency_us(model, skip, shape, device=device, repeats=latency_repeats),
+        ))
+    return results
+
+
+def format_table(results: Sequence[SubnetResult], latency_batch: int = 1) -> str:
+    """A text table, one row per sub-network, largest first."""
+    rows = sorted(results, key=lambda r: -r.macs)
+    width = max(len("skip"), *(len(r.skip) for r in rows))
+    head = f"{'skip':<{width}}  {'accuracy %':>10}  {'MMACs':>8}  {f'latency µs (batch {latency_batch})':>24}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.skip:<{width}}  {r.accuracy:>10.2f}  {r.macs / 1e6:>8.2f}  {r.latency_us:>24.1f}")
+    return "\n".join(lines)
+
+
+def require_matplotlib():
+    """The matplotlib module, or an ImportError that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or adaptive_kernels[plot])") from e
+    return matplotlib
+
+
+def plot_tradeoff(
+    series: Mapping[str, Sequence[SubnetResult]],
+    path: str | os.PathLike,
+    title: str = "",
+    latency_batch: int = 1,
+) -> Path:
+    """PNG with two panels: accuracy vs MACs and accuracy vs measured latency, one colour per series
+    (e.g. {"ADN": [...all sub-networks...], "plain, blocks skipped": [...]}), each point labelled with its skip;
+    a line joins each series' Pareto front (no cheaper sub-network is more accurate)."""
+    matplotlib = require_matplotlib()
+    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, results) in enumerate(series.items()):
+        color = f"C{i}"
+        for ax, cost in ((axes[0], lambda r: r.macs / 1e6), (axes[1], lambda r: r.latency_us / 1e3)):
+            rows = sorted(results, key=cost)
+            ax.scatter([cost(r) for r in rows], [r.accuracy for r in rows], color=color, label=name, zorder=3,
+                       marker="o" if len(rows) > 1 else "s")
+            if len(rows) > 1:
+                front = _pareto_front(rows, cost)  # the best accuracy for each cost
+                ax.plot([cost(r) for r in front], [r.accuracy for r in front], color=color, alpha=0.6)
+                for r in rows:
+                    ax.annotate(r.skip, (cost(r), r.accuracy), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    axes[0].set_xlabel("MMACs per image")
+    axes[1].set_xlabel(f"measured latency, ms (batch {latency_batch})")
+    for ax in axes:
+        ax.set_ylabel("test accuracy, %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pareto_front(rows: Sequence[SubnetResult], cost) -> list[SubnetResult]:
+    """The rows, sorted by cost, that are more accurate than every cheaper row."""
+    front: list[SubnetResult] = []
+    for r in sorted(rows, key=cost):
+        if not front or r.accuracy > front[-1].accuracy:
+            front.append(r)
+    return front
