@@ -259,7 +259,7 @@ def compile(
         )
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor (N, C, H, W), got {type(example_input).__name__}")
-    model.check_input(example_input)
+    model.check_input(example_input, match_parameters=False)  # the engine converts dtype and device itself
     if example_input.shape[0] < 1:
         raise ValueError(f"example_input has an empty batch, shape {tuple(example_input.shape)}")
     if dtype not in DTYPES:

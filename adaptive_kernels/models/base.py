@@ -32,9 +32,22 @@ class ADNModel(nn.Module):
         """All 2^S skip configurations, super-net first, base-net last."""
         return all_skip_configs(self.num_skippable_stages)
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, *, match_parameters: bool = True) -> None:
+        """x: (N, in_chans, H, W), floating point. ``match_parameters``: x must also have the parameters'
+        device and (outside autocast) dtype, else torch fails deep inside a layer with an unclear message."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected an input tensor (N, C, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input (N, C, H, W), got {x.dtype}: convert with x.float()")
+        p = next(self.parameters(), None)
+        if match_parameters and p is not None:
+            if x.device != p.device:
+                raise ValueError(f"input is on {x.device} but the model is on {p.device}: move one with .to(device)")
+            if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(
+                    f"input has dtype {x.dtype} but the model's parameters are {p.dtype}: convert with "
+                    f"x.to({p.dtype}) (or use torch.autocast for mixed precision)"
+                )
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"

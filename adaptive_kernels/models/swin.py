@@ -300,8 +300,8 @@ class SwinTransformerADN(ADNModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        super().check_input(x)
+    def check_input(self, x: torch.Tensor, *, match_parameters: bool = True) -> None:
+        super().check_input(x, match_parameters=match_parameters)
         if min(x.shape[-2:]) < self.patch_size:
             raise ValueError(f"images must be at least {self.patch_size}x{self.patch_size}, got {tuple(x.shape[-2:])}")
 

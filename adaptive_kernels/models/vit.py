@@ -171,8 +171,8 @@ class VisionTransformerADN(ADNModel):
         nn.init.zeros_(self.heads.head.weight)
         nn.init.zeros_(self.heads.head.bias)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        super().check_input(x)
+    def check_input(self, x: torch.Tensor, *, match_parameters: bool = True) -> None:
+        super().check_input(x, match_parameters=match_parameters)
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
                 f"expected {self.image_size}x{self.image_size} images (the position embedding fixes the size), "
