@@ -44,10 +44,15 @@ def _normalise(table: Table, field: str, what: str) -> dict[SkipConfig, float]:
     if not pairs:
         raise ValueError(f"{what} is empty")
     lengths = {n for n in (_num_stages(k) for k, _ in pairs) if n is not None}
+    if not lengths:
+        raise ValueError(
+            f"{what}: 'super'/'base' alone do not say how many skippable stages the model has; "
+            "include at least one configuration spelled out, e.g. 'TFFT' or (True, False, False, True)"
+        )
     if len(lengths) != 1:
         raise ValueError(
             f"{what}: the skip configurations must all have one length (one flag per skippable stage), "
-            f"got lengths {sorted(lengths) or 'none'}"
+            f"got lengths {sorted(lengths)}"
         )
     num_stages = lengths.pop()
     out: dict[SkipConfig, float] = {}
