@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+from helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
 from torch import nn
 
 import adaptive_kernels

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from engine_helpers import randomize, rel_err
+from helpers import randomize, rel_err
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine import compile, select_skip

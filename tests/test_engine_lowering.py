@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from engine_helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
+from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
 from torch import nn
 
 from adaptive_kernels import create_model, list_models

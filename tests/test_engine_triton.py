@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from engine_helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
+from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine.lowering import lower

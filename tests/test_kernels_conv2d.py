@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, conv2d, conv2d_ref, pack_conv2d_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MASK = [1, 0, 1]  # stage 0 runs, stage 1 is skipped, stage 2 runs
 RUN, SKIP = 0, 1  # indices into MASK
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_case(n, h, w, cin, cout, k, stride, padding, groups=1, dtype=torch.float32, seed=0):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, linear, linear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make_case(m, k, n, dtype=torch.float32, seed=0, lead=()):

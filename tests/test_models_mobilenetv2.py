@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_norms
 from torch import nn
 
 from adaptive_kernels import create_model
@@ -14,18 +15,6 @@ torchvision = pytest.importorskip("torchvision")
 
 STAGE_BLOCKS = (2, 3, 4, 3, 3)  # the five multi-block stages, features.2 .. features.6
 BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def randomize_norms(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
 def reference_forward(model: nn.Module, x: torch.Tensor, skip) -> torch.Tensor:

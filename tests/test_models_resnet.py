@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_norms
 from torch import nn
 
 from adaptive_kernels import create_model
@@ -21,19 +22,6 @@ SPLITS = {
     "resnet20_adn": [(2, 1)] * 3,
     "resnet56_adn": [(5, 4)] * 3,
 }
-
-
-def randomize_norms(model: nn.Module, seed: int) -> None:
-    """Random affine parameters and running statistics in every BN, so twins and layers differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
 def reference_forward(model: nn.Module, x: torch.Tensor, skip, split) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Shared by the engine tests: models with randomised norm statistics, and the relative error."""
+"""Shared test helpers: models with randomised norms, the relative error, the device mask."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ def one_thread():
 
 
 @torch.no_grad()
+def randomize_norms(model: nn.Module, seed: int | torch.Generator) -> None:
+    """Random affine parameters and running statistics in every BatchNorm2d (each ``_skip`` twin
+    independently), so twins and layers differ and a wrong norm set or a folding bug shows."""
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+@torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0, calibrate: tuple[int, ...] | None = None) -> nn.Module:
     """Give every norm (each ``_skip`` twin independently) random affine parameters and BN running
     statistics, and every Linear random weights (ViT's head starts at zero), then switch to eval mode.
@@ -28,14 +42,9 @@ def randomize(model: nn.Module, seed: int = 0, calibrate: tuple[int, ...] | None
     vanish and every sub-network's output differs clearly from the others.
     """
     g = torch.Generator().manual_seed(seed)
+    randomize_norms(model, g)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-        elif isinstance(m, nn.LayerNorm):
+        if isinstance(m, nn.LayerNorm):
             m.weight.copy_(torch.rand(m.normalized_shape, generator=g) + 0.5)
             m.bias.copy_(torch.randn(m.normalized_shape, generator=g) * 0.2)
         elif isinstance(m, nn.Linear):
