@@ -100,14 +100,28 @@ def test_fallback_runs_its_own_copy_in_eval_mode(resnet20):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_swin_is_not_lowered_and_runs_its_reference():
+def test_swin_size_that_needs_window_padding_runs_its_reference():
+    # 32x32 -> 8x8 tokens, which Swin-T pads to its 7x7 windows: not lowered, so the engine warns (before any
+    # capture, on any machine) and runs the reference model
     model = create_model("swin_t_adn", num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)
-    with pytest.warns(UserWarning, match="Swin-T-ADN is not lowered yet"):
+    with pytest.warns(UserWarning, match="8x8 feature map is not a multiple of the 7x7 window") as record:
         engine = compile(model, x)
-    assert engine.mechanism == "reference"
+    assert len(record) == 1
+    assert engine.mechanism == "reference" and engine.capture_count == 0
     with torch.no_grad():
         torch.testing.assert_close(engine(x, "TFTF"), model(x, "TFTF"), rtol=0, atol=0)
+
+
+@needs_no_cuda
+def test_swin_at_a_lowered_size_falls_back_only_for_lack_of_cuda():
+    # 224x224 -> 56x56 tokens in 7x7 windows, down to one 7x7 window (unshifted) in the last stage: lowered, so
+    # the only reason to run the reference here is the missing GPU
+    model = create_model("swin_t_adn", num_classes=5).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.warns(UserWarning, match="CUDA is not available; running the reference model") as record:
+        engine = compile(model, x)
+    assert len(record) == 1 and engine.mechanism == "reference"
 
 
 # ---- input checks --------------------------------------------------------------------------------------

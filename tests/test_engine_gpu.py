@@ -147,7 +147,7 @@ def test_gpu_engine_rejects_bad_input():
         engine(torch.randn(4, 3, 32, 32, device="cuda"))
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2_adn", "deit_small_adn"])
+@pytest.mark.parametrize("name", ["mobilenet_v2_adn", "deit_small_adn", "swin_t_adn"])
 def test_other_lowered_families_match_the_reference(name):
     torch.manual_seed(3)
     model = create_model(name, num_classes=10).cuda()

@@ -1,7 +1,8 @@
 """Lowering is exact: the lowered program, executed with the kernels' torch references in fp32, equals the
 model for EVERY skip configuration — BatchNorm folded, both norm sets chosen by the device mask, skippable
 bodies run on the host's word ("host", what a CUDA IF node does) or by early exit on the mask bit.
-Also: the program invariants, buffer reuse, and the conditional mechanism's wiring with a stand-in splicer."""
+Also: the program invariants, buffer reuse, the conditional mechanism's wiring with a stand-in splicer, and the
+Swin input sizes that are not lowered (the model pads)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,22 @@ from torch import nn
 
 from adaptive_kernels import create_model, list_models
 from adaptive_kernels.engine.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
-from adaptive_kernels.engine.program import Body, Conv, MaxPool, Program, Value, validate
+from adaptive_kernels.engine.program import Attention, Body, Conv, Gather, MaxPool, Program, Value, validate
 from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels
+from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
 
 FP32_TOL = 1e-4  # fp32 rounding of folded vs unfolded BN, amplified by calibrated (small-variance) BN layers
+
+
+def swin(**kwargs) -> SwinTransformerADN:
+    """A small Swin-ADN whose relative-position tables are O(1) (the init's std 0.02 would hide a wrong bias)."""
+    model = SwinTransformerADN(**kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_()
+    return model
 
 
 MODELS = {
@@ -29,6 +41,18 @@ MODELS = {
     "mobilenet_v2_adn": (lambda: create_model("mobilenet_v2_adn", num_classes=10, width_mult=0.5), (1, 3, 32, 32)),
     "deit_tiny_adn": (lambda: create_model("deit_tiny_adn", num_classes=10, image_size=32), (2, 3, 32, 32)),
     "vit_small": (lambda: VisionTransformerADN(32, 8, 12, 4, 64, 128, num_classes=10), (2, 3, 32, 32)),
+    # 33x18 image -> 8x4 tokens (the conv drops the last row and 2 columns); window 2: stage 0 shifted by 1 in
+    # both directions, 8 windows; merging -> 4x2; stage 1 (depth 4: a mandatory shifted block) shifted along H
+    # only (one window covers W), its unshifted blocks already in window order (no gathers)
+    "swin_window2": (
+        lambda: swin(embed_dim=16, depths=(2, 4), num_heads=(2, 4), window_size=2, num_classes=10),
+        (2, 3, 33, 18),
+    ),
+    # window 3 (L = 9, shift 1) on 6x6 tokens, then one 3x3 window (no shift, as the model) after merging
+    "swin_window3": (
+        lambda: swin(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, num_classes=10),
+        (1, 3, 24, 24),
+    ),
 }
 
 
@@ -66,6 +90,60 @@ def test_program_float64_is_exact_to_rounding():
             tensors[program.input].copy_(x)
             got = execute(program, tensors, device_mask(skip), mechanism="early_exit")
             assert rel_err(got, model(x, skip)) < 1e-12
+
+
+def test_swin_program_float64_is_exact_to_rounding():
+    # the attention bias (relative position + shift mask) is built in the program's dtype, not in fp32
+    model = randomize(swin(embed_dim=8, depths=(4, 2), num_heads=(2, 2), window_size=2, num_classes=5)).double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    program = lower(model, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float64, device="cpu")
+    tensors = allocate_buffers(program, 1, "cpu", torch.float64)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            tensors[program.input].copy_(x)
+            got = execute(program, tensors, device_mask(skip), mechanism="early_exit")
+            assert rel_err(got, model(x, skip)) < 1e-12
+
+
+def test_swin_program_structure():
+    build, shape = MODELS["swin_window2"]
+    program = lower(build().eval(), shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    attention = [op for op, _ in program.flat_ops() if isinstance(op, Attention)]
+    # per-window bias (nW, heads, L, L) exactly where the model shifts: stage 0 block 1, stage 1 blocks 1 and 3
+    assert [tuple(op.bias.shape) for op in attention] == [
+        (2, 4, 4),
+        (8, 2, 4, 4),
+        (4, 4, 4),
+        (2, 4, 4, 4),
+        (4, 4, 4),
+        (2, 4, 4, 4),
+    ]
+    assert [op.backend for op in attention] == ["sdpa", "triton", "sdpa", "sdpa", "triton", "triton"]
+    gathers = [op for op, _ in program.flat_ops() if isinstance(op, Gather)]
+    # 2 per block of stage 0, 1 for merging, 2 per shifted block of stage 1 (its unshifted ones are in order)
+    assert len(gathers) == 2 * 2 + 1 + 2 * 2
+    for op in gathers:  # every gather is a permutation of its rows, except merging's (a regrouping)
+        assert sorted(op.index.tolist()) == list(range(op.index.numel()))
+
+
+@pytest.mark.parametrize(
+    "size,match",
+    [
+        ((3, 32, 32), r"features.0.0: the 8x8 feature map is not a multiple of the 7x7 window"),
+        ((3, 20, 20), r"features.0.0: the 5x5 feature map is not a multiple of the 7x7 window"),
+    ],
+)
+def test_swin_sizes_that_need_window_padding_are_not_lowered(size, match):
+    with torch.device("meta"):
+        model = create_model("swin_t_adn")
+    with pytest.raises(NotLoweredError, match=match + ".*padding is not lowered"):
+        lower(model, size, kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
+
+
+def test_swin_odd_sizes_before_patch_merging_are_not_lowered():
+    model = swin(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, num_classes=5).eval()
+    with pytest.raises(NotLoweredError, match="features.1: patch merging of the 3x3 feature map pads its odd side"):
+        lower(model, (3, 12, 12), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
 
 
 def test_fold_batchnorm_matches_eval_batchnorm():
@@ -198,10 +276,6 @@ def test_every_registered_model_lowers_at_its_default_size(name):
     with torch.device("meta"):
         model = create_model(name)
     size = getattr(model, "image_size", 32 if name in ("resnet20_adn", "resnet56_adn") else 224)
-    if name.startswith("swin"):
-        with pytest.raises(NotLoweredError, match="not lowered yet"):
-            lower(model, (3, size, size), kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
-        return
     program = lower(model, (3, size, size), kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
     assert [b.stage for b in program.bodies()] == list(range(model.num_skippable_stages))
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]

@@ -14,6 +14,7 @@ from adaptive_kernels import create_model
 from adaptive_kernels.engine.lowering import lower
 from adaptive_kernels.engine.runtime import allocate_buffers, execute, triton_kernels
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
+from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,7 +28,23 @@ MODELS = {
     "resnet_bottleneck": (lambda: ResNetADN(Bottleneck, [2, 2], num_classes=5, width=4), (1, 3, 16, 16)),
     # SDPA attention in mandatory blocks, the Triton attention (early exit) in skippable ones
     "vit_tiny": (lambda: VisionTransformerADN(8, 4, 6, 2, 16, 32, num_classes=5), (2, 3, 8, 8)),
+    # 4x4 tokens in 2x2 windows: window gathers, SDPA with the per-window shift bias (mandatory shifted block 1),
+    # Triton attention with the relative-position bias and with the shift bias (skippable blocks 2 and 3);
+    # patch merging; then one window (no shift, no gathers)
+    "swin_tiny": (
+        lambda: _swin(embed_dim=8, depths=(4, 2), num_heads=(2, 2), window_size=2, num_classes=5),
+        (2, 3, 16, 16),
+    ),
 }
+
+
+def _swin(**kwargs) -> SwinTransformerADN:
+    model = SwinTransformerADN(**kwargs)
+    with torch.no_grad():  # O(1) relative-position tables: a wrong bias must show
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_()
+    return model
 
 
 @pytest.mark.parametrize("name", list(MODELS))

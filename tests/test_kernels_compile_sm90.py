@@ -35,6 +35,8 @@ VARIANTS = [
     ("layer_norm", "layer_norm", "bfloat16"),
     ("attention", "attention", "float16"),
     ("attention", "attention", "bfloat16"),
+    ("gather_rows", "gather", "float16"),
+    ("gather_rows", "gather", "bfloat16"),
 ]
 MAX_SHARED_SM90 = 232448  # bytes of shared memory one block may use on sm_90
 
@@ -94,6 +96,9 @@ def _launch(name: str, dtype: torch.dtype) -> None:
     elif name == "attention":
         q, k, v = t(8, 3, 49, 32), t(8, 3, 49, 32), t(8, 3, 49, 32)
         K.attention(q, k, v, t(4, 3, 49, 49), backend="triton", mask=mask, exit_index=3, out=torch.empty_like(q))
+    elif name == "gather_rows":
+        index = torch.randperm(49).int()
+        K.gather_rows(t(8, 49, 96), index, mask=mask, exit_index=2, out=t(8, 49, 96))
     else:
         raise ValueError(name)
 

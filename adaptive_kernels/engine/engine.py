@@ -33,7 +33,7 @@ class Engine(nn.Module):
 
     Modes (``engine.mechanism``): ``"conditional"`` (skipped sub-paths are CUDA IF nodes that launch
     nothing), ``"early_exit"`` (their kernels return at once) or ``"reference"`` (no CUDA graph: the
-    eval-mode reference model runs eagerly — without CUDA, or for a model that is not lowered yet).
+    eval-mode reference model runs eagerly — without CUDA, or for an input size that is not lowered yet).
     Inputs must match the compile-time example's shape (batch too, unless ``dynamic_batch``), dtype and
     device. The engine keeps working copies of the weights: later changes to the model are not seen.
     """
@@ -241,7 +241,8 @@ def compile(
 ) -> Engine:
     """Compile an ADN model into an :class:`Engine` that runs all of its 2^S sub-networks from one CUDA graph.
 
-    model: an ADN model (ResNet-ADN, MobileNetV2-ADN, ViT/DeiT-ADN; Swin-T-ADN runs its reference,
+    model: an ADN model (ResNet-ADN, MobileNetV2-ADN, ViT/DeiT-ADN, Swin-T-ADN; for a Swin input size that the
+    model pads, e.g. one whose feature maps are not multiples of the window, the engine runs the reference,
     with a warning). Eval-mode semantics whatever ``model.training`` says: BatchNorm running statistics
     are folded into per-channel scale/shift (the normal and the ``_skip`` set), dropout is off.
     example_input: (N, C, H, W) on the device to run on; its shape, dtype and device are what the engine

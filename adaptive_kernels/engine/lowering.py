@@ -9,6 +9,15 @@ What is lowered (eval-mode semantics: BatchNorm running statistics, no dropout):
 * ViT / DeiT-ADN: patch embedding as one linear layer over gathered patches, pre-norm encoder blocks as
   LayerNorm -> QKV linear -> attention -> out-projection (+ residual, in place) -> LayerNorm ->
   fc1 + GELU -> fc2 (+ residual, in place), final LayerNorm on the class token only, head.
+* Swin-T-ADN: patch embedding as ViT's (+ LayerNorm); the (N, H, W, C) token map stays in row-major token
+  order. A block is LayerNorm -> gather into (shifted) window order -> QKV linear -> attention with a
+  precomputed bias (relative position, plus the shift mask per window) -> gather back -> projection
+  (+ residual, in place) -> LayerNorm -> fc1 + GELU -> fc2 (+ residual, in place): window partition and
+  cyclic shift are one fixed permutation of tokens, and only attention needs window order (the gathers
+  are left out where the permutation is the identity). Patch merging = gather of the 2x2 neighbourhoods
+  -> LayerNorm (skip-aware) -> reduction linear. Final LayerNorm, mean over tokens, head. Not lowered
+  (:class:`NotLoweredError`, the engine then runs the reference): input sizes for which the model pads,
+  i.e. a feature map that is not a multiple of the window, or one with an odd side before patch merging.
 
 Skip-aware norms: a mandatory layer with a ``_skip`` twin gets both parameter sets and
 ``norm_index = stage``, so the kernel picks the set from the device mask. Each stage's skippable blocks
@@ -17,8 +26,6 @@ become one :class:`~.program.Body`.
 BatchNorm folding: ``bn(conv(x) + b) = conv(x) * scale + shift`` with ``scale = gamma / sqrt(var + eps)``
 and ``shift = beta + (b - mean) * scale``, computed in float64 and kept in float32 (float64 for a
 float64 program) whatever the compute dtype, since the kernels apply them in fp32.
-
-Swin-T-ADN is not lowered yet: :class:`NotLoweredError` (the engine then runs the reference model).
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ from torch import nn
 from ..models.base import ADNModel
 from ..models.mobilenetv2 import ConvNormActivation, InvertedResidual, MobileNetV2ADN
 from ..models.resnet import BasicBlock, Bottleneck, ResNetADN, SkippableStage
-from ..models.swin import SwinTransformerADN
+from ..models.swin import PatchMerging, Permute, SwinBlock, SwinStage, SwinTransformerADN, _shift_region
 from ..models.vit import EncoderBlock, VisionTransformerADN
 from .program import (
     Attention,
     Body,
     Conv,
     EmbedTokens,
+    Gather,
     LayerNorm,
     Linear,
     LoweringError,
@@ -53,11 +61,12 @@ from .program import (
 )
 from .runtime import KernelSet
 
-LOWERED_FAMILIES = (ResNetADN, MobileNetV2ADN, VisionTransformerADN)
+LOWERED_FAMILIES = (ResNetADN, MobileNetV2ADN, VisionTransformerADN, SwinTransformerADN)
 
 
 class NotLoweredError(LoweringError):
-    """The model family is known but has no lowering yet (the engine falls back to the reference)."""
+    """The model is known but this configuration (e.g. an input size for which Swin pads) has no lowering yet;
+    the engine falls back to the reference model."""
 
 
 def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +216,21 @@ class _Builder:
                 residual=residual,
             )
         )
+
+    def gather(self, x: Value, index: torch.Tensor, shape: tuple[int, ...], *, name: str) -> Value:
+        """Rows of x (of x.shape[-1] features) in the order ``index`` (host int tensor) -> a value of ``shape``."""
+        c = x.shape[-1]
+        rows = 1
+        for s in x.shape[:-1]:
+            rows *= s
+        size = 1
+        for s in shape:
+            size *= s
+        if index.dim() != 1 or index.numel() * c != size:
+            raise LoweringError(f"{name}: {index.numel()} rows of {c} features do not fill the output (N, {shape})")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
+            raise LoweringError(f"{name}: gather index outside the {rows} rows of {x}")
+        return self.emit(Gather(x, self.value(name, shape), index.to(self.device, torch.int32).contiguous()))
 
     def layer_norm(
         self,
@@ -393,6 +417,24 @@ def _lower_mobilenetv2(b: _Builder, model: MobileNetV2ADN, x: Value) -> Value:
     return b.linear(pooled, linears[0].weight, linears[0].bias, name="classifier")
 
 
+# ---- transformers ---------------------------------------------------------------------------------
+def _mlp_linears(mlp: nn.Module, name: str) -> tuple[nn.Linear, nn.Linear]:
+    """(fc1, fc2) of a transformer MLP that is Linear, GELU (erf form), Linear, with Dropouts anywhere."""
+    layers = list(mlp)
+    fcs = [m for m in layers if isinstance(m, nn.Linear)]
+    acts = [m for m in layers if not isinstance(m, (nn.Linear, nn.Dropout))]
+    if (
+        len(fcs) != 2
+        or len(acts) != 1
+        or not isinstance(acts[0], nn.GELU)
+        or acts[0].approximate != "none"
+        or layers.index(fcs[0]) > layers.index(acts[0])
+        or layers.index(acts[0]) > layers.index(fcs[1])
+    ):
+        raise LoweringError(f"{name}: expected Linear, GELU (erf), Linear (and Dropouts), got {mlp}")
+    return fcs[0], fcs[1]
+
+
 # ---- ViT ------------------------------------------------------------------------------------------
 def _lower_encoder_block(b: _Builder, block: nn.Module, tokens: Value, name: str) -> Value:
     if not isinstance(block, EncoderBlock):
@@ -411,18 +453,7 @@ def _lower_encoder_block(b: _Builder, block: nn.Module, tokens: Value, name: str
             f"{name}.self_attention: only batch_first MultiheadAttention with a packed, biased "
             f"in-projection (no bias_k/v, no zero attention) is lowered"
         )
-    mlp = list(block.mlp)
-    fcs = [m for m in mlp if isinstance(m, nn.Linear)]
-    acts = [m for m in mlp if not isinstance(m, (nn.Linear, nn.Dropout))]
-    if (
-        len(fcs) != 2
-        or len(acts) != 1
-        or not isinstance(acts[0], nn.GELU)
-        or acts[0].approximate != "none"
-        or mlp.index(fcs[0]) > mlp.index(acts[0])
-        or mlp.index(acts[0]) > mlp.index(fcs[1])
-    ):
-        raise LoweringError(f"{name}.mlp: expected Linear, GELU (erf), Linear (and Dropouts), got {block.mlp}")
+    fc1, fc2 = _mlp_linears(block.mlp, f"{name}.mlp")
     stage = block.stage
     # SDPA allocates its result: fine in the main capture, not inside an IF body (see program.py).
     backend = "triton" if b.in_body else "sdpa"
@@ -431,10 +462,10 @@ def _lower_encoder_block(b: _Builder, block: nn.Module, tokens: Value, name: str
     a = b.emit(Attention(qkv, b.value(f"{name}.attention", tokens.shape), mha.num_heads, backend))
     tokens = b.linear(a, mha.out_proj.weight, mha.out_proj.bias, residual=tokens, name=f"{name}.out_proj")
     h = b.layer_norm(tokens, block.ln_2, _twin(block, "ln_2"), stage=stage, name=f"{name}.ln_2")
-    h = b.linear(h, fcs[0].weight, fcs[0].bias, activation="gelu", name=f"{name}.fc1")
-    if fcs[0].out_features != fcs[1].in_features or fcs[1].out_features != d:
-        raise LoweringError(f"{name}.mlp: shapes {fcs[0]} -> {fcs[1]} do not map {d} features back to {d}")
-    return b.linear(h, fcs[1].weight, fcs[1].bias, residual=tokens, name=f"{name}.fc2")
+    h = b.linear(h, fc1.weight, fc1.bias, activation="gelu", name=f"{name}.fc1")
+    if fc1.out_features != fc2.in_features or fc2.out_features != d:
+        raise LoweringError(f"{name}.mlp: shapes {fc1} -> {fc2} do not map {d} features back to {d}")
+    return b.linear(h, fc2.weight, fc2.bias, residual=tokens, name=f"{name}.fc2")
 
 
 def _lower_vit(b: _Builder, model: VisionTransformerADN, x: Value) -> Value:
@@ -474,7 +505,135 @@ def _lower_vit(b: _Builder, model: VisionTransformerADN, x: Value) -> Value:
     return b.linear(cls, heads[0].weight, heads[0].bias, name="heads.head")
 
 
-_LOWERINGS = {ResNetADN: _lower_resnet, MobileNetV2ADN: _lower_mobilenetv2, VisionTransformerADN: _lower_vit}
+# ---- Swin -----------------------------------------------------------------------------------------
+def _window_order(hh: int, ww: int, ws: int, shift_h: int, shift_w: int) -> torch.Tensor:
+    """(hh*ww,) token ids in the order the model's attention sees them: cyclic shift by (-shift_h, -shift_w),
+    then windows of ws x ws in row-major order, tokens row-major inside each window."""
+    ids = torch.arange(hh * ww).view(hh, ww).roll(shifts=(-shift_h, -shift_w), dims=(0, 1))
+    return ids.view(hh // ws, ws, ww // ws, ws).permute(0, 2, 1, 3).reshape(-1)
+
+
+def _window_bias(attn: nn.Module, hh: int, ww: int, shift_h: int, shift_w: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention bias of one block, as the model builds it (in ``dtype``): the relative-position
+    bias (heads, L, L), L = ws*ws; with a shift, plus -100 between tokens of different shift regions, per
+    window: (nW, heads, L, L)."""
+    ws, heads = attn.window_size, attn.num_heads
+    length = ws * ws
+    table = attn.relative_position_bias_table.detach().to(dtype)
+    bias = table[attn.relative_position_index].view(length, length, heads).permute(2, 0, 1)
+    if shift_h == 0 and shift_w == 0:
+        return bias.contiguous()
+    device = table.device
+    rows, cols = _shift_region(hh, ws, shift_h, device), _shift_region(ww, ws, shift_w, device)
+    gh, gw = hh // ws, ww // ws
+    region = (rows[:, None] * 3 + cols[None, :]).view(gh, ws, gw, ws).permute(0, 2, 1, 3).reshape(gh * gw, length)
+    mask = (region[:, None, :] != region[:, :, None]).to(dtype) * -100.0
+    return (bias[None] + mask[:, None]).contiguous()
+
+
+def _lower_swin_block(b: _Builder, block: nn.Module, tokens: Value, name: str) -> Value:
+    if not isinstance(block, SwinBlock):
+        raise LoweringError(f"{name}: expected SwinBlock, got {type(block).__name__}")
+    attn = block.attn
+    hh, ww, d = tokens.shape
+    ws, heads = attn.window_size, attn.num_heads
+    if hh % ws or ww % ws:
+        raise NotLoweredError(
+            f"{name}: the {hh}x{ww} feature map is not a multiple of the {ws}x{ws} window, and Swin's window padding "
+            f"is not lowered: use an image size that gives multiples of the window at every stage (e.g. 224x224 "
+            f"for window 7 and patch 4)"
+        )
+    for layer, shape in ((attn.qkv, (3 * d, d)), (attn.proj, (d, d))):
+        if not isinstance(layer, nn.Linear) or tuple(layer.weight.shape) != shape:
+            raise LoweringError(
+                f"{name}.attn: expected qkv Linear({d}, {3 * d}) and proj Linear({d}, {d}), got {layer}"
+            )
+    if d % heads:
+        raise LoweringError(f"{name}.attn: {heads} heads do not divide {d} features")
+    fc1, fc2 = _mlp_linears(block.mlp, f"{name}.mlp")
+    if fc1.in_features != d or fc1.out_features != fc2.in_features or fc2.out_features != d:
+        raise LoweringError(f"{name}.mlp: shapes {fc1} -> {fc2} do not map {d} features back to {d}")
+    # the model's rule: no shift along a side that one window covers
+    _, _, shift_h, shift_w = attn._padded(hh, ww)
+    order = _window_order(hh, ww, ws, shift_h, shift_w)
+    in_order = torch.equal(order, torch.arange(order.numel()))
+    length = ws * ws
+    windows = (hh * ww // length, length, d)  # (nW, L, d): sequence b of the attention batch is window b % nW
+    stage = block.stage
+    # SDPA allocates its result: fine in the main capture, not inside an IF body (see program.py).
+    backend = "triton" if b.in_body else "sdpa"
+    bias = _window_bias(attn, hh, ww, shift_h, shift_w, b.param_dtype)
+
+    h = b.layer_norm(tokens, block.norm1, _twin(block, "norm1"), stage=stage, name=f"{name}.norm1")
+    if not in_order:
+        h = b.gather(h, order, windows, name=f"{name}.windows")
+    qkv = b.linear(h, attn.qkv.weight, attn.qkv.bias, name=f"{name}.attn.qkv")
+    out = b.value(f"{name}.attn", qkv.shape[:-1] + (d,))
+    a = b.emit(Attention(qkv, out, heads, backend, bias=b.weight(bias), seq_len=length))
+    if not in_order:
+        a = b.gather(a, torch.argsort(order), tokens.shape, name=f"{name}.tokens")
+    tokens = b.linear(a, attn.proj.weight, attn.proj.bias, residual=tokens, name=f"{name}.attn.proj")
+    h = b.layer_norm(tokens, block.norm2, _twin(block, "norm2"), stage=stage, name=f"{name}.norm2")
+    h = b.linear(h, fc1.weight, fc1.bias, activation="gelu", name=f"{name}.mlp.0")
+    return b.linear(h, fc2.weight, fc2.bias, residual=tokens, name=f"{name}.mlp.3")
+
+
+def _lower_patch_merging(b: _Builder, merge: PatchMerging, x: Value, name: str) -> Value:
+    hh, ww, c = x.shape
+    if hh % 2 or ww % 2:
+        raise NotLoweredError(
+            f"{name}: patch merging of the {hh}x{ww} feature map pads its odd side, which is not lowered: use an "
+            f"image size that keeps every merged feature map even"
+        )
+    if not isinstance(merge.reduction, nn.Linear) or merge.reduction.in_features != 4 * c:
+        raise LoweringError(f"{name}.reduction: expected Linear({4 * c}, ...), got {merge.reduction}")
+    ids = torch.arange(hh * ww).view(hh, ww)
+    # the model's channel blocks: (even row, even col), (odd, even), (even, odd), (odd, odd)
+    index = torch.stack([ids[0::2, 0::2], ids[1::2, 0::2], ids[0::2, 1::2], ids[1::2, 1::2]], dim=-1).reshape(-1)
+    h = b.gather(x, index, (hh // 2, ww // 2, 4 * c), name=f"{name}.merge")
+    h = b.layer_norm(h, merge.norm, _twin(merge, "norm"), stage=merge.stage, name=f"{name}.norm")
+    return b.linear(h, merge.reduction.weight, merge.reduction.bias, name=f"{name}.reduction")
+
+
+def _lower_swin(b: _Builder, model: SwinTransformerADN, x: Value) -> Value:
+    c, hh, ww = x.shape
+    p = model.patch_size
+    pre = list(model.pre)
+    if len(pre) != 3 or not isinstance(pre[1], Permute) or tuple(pre[1].dims) != (0, 2, 3, 1):
+        raise LoweringError(f"pre: expected Conv2d, Permute((0, 2, 3, 1)), LayerNorm, got {model.pre}")
+    proj = pre[0]
+    if (
+        not isinstance(proj, nn.Conv2d)
+        or proj.kernel_size != (p, p)
+        or proj.stride != (p, p)
+        or proj.padding != (0, 0)
+        or proj.dilation != (1, 1)
+        or proj.groups != 1
+    ):
+        raise LoweringError(f"pre.0: expected a {p}x{p} stride-{p} patch embedding without padding, got {proj}")
+    d = proj.out_channels
+    patches = b.emit(PatchGather(x, b.value("patches", (hh // p, ww // p, c * p * p)), p))
+    h = b.linear(patches, proj.weight.reshape(d, -1), proj.bias, name="pre.0")
+    h = b.layer_norm(h, pre[2], name="pre.2")
+    for i, layer in enumerate(model.features):
+        name = f"features.{i}"
+        if isinstance(layer, PatchMerging):
+            h = _lower_patch_merging(b, layer, h, name)
+        elif isinstance(layer, SwinStage):
+            h = _lower_stage(b, layer, h, name, _lower_swin_block)
+        else:
+            raise LoweringError(f"{name}: {type(layer).__name__} is not lowered")
+    h = b.layer_norm(h, model.norm, name="norm")
+    pooled = b.emit(MeanPool(h, b.value("avgpool", (h.shape[-1],))))
+    return b.linear(pooled, model.head.weight, model.head.bias, name="head")
+
+
+_LOWERINGS = {
+    ResNetADN: _lower_resnet,
+    MobileNetV2ADN: _lower_mobilenetv2,
+    VisionTransformerADN: _lower_vit,
+    SwinTransformerADN: _lower_swin,
+}
 
 
 @torch.no_grad()
@@ -491,10 +650,8 @@ def lower(
     Parameters are folded, cast to ``dtype`` (norm scales/shifts: fp32, or fp64 for an fp64 program),
     moved to ``device`` and prepared for ``kernels``. The result is validated (see program.py).
     Raises :class:`LoweringError` (a ValueError) for anything outside the lowered families, or
-    :class:`NotLoweredError` for Swin-T-ADN.
+    :class:`NotLoweredError` for an input size the lowering does not cover (Swin sizes that need padding).
     """
-    if isinstance(model, SwinTransformerADN):
-        raise NotLoweredError("Swin-T-ADN is not lowered yet (shifted-window attention has no fused path)")
     family = next((f for f in LOWERED_FAMILIES if isinstance(model, f)), None)
     if family is None:
         names = ", ".join(f.__name__ for f in LOWERED_FAMILIES)

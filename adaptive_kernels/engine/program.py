@@ -94,8 +94,9 @@ class ToNHWC(Op):
 
 @dataclass(eq=False)
 class PatchGather(Op):
-    """src: (N, C, H, W) -> dst: (N, (H/p)*(W/p), C*p*p), patch vectors in the order of a flattened
-    (D, C, p, p) conv weight, so the patch embedding becomes one linear layer."""
+    """src: (N, C, H, W) -> dst: (N, H//p, W//p, C*p*p) (any shape of that size, e.g. ViT's (N, L, C*p*p)), patch
+    vectors in the order of a flattened (D, C, p, p) conv weight, so the patch embedding becomes one linear
+    layer. The last H % p rows and W % p columns are dropped, as a stride-p conv without padding drops them."""
 
     src: Value
     dst: Value
@@ -111,8 +112,41 @@ class PatchGather(Op):
         x = ctx.tensors[self.src]
         n, c, h, w = x.shape
         p = self.patch
-        patches = x.view(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        ctx.tensors[self.dst].view(n, h // p, w // p, c, p, p).copy_(patches)
+        hp, wp = h // p, w // p
+        patches = x[:, :, : hp * p, : wp * p].view(n, c, hp, p, wp, p).permute(0, 2, 4, 1, 3, 5)
+        ctx.tensors[self.dst].view(n, hp, wp, c, p, p).copy_(patches)
+
+
+@dataclass(eq=False)
+class Gather(Op):
+    """Rows in a fixed order: src viewed as (N, S, C) rows of C = src.shape[-1] features -> dst viewed as
+    (N, R, C), ``dst row r = src row index[r]`` (index: (R,) int32 on the device, shared by the batch).
+
+    Swin: tokens into (shifted) window order and back, and patch merging's 2x2 neighbourhoods (dst
+    (H/2, W/2, 4C) from src (H, W, C)). Writes dst without allocating; exits early on its mask bit.
+    """
+
+    src: Value
+    dst: Value
+    index: torch.Tensor
+    can_exit = True
+
+    def reads(self):
+        return (self.src,)
+
+    def writes(self):
+        return self.dst
+
+    def run(self, ctx):
+        x, out = ctx.tensors[self.src], ctx.tensors[self.dst]
+        c = x.shape[-1]
+        ctx.kernels.gather_rows(
+            x.view(x.shape[0], -1, c),
+            self.index,
+            mask=ctx.mask,
+            exit_index=ctx.exit_index,
+            out=out.view(out.shape[0], -1, c),
+        )
 
 
 @dataclass(eq=False)
@@ -242,17 +276,23 @@ class LayerNorm(Op):
 
 @dataclass(eq=False)
 class Attention(Op):
-    """Multi-head self-attention core: qkv: (N, L, 3*D) (nn.MultiheadAttention's packed in-projection,
-    heads contiguous in each third) -> out: (N, L, D) with the heads concatenated, ready for out_proj.
+    """Multi-head self-attention core: qkv: (N, ..., 3*D) (nn.MultiheadAttention's packed in-projection,
+    heads contiguous in each third) -> out: (N, ..., D) with the heads concatenated, ready for out_proj.
+    The tokens form B sequences of ``seq_len`` tokens (None: qkv's next-to-last dim), one after the other:
+    Swin's (N, nW, L, 3*D) windows, or its (N, H, W, 3*D) map when that is already in window order.
 
     ``backend``: "sdpa" (torch's fused attention; allocates its result, so mandatory blocks only) or
     "triton" (writes ``out`` directly and exits on the mask bit; used inside skippable bodies).
+    ``bias``: additive attention bias in the compute dtype, (heads, L, L) or (nb, heads, L, L) with sequence
+    b using bias[b % nb] (Swin's relative-position bias, plus the shift mask per window).
     """
 
     qkv: Value
     out: Value
     heads: int
     backend: str
+    bias: torch.Tensor | None = None
+    seq_len: int | None = None
 
     @property
     def can_exit(self) -> bool:  # type: ignore[override]
@@ -270,14 +310,15 @@ class Attention(Op):
 
     def run(self, ctx):
         qkv = ctx.tensors[self.qkv]
-        n, seq, three_d = qkv.shape
+        seq, three_d = self.seq_len or qkv.shape[-2], qkv.shape[-1]
         head_dim = three_d // (3 * self.heads)
-        q, k, v = qkv.view(n, seq, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = ctx.tensors[self.out].view(n, seq, self.heads, head_dim).transpose(1, 2)
+        q, k, v = qkv.view(-1, seq, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = ctx.tensors[self.out].view(-1, seq, self.heads, head_dim).transpose(1, 2)
         ctx.kernels.attention(
             q,
             k,
             v,
+            self.bias,
             backend=self.backend,
             mask=ctx.mask,
             exit_index=ctx.exit_index if self.can_exit else -1,

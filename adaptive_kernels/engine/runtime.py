@@ -31,7 +31,7 @@ MECHANISMS = ("host", "early_exit", "conditional")
 
 @dataclass(frozen=True)
 class KernelSet:
-    """The four op families, as launchers with one signature for both implementations.
+    """The five op families, as launchers with one signature for both implementations.
 
     ``prepare_conv_weight`` turns an nn.Conv2d weight (Cout, Cin/g, KH, KW) into what ``conv2d`` takes.
     """
@@ -41,6 +41,7 @@ class KernelSet:
     linear: Callable[..., torch.Tensor]
     layer_norm: Callable[..., torch.Tensor]
     attention: Callable[..., torch.Tensor]
+    gather_rows: Callable[..., torch.Tensor]
     prepare_conv_weight: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -49,7 +50,7 @@ def triton_kernels() -> KernelSet:
     """The fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     from .. import kernels as k
 
-    return KernelSet("triton", k.conv2d, k.linear, k.layer_norm, k.attention, k.pack_conv2d_weight)
+    return KernelSet("triton", k.conv2d, k.linear, k.layer_norm, k.attention, k.gather_rows, k.pack_conv2d_weight)
 
 
 def _unpacked(w: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,9 @@ def reference_kernels() -> KernelSet:
     """The kernels' pure-torch references (any device; read the mask with ``.item()``)."""
     from .. import kernels as k
 
-    return KernelSet("reference", k.conv2d_ref, k.linear_ref, k.layer_norm_ref, k.attention_ref, _unpacked)
+    return KernelSet(
+        "reference", k.conv2d_ref, k.linear_ref, k.layer_norm_ref, k.attention_ref, k.gather_rows_ref, _unpacked
+    )
 
 
 def _not_runnable(*args, **kwargs) -> torch.Tensor:
@@ -70,7 +73,9 @@ def _not_runnable(*args, **kwargs) -> torch.Tensor:
 
 #: Lowers a model on the meta device without importing any kernel (the engine's CPU fallback checks
 #: that a model would lower, where Triton may not even be installed).
-STRUCTURE_ONLY = KernelSet("structure-only", _not_runnable, _not_runnable, _not_runnable, _not_runnable, _unpacked)
+STRUCTURE_ONLY = KernelSet(
+    "structure-only", _not_runnable, _not_runnable, _not_runnable, _not_runnable, _not_runnable, _unpacked
+)
 
 
 def allocate_buffers(

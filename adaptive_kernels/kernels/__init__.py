@@ -1,10 +1,10 @@
 """Fused Triton kernels that read the skip mask from device memory, each with its pure-torch reference.
 
 One op per module: ``conv2d`` (NHWC implicit GEMM + depthwise, fused skip-aware BN / activation /
-residual), ``linear`` (GEMM + bias / GELU / residual), ``layer_norm`` (skip-aware affine) and
-``attention`` (SDPA or a Triton flash kernel). Mask contract: an int32 tensor on the device, one entry
-per skippable stage, 1 = run the skippable sub-path, 0 = skip it; kernels take it with an index
-(-1 = unused) and nothing on the host reads it.
+residual), ``linear`` (GEMM + bias / GELU / residual), ``layer_norm`` (skip-aware affine),
+``attention`` (SDPA or a Triton flash kernel) and ``gather_rows`` (a fixed row permutation, e.g. Swin's
+window order). Mask contract: an int32 tensor on the device, one entry per skippable stage, 1 = run the
+skippable sub-path, 0 = skip it; kernels take it with an index (-1 = unused) and nothing on the host reads it.
 
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors in Triton's
 interpreter (slow; for tests). Importing never queries a GPU; autotuning happens at the first call of
@@ -15,6 +15,7 @@ autotuning by one default config per kernel (fast start for correctness checks o
 
 from .attention import attention, attention_ref
 from .conv2d import conv2d, conv2d_ref, pack_conv2d_weight
+from .gather import gather_rows, gather_rows_ref
 from .layer_norm import layer_norm, layer_norm_ref
 from .linear import linear, linear_ref
 
@@ -23,6 +24,8 @@ __all__ = [
     "attention_ref",
     "conv2d",
     "conv2d_ref",
+    "gather_rows",
+    "gather_rows_ref",
     "layer_norm",
     "layer_norm_ref",
     "linear",
