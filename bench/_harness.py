@@ -64,7 +64,7 @@ GPU_ONLY_PROVIDERS = frozenset({"cuda_graph", "compile", "compile_freeze"})
 COMPILE_PROVIDERS = frozenset({"compile", "compile_freeze"})
 ENGINE_MECHANISM = {"engine_conditional": "conditional", "engine_early_exit": "early_exit"}
 
-_ENV_ROW_KEYS = (*ENV_KEYS, "git_dirty")
+_ENV_ROW_KEYS = (*ENV_KEYS, "git_dirty", "autotune")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -116,14 +116,16 @@ def benchmark_skips(num_stages: int) -> list[tuple[bool, ...]]:
 
 def latency_cases(spec: ModelSpec, batches: tuple[int, ...]) -> list:
     """``pytest.param(provider, batch, skip)`` for every case of a latency suite, in the order they should run
-    when time is short: super and base for every provider first, then the intermediate sub-networks, engines
-    first.
+    when time is short: super and base for every provider (engines first) first, then the intermediate
+    sub-networks, engines first.
 
     Compile providers cost seconds of compilation per sub-network, so they cover super and base only unless
     ADN_BENCH_COMPILE_ALL=1.
     """
     skips = benchmark_skips(spec.num_stages)
-    head = [(provider, batch, skip) for batch in batches for skip in skips[:2] for provider in PROVIDERS]
+    # engines first: a torch.compile case costs seconds of compilation, and a capped run must keep our rows
+    head_providers = sorted(PROVIDERS, key=lambda p: p not in ENGINE_MECHANISM)
+    head = [(provider, batch, skip) for batch in batches for skip in skips[:2] for provider in head_providers]
     rest_providers = ["engine_conditional", "engine_early_exit", "cuda_graph", "eager"]
     if os.environ.get("ADN_BENCH_COMPILE_ALL") == "1":
         rest_providers += ["compile", "compile_freeze"]
@@ -203,6 +205,11 @@ def build_model(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
         if not spec.optional_kwargs:
             raise
         pytest.skip(f"{spec.name} does not take the smoke-size kwargs {dict(spec.kwargs)} yet: {e}")
+    # A zero-initialised classifier (ViT's head) gives all-zero logits, against which any engine output would
+    # pass the correctness gate before timing: give it random weights.
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear) and not layer.weight.detach().any():
+            nn.init.normal_(layer.weight, std=0.02)
     model = model.to(DEVICE, dtype).eval()
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -342,6 +349,12 @@ def _package_version(*names: str) -> str | None:
 
 
 @functools.cache
+def _kernel_autotune() -> bool:
+    from adaptive_kernels.kernels import _common
+
+    return _common.AUTOTUNE and not _common.INTERPRET
+
+
 def environment() -> dict:
     """Card, driver and versions: what a number needs beside it to be a result."""
     import adaptive_kernels as ak
@@ -381,6 +394,8 @@ def environment() -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "packages": {name: _package_version(name) for name in _RECORDED_PACKAGES if _package_version(name)},
         "mode": MODE,
+        # False: one fixed config per Triton kernel (ADN_KERNEL_AUTOTUNE=0), so the engine's numbers are untuned
+        "autotune": _kernel_autotune(),
         **device_detail,
     }
 

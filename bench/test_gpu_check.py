@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from bench._harness import ROW_KEYS
@@ -52,6 +53,21 @@ def test_dry_run_keeps_going_and_writes_rows(tmp_path):
     assert (out / "logs" / "latency_resnet.log").read_text().count("passed") == 1
     md = (out / "results.md").read_text()
     assert "**resnet20_adn**, batch 1" in md and "SMOKE" in md
+
+
+def test_pack_brings_everything_back_in_a_few_files(tmp_path):
+    """Through the device tool only 8 files come back from its $OUT: with ADN_GPU_CHECK_PACK the whole output
+    folder arrives as one archive beside the summary and the table."""
+    out, pack = tmp_path / "work", tmp_path / "pack"
+    proc = run_script(out, "--smoke", ADN_GPU_CHECK_SECTIONS="env,latency_resnet,plot", ADN_GPU_CHECK_PACK=str(pack))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in pack.iterdir()) == ["gpu_check.tgz", "latency_vs_macs.png", "results.md", "summary.txt"]
+    assert (pack / "summary.txt").read_text() == (out / "summary.txt").read_text()
+    with tarfile.open(pack / "gpu_check.tgz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+        rows = json.load(tar.extractfile("./latency_resnet.json"))
+    assert {"environment.json", "latency_resnet.json", "results.md", "logs/latency_resnet.log"} <= names
+    assert rows and all(r["autotune"] is False for r in rows)  # interpreter: one config per kernel
 
 
 def test_budget_and_bad_argument(tmp_path):
