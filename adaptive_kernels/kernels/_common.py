@@ -5,6 +5,10 @@ epilogue every GEMM-like kernel ends with.
 time whether ``@triton.jit`` builds a compiled kernel or an interpreter object; the autotune config
 lists are chosen from it at the same time (one config under the interpreter, where there is no GPU
 timer). Nothing here queries a GPU.
+
+Every ``@triton.autotune`` passes ``cache_results=True``: the timings land in Triton's cache directory
+(``TRITON_CACHE_DIR``, default ~/.triton/cache), so only the first process on a machine tunes a shape (an engine
+build of ResNet-50 tunes a few hundred configs); later builds read the winner from disk.
 """
 
 from __future__ import annotations

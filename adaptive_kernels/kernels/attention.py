@@ -54,6 +54,7 @@ def _prune_configs(configs, nargs, **kwargs):
     key=["LQ", "LK", "HEAD_DIM", "B_H"],
     prune_configs_by={"early_config_prune": _prune_configs},
     restore_value=["out_ptr"],
+    cache_results=True,
 )
 @triton.jit
 def _attention_kernel(

@@ -23,7 +23,7 @@ def _configs() -> list[triton.Config]:
     return _common.choose_configs(triton.Config({}, num_warps=4, num_stages=1), tuned)
 
 
-@triton.autotune(configs=_configs(), key=["R", "C"])
+@triton.autotune(configs=_configs(), key=["R", "C"], cache_results=True)
 @triton.jit
 def _gather_rows_kernel(
     x_ptr,

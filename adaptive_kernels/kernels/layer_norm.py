@@ -20,7 +20,7 @@ def _configs() -> list[triton.Config]:
     return _common.choose_configs(triton.Config({}, num_warps=4, num_stages=1), tuned)
 
 
-@triton.autotune(configs=_configs(), key=["M", "C"], restore_value=["out_ptr"])
+@triton.autotune(configs=_configs(), key=["M", "C"], restore_value=["out_ptr"], cache_results=True)
 @triton.jit
 def _layer_norm_kernel(
     x_ptr,

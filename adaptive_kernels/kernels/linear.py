@@ -46,6 +46,7 @@ def _prune_configs(configs, nargs, **kwargs):
     key=["M", "N", "K"],
     prune_configs_by={"early_config_prune": _prune_configs},
     restore_value=["out_ptr"],  # tuning runs the kernel repeatedly; out may alias residual (in place)
+    cache_results=True,
 )
 @triton.jit
 def _linear_kernel(
