@@ -80,24 +80,20 @@ def test_program_equals_model_for_every_skip_config(name):
     assert min(rel_err(outputs[a], outputs[b]) for a in configs for b in configs if a < b) > 100 * FP32_TOL
 
 
-def test_program_float64_is_exact_to_rounding():
-    model = randomize(create_model("resnet20_adn")).double()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    program = lower(model, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float64, device="cpu")
-    tensors = allocate_buffers(program, 2, "cpu", torch.float64)
-    with torch.no_grad():
-        for skip in model.skip_configs():
-            tensors[program.input].copy_(x)
-            got = execute(program, tensors, device_mask(skip), mechanism="early_exit")
-            assert rel_err(got, model(x, skip)) < 1e-12
-
-
-def test_swin_program_float64_is_exact_to_rounding():
-    # the attention bias (relative position + shift mask) is built in the program's dtype, not in fp32
-    model = randomize(swin(embed_dim=8, depths=(4, 2), num_heads=(2, 2), window_size=2, num_classes=5)).double()
-    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
-    program = lower(model, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float64, device="cpu")
-    tensors = allocate_buffers(program, 1, "cpu", torch.float64)
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: create_model("resnet20_adn"), (2, 3, 16, 16)),
+        # Swin: the attention bias (relative position + shift mask) is built in the program's dtype, not in fp32
+        (lambda: swin(embed_dim=8, depths=(4, 2), num_heads=(2, 2), window_size=2, num_classes=5), (1, 3, 16, 16)),
+    ],
+    ids=["resnet20_adn", "swin"],
+)
+def test_program_float64_is_exact_to_rounding(build, shape):
+    model = randomize(build()).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float64, device="cpu")
+    tensors = allocate_buffers(program, shape[0], "cpu", torch.float64)
     with torch.no_grad():
         for skip in model.skip_configs():
             tensors[program.input].copy_(x)
