@@ -4,7 +4,9 @@ and 64, at ResNet-50 and ViT-B/16 layer shapes (plus the attention backends at V
 Providers per layer:
   conv:      ``cudnn`` (the convolution alone, channels_last), ``cudnn+epilogue`` (conv, then F.batch_norm, ReLU,
              residual add, ReLU as separate ops: eager ResNet), ``triton_fused`` (adaptive_kernels.kernels.conv2d
-             with the BN set selected by a mask bit, activation and residual fused);
+             with the BN set selected by a mask bit, activation and residual fused; ``split_k="auto"``, and the
+             row's ``split_k`` records the split-K it chose at the first call: by measurement, or the heuristic's
+             with ADN_KERNEL_AUTOTUNE=0);
   linear:    ``cublas`` (F.linear with its bias), ``cublas+epilogue`` (F.linear, GELU, residual add as separate
              ops: eager ViT), ``triton_fused`` (kernels.linear);
   attention: ``sdpa`` and ``triton`` (kernels.attention backends), Swin shapes with their window bias.
@@ -159,6 +161,7 @@ def _conv_case(layer: str, batch: int):
 @pytest.mark.parametrize("layer", CONV_LAYERS)
 def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
     from adaptive_kernels.kernels import conv2d
+    from adaptive_kernels.kernels.conv2d import auto_split_k, conv2d_workspace_numel
 
     c = _conv_case(layer, batch)
     mask = torch.ones(4, dtype=torch.int32, device=harness.DEVICE)
@@ -179,6 +182,13 @@ def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
 
     y_ref = eager(True)
     out = torch.empty_like(y_ref.permute(0, 2, 3, 1).contiguous())
+    n, cout, ho, wo = y_ref.shape
+    # split-K scratch preallocated, as the engine does: the captured calls time the kernels, not an allocation
+    workspace = torch.empty(
+        conv2d_workspace_numel(n * ho * wo, cout, x_nhwc.shape[-1], c["k"], device=harness.DEVICE),
+        device=harness.DEVICE,
+        dtype=torch.float32,
+    )
 
     def fused() -> torch.Tensor:
         # norm_index=0 selects the BN set from the mask on the device, as the engine does (skip-aware BN)
@@ -198,11 +208,14 @@ def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
             residual=res_nhwc,
             residual_relu=res_nhwc is not None,
             out=out,
+            workspace=workspace,
         )
 
     extra = {}
     if provider == "triton_fused":
         extra["rel_err_vs_eager"] = _check(fused().permute(0, 3, 1, 2), y_ref, layer)
+        # the first call chose the split (measured, or the heuristic's without autotuning); the graph captures it
+        extra["split_k"] = auto_split_k(x_nhwc, c["w_packed"], kernel_size=c["k"], stride=c["s"], padding=c["p"])
         fn = fused
     else:
         fn = functools.partial(eager, provider == "cudnn+epilogue")

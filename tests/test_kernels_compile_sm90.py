@@ -27,6 +27,11 @@ VARIANTS = [
     ("conv2d_gemm", "conv2d", "float16"),
     ("conv2d_gemm", "conv2d", "bfloat16"),
     ("conv2d_gemm_flat_k", "conv2d", "float16"),
+    ("conv2d_gemm_split_k", "conv2d", "float16"),
+    ("conv2d_gemm_split_k", "conv2d", "bfloat16"),
+    ("conv2d_gemm_flat_k_split_k", "conv2d", "float16"),
+    ("conv2d_split_k_reduce", "conv2d", "float16"),
+    ("conv2d_split_k_reduce", "conv2d", "bfloat16"),
     ("conv2d_depthwise", "conv2d", "float16"),
     ("conv2d_depthwise", "conv2d", "bfloat16"),
     ("linear", "linear", "float16"),
@@ -39,6 +44,12 @@ VARIANTS = [
     ("gather_rows", "gather", "bfloat16"),
 ]
 MAX_SHARED_SM90 = 232448  # bytes of shared memory one block may use on sm_90
+# variants whose launch calls two kernels (split-K: partial sums, then the reduction): the one to compile
+KERNEL_OF_VARIANT = {
+    "conv2d_gemm_split_k": "_conv2d_kernel",
+    "conv2d_gemm_flat_k_split_k": "_conv2d_kernel",
+    "conv2d_split_k_reduce": "_split_k_reduce_kernel",
+}
 
 
 def _launch(name: str, dtype: torch.dtype) -> None:
@@ -51,13 +62,16 @@ def _launch(name: str, dtype: torch.dtype) -> None:
     mask = torch.ones(4, dtype=torch.int32)
     if name.startswith("conv2d"):
         depthwise = name == "conv2d_depthwise"
-        cin, cout = (3, 64) if name == "conv2d_gemm_flat_k" else (64, 64) if depthwise else (64, 128)
-        k, s, p = (7, 2, 3) if name == "conv2d_gemm_flat_k" else (3, 1, 1)
+        flat_k = name.startswith("conv2d_gemm_flat_k")
+        cin, cout = (3, 64) if flat_k else (64, 64) if depthwise else (64, 128)
+        k, s, p = (7, 2, 3) if flat_k else (3, 1, 1)
         x = t(2, 16, 16, cin)
         ho = (16 + 2 * p - k) // s + 1
         w = K.pack_conv2d_weight(t(cout, 1 if depthwise else cin, k, k))
         res = t(2, ho, ho, cout)
         f32 = torch.float32
+        split_k = 3 if "split_k" in name else 1
+        workspace = torch.empty(split_k * 2 * ho * ho * cout, dtype=f32) if split_k > 1 else None
         K.conv2d(
             x,
             w,
@@ -76,6 +90,8 @@ def _launch(name: str, dtype: torch.dtype) -> None:
             residual=res,
             residual_relu=True,
             out=res,
+            split_k=split_k,
+            workspace=workspace,
         )
     elif name == "linear":
         res = t(64, 96)
@@ -136,7 +152,11 @@ def _compile_variant(name: str, module_name: str, dtype_name: str) -> dict:
     finally:
         for attr, rec in recorders.items():
             setattr(module, attr, rec.autotuner)
-    (rec,) = [r for r in recorders.values() if r.calls]
+    called = {attr: r for attr, r in recorders.items() if r.calls}
+    if name in KERNEL_OF_VARIANT:
+        rec = called[KERNEL_OF_VARIANT[name]]
+    else:
+        (rec,) = called.values()
     ((args, kwargs),) = rec.calls
     fn = rec.autotuner.fn
     signature, attrs = {}, {}

@@ -8,11 +8,24 @@ marked ``gpu``.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
+import triton.testing
 from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, conv2d, conv2d_ref, pack_conv2d_weight
+from adaptive_kernels.kernels.conv2d import (
+    SPLIT_K_CHOICES,
+    auto_split_k,
+    choose_split_k,
+    conv2d_workspace_numel,
+    max_split_k,
+)
+
+# the module itself (the package attribute ``conv2d`` is the launcher function)
+conv2d_module = importlib.import_module("adaptive_kernels.kernels.conv2d")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MASK = [1, 0, 1]  # stage 0 runs, stage 1 is skipped, stage 2 runs
@@ -192,7 +205,7 @@ LOW_PRECISION_GEOMETRIES = {
 }
 
 
-def _check_low_precision(dtype, geom):
+def _check_low_precision(dtype, geom, split_k="auto"):
     n, h, w, cin, cout, k, s, p, g = geom
     case = make_case(n, h, w, cin, cout, k, s, p, groups=g, dtype=dtype, seed=5)
     use = ("scale", "shift", "scale_skip", "shift_skip", "residual")
@@ -205,7 +218,7 @@ def _check_low_precision(dtype, geom):
         "mask": mask_tensor(),
         "norm_index": SKIP,
     }
-    y, ref = run_both(case, use=use, **kw)
+    y, ref = run_both(case, use=use, split_k=split_k, **kw)
     assert y.dtype == dtype
     torch_same_dtype = conv2d_ref(case["x"], case["w"], **{k_: case[k_] for k_ in use}, **kw)
     ours, theirs = rel_err(y, ref), rel_err(torch_same_dtype, ref)
@@ -221,6 +234,183 @@ def test_conv2d_fp16(geom):
 @pytest.mark.parametrize("geom", LOW_PRECISION_GEOMETRIES.values(), ids=LOW_PRECISION_GEOMETRIES.keys())
 def test_conv2d_bf16(geom):
     _check_low_precision(torch.bfloat16, geom)
+
+
+# --- split-K ------------------------------------------------------------------------------------------------------
+SPLIT_GEOMETRIES = {  # n, h, w, cin, cout, kernel, stride, padding; every one has max_split_k >= 4
+    "1x1 per-tap, cin over 4 K steps": (2, 3, 5, 200, 24, 1, 1, 0),
+    "3x3 s2 per-tap": (1, 7, 6, 20, 36, 3, 2, 1),
+    "5x5 flat K": (1, 7, 5, 8, 20, 5, 1, 2),
+}
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 4], ids=["split2", "split3 uneven", "split4"])
+@pytest.mark.parametrize("geom", SPLIT_GEOMETRIES.values(), ids=SPLIT_GEOMETRIES.keys())
+def test_conv2d_split_k_matches_unsplit(geom, split_k):
+    n, h, w, cin, cout, k, s, p = geom
+    assert max_split_k(cin, k) >= 4
+    case = make_case(n, h, w, cin, cout, k, s, p, seed=7)
+    kw = {"stride": s, "padding": p, "use": ("scale", "shift", "residual"), "activation": "relu"}
+    y, ref = run_both(case, split_k=split_k, **kw)
+    unsplit, _ = run_both(case, split_k=1, **kw)
+    assert rel_err(y, ref) < 1e-4
+    assert rel_err(y, unsplit) < 1e-5  # only the fp32 summation order differs
+
+
+# every activation, residual mode and norm set at least once, in place included
+SPLIT_EPILOGUES = [
+    ("none", "none", "normal"),
+    ("relu", "add", "skip"),
+    ("relu6", "add_relu", "normal"),
+    ("relu", "inplace_relu", "skip"),
+    ("relu6", "inplace_relu", "normal"),
+]
+
+
+@pytest.mark.parametrize("activation,residual_mode,norm_set", SPLIT_EPILOGUES)
+def test_conv2d_split_k_epilogues(activation, residual_mode, norm_set):
+    case = make_case(1, 4, 5, 20, 24, 3, 1, 1, seed=8)
+    case["shift"] = case["shift"] * 8  # push part of the outputs past relu6's clip at 6
+    kw = {
+        "padding": 1,
+        "use": ("scale", "shift", "scale_skip", "shift_skip"),
+        "activation": activation,
+        "mask": mask_tensor(),
+        "norm_index": RUN if norm_set == "normal" else SKIP,
+    }
+    if residual_mode != "none":
+        kw["use"] += ("residual",)
+        kw["residual_relu"] = residual_mode.endswith("relu")
+    y, ref = run_both(case, inplace=residual_mode.startswith("inplace"), split_k=3, **kw)
+    assert rel_err(y, ref) < 1e-4
+
+
+def test_conv2d_split_k_fp16():
+    _check_low_precision(torch.float16, LOW_PRECISION_GEOMETRIES["3x3 s1"], split_k=4)
+
+
+@pytest.mark.parametrize("bit", [0, 1], ids=["skipped", "runs"])
+def test_conv2d_split_k_early_exit(bit):
+    case = make_case(1, 5, 4, 20, 20, 3, 1, 1, seed=9)
+    mask = torch.tensor([1, bit], dtype=torch.int32, device=DEVICE)
+    poison = torch.full_like(case["residual"], float("nan"))
+    workspace = torch.full((4 * 5 * 4 * 20,), float("nan"), device=DEVICE)  # its content must never be read
+    conv2d(
+        case["x"],
+        pack_conv2d_weight(case["w"]),
+        kernel_size=3,
+        padding=1,
+        scale=case["scale"],
+        shift=case["shift"],
+        activation="relu",
+        mask=mask,
+        exit_index=1,
+        out=poison,
+        split_k=4,
+        workspace=workspace,
+    )
+    if bit == 0:
+        assert torch.isnan(poison).all(), "a skipped split-K conv wrote to its output"
+    else:
+        ref = conv2d_ref(
+            case["x"].double(),
+            case["w"].double(),
+            padding=1,
+            scale=case["scale"].double(),
+            shift=case["shift"].double(),
+            activation="relu",
+        )
+        assert rel_err(poison, ref) < 1e-4
+
+
+def test_max_split_k():
+    assert max_split_k(512, 3) == 9 * 8  # per tap: ceil(512 / 64) steps
+    assert max_split_k(2048, 1) == 32
+    assert max_split_k(100, (1, 3)) == 3 * 2
+    assert max_split_k(3, 7) == 3  # flat K: ceil(7*7*3 / 64)
+    assert max_split_k(3, 1) == 1
+    assert max_split_k(144, 3, groups=144) == 1  # depthwise: nothing to split
+
+
+def test_choose_split_k_heuristic():
+    h100_sms = 132
+    # ResNet-50 at batch 1: layer4 3x3 512->512 (M=49) and layer3 3x3 256->256 (M=196) split, batch 64 does not
+    assert choose_split_k(49, 512, max_split_k(512, 3), h100_sms) > 1
+    assert choose_split_k(196, 256, max_split_k(256, 3), h100_sms) > 1
+    assert choose_split_k(64 * 56 * 56, 64, max_split_k(64, 3), h100_sms) == 1
+    assert choose_split_k(64 * 49, 512, max_split_k(512, 3), h100_sms) == 1
+    assert choose_split_k(49, 512, 4, h100_sms) == 1  # K too short to share
+    for m in (1, 49, 196, 784, 3136, 12544):
+        for cout in (64, 512, 2048):
+            previous = None
+            for k_steps in range(1, 80, 3):
+                split = choose_split_k(m, cout, k_steps, h100_sms)
+                tiles = -(-m // 64) * -(-cout // 64)
+                assert split in SPLIT_K_CHOICES and split <= k_steps
+                assert split == 1 or (tiles * split <= 2 * h100_sms and k_steps >= 4 * split)
+                assert previous is None or split >= previous  # a longer K never splits less
+                previous = split
+            # more output pixels never split more
+            assert choose_split_k(m, cout, 72, h100_sms) >= choose_split_k(4 * m, cout, 72, h100_sms)
+
+
+def test_conv2d_workspace_numel():
+    m, cout = 30, 24
+    assert conv2d_workspace_numel(m, cout, 200, 1, split_k=3, device="cpu") == 3 * m * cout
+    assert conv2d_workspace_numel(m, cout, 200, 1, split_k=1, device="cpu") == 0
+    assert conv2d_workspace_numel(m, cout, 144, 3, groups=144, device="cpu") == 0
+    # "auto" never splits off the GPU, nor under the interpreter
+    assert conv2d_workspace_numel(49, 512, 512, 3, device="cpu") == 0
+    if _common.INTERPRET:
+        case = make_case(1, 7, 7, 40, 24, 3, 1, 1)
+        assert auto_split_k(case["x"], pack_conv2d_weight(case["w"]), kernel_size=3, padding=1) == 1
+    with pytest.raises(ValueError, match="out of range"):
+        conv2d_workspace_numel(m, cout, 200, 1, split_k=5, device="cpu")
+
+
+@pytest.fixture
+def fake_gpu_split_choice(monkeypatch):
+    """Make "auto" take the GPU branch on this machine: three candidates, a do_bench that runs the launch once and
+    reports a made-up time per split (2 is the fastest), an empty choice cache. Returns the list of timed splits."""
+    timed = []
+
+    def fake_do_bench(fn, **kwargs):
+        fn()
+        split = fn.args[0]
+        timed.append(split)
+        return {1: 3.0, 2: 1.0, 4: 2.0}[split]
+
+    monkeypatch.setattr(conv2d_module, "_auto_candidates", lambda *args: (1, 2, 4))
+    monkeypatch.setattr(conv2d_module, "_SPLIT_K_MEASURED", {})
+    monkeypatch.setattr(conv2d_module, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    return timed
+
+
+def test_conv2d_split_k_auto_measures_once(fake_gpu_split_choice):
+    # in place: timing must not update the residual stream; only the real launch does, once
+    case = make_case(1, 5, 4, 20, 24, 3, 1, 1, seed=10)
+    x, w = case["x"], pack_conv2d_weight(case["w"])
+    assert auto_split_k(x, w, kernel_size=3, padding=1) is None  # a measurement is due
+    want = conv2d_ref(case["x"].double(), case["w"].double(), padding=1, residual=case["residual"].double())
+    stream = case["residual"].clone()
+    conv2d(x, w, kernel_size=3, padding=1, residual=stream, out=stream)
+    assert fake_gpu_split_choice == [1, 2, 4]
+    assert rel_err(stream, want) < 1e-4
+    assert auto_split_k(x, w, kernel_size=3, padding=1) == 2
+    with pytest.raises(ValueError, match=r"workspace has 10 elements but split_k='auto' \(up to 4\)"):
+        conv2d(x, w, kernel_size=3, padding=1, workspace=torch.empty(10, device=DEVICE))
+    y = conv2d(x, w, kernel_size=3, padding=1, residual=case["residual"])
+    assert fake_gpu_split_choice == [1, 2, 4], "the cached choice is reused"
+    assert rel_err(y, want) < 1e-4
+
+
+def test_conv2d_split_k_auto_in_capture_uses_heuristic(fake_gpu_split_choice, monkeypatch):
+    monkeypatch.setattr(conv2d_module, "_capturing", lambda device: True)
+    case = make_case(1, 5, 4, 20, 24, 3, 1, 1, seed=11)
+    y = conv2d(case["x"], pack_conv2d_weight(case["w"]), kernel_size=3, padding=1)
+    assert fake_gpu_split_choice == [], "nothing may be timed inside a graph capture"
+    assert rel_err(y, conv2d_ref(case["x"].double(), case["w"].double(), padding=1)) < 1e-4
 
 
 def test_pack_conv2d_weight_layout():
@@ -276,11 +466,28 @@ def _call(**over):
         ({"residual_relu": True}, ValueError, "needs residual"),
         ({"out": torch.empty(1, 4, 4, 16).half()}, TypeError, "out has dtype"),
         ({"kernel_size": 9, "w_packed": torch.randn(9 * 9 * 8, 16)}, ValueError, "smaller than kernel"),
+        ({"split_k": 0}, ValueError, "split_k=0 is out of range"),
+        ({"split_k": 3}, ValueError, r"K loop has 2 step\(s\) of 64.*1 <= split_k <= 2"),
+        ({"split_k": "fast"}, ValueError, "use 'auto' or an int"),
+        ({"split_k": 2.0}, TypeError, "split_k must be an int"),
+        (
+            {"split_k": 2, "workspace": torch.empty(511)},
+            ValueError,
+            "workspace has 511 elements but split_k=2 needs 512",
+        ),
+        ({"split_k": 2, "workspace": torch.empty(512, dtype=torch.float64)}, TypeError, "workspace has dtype"),
+        ({"split_k": 2, "workspace": torch.empty(512, device="meta")}, ValueError, "workspace on meta"),
+        ({"split_k": 2, "workspace": torch.empty(1024)[::2]}, ValueError, "workspace must be contiguous"),
+        (
+            {"split_k": 2, "groups": 8, "w_packed": pack_conv2d_weight(torch.randn(8, 1, 3, 3))},
+            ValueError,
+            "depthwise conv",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_conv2d_rejects_bad_input(over, error, match):
-    over = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in over.items()}
+    over = {k: (v.to(DEVICE) if torch.is_tensor(v) and v.device.type != "meta" else v) for k, v in over.items()}
     with pytest.raises(error, match=match):
         _call(**over)
 
@@ -342,3 +549,11 @@ def test_conv2d_gpu_inplace_and_exit_fp16():
         case["x"], pack_conv2d_weight(case["w"]), kernel_size=1, residual=y, out=y, mask=mask_tensor(), exit_index=SKIP
     )
     assert torch.equal(before, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", ["auto", 8, 16])
+@pytest.mark.parametrize("geom", [(1, 7, 7, 512, 512, 3, 1, 1, 1), (1, 14, 14, 256, 256, 3, 1, 1, 1)], ids=["l4", "l3"])
+def test_conv2d_gpu_split_k_batch1_fp16(geom, split_k):
+    # ResNet-50's small-M layers at batch 1, where split-K is meant to help
+    _check_low_precision(torch.float16, geom, split_k=split_k)

@@ -88,10 +88,14 @@ def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None) ->
 class _Builder:
     """Collects ops (into the current body, if one is open) and creates values with unique names."""
 
-    def __init__(self, kernels: KernelSet, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, kernels: KernelSet, dtype: torch.dtype, device: torch.device, conv_split_k: int | str = "auto"
+    ) -> None:
         self.kernels = kernels
         self.dtype = dtype
         self.device = device
+        self.conv_split_k = conv_split_k
+        self.workspace: Value | None = None  # created with the first conv
         self.param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.items: list[Op | Body] = []
         self._body: Body | None = None
@@ -164,6 +168,11 @@ class _Builder:
         shape = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, conv.out_channels)
         if residual is not None and residual.shape != shape:
             raise LoweringError(f"{name}: residual {residual} does not match the conv output (N, {shape})")
+        split_k = self.conv_split_k
+        if split_k != "auto":  # forced: capped per conv at what its K loop allows
+            split_k = min(split_k, self.kernels.conv2d_max_split_k(cin, (kh, kw), conv.groups))
+        if self.workspace is None:
+            self.workspace = self.value("conv_workspace", (), torch.float32)
         scale, shift = fold_batchnorm(bn, conv.bias)
         scale_skip = shift_skip = None
         if bn_skip is not None:
@@ -185,6 +194,8 @@ class _Builder:
                 activation=activation,
                 residual=residual,
                 residual_relu=residual_relu,
+                split_k=split_k,
+                workspace=self.workspace,
             )
         )
 
@@ -644,11 +655,14 @@ def lower(
     kernels: KernelSet,
     dtype: torch.dtype,
     device: torch.device | str,
+    conv_split_k: int | str = "auto",
 ) -> Program:
     """Lower ``model`` for inputs of shape ``(batch, *input_shape)`` = (N, C, H, W).
 
     Parameters are folded, cast to ``dtype`` (norm scales/shifts: fp32, or fp64 for an fp64 program),
     moved to ``device`` and prepared for ``kernels``. The result is validated (see program.py).
+    ``conv_split_k``: "auto" (each conv kernel decides; see kernels.conv2d) or an int >= 1 forcing that split-K on
+    every groups=1 conv, capped at each conv's ``kernels.conv2d_max_split_k`` (for tests and experiments).
     Raises :class:`LoweringError` (a ValueError) for anything outside the lowered families, or
     :class:`NotLoweredError` for an input size the lowering does not cover (Swin sizes that need padding).
     """
@@ -665,10 +679,16 @@ def lower(
             f"input shape (N, {', '.join(map(str, input_shape))}) does not match the model's "
             f"(N, {model.in_chans}, H, W)"
         )
-    b = _Builder(kernels, dtype, torch.device(device))
+    if conv_split_k != "auto" and (
+        isinstance(conv_split_k, bool) or not isinstance(conv_split_k, int) or conv_split_k < 1
+    ):
+        raise ValueError(f"conv_split_k={conv_split_k!r}: use 'auto' or an int >= 1")
+    b = _Builder(kernels, dtype, torch.device(device), conv_split_k)
     x = b.value("input", tuple(input_shape))
     out = _LOWERINGS[family](b, model, x)
-    program = Program(b.items, x, out, model.num_skippable_stages, kernels, dtype, type(model).__name__)
+    program = Program(
+        b.items, x, out, model.num_skippable_stages, kernels, dtype, type(model).__name__, workspace=b.workspace
+    )
     stages = [body.stage for body in program.bodies()]
     if sorted(stages) != list(range(model.num_skippable_stages)):
         raise LoweringError(

@@ -15,6 +15,12 @@ Invariants the runtime relies on (checked by :func:`validate`):
   the graph still writes it);
 * an op inside a body that cannot exit early on its mask bit writes only body-local scratch, so under
   the early-exit mechanism a skipped body leaves every live value untouched.
+
+``Program.workspace`` is one fp32 scratch buffer that every conv may use for split-K partial sums (so a conv
+never allocates one). Sharing it is safe because ops run one after another in stream order: eagerly on one
+stream, and in the captured graph too, where a conditional body is the body graph of an IF node that depends on
+the nodes captured before it and precedes those captured after it. No value flows through it from one op to the
+next (each split-K conv writes its partials before reading them back), so it is outside the liveness rules.
 """
 
 from __future__ import annotations
@@ -156,6 +162,7 @@ class Conv(Op):
     With ``norm_index >= 0`` the (scale, shift) set is picked on the device by the mask (skip-aware BN);
     ``out`` may be ``residual`` (in-place update of the residual stream). ``weight`` is in the form the
     program's kernel set takes (packed for Triton, (Cout, Cin/g, KH, KW) for the reference).
+    ``split_k`` ("auto" or a forced int) and ``workspace`` (the program's shared split-K scratch) go to the kernel.
     """
 
     x: Value
@@ -173,6 +180,8 @@ class Conv(Op):
     activation: str = "none"
     residual: Value | None = None
     residual_relu: bool = False
+    split_k: int | str = "auto"
+    workspace: Value | None = None
     can_exit = True
 
     def reads(self):
@@ -201,6 +210,8 @@ class Conv(Op):
             residual=None if self.residual is None else t[self.residual],
             residual_relu=self.residual_relu,
             out=t[self.out],
+            split_k=self.split_k,
+            workspace=None if self.workspace is None else t[self.workspace],
         )
 
 
@@ -400,7 +411,8 @@ class Body:
 class Program:
     """A lowered model. ``items``: ops and bodies in execution order; ``input``: the caller's (N, C, H, W)
     tensor; ``output``: the logits (N, num_classes); ``kernels``: the kernel set the op parameters
-    were prepared for; ``dtype``: the compute dtype."""
+    were prepared for; ``dtype``: the compute dtype; ``workspace``: the convs' shared fp32 split-K scratch
+    (None without convs), a flat buffer sized by ``allocate_buffers`` from the convs, not from its shape."""
 
     items: list[Op | Body]
     input: Value
@@ -409,6 +421,7 @@ class Program:
     kernels: KernelSet
     dtype: torch.dtype
     model_name: str
+    workspace: Value | None = None
 
     def bodies(self) -> list[Body]:
         return [item for item in self.items if isinstance(item, Body)]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .program import Body, Op, Program, RunContext, Value
+from .program import Body, Conv, Op, Program, RunContext, Value
 
 if TYPE_CHECKING:
     from .graph import IfNodeSplicer
@@ -29,11 +29,23 @@ if TYPE_CHECKING:
 MECHANISMS = ("host", "early_exit", "conditional")
 
 
+def _no_split(cin: int, kernel_size: tuple[int, int], groups: int) -> int:
+    return 1
+
+
+def _no_workspace(*args, **kwargs) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class KernelSet:
     """The five op families, as launchers with one signature for both implementations.
 
     ``prepare_conv_weight`` turns an nn.Conv2d weight (Cout, Cin/g, KH, KW) into what ``conv2d`` takes.
+    Split-K (``conv2d``'s ``split_k``/``workspace``; the reference takes and ignores them):
+    ``conv2d_max_split_k(cin, kernel_size, groups)`` is the largest split ``conv2d`` accepts and
+    ``conv2d_workspace_numel(m, cout, cin, kernel_size, *, groups, split_k, device)`` the fp32 scratch it may use;
+    the defaults (1 and 0) describe an implementation that never splits.
     """
 
     name: str
@@ -43,14 +55,27 @@ class KernelSet:
     attention: Callable[..., torch.Tensor]
     gather_rows: Callable[..., torch.Tensor]
     prepare_conv_weight: Callable[[torch.Tensor], torch.Tensor]
+    conv2d_max_split_k: Callable[[int, tuple[int, int], int], int] = _no_split
+    conv2d_workspace_numel: Callable[..., int] = _no_workspace
 
 
 @functools.cache
 def triton_kernels() -> KernelSet:
     """The fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     from .. import kernels as k
+    from ..kernels.conv2d import conv2d_workspace_numel, max_split_k
 
-    return KernelSet("triton", k.conv2d, k.linear, k.layer_norm, k.attention, k.gather_rows, k.pack_conv2d_weight)
+    return KernelSet(
+        "triton",
+        k.conv2d,
+        k.linear,
+        k.layer_norm,
+        k.attention,
+        k.gather_rows,
+        k.pack_conv2d_weight,
+        max_split_k,
+        conv2d_workspace_numel,
+    )
 
 
 def _unpacked(w: torch.Tensor) -> torch.Tensor:
@@ -87,6 +112,10 @@ def allocate_buffers(
     share memory when their element count and dtype match. Whether a body runs or not does not change
     this: values defined in a body die in it, and values crossing it are live throughout.
     The input and output values are never shared. Buffers start zeroed.
+
+    ``program.workspace`` (the convs' shared split-K scratch) gets a flat fp32 tensor as large as the largest
+    need of any conv at this batch size on this device (``kernels.conv2d_workspace_numel``; 0 elements when no
+    conv splits), so no conv allocates one, inside a graph body or anywhere else.
     """
     order = list(program.flat_ops())
     last_use: dict[Value, int] = {}
@@ -120,7 +149,30 @@ def allocate_buffers(
         for dead in dying.get(i, ()):
             if dead not in pinned:
                 free.setdefault((numel(dead), dtype_of(dead)), []).append(tensors[dead].view(-1))
+    if program.workspace is not None:
+        tensors[program.workspace] = torch.zeros(
+            _workspace_numel(program, batch, torch.device(device)), device=device, dtype=torch.float32
+        )
     return tensors
+
+
+def _workspace_numel(program: Program, batch: int, device: torch.device) -> int:
+    """The largest split-K scratch any conv of ``program`` may use at this batch size (its M depends on it)."""
+    need = 0
+    for op, _ in program.flat_ops():
+        if isinstance(op, Conv) and op.workspace is program.workspace:
+            ho, wo, cout = op.out.shape
+            numel = program.kernels.conv2d_workspace_numel(
+                batch * ho * wo,
+                cout,
+                op.x.shape[-1],
+                op.kernel_size,
+                groups=op.groups,
+                split_k=op.split_k,
+                device=device,
+            )
+            need = max(need, numel)
+    return need
 
 
 def execute(

@@ -7,9 +7,9 @@ window order). Mask contract: an int32 tensor on the device, one entry per skipp
 skippable sub-path, 0 = skip it; kernels take it with an index (-1 = unused) and nothing on the host reads it.
 
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors in Triton's
-interpreter (slow; for tests). Importing never queries a GPU; autotuning happens at the first call of
-each shape, so call every layer once (with the mask all ones: a kernel that exits early would be tuned on
-its exit path) before capturing a CUDA graph. ``ADN_KERNEL_AUTOTUNE=0`` (read at import) replaces
+interpreter (slow; for tests). Importing never queries a GPU; autotuning (and conv2d's split-K choice) happens
+at the first call of each shape, so call every layer once (with the mask all ones: a kernel that exits early
+would be tuned on its exit path) before capturing a CUDA graph. ``ADN_KERNEL_AUTOTUNE=0`` (read at import) replaces
 autotuning by one default config per kernel (fast start for correctness checks on a GPU).
 """
 

@@ -1,6 +1,6 @@
 """2-D convolution on NHWC tensors with a fused, skip-mask-aware epilogue.
 
-Two Triton kernels: an implicit GEMM for groups=1 (M = N*HO*WO output pixels, N = Cout, K = KH*KW*Cin,
+Two convolution kernels: an implicit GEMM for groups=1 (M = N*HO*WO output pixels, N = Cout, K = KH*KW*Cin,
 fp32 accumulation) and a direct kernel for depthwise convolutions (groups = Cin = Cout). Both end with
 the same epilogue: ``y = act(acc * scale + shift) (+ residual) (then ReLU)``, where the (scale, shift)
 set is chosen on the device by ``mask[norm_index]`` (the normal set when 1, the ``_skip`` set when 0 —
@@ -10,9 +10,19 @@ touching memory (early exit of a skipped sub-path). No host code reads the mask.
 Weights are packed once (``pack_conv2d_weight``) to ``(KH*KW*Cin/groups, Cout)``, row
 ``(kh*KW + kw)*Cin/groups + c``: for each tap, the channels of one input pixel are contiguous in x (NHWC)
 and the output channels are contiguous in the packed weight, so both GEMM operands load coalesced.
+
+Split-K (groups=1 only): a layer with few output tiles (ResNet-50 at batch 1: layer4's 3x3 has M=49 output
+pixels, K=4608) would leave most SMs idle, so the K loop can be cut into ``split_k`` contiguous shares. Split s
+of a tile writes its fp32 partial sum to ``workspace[s, m, co]`` (no atomics: every element has one writer), then
+a small second kernel adds the ``split_k`` partials in fp32 and applies the same fused epilogue. Both kernels
+read the early-exit bit first. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only
+shapes whose 64x64-tile count is well below the SM count (:func:`choose_split_k`) and picks the split among
+``SPLIT_K_CHOICES`` by timing each once per shape (or takes the heuristic with ``ADN_KERNEL_AUTOTUNE=0``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +37,23 @@ _ACTIVATIONS = ("none", "relu", "relu6")
 # Flattened-K gather (im2col order) instead of per-tap channel blocks: for the 3-channel stem or
 # patch-embedding convs a channel block of >= 16 would be mostly padding.
 _FLAT_K_MAX_CIN = 8
+
+# Split-K: the splits "auto" may choose; K is counted in steps of 64 (the BK of the default GPU configs) for
+# validating split_k and for the heuristic. A kernel config with another BK splits its own K iterations evenly
+# (a split left with none stores zeros), so any 1 <= split_k <= K steps is correct.
+SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
+_SPLIT_K_STEP = 64
+_MIN_STEPS_PER_SPLIT = 4
+_HEURISTIC_TILE = 64  # the tile the heuristic counts output tiles with
+_SPLIT_K_MEASURED: dict[tuple, int] = {}  # conv shape + dtype + device -> split chosen by timing (GPU only)
+_NO_EPILOGUE = {
+    "HAS_SCALE": False,
+    "HAS_SHIFT": False,
+    "SELECT_NORM": False,
+    "ACT": _common.ACT_NONE,
+    "HAS_RES": False,
+    "RES_RELU": False,
+}
 
 
 def _gemm_configs() -> list[triton.Config]:
@@ -55,9 +82,10 @@ def _prune_gemm_configs(configs, nargs, **kwargs):
 
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M", "COUT", "CIN", "KH", "KW", "SH", "SW"],
+    key=["M", "COUT", "CIN", "KH", "KW", "SH", "SW", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
     restore_value=["out_ptr"],  # tuning runs the kernel repeatedly; out may alias residual (in place)
+    cache_results=True,
 )
 @triton.jit
 def _conv2d_kernel(
@@ -70,6 +98,7 @@ def _conv2d_kernel(
     scale_skip_ptr,
     shift_skip_ptr,
     mask_ptr,
+    ws_ptr,
     norm_index,
     exit_index,
     H,
@@ -86,6 +115,7 @@ def _conv2d_kernel(
     PH: tl.constexpr,
     PW: tl.constexpr,
     FLAT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     SELECT_NORM: tl.constexpr,
@@ -99,7 +129,9 @@ def _conv2d_kernel(
     BK: tl.constexpr,
 ):
     """out[m, co] = epilogue(sum_{kh, kw, c} x[n, ho*SH - PH + kh, wo*SW - PW + kw, c] * w[(kh*KW + kw)*CIN + c, co])
-    with m = (n*HO + ho)*WO + wo; x: (N, H, W, CIN), out and res: (M, COUT), all row-major."""
+    with m = (n*HO + ho)*WO + wo; x: (N, H, W, CIN), out and res: (M, COUT), all row-major.
+    SPLIT_K > 1: grid axis 1 is the split s, which sums K iterations [s*T // SPLIT_K, (s+1)*T // SPLIT_K) of the T
+    iterations and stores the fp32 partial to ws[s, m, co] (ws: (SPLIT_K, M, COUT)); no epilogue here."""
     if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
         if tl.load(mask_ptr + exit_index) == 0:
             return
@@ -126,7 +158,19 @@ def _conv2d_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if FLAT_K:
         k_total = KH * KW * CIN
-        for k0 in range(0, k_total, BK):
+        k_iters = tl.cdiv(k_total, BK)
+    else:
+        c_blocks = tl.cdiv(CIN, BK)
+        k_iters = KH * KW * c_blocks
+    if SPLIT_K == 1:
+        t_lo = 0
+        t_hi = k_iters
+    else:
+        split = tl.program_id(1)
+        t_lo = split * k_iters // SPLIT_K
+        t_hi = (split + 1) * k_iters // SPLIT_K
+    if FLAT_K:
+        for k0 in range(t_lo * BK, t_hi * BK, BK):
             rk = k0 + tl.arange(0, BK)
             c = rk % CIN
             tap = rk // CIN
@@ -140,8 +184,7 @@ def _conv2d_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     else:
         # One flat loop over (tap, channel block) so the compiler pipelines across taps too.
-        c_blocks = tl.cdiv(CIN, BK)
-        for t in range(KH * KW * c_blocks):
+        for t in range(t_lo, t_hi):
             tap = t // c_blocks
             c0 = (t % c_blocks) * BK
             hi = hi0 + tap // KW
@@ -155,6 +198,84 @@ def _conv2d_kernel(
                 w_ptr + (tap * CIN + rk)[:, None] * COUT + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0
             )
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if SPLIT_K == 1:
+        fused_epilogue(
+            acc,
+            rm,
+            rn,
+            M,
+            COUT,
+            out_ptr,
+            res_ptr,
+            scale_ptr,
+            shift_ptr,
+            scale_skip_ptr,
+            shift_skip_ptr,
+            mask_ptr,
+            norm_index,
+            HAS_SCALE,
+            HAS_SHIFT,
+            SELECT_NORM,
+            ACT,
+            HAS_RES,
+            RES_RELU,
+        )
+    else:
+        # every split stores its whole tile (zeros when it got no K iterations): the reduction needs no init
+        ws_rows = split.to(tl.int64) * M + rm
+        tl.store(ws_ptr + ws_rows[:, None] * COUT + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _reduce_configs() -> list[triton.Config]:
+    shapes = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 4), (64, 64, 4), (8, 64, 2)]  # BM, BN, warps
+    tuned = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=1) for m, n, w in shapes]
+    return _common.choose_configs(triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1), tuned)
+
+
+@triton.autotune(
+    configs=_reduce_configs(),
+    key=["M", "COUT", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    restore_value=["out_ptr"],  # out may alias residual (in place)
+    cache_results=True,
+)
+@triton.jit
+def _split_k_reduce_kernel(
+    ws_ptr,
+    out_ptr,
+    res_ptr,
+    scale_ptr,
+    shift_ptr,
+    scale_skip_ptr,
+    shift_skip_ptr,
+    mask_ptr,
+    norm_index,
+    exit_index,
+    M,
+    COUT,
+    SPLIT_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SELECT_NORM: tl.constexpr,
+    HAS_EXIT: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RES_RELU: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """out[m, co] = epilogue(sum_s ws[s, m, co]) in fp32; ws: (SPLIT_K, M, COUT), out and res: (M, COUT), row-major."""
+    if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
+        if tl.load(mask_ptr + exit_index) == 0:
+            return
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = (rm < M)[:, None] & (rn < COUT)[None, :]
+    rows = rm.to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in tl.static_range(SPLIT_K):  # unrolled: the SPLIT_K loads are independent
+        acc += tl.load(ws_ptr + rows[:, None] * COUT + rn[None, :], mask=ok, other=0.0)
+        rows += M
     fused_epilogue(
         acc,
         rm,
@@ -193,6 +314,7 @@ def _prune_depthwise_configs(configs, nargs, **kwargs):
     key=["M", "C", "KH", "KW", "SH", "SW"],
     prune_configs_by={"early_config_prune": _prune_depthwise_configs},
     restore_value=["out_ptr"],
+    cache_results=True,
 )
 @triton.jit
 def _depthwise_conv2d_kernel(
@@ -303,6 +425,163 @@ def _output_size(h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tupl
     return (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
 
 
+# ---- split-K: validation, heuristic, choice by measurement ------------------------------------------------------
+def max_split_k(cin: int, kernel_size: int | tuple[int, int], groups: int = 1) -> int:
+    """The largest ``split_k`` :func:`conv2d` accepts: the number of 64-wide K steps of its GEMM loop,
+    ``KH*KW*ceil(Cin/64)`` (``ceil(KH*KW*Cin/64)`` for Cin <= 8, whose K is gathered flat); 1 for a depthwise
+    conv (groups != 1), which has no K loop to split."""
+    kh, kw = _pair("kernel_size", kernel_size, 1)
+    if groups != 1:
+        return 1
+    if cin <= _FLAT_K_MAX_CIN:
+        return max(1, triton.cdiv(kh * kw * cin, _SPLIT_K_STEP))
+    return max(1, kh * kw * triton.cdiv(cin, _SPLIT_K_STEP))
+
+
+def choose_split_k(m: int, cout: int, k_steps: int, num_sms: int) -> int:
+    """The split-K heuristic: the largest split in ``SPLIT_K_CHOICES`` with ``tiles * split <= 2 * num_sms``
+    (tiles: 64x64 tiles of the (m, cout) output) that leaves every split >= 4 of the ``k_steps`` K steps
+    (:func:`max_split_k`); 1 when the output alone fills the GPU or K is short. Pure function of its arguments.
+    E.g. ResNet-50 layer4 3x3 at batch 1 (m=49, cout=512, k_steps=72) on 132 SMs: 8 tiles -> 16."""
+    tiles = triton.cdiv(m, _HEURISTIC_TILE) * triton.cdiv(cout, _HEURISTIC_TILE)
+    best = 1
+    for split in SPLIT_K_CHOICES:
+        if tiles * split <= 2 * num_sms and k_steps >= _MIN_STEPS_PER_SPLIT * split:
+            best = split
+    return best
+
+
+@functools.cache
+def _num_sms_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """SM count of a CUDA device, queried at the first split-K decision on it (never at import)."""
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _auto_candidates(m: int, cout: int, k_steps: int, device: torch.device) -> tuple[int, ...]:
+    """The splits ``split_k="auto"`` picks from, ascending; ``(1,)`` where it never splits: under the interpreter
+    (no GPU timer, and the tests keep the plain kernel), off the GPU, and where :func:`choose_split_k` finds
+    enough output tiles. Otherwise every choice up to ``k_steps``: the measurement, not the heuristic, decides."""
+    if _common.INTERPRET or device.type != "cuda":
+        return (1,)
+    if choose_split_k(m, cout, k_steps, _num_sms(device)) == 1:
+        return (1,)
+    return tuple(s for s in SPLIT_K_CHOICES if s <= k_steps)
+
+
+def _check_split_k(op: str, split_k: int | str, k_steps: int, depthwise: bool) -> int | None:
+    """A forced split (validated) or None for "auto"."""
+    if isinstance(split_k, str):
+        if split_k != "auto":
+            raise ValueError(f"{op}: split_k={split_k!r} is not supported: use 'auto' or an int >= 1")
+        return None
+    if isinstance(split_k, bool) or not isinstance(split_k, int):
+        raise TypeError(f"{op}: split_k must be an int >= 1 or 'auto', got {type(split_k).__name__} {split_k!r}")
+    if depthwise and split_k != 1:
+        raise ValueError(
+            f"{op}: split_k={split_k} with a depthwise conv (groups = Cin): it has no K loop to split; use split_k=1 "
+            f"or 'auto'"
+        )
+    if not 1 <= split_k <= k_steps:
+        raise ValueError(
+            f"{op}: split_k={split_k} is out of range: this conv's K loop has {k_steps} step(s) of {_SPLIT_K_STEP} "
+            f"(max_split_k(Cin, kernel_size)), so use 1 <= split_k <= {k_steps}, or 'auto'"
+        )
+    return split_k
+
+
+def conv2d_workspace_numel(
+    m: int,
+    cout: int,
+    cin: int,
+    kernel_size: int | tuple[int, int],
+    *,
+    groups: int = 1,
+    split_k: int | str = "auto",
+    device: torch.device | str,
+) -> int:
+    """fp32 elements of split-K workspace that ``conv2d(..., split_k=split_k)`` may use for an output of
+    ``m = N*HO*WO`` pixels by ``cout`` channels on ``device`` (0: it never splits). For "auto" this is the largest
+    candidate split times ``m * cout``, whatever the measurement picks. A caller that must not allocate during
+    the call (a CUDA-graph body) preallocates this much and passes it as ``workspace``."""
+    k_steps = max_split_k(cin, kernel_size, groups)
+    split = _check_split_k("conv2d_workspace_numel", split_k, k_steps, groups != 1)
+    if split is None:
+        split = max(_auto_candidates(m, cout, k_steps, torch.device(device)))
+    return split * m * cout if split > 1 else 0
+
+
+def _split_key(x: torch.Tensor, cout: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]) -> tuple:
+    return (*x.shape, cout, *k, *s, *p, x.dtype, x.device)
+
+
+def _cached_split_k(key: tuple, candidates: tuple[int, ...], m: int, cout: int, k_steps: int, device) -> int | None:
+    """The split "auto" uses without measuring: 1 with a single candidate, the measured choice once made, the
+    heuristic when autotuning is off (ADN_KERNEL_AUTOTUNE=0); None when a measurement is due."""
+    if len(candidates) == 1:
+        return 1
+    if key in _SPLIT_K_MEASURED:
+        return _SPLIT_K_MEASURED[key]
+    if not _common.AUTOTUNE:
+        return choose_split_k(m, cout, k_steps, _num_sms(device))
+    return None
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream is capturing a CUDA graph (nothing may be timed or allocated then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _measure_split_k(candidates: tuple[int, ...], launch, out: torch.Tensor, workspace: torch.Tensor) -> int:
+    """Time one full call per candidate split with triton.testing.do_bench; the fastest wins (the smaller split on a
+    tie). Launches write a scratch output with early exit off: the choice is for the compute path, and an
+    in-place residual must not be updated again and again."""
+    import triton.testing
+
+    scratch = torch.empty_like(out)
+    times = [
+        triton.testing.do_bench(
+            functools.partial(launch, split, scratch, workspace, False), warmup=5, rep=20, return_mode="median"
+        )
+        for split in candidates
+    ]
+    return candidates[times.index(min(times))]
+
+
+def auto_split_k(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    *,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+) -> int | None:
+    """The split ``conv2d(x, w_packed, ..., split_k="auto")`` launches for these arguments (only their shapes, dtype
+    and device matter), or None while the first call of this shape on the GPU still has to measure it.
+    For benchmarks and logs; conv2d does not need it."""
+    n, h, w, cin = x.shape
+    k, s, p = _pair("kernel_size", kernel_size, 1), _pair("stride", stride, 1), _pair("padding", padding, 0)
+    cout = cin if groups != 1 else w_packed.shape[-1]
+    ho, wo = _output_size(h, w, k, s, p)
+    m, k_steps = n * ho * wo, max_split_k(cin, k, groups)
+    candidates = _auto_candidates(m, cout, k_steps, x.device)
+    return _cached_split_k(_split_key(x, cout, k, s, p), candidates, m, cout, k_steps, x.device)
+
+
+def _check_workspace_size(op: str, workspace: torch.Tensor, split: int, m: int, cout: int, why: str) -> None:
+    need = split * m * cout
+    if workspace.numel() < need:
+        raise ValueError(
+            f"{op}: workspace has {workspace.numel()} elements but {why} needs {need} (split * M * Cout = "
+            f"{split} * {m} * {cout}): pass torch.empty({need}, dtype=torch.float32, device=x.device) (sizes: "
+            f"conv2d_workspace_numel)"
+        )
+
+
 def conv2d(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -322,6 +601,8 @@ def conv2d(
     residual: torch.Tensor | None = None,
     residual_relu: bool = False,
     out: torch.Tensor | None = None,
+    split_k: int | str = "auto",
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused NHWC convolution: ``y = act(conv(x, w) * scale + shift) (+ residual) (then ReLU if residual_relu)``.
 
@@ -332,6 +613,15 @@ def conv2d(
     residual: (N, HO, WO, Cout); ``out`` may be the residual tensor itself (in-place residual update).
     ``exit_index >= 0`` and ``mask[exit_index] == 0``: the kernel returns at once and ``out`` keeps its content
     (``out`` is then required). The first call for a new shape autotunes (on a GPU): do it before graph capture.
+
+    split_k: an int in ``[1, max_split_k(Cin, kernel_size)]`` splits the K loop into that many shares (partial sums
+    in ``workspace``, then a reduce kernel with the epilogue); depthwise convs take only 1. "auto": 1 under
+    the interpreter; on a GPU, for shapes with few output tiles (:func:`choose_split_k`), the fastest of the
+    candidate splits, timed at the first call of the shape and cached (the heuristic's split with
+    ADN_KERNEL_AUTOTUNE=0, or inside a CUDA graph capture, where nothing may be timed: the engine's warm-up
+    calls every shape before capturing). workspace: fp32, contiguous, on x's device, >= split * N*HO*WO * Cout
+    elements (:func:`conv2d_workspace_numel`); only used when the conv splits, its content is not read before
+    being written. Without it a split call allocates one: a CUDA-graph body must pass a preallocated one.
     """
     op = "conv2d"
     _common.check_float(op, "x", x)
@@ -381,6 +671,12 @@ def conv2d(
     _common.check_output(op, "residual", residual, out_shape, x.dtype)
     _common.check_output(op, "out", out, out_shape, x.dtype)
     _common.check_exit_out(op, exit_index, out)
+    k_steps = max_split_k(cin, (kh, kw), groups)
+    forced_split = _check_split_k(op, split_k, k_steps, depthwise)
+    if workspace is not None:
+        _common.check_float(op, "workspace", workspace, (torch.float32,))
+        if not workspace.is_contiguous():
+            raise ValueError(f"{op}: workspace must be contiguous: pass workspace.contiguous() or a fresh tensor")
     _common.check_device(
         op,
         "conv2d_ref",
@@ -393,7 +689,12 @@ def conv2d(
         mask=mask,
         residual=residual,
         out=out,
+        workspace=workspace,
     )
+    if workspace is not None:
+        for name, t in (("x", x), ("out", out), ("residual", residual)):
+            if t is not None and _common.overlaps(workspace, t):
+                raise ValueError(f"{op}: workspace overlaps {name}: pass a separate fp32 scratch tensor")
     if out is not None:
         if _common.overlaps(out, x):
             raise ValueError(
@@ -407,48 +708,59 @@ def conv2d(
     m = n * ho * wo
     if m == 0 or cout == 0:
         return out
-    dummy = out  # stands in for absent pointers; the kernels never dereference them (constexpr-disabled)
-    ptrs = (
-        x,
-        w_packed,
-        out,
-        residual if residual is not None else dummy,
-        scale if scale is not None else dummy,
-        shift if shift is not None else dummy,
-        scale_skip if scale_skip is not None else dummy,
-        shift_skip if shift_skip is not None else dummy,
-        mask if mask is not None else dummy,
-    )
-    flags = {
-        "KH": kh,
-        "KW": kw,
-        "SH": sh,
-        "SW": sw,
-        "PH": ph,
-        "PW": pw,
+    geometry = {"KH": kh, "KW": kw, "SH": sh, "SW": sw, "PH": ph, "PW": pw}
+    epilogue = {
         "HAS_SCALE": scale is not None,
         "HAS_SHIFT": shift is not None,
         "SELECT_NORM": select,
-        "HAS_EXIT": exit_index >= 0,
         "ACT": act,
         "HAS_RES": residual is not None,
         "RES_RELU": bool(residual_relu),
     }
+    indices = (max(norm_index, 0), max(exit_index, 0))
+
+    def pointers(out_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """out, residual, scale, shift, scale_skip, shift_skip, mask; out_t stands in for the absent ones (the
+        kernels never dereference them: constexpr-disabled)."""
+        return tuple(
+            t if t is not None else out_t for t in (out_t, residual, scale, shift, scale_skip, shift_skip, mask)
+        )
+
     if depthwise:
 
         def grid(meta):
             return triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BC"])
 
-        _depthwise_conv2d_kernel[grid](*ptrs, max(norm_index, 0), max(exit_index, 0), h, w, cin, ho, wo, m, **flags)
-    else:
+        _depthwise_conv2d_kernel[grid](
+            x,
+            w_packed,
+            *pointers(out),
+            *indices,
+            h,
+            w,
+            cin,
+            ho,
+            wo,
+            m,
+            HAS_EXIT=exit_index >= 0,
+            **geometry,
+            **epilogue,
+        )
+        return out
+
+    def launch(split: int, out_t: torch.Tensor, ws: torch.Tensor | None, use_exit: bool) -> None:
+        has_exit = use_exit and exit_index >= 0
+        ptrs = pointers(out_t)
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BM"]) * triton.cdiv(cout, meta["BN"]),)
+            return triton.cdiv(m, meta["BM"]) * triton.cdiv(cout, meta["BN"]), split
 
         _conv2d_kernel[grid](
+            x,
+            w_packed,
             *ptrs,
-            max(norm_index, 0),
-            max(exit_index, 0),
+            ws if split > 1 else out_t,
+            *indices,
             h,
             w,
             cin,
@@ -457,9 +769,41 @@ def conv2d(
             cout,
             m,
             FLAT_K=cin <= _FLAT_K_MAX_CIN,
+            SPLIT_K=split,
+            HAS_EXIT=has_exit,
             DOT_PRECISION=dot_precision(x.dtype),
-            **flags,
+            **geometry,
+            # a split's partial kernel has no epilogue: one compiled variant per geometry, whatever the epilogue
+            **(epilogue if split == 1 else _NO_EPILOGUE),
         )
+        if split > 1:
+
+            def reduce_grid(meta):
+                return triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BN"])
+
+            _split_k_reduce_kernel[reduce_grid](
+                ws, *ptrs, *indices, m, cout, SPLIT_K=split, HAS_EXIT=has_exit, **epilogue
+            )
+
+    split = forced_split
+    if split is None:
+        candidates = _auto_candidates(m, cout, k_steps, x.device)
+        if workspace is not None and len(candidates) > 1:
+            _check_workspace_size(op, workspace, candidates[-1], m, cout, f"split_k='auto' (up to {candidates[-1]})")
+        key = _split_key(x, cout, (kh, kw), (sh, sw), (ph, pw))
+        split = _cached_split_k(key, candidates, m, cout, k_steps, x.device)
+        if split is None and _capturing(x.device):
+            split = choose_split_k(m, cout, k_steps, _num_sms(x.device))  # no timing inside a capture
+        elif split is None:
+            if workspace is None:
+                workspace = torch.empty(candidates[-1] * m * cout, device=x.device, dtype=torch.float32)
+            split = _SPLIT_K_MEASURED[key] = _measure_split_k(candidates, launch, out, workspace)
+    if split > 1:
+        if workspace is None:
+            workspace = torch.empty(split * m * cout, device=x.device, dtype=torch.float32)
+        else:
+            _check_workspace_size(op, workspace, split, m, cout, f"split_k={split}")
+    launch(split, out, workspace, True)
     return out
 
 
@@ -482,12 +826,15 @@ def conv2d_ref(
     residual: torch.Tensor | None = None,
     residual_relu: bool = False,
     out: torch.Tensor | None = None,
+    split_k: int | str = "auto",
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`conv2d` (same keywords) with the UNPACKED weight ``w: (Cout, Cin/g, KH, KW)``.
 
     x: (N, H, W, Cin) NHWC; returns (N, HO, WO, Cout) NHWC. Every step runs in x's dtype (parameters are cast
     to it), so float64 inputs give the exact answer and fp16 inputs show torch's own fp16 rounding. Reads
-    the mask with ``.item()`` (a host sync; reference only).
+    the mask with ``.item()`` (a host sync; reference only). ``split_k`` and ``workspace`` are accepted and
+    ignored (split-K only changes how the kernel sums K), so both implementations share one signature.
     """
     if kernel_size is not None and _pair("kernel_size", kernel_size, 1) != tuple(w.shape[2:]):
         raise ValueError(f"conv2d_ref: kernel_size={kernel_size} does not match w's shape {tuple(w.shape)}")
