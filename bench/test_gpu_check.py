@@ -61,7 +61,8 @@ def test_pack_brings_everything_back_in_a_few_files(tmp_path):
     out, pack = tmp_path / "work", tmp_path / "pack"
     proc = run_script(out, "--smoke", ADN_GPU_CHECK_SECTIONS="env,latency_resnet,plot", ADN_GPU_CHECK_PACK=str(pack))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(p.name for p in pack.iterdir()) == ["gpu_check.tgz", "latency_vs_macs.png", "results.md", "summary.txt"]
+    expected = ["gpu_check.tgz", "latency_vs_macs.png", "results.md", "summary.txt"]
+    assert sorted(p.name for p in pack.iterdir()) == expected
     assert (pack / "summary.txt").read_text() == (out / "summary.txt").read_text()
     with tarfile.open(pack / "gpu_check.tgz") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}

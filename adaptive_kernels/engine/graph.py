@@ -2,7 +2,8 @@
 
 :class:`CapturedGraph` allocates the program's buffers, runs it once outside the capture (Triton
 compiles and autotunes there, and conv2d measures its split-K choice: nothing may compile or be timed inside
-a capture), then captures it ONCE with ``torch.cuda.graph``. Switching sub-networks afterwards only rewrites the int32 mask the graph reads.
+a capture), then captures it ONCE with ``torch.cuda.graph``. Switching sub-networks afterwards only rewrites
+the int32 mask the graph reads.
 
 With ``mechanism="conditional"`` each skippable body is captured into the body of a CUDA IF node
 spliced into torch's capture by the ``adaptive_kernels._C`` extension (:class:`IfNodeSplicer`); a
