@@ -8,7 +8,8 @@ Providers per layer:
              row's ``split_k`` records the split-K it chose at the first call: by measurement, or the heuristic's
              with ADN_KERNEL_AUTOTUNE=0);
   linear:    ``cublas`` (F.linear with its bias), ``cublas+epilogue`` (F.linear, GELU, residual add as separate
-             ops: eager ViT), ``triton_fused`` (kernels.linear);
+             ops: eager ViT), ``triton_fused`` (kernels.linear, ``split_k="auto"``; the row's ``split_k`` records
+             its choice, as for conv);
   attention: ``sdpa`` and ``triton`` (kernels.attention backends), Swin shapes with their window bias.
 Each provider runs REPS times inside one CUDA graph (as in the engine: launch overhead is a graph node's, not the
 CPU's) and a row's time is one layer call: graph time / REPS. The fused output is checked against the eager one
@@ -229,6 +230,7 @@ def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
 @pytest.mark.parametrize("layer", LINEAR_LAYERS)
 def test_linear_layer(benchmark_or_none, rows, layer, batch, provider):
     from adaptive_kernels.kernels import linear
+    from adaptive_kernels.kernels.linear import linear_auto_split_k, linear_workspace_numel
 
     tokens, k, n, act, has_res = LINEAR_LAYERS[layer]
     dev = harness.DEVICE
@@ -249,13 +251,17 @@ def test_linear_layer(benchmark_or_none, rows, layer, batch, provider):
         return y
 
     out = torch.empty(batch * tokens, n, device=dev, dtype=DTYPE)
+    # split-K scratch preallocated, as the engine does: the captured calls time the kernels, not an allocation
+    workspace = torch.empty(linear_workspace_numel(batch * tokens, n, k, device=dev), device=dev, dtype=torch.float32)
 
     def fused() -> torch.Tensor:
-        return linear(x, weight, bias, activation=act, residual=res, out=out)
+        return linear(x, weight, bias, activation=act, residual=res, out=out, workspace=workspace)
 
     extra = {}
     if provider == "triton_fused":
         extra["rel_err_vs_eager"] = _check(fused(), eager(True), layer)
+        # the first call chose the split (measured, or the heuristic's without autotuning); the graph captures it
+        extra["split_k"] = linear_auto_split_k(x, weight)
         fn = fused
     else:
         fn = functools.partial(eager, provider == "cublas+epilogue")

@@ -4,6 +4,7 @@ skip configurations each (the interpreter is slow); early exit runs the kernels'
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (o
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine.lowering import lower
-from adaptive_kernels.engine.program import Conv
+from adaptive_kernels.engine.program import Conv, Linear
 from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels, triton_kernels
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.models.swin import SwinTransformerADN
@@ -83,21 +84,38 @@ def test_triton_program_equals_model_mobilenet_v2():
         assert rel_err(got, model(x, skip)) < 1e-4
 
 
-def test_triton_program_forced_split_k_equals_model():
+SPLIT_MODELS = {
     # every groups=1 conv split (capped at its K steps): the 7x7 stem's flat K in 3, the 3x3s per tap in 4, inside
-    # skippable bodies too (early exit of both split-K kernels); the convs share one preallocated workspace
+    # skippable bodies too (early exit of both split-K kernels); the fc (K=128) in 2
+    "resnet_bottleneck": (
+        lambda: ResNetADN(Bottleneck, [2, 2], num_classes=5, width=16),
+        (1, 3, 16, 16),
+        {Conv: {1, 2, 3, 4}, Linear: {2}},
+    ),
+    # the linears with K > 64 split: the patch embedding (K=192) in 3, every fc2 (K=128, residual in place) in 2,
+    # the skippable block's too; the others (K=32) stay whole
+    "vit": (lambda: VisionTransformerADN(16, 8, 3, 2, 32, 128, num_classes=5), (2, 3, 16, 16), {Linear: {1, 2, 3}}),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_MODELS))
+def test_triton_program_forced_split_k_equals_model(name):
+    # split_k=4 forced on every conv and linear; they all share one preallocated workspace
+    build, shape, want_splits = SPLIT_MODELS[name]
     torch.manual_seed(0)
-    model = randomize(ResNetADN(Bottleneck, [2, 2], num_classes=5, width=16), calibrate=(4, 3, 16, 16)).to(DEVICE)
-    x = torch.randn(1, 3, 16, 16, device=DEVICE)
-    program = lower(model, (3, 16, 16), kernels=triton_kernels(), dtype=torch.float32, device=DEVICE, conv_split_k=4)
-    convs = [(op, body) for op, body in program.flat_ops() if isinstance(op, Conv)]
-    assert {op.split_k for op, _ in convs} == {1, 2, 3, 4}
-    assert any(op.split_k > 1 for op, body in convs if body is not None)
-    tensors = allocate_buffers(program, 1, DEVICE, torch.float32)
+    model = randomize(build(), calibrate=(4, *shape[1:])).to(DEVICE)
+    x = torch.randn(shape, device=DEVICE)
+    program = lower(model, shape[1:], kernels=triton_kernels(), dtype=torch.float32, device=DEVICE, split_k=4)
+    ops = [(op, body) for op, body in program.flat_ops() if isinstance(op, (Conv, Linear))]
+    assert {kind: {op.split_k for op, _ in ops if type(op) is kind} for kind in want_splits} == want_splits
+    assert any(op.split_k > 1 for op, body in ops if body is not None)
+    assert all(op.workspace is program.workspace for op, _ in ops)
+    tensors = allocate_buffers(program, shape[0], DEVICE, torch.float32)
     workspace = tensors[program.workspace]
     assert workspace.dtype == torch.float32
-    needs = [op.split_k * op.out.shape[0] * op.out.shape[1] * op.out.shape[2] for op, _ in convs if op.split_k > 1]
+    needs = [op.split_k * shape[0] * math.prod(op.out.shape) for op, _ in ops if op.split_k > 1]  # split * M * N
     assert workspace.numel() == max(needs)
+    workspace.fill_(float("nan"))  # never read before written; the split kernels really use it
     configs = model.skip_configs()
     with torch.no_grad():
         for skip in (configs[0], configs[-1]):
@@ -106,15 +124,16 @@ def test_triton_program_forced_split_k_equals_model():
                 tensors[program.input].copy_(x)
                 got = execute(program, tensors, device_mask(skip, DEVICE), mechanism=mechanism, skip=skip)
                 assert rel_err(got, want) < 1e-4, (skip, mechanism, rel_err(got, want))
+    assert not torch.isnan(workspace).all()
 
 
-def test_lower_conv_split_k_argument():
+def test_lower_split_k_argument():
     model = create_model("resnet20_adn", width=4)
-    with pytest.raises(ValueError, match="conv_split_k=0"):
-        lower(model, (3, 8, 8), kernels=STRUCTURE_ONLY, dtype=torch.float32, device="meta", conv_split_k=0)
+    with pytest.raises(ValueError, match="split_k=0"):
+        lower(model, (3, 8, 8), kernels=STRUCTURE_ONLY, dtype=torch.float32, device="meta", split_k=0)
     # the reference kernels never split: a forced split becomes 1, and the shared workspace stays empty
-    program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu", conv_split_k=4)
-    assert {op.split_k for op, _ in program.flat_ops() if isinstance(op, Conv)} == {1}
+    program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu", split_k=4)
+    assert {op.split_k for op, _ in program.flat_ops() if isinstance(op, (Conv, Linear))} == {1}
     assert allocate_buffers(program, 2, "cpu", torch.float32)[program.workspace].numel() == 0
     # "auto" under the interpreter (or on the CPU) never splits either
     program = lower(model, (3, 8, 8), kernels=triton_kernels(), dtype=torch.float32, device=DEVICE)

@@ -36,6 +36,10 @@ VARIANTS = [
     ("conv2d_depthwise", "conv2d", "bfloat16"),
     ("linear", "linear", "float16"),
     ("linear", "linear", "bfloat16"),
+    ("linear_split_k", "linear", "float16"),
+    ("linear_split_k", "linear", "bfloat16"),
+    ("linear_split_k_reduce", "linear", "float16"),
+    ("linear_split_k_reduce", "linear", "bfloat16"),
     ("layer_norm", "layer_norm", "float16"),
     ("layer_norm", "layer_norm", "bfloat16"),
     ("attention", "attention", "float16"),
@@ -44,12 +48,17 @@ VARIANTS = [
     ("gather_rows", "gather", "bfloat16"),
 ]
 MAX_SHARED_SM90 = 232448  # bytes of shared memory one block may use on sm_90
-# variants whose launch calls two kernels (split-K: partial sums, then the reduction): the one to compile
+# variants whose launch calls two kernels (split-K: partial sums, then the reduction shared by conv2d and linear,
+# compiled with each op's epilogue): the one to compile
 KERNEL_OF_VARIANT = {
     "conv2d_gemm_split_k": "_conv2d_kernel",
     "conv2d_gemm_flat_k_split_k": "_conv2d_kernel",
     "conv2d_split_k_reduce": "_split_k_reduce_kernel",
+    "linear_split_k": "_linear_kernel",
+    "linear_split_k_reduce": "_split_k_reduce_kernel",
 }
+# modules holding kernels a launcher may call besides its own module's
+SHARED_KERNEL_MODULES = ("split_k",)
 
 
 def _launch(name: str, dtype: torch.dtype) -> None:
@@ -93,9 +102,22 @@ def _launch(name: str, dtype: torch.dtype) -> None:
             split_k=split_k,
             workspace=workspace,
         )
-    elif name == "linear":
+    elif name.startswith("linear"):
         res = t(64, 96)
-        K.linear(t(64, 128), t(96, 128), t(96), activation="gelu", residual=res, out=res, mask=mask, exit_index=1)
+        split_k = 3 if "split_k" in name else 1
+        workspace = torch.empty(split_k * 64 * 96, dtype=torch.float32) if split_k > 1 else None
+        K.linear(
+            t(64, 256),
+            t(96, 256),
+            t(96),
+            activation="gelu",
+            residual=res,
+            out=res,
+            mask=mask,
+            exit_index=1,
+            split_k=split_k,
+            workspace=workspace,
+        )
     elif name == "layer_norm":
         x = t(64, 768)
         K.layer_norm(
@@ -141,17 +163,19 @@ def _compile_variant(name: str, module_name: str, dtype_name: str) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(f"adaptive_kernels.kernels.{module_name}")
-    recorders = {}
-    for attr, value in list(vars(module).items()):
-        if isinstance(value, triton.runtime.Autotuner):
-            recorders[attr] = _Recorder(value)
-            setattr(module, attr, recorders[attr])
+    modules = [importlib.import_module(f"adaptive_kernels.kernels.{m}") for m in (module_name, *SHARED_KERNEL_MODULES)]
+    recorders, originals = {}, []  # kernel names are unique across these modules
+    for module in modules:
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.Autotuner):
+                recorders[attr] = _Recorder(value)
+                originals.append((module, attr, value))
+                setattr(module, attr, recorders[attr])
     try:
         _launch(name, getattr(torch, dtype_name))
     finally:
-        for attr, rec in recorders.items():
-            setattr(module, attr, rec.autotuner)
+        for module, attr, value in originals:
+            setattr(module, attr, value)
     called = {attr: r for attr, r in recorders.items() if r.calls}
     if name in KERNEL_OF_VARIANT:
         rec = called[KERNEL_OF_VARIANT[name]]

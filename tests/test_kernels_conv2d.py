@@ -24,8 +24,8 @@ from adaptive_kernels.kernels.conv2d import (
     max_split_k,
 )
 
-# the module itself (the package attribute ``conv2d`` is the launcher function)
-conv2d_module = importlib.import_module("adaptive_kernels.kernels.conv2d")
+# the shared split-K choice (conv2d and linear): the fake-GPU tests patch it
+split_k_module = importlib.import_module("adaptive_kernels.kernels.split_k")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MASK = [1, 0, 1]  # stage 0 runs, stage 1 is skipped, stage 2 runs
@@ -380,9 +380,9 @@ def fake_gpu_split_choice(monkeypatch):
         timed.append(split)
         return {1: 3.0, 2: 1.0, 4: 2.0}[split]
 
-    monkeypatch.setattr(conv2d_module, "_auto_candidates", lambda *args: (1, 2, 4))
-    monkeypatch.setattr(conv2d_module, "_SPLIT_K_MEASURED", {})
-    monkeypatch.setattr(conv2d_module, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(split_k_module, "auto_candidates", lambda *args: (1, 2, 4))
+    monkeypatch.setattr(split_k_module, "MEASURED_SPLITS", {})
+    monkeypatch.setattr(split_k_module, "num_sms", lambda device: 132)
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     return timed
 
@@ -406,7 +406,7 @@ def test_conv2d_split_k_auto_measures_once(fake_gpu_split_choice):
 
 
 def test_conv2d_split_k_auto_in_capture_uses_heuristic(fake_gpu_split_choice, monkeypatch):
-    monkeypatch.setattr(conv2d_module, "_capturing", lambda device: True)
+    monkeypatch.setattr(split_k_module, "capturing", lambda device: True)
     case = make_case(1, 5, 4, 20, 24, 3, 1, 1, seed=11)
     y = conv2d(case["x"], pack_conv2d_weight(case["w"]), kernel_size=3, padding=1)
     assert fake_gpu_split_choice == [], "nothing may be timed inside a graph capture"

@@ -1,12 +1,20 @@
-"""linear kernel against linear_ref computed in float64 (interpreter on CPU: tiny odd shapes; GPU: ViT shapes)."""
+"""linear kernel against linear_ref computed in float64 (interpreter on CPU: tiny odd shapes; GPU: ViT shapes),
+split-K included (the choice logic it shares with conv2d is tested in test_kernels_conv2d.py too)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
+import triton.testing
 from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, linear, linear_ref
+from adaptive_kernels.kernels.linear import linear_auto_split_k, linear_max_split_k, linear_workspace_numel
+from adaptive_kernels.kernels.split_k import choose_split_k
+
+split_k_module = importlib.import_module("adaptive_kernels.kernels.split_k")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,9 +94,9 @@ def test_linear_early_exit(bit):
     assert r is kept and (bit == 1 or bool((kept == 3.0).all()))
 
 
-def _check_low_precision(dtype, m, k, n, activation, lead=()):
+def _check_low_precision(dtype, m, k, n, activation, lead=(), split_k="auto"):
     case = make_case(m, k, n, dtype=dtype, seed=4, lead=lead)
-    y, ref = run_both(case, use_residual=True, activation=activation)
+    y, ref = run_both(case, use_residual=True, activation=activation, split_k=split_k)
     assert y.dtype == dtype
     theirs = rel_err(
         linear_ref(case["x"], case["weight"], case["bias"], residual=case["residual"], activation=activation), ref
@@ -107,6 +115,147 @@ def test_linear_bf16():
     _check_low_precision(torch.bfloat16, 33, 72, 40, "gelu")
 
 
+# --- split-K ------------------------------------------------------------------------------------------------------
+SPLIT_SHAPES = {  # (lead, m, k, n): K spans >= 4 steps of 64 (max split 4 or 5), M and N off the 32-wide tiles
+    "K 256": ((), 37, 256, 40),
+    "K 300 tail, (B, L, C) tokens": ((2,), 9, 300, 24),
+}
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 4], ids=["split2", "split3 uneven", "split4"])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES.values(), ids=SPLIT_SHAPES.keys())
+def test_linear_split_k_matches_unsplit(shape, split_k):
+    lead, m, k, n = shape
+    assert linear_max_split_k(k) >= 4
+    case = make_case(m, k, n, seed=6, lead=lead)
+    y, ref = run_both(case, use_residual=True, activation="gelu", split_k=split_k)
+    unsplit, _ = run_both(case, use_residual=True, activation="gelu", split_k=1)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-4
+    assert rel_err(y, unsplit) < 1e-5  # only the fp32 summation order differs
+
+
+# every epilogue switch at least once: bias on/off, each activation, residual added or updated in place
+SPLIT_EPILOGUES = [
+    (True, "none", "none"),
+    (False, "gelu", "add"),
+    (True, "relu", "add"),
+    (True, "gelu", "inplace"),
+    (False, "relu", "inplace"),
+    (False, "none", "none"),
+]
+
+
+@pytest.mark.parametrize("use_bias,activation,residual_mode", SPLIT_EPILOGUES)
+def test_linear_split_k_epilogues(use_bias, activation, residual_mode):
+    case = make_case(21, 200, 40, seed=7)
+    y, ref = run_both(
+        case,
+        use_bias=use_bias,
+        use_residual=residual_mode != "none",
+        inplace=residual_mode == "inplace",
+        activation=activation,
+        split_k=3,
+    )
+    assert rel_err(y, ref) < 1e-4
+
+
+def test_linear_split_k_fp16():
+    _check_low_precision(torch.float16, 33, 300, 40, "gelu", split_k=4)
+
+
+@pytest.mark.parametrize("bit", [0, 1], ids=["skipped", "runs"])
+def test_linear_split_k_early_exit(bit):
+    case = make_case(7, 200, 20, seed=8)
+    mask = torch.tensor([1, bit], dtype=torch.int32, device=DEVICE)
+    poison = torch.full((7, 20), float("nan"), device=DEVICE)
+    workspace = torch.full((4 * 7 * 20,), float("nan"), device=DEVICE)  # its content must never be read
+    linear(
+        case["x"],
+        case["weight"],
+        case["bias"],
+        activation="gelu",
+        out=poison,
+        mask=mask,
+        exit_index=1,
+        split_k=4,
+        workspace=workspace,
+    )
+    if bit == 0:
+        assert torch.isnan(poison).all(), "a skipped split-K linear wrote to its output"
+    else:
+        ref = linear_ref(case["x"].double(), case["weight"].double(), case["bias"].double(), activation="gelu")
+        assert rel_err(poison, ref) < 1e-4
+
+
+def test_split_k_heuristic_vit_b16_batch1():
+    # ViT-B/16 at batch 1 (M = 197 tokens) on a 132-SM H100; the heuristic counts 64x64 output tiles and splits
+    # while tiles * split <= 2 * 132 and every split keeps >= 4 K steps of 64
+    sms, tokens = 132, 197
+    assert linear_max_split_k(3072) == 48 and linear_max_split_k(768) == 12 and linear_max_split_k(1) == 1
+    assert choose_split_k(tokens, 768, linear_max_split_k(3072), sms) == 4  # fc2: 4 * 12 = 48 tiles, K = 3072
+    assert choose_split_k(tokens, 768, linear_max_split_k(768), sms) == 2  # out_proj: 48 tiles, K = 768 (12 steps)
+    assert choose_split_k(tokens, 2304, linear_max_split_k(768), sms) == 1  # qkv: 144 tiles fill the GPU
+    assert choose_split_k(tokens, 3072, linear_max_split_k(768), sms) == 1  # fc1: 192 tiles
+    assert choose_split_k(64 * tokens, 768, linear_max_split_k(3072), sms) == 1  # fc2 at batch 64
+
+
+def test_linear_workspace_numel():
+    m, n = 30, 24
+    assert linear_workspace_numel(m, n, 300, split_k=3, device="cpu") == 3 * m * n
+    assert linear_workspace_numel(m, n, 300, split_k=1, device="cpu") == 0
+    # "auto" never splits off the GPU, nor under the interpreter
+    assert linear_workspace_numel(197, 768, 3072, device="cpu") == 0
+    if _common.INTERPRET:
+        case = make_case(5, 300, 24, lead=(2,))
+        assert linear_auto_split_k(case["x"], case["weight"]) == 1
+    with pytest.raises(ValueError, match=r"K loop has 5 step\(s\)"):
+        linear_workspace_numel(m, n, 300, split_k=6, device="cpu")
+
+
+@pytest.fixture
+def fake_gpu_split_choice(monkeypatch):
+    """ "auto" takes the GPU branch here: candidates (1, 2, 4), a do_bench that runs the launch once and reports a
+    made-up time per split (2 is the fastest), an empty choice cache. Returns the list of timed splits."""
+    timed = []
+
+    def fake_do_bench(fn, **kwargs):
+        fn()
+        timed.append(fn.args[0])
+        return {1: 3.0, 2: 1.0, 4: 2.0}[fn.args[0]]
+
+    monkeypatch.setattr(split_k_module, "auto_candidates", lambda *args: (1, 2, 4))
+    monkeypatch.setattr(split_k_module, "MEASURED_SPLITS", {})
+    monkeypatch.setattr(split_k_module, "num_sms", lambda device: 132)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    return timed
+
+
+def test_linear_split_k_auto_measures_once(fake_gpu_split_choice):
+    # in place: timing must not update the residual stream; only the real launch does, once
+    case = make_case(5, 300, 24, seed=9, lead=(2,))
+    x, w, b = case["x"], case["weight"], case["bias"]
+    assert linear_auto_split_k(x, w) is None  # a measurement is due
+    want = linear_ref(x.double(), w.double(), b.double(), residual=case["residual"].double())
+    stream = case["residual"].clone()
+    linear(x, w, b, residual=stream, out=stream)
+    assert fake_gpu_split_choice == [1, 2, 4]
+    assert rel_err(stream, want) < 1e-4
+    assert linear_auto_split_k(x, w) == 2
+    with pytest.raises(ValueError, match=r"workspace has 10 elements but split_k='auto' \(up to 4\)"):
+        linear(x, w, b, workspace=torch.empty(10, device=DEVICE))
+    y = linear(x, w, b, residual=case["residual"])
+    assert fake_gpu_split_choice == [1, 2, 4], "the cached choice is reused"
+    assert rel_err(y, want) < 1e-4
+
+
+def test_linear_rejects_workspace_overlap():
+    x, w = torch.randn(4, 100, device=DEVICE), torch.randn(16, 100, device=DEVICE)
+    out = torch.empty(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="workspace overlaps out"):
+        linear(x, w, out=out, split_k=2, workspace=out.view(-1))
+
+
 @pytest.mark.parametrize(
     "over,error,match",
     [
@@ -123,13 +272,25 @@ def test_linear_bf16():
         ({"exit_index": 0}, ValueError, "without mask"),
         ({"exit_index": 0, "mask": torch.ones(1, dtype=torch.int32)}, ValueError, "needs out="),
         ({"exit_index": 3, "mask": torch.ones(2, dtype=torch.int32), "out": torch.empty(4, 16)}, ValueError, "only 2"),
+        ({"split_k": 0}, ValueError, "split_k=0 is out of range"),
+        ({"split_k": 2}, ValueError, r"K loop has 1 step\(s\) of 64 \(linear_max_split_k\(K\)\).*1 <= split_k <= 1"),
+        ({"split_k": "fast"}, ValueError, "use 'auto' or an int"),
+        ({"split_k": True}, TypeError, "split_k must be an int"),
+        (
+            {"x": torch.randn(4, 100), "weight": torch.randn(16, 100), "split_k": 2, "workspace": torch.empty(127)},
+            ValueError,
+            "workspace has 127 elements but split_k=2 needs 128",
+        ),
+        ({"workspace": torch.empty(128, dtype=torch.float16)}, TypeError, "workspace has dtype"),
+        ({"workspace": torch.empty(256)[::2]}, ValueError, "workspace must be contiguous"),
+        ({"workspace": torch.empty(128, device="meta")}, ValueError, "workspace on meta"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_linear_rejects_bad_input(over, error, match):
     args = {"x": torch.randn(4, 8), "weight": torch.randn(16, 8)}
     args.update(over)
-    args = {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in args.items()}
+    args = {k: (v.to(DEVICE) if torch.is_tensor(v) and v.device.type != "meta" else v) for k, v in args.items()}
     with pytest.raises(error, match=match):
         linear(args.pop("x"), args.pop("weight"), **args)
 
@@ -161,6 +322,15 @@ GPU_SHAPES = {  # (lead, m, k, n, activation)
 def test_linear_gpu_realistic_fp16(shape):
     lead, m, k, n, activation = shape
     _check_low_precision(torch.float16, m, k, n, activation, lead=lead)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", ["auto", 4, 8])
+@pytest.mark.parametrize("shape", [((1,), 197, 3072, 768, "none"), ((1,), 197, 768, 768, "none")], ids=["fc2", "proj"])
+def test_linear_gpu_split_k_batch1_fp16(shape, split_k):
+    # ViT-B/16's few-tile linears at batch 1, where split-K is meant to help
+    lead, m, k, n, activation = shape
+    _check_low_precision(torch.float16, m, k, n, activation, lead=lead, split_k=split_k)
 
 
 @pytest.mark.gpu

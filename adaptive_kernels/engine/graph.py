@@ -1,7 +1,7 @@
 """One CUDA graph per input shape: static buffers, warm-up, capture, and the IF-node splice.
 
 :class:`CapturedGraph` allocates the program's buffers, runs it once outside the capture (Triton
-compiles and autotunes there, and conv2d measures its split-K choice: nothing may compile or be timed inside
+compiles and autotunes there, and conv2d and linear measure their split-K choice: nothing may compile or be timed inside
 a capture), then captures it ONCE with ``torch.cuda.graph``. Switching sub-networks afterwards only rewrites
 the int32 mask the graph reads.
 

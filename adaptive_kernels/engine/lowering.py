@@ -89,13 +89,13 @@ class _Builder:
     """Collects ops (into the current body, if one is open) and creates values with unique names."""
 
     def __init__(
-        self, kernels: KernelSet, dtype: torch.dtype, device: torch.device, conv_split_k: int | str = "auto"
+        self, kernels: KernelSet, dtype: torch.dtype, device: torch.device, split_k: int | str = "auto"
     ) -> None:
         self.kernels = kernels
         self.dtype = dtype
         self.device = device
-        self.conv_split_k = conv_split_k
-        self.workspace: Value | None = None  # created with the first conv
+        self.split_k = split_k
+        self.workspace: Value | None = None  # the split-K scratch of every conv and linear, made with the first
         self.param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.items: list[Op | Body] = []
         self._body: Body | None = None
@@ -125,6 +125,13 @@ class _Builder:
     @property
     def in_body(self) -> bool:
         return self._body is not None
+
+    def split_k_of(self, max_split: int) -> tuple[int | str, Value]:
+        """The ``split_k`` and the shared workspace for a conv or linear whose K loop allows ``max_split``: "auto",
+        or the forced split capped at ``max_split``."""
+        if self.workspace is None:
+            self.workspace = self.value("split_k_workspace", (), torch.float32)
+        return (self.split_k if self.split_k == "auto" else min(self.split_k, max_split)), self.workspace
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         return w.detach().to(self.device, self.dtype).contiguous()
@@ -168,11 +175,7 @@ class _Builder:
         shape = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, conv.out_channels)
         if residual is not None and residual.shape != shape:
             raise LoweringError(f"{name}: residual {residual} does not match the conv output (N, {shape})")
-        split_k = self.conv_split_k
-        if split_k != "auto":  # forced: capped per conv at what its K loop allows
-            split_k = min(split_k, self.kernels.conv2d_max_split_k(cin, (kh, kw), conv.groups))
-        if self.workspace is None:
-            self.workspace = self.value("conv_workspace", (), torch.float32)
+        split_k, workspace = self.split_k_of(self.kernels.conv2d_max_split_k(cin, (kh, kw), conv.groups))
         scale, shift = fold_batchnorm(bn, conv.bias)
         scale_skip = shift_skip = None
         if bn_skip is not None:
@@ -195,7 +198,7 @@ class _Builder:
                 residual=residual,
                 residual_relu=residual_relu,
                 split_k=split_k,
-                workspace=self.workspace,
+                workspace=workspace,
             )
         )
 
@@ -217,6 +220,7 @@ class _Builder:
         shape = (*x.shape[:-1], weight.shape[0])
         if residual is not None and residual.shape != shape:
             raise LoweringError(f"{name}: residual {residual} does not match the output (N, {shape})")
+        split_k, workspace = self.split_k_of(self.kernels.linear_max_split_k(weight.shape[1]))
         return self.emit(
             Linear(
                 x=x,
@@ -225,6 +229,8 @@ class _Builder:
                 bias=None if bias is None else self.vector(bias),
                 activation=activation,
                 residual=residual,
+                split_k=split_k,
+                workspace=workspace,
             )
         )
 
@@ -655,14 +661,15 @@ def lower(
     kernels: KernelSet,
     dtype: torch.dtype,
     device: torch.device | str,
-    conv_split_k: int | str = "auto",
+    split_k: int | str = "auto",
 ) -> Program:
     """Lower ``model`` for inputs of shape ``(batch, *input_shape)`` = (N, C, H, W).
 
     Parameters are folded, cast to ``dtype`` (norm scales/shifts: fp32, or fp64 for an fp64 program),
     moved to ``device`` and prepared for ``kernels``. The result is validated (see program.py).
-    ``conv_split_k``: "auto" (each conv kernel decides; see kernels.conv2d) or an int >= 1 forcing that split-K on
-    every groups=1 conv, capped at each conv's ``kernels.conv2d_max_split_k`` (for tests and experiments).
+    ``split_k``: "auto" (each conv and linear kernel decides; see kernels.split_k) or an int >= 1 forcing that split-K
+    on every groups=1 conv and every linear, capped at what each one's K loop allows (``kernels.conv2d_max_split_k``,
+    ``kernels.linear_max_split_k``; for tests and experiments).
     Raises :class:`LoweringError` (a ValueError) for anything outside the lowered families, or
     :class:`NotLoweredError` for an input size the lowering does not cover (Swin sizes that need padding).
     """
@@ -679,11 +686,9 @@ def lower(
             f"input shape (N, {', '.join(map(str, input_shape))}) does not match the model's "
             f"(N, {model.in_chans}, H, W)"
         )
-    if conv_split_k != "auto" and (
-        isinstance(conv_split_k, bool) or not isinstance(conv_split_k, int) or conv_split_k < 1
-    ):
-        raise ValueError(f"conv_split_k={conv_split_k!r}: use 'auto' or an int >= 1")
-    b = _Builder(kernels, dtype, torch.device(device), conv_split_k)
+    if split_k != "auto" and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k={split_k!r}: use 'auto' or an int >= 1")
+    b = _Builder(kernels, dtype, torch.device(device), split_k)
     x = b.value("input", tuple(input_shape))
     out = _LOWERINGS[family](b, model, x)
     program = Program(

@@ -16,11 +16,12 @@ Invariants the runtime relies on (checked by :func:`validate`):
 * an op inside a body that cannot exit early on its mask bit writes only body-local scratch, so under
   the early-exit mechanism a skipped body leaves every live value untouched.
 
-``Program.workspace`` is one fp32 scratch buffer that every conv may use for split-K partial sums (so a conv
-never allocates one). Sharing it is safe because ops run one after another in stream order: eagerly on one
+``Program.workspace`` is one fp32 scratch buffer that every conv and linear may use for split-K partial sums (so
+no kernel allocates one). Sharing it is safe because ops run one after another in stream order: eagerly on one
 stream, and in the captured graph too, where a conditional body is the body graph of an IF node that depends on
 the nodes captured before it and precedes those captured after it. No value flows through it from one op to the
-next (each split-K conv writes its partials before reading them back), so it is outside the liveness rules.
+next (each split-K op writes its partials before reading them back), so it is outside the liveness rules; its
+size is the largest :meth:`Op.workspace_numel` of the program's ops.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class Op:
 
     def run(self, ctx: RunContext) -> None:
         raise NotImplementedError
+
+    def workspace_numel(self, kernels: KernelSet, batch: int, device: torch.device) -> int:
+        """fp32 elements of the program's split-K workspace this op may use at ``batch`` on ``device`` (0: none)."""
+        return 0
 
 
 @dataclass(eq=False)
@@ -214,10 +219,25 @@ class Conv(Op):
             workspace=None if self.workspace is None else t[self.workspace],
         )
 
+    def workspace_numel(self, kernels, batch, device):
+        if self.workspace is None:
+            return 0
+        ho, wo, cout = self.out.shape
+        return kernels.conv2d_workspace_numel(
+            batch * ho * wo,
+            cout,
+            self.x.shape[-1],
+            self.kernel_size,
+            groups=self.groups,
+            split_k=self.split_k,
+            device=device,
+        )
+
 
 @dataclass(eq=False)
 class Linear(Op):
-    """``out = act(x @ weight.T + bias) (+ residual)`` over the last dim; ``out`` may be ``residual``."""
+    """``out = act(x @ weight.T + bias) (+ residual)`` over the last dim; ``out`` may be ``residual``.
+    ``split_k`` ("auto" or a forced int) and ``workspace`` (the program's shared split-K scratch) go to the kernel."""
 
     x: Value
     out: Value
@@ -225,6 +245,8 @@ class Linear(Op):
     bias: torch.Tensor | None
     activation: str = "none"
     residual: Value | None = None
+    split_k: int | str = "auto"
+    workspace: Value | None = None
     can_exit = True
 
     def reads(self):
@@ -244,6 +266,18 @@ class Linear(Op):
             out=t[self.out],
             mask=ctx.mask,
             exit_index=ctx.exit_index,
+            split_k=self.split_k,
+            workspace=None if self.workspace is None else t[self.workspace],
+        )
+
+    def workspace_numel(self, kernels, batch, device):
+        if self.workspace is None:
+            return 0
+        rows = batch
+        for s in self.x.shape[:-1]:
+            rows *= s
+        return kernels.linear_workspace_numel(
+            rows, self.out.shape[-1], self.x.shape[-1], split_k=self.split_k, device=device
         )
 
 
@@ -411,8 +445,8 @@ class Body:
 class Program:
     """A lowered model. ``items``: ops and bodies in execution order; ``input``: the caller's (N, C, H, W)
     tensor; ``output``: the logits (N, num_classes); ``kernels``: the kernel set the op parameters
-    were prepared for; ``dtype``: the compute dtype; ``workspace``: the convs' shared fp32 split-K scratch
-    (None without convs), a flat buffer sized by ``allocate_buffers`` from the convs, not from its shape."""
+    were prepared for; ``dtype``: the compute dtype; ``workspace``: the fp32 split-K scratch shared by the convs and
+    linears (None without them), a flat buffer sized by ``allocate_buffers`` from those ops, not from its shape."""
 
     items: list[Op | Body]
     input: Value

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .program import Body, Conv, Op, Program, RunContext, Value
+from .program import Body, Op, Program, RunContext, Value
 
 if TYPE_CHECKING:
     from .graph import IfNodeSplicer
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 MECHANISMS = ("host", "early_exit", "conditional")
 
 
-def _no_split(cin: int, kernel_size: tuple[int, int], groups: int) -> int:
+def _no_split(*args, **kwargs) -> int:
     return 1
 
 
@@ -42,10 +42,11 @@ class KernelSet:
     """The five op families, as launchers with one signature for both implementations.
 
     ``prepare_conv_weight`` turns an nn.Conv2d weight (Cout, Cin/g, KH, KW) into what ``conv2d`` takes.
-    Split-K (``conv2d``'s ``split_k``/``workspace``; the reference takes and ignores them):
-    ``conv2d_max_split_k(cin, kernel_size, groups)`` is the largest split ``conv2d`` accepts and
-    ``conv2d_workspace_numel(m, cout, cin, kernel_size, *, groups, split_k, device)`` the fp32 scratch it may use;
-    the defaults (1 and 0) describe an implementation that never splits.
+    Split-K (the ``split_k``/``workspace`` arguments of ``conv2d`` and ``linear``; the references take and ignore
+    them): ``conv2d_max_split_k(cin, kernel_size, groups)`` and ``linear_max_split_k(k)`` are the largest splits the
+    launchers accept, ``conv2d_workspace_numel(m, cout, cin, kernel_size, *, groups, split_k, device)`` and
+    ``linear_workspace_numel(m, n, k, *, split_k, device)`` the fp32 scratch they may use; the defaults (1 and 0)
+    describe an implementation that never splits.
     """
 
     name: str
@@ -57,6 +58,8 @@ class KernelSet:
     prepare_conv_weight: Callable[[torch.Tensor], torch.Tensor]
     conv2d_max_split_k: Callable[[int, tuple[int, int], int], int] = _no_split
     conv2d_workspace_numel: Callable[..., int] = _no_workspace
+    linear_max_split_k: Callable[[int], int] = _no_split
+    linear_workspace_numel: Callable[..., int] = _no_workspace
 
 
 @functools.cache
@@ -64,6 +67,7 @@ def triton_kernels() -> KernelSet:
     """The fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     from .. import kernels as k
     from ..kernels.conv2d import conv2d_workspace_numel, max_split_k
+    from ..kernels.linear import linear_max_split_k, linear_workspace_numel
 
     return KernelSet(
         "triton",
@@ -73,8 +77,10 @@ def triton_kernels() -> KernelSet:
         k.attention,
         k.gather_rows,
         k.pack_conv2d_weight,
-        max_split_k,
-        conv2d_workspace_numel,
+        conv2d_max_split_k=max_split_k,
+        conv2d_workspace_numel=conv2d_workspace_numel,
+        linear_max_split_k=linear_max_split_k,
+        linear_workspace_numel=linear_workspace_numel,
     )
 
 
@@ -113,9 +119,9 @@ def allocate_buffers(
     this: values defined in a body die in it, and values crossing it are live throughout.
     The input and output values are never shared. Buffers start zeroed.
 
-    ``program.workspace`` (the convs' shared split-K scratch) gets a flat fp32 tensor as large as the largest
-    need of any conv at this batch size on this device (``kernels.conv2d_workspace_numel``; 0 elements when no
-    conv splits), so no conv allocates one, inside a graph body or anywhere else.
+    ``program.workspace`` (the split-K scratch shared by the convs and linears) gets a flat fp32 tensor as large as
+    the largest need of any of them at this batch size on this device (``Op.workspace_numel``; 0 elements when
+    none splits), so no kernel allocates one, inside a graph body or anywhere else.
     """
     order = list(program.flat_ops())
     last_use: dict[Value, int] = {}
@@ -157,22 +163,8 @@ def allocate_buffers(
 
 
 def _workspace_numel(program: Program, batch: int, device: torch.device) -> int:
-    """The largest split-K scratch any conv of ``program`` may use at this batch size (its M depends on it)."""
-    need = 0
-    for op, _ in program.flat_ops():
-        if isinstance(op, Conv) and op.workspace is program.workspace:
-            ho, wo, cout = op.out.shape
-            numel = program.kernels.conv2d_workspace_numel(
-                batch * ho * wo,
-                cout,
-                op.x.shape[-1],
-                op.kernel_size,
-                groups=op.groups,
-                split_k=op.split_k,
-                device=device,
-            )
-            need = max(need, numel)
-    return need
+    """The largest split-K scratch any op of ``program`` may use at this batch size (their M depends on it)."""
+    return max((op.workspace_numel(program.kernels, batch, device) for op, _ in program.flat_ops()), default=0)
 
 
 def execute(

@@ -3,14 +3,15 @@
 One op per module: ``conv2d`` (NHWC implicit GEMM + depthwise, fused skip-aware BN / activation /
 residual), ``linear`` (GEMM + bias / GELU / residual), ``layer_norm`` (skip-aware affine),
 ``attention`` (SDPA or a Triton flash kernel) and ``gather_rows`` (a fixed row permutation, e.g. Swin's
-window order). Mask contract: an int32 tensor on the device, one entry per skippable stage, 1 = run the
+window order); ``split_k`` holds the split-K reduction (partial sums + fused epilogue) and the split choice that
+conv2d and linear share. Mask contract: an int32 tensor on the device, one entry per skippable stage, 1 = run the
 skippable sub-path, 0 = skip it; kernels take it with an index (-1 = unused) and nothing on the host reads it.
 
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors in Triton's
-interpreter (slow; for tests). Importing never queries a GPU; autotuning (and conv2d's split-K choice) happens
-at the first call of each shape, so call every layer once (with the mask all ones: a kernel that exits early
-would be tuned on its exit path) before capturing a CUDA graph. ``ADN_KERNEL_AUTOTUNE=0`` (read at import) replaces
-autotuning by one default config per kernel (fast start for correctness checks on a GPU).
+interpreter (slow; for tests). Importing never queries a GPU; autotuning (and the split-K choice of conv2d and
+linear) happens at the first call of each shape, so call every layer once (with the mask all ones: a kernel that
+exits early would be tuned on its exit path) before capturing a CUDA graph. ``ADN_KERNEL_AUTOTUNE=0`` (read at
+import) replaces autotuning by one default config per kernel (fast start for correctness checks on a GPU).
 """
 
 from .attention import attention, attention_ref

@@ -11,18 +11,16 @@ Weights are packed once (``pack_conv2d_weight``) to ``(KH*KW*Cin/groups, Cout)``
 ``(kh*KW + kw)*Cin/groups + c``: for each tap, the channels of one input pixel are contiguous in x (NHWC)
 and the output channels are contiguous in the packed weight, so both GEMM operands load coalesced.
 
-Split-K (groups=1 only): a layer with few output tiles (ResNet-50 at batch 1: layer4's 3x3 has M=49 output
-pixels, K=4608) would leave most SMs idle, so the K loop can be cut into ``split_k`` contiguous shares. Split s
-of a tile writes its fp32 partial sum to ``workspace[s, m, co]`` (no atomics: every element has one writer), then
-a small second kernel adds the ``split_k`` partials in fp32 and applies the same fused epilogue. Both kernels
-read the early-exit bit first. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only
-shapes whose 64x64-tile count is well below the SM count (:func:`choose_split_k`) and picks the split among
-``SPLIT_K_CHOICES`` by timing each once per shape (or takes the heuristic with ``ADN_KERNEL_AUTOTUNE=0``).
+Split-K (groups=1 only; shared with ``linear``, see ``split_k.py``): a layer with few output tiles (ResNet-50 at
+batch 1: layer4's 3x3 has M=49 output pixels, K=4608) would leave most SMs idle, so the K loop can be cut into
+``split_k`` contiguous shares. Split s of a tile writes its fp32 partial sum to ``workspace[s, m, co]`` (no atomics),
+then ``split_k.reduce_partials`` adds the partials and applies the same fused epilogue. Both kernels read the
+early-exit bit first. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only shapes whose
+64x64-tile count is well below the SM count (:func:`choose_split_k`) and picks the split among ``SPLIT_K_CHOICES``
+by timing each once per shape (or takes the heuristic with ``ADN_KERNEL_AUTOTUNE=0``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +28,15 @@ import triton
 import triton.language as tl
 
 from . import _common
+from . import split_k as _split
 from ._common import dot_precision, fused_epilogue
+from .split_k import SPLIT_K_CHOICES, choose_split_k  # noqa: F401 (conv2d's split-K names, kept after the move)
 
 _ACTIVATIONS = ("none", "relu", "relu6")
 
 # Flattened-K gather (im2col order) instead of per-tap channel blocks: for the 3-channel stem or
 # patch-embedding convs a channel block of >= 16 would be mostly padding.
 _FLAT_K_MAX_CIN = 8
-
-# Split-K: the splits "auto" may choose; K is counted in steps of 64 (the BK of the default GPU configs) for
-# validating split_k and for the heuristic. A kernel config with another BK splits its own K iterations evenly
-# (a split left with none stores zeros), so any 1 <= split_k <= K steps is correct.
-SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
-_SPLIT_K_STEP = 64
-_MIN_STEPS_PER_SPLIT = 4
-_HEURISTIC_TILE = 64  # the tile the heuristic counts output tiles with
-_SPLIT_K_MEASURED: dict[tuple, int] = {}  # conv shape + dtype + device -> split chosen by timing (GPU only)
-_NO_EPILOGUE = {
-    "HAS_SCALE": False,
-    "HAS_SHIFT": False,
-    "SELECT_NORM": False,
-    "ACT": _common.ACT_NONE,
-    "HAS_RES": False,
-    "RES_RELU": False,
-}
 
 
 def _gemm_configs() -> list[triton.Config]:
@@ -226,79 +209,6 @@ def _conv2d_kernel(
         tl.store(ws_ptr + ws_rows[:, None] * COUT + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _reduce_configs() -> list[triton.Config]:
-    shapes = [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 4), (64, 64, 4), (8, 64, 2)]  # BM, BN, warps
-    tuned = [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=1) for m, n, w in shapes]
-    return _common.choose_configs(triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1), tuned)
-
-
-@triton.autotune(
-    configs=_reduce_configs(),
-    key=["M", "COUT", "SPLIT_K"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-    restore_value=["out_ptr"],  # out may alias residual (in place)
-    cache_results=True,
-)
-@triton.jit
-def _split_k_reduce_kernel(
-    ws_ptr,
-    out_ptr,
-    res_ptr,
-    scale_ptr,
-    shift_ptr,
-    scale_skip_ptr,
-    shift_skip_ptr,
-    mask_ptr,
-    norm_index,
-    exit_index,
-    M,
-    COUT,
-    SPLIT_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SELECT_NORM: tl.constexpr,
-    HAS_EXIT: tl.constexpr,
-    ACT: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    RES_RELU: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-):
-    """out[m, co] = epilogue(sum_s ws[s, m, co]) in fp32; ws: (SPLIT_K, M, COUT), out and res: (M, COUT), row-major."""
-    if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
-        if tl.load(mask_ptr + exit_index) == 0:
-            return
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = (rm < M)[:, None] & (rn < COUT)[None, :]
-    rows = rm.to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in tl.static_range(SPLIT_K):  # unrolled: the SPLIT_K loads are independent
-        acc += tl.load(ws_ptr + rows[:, None] * COUT + rn[None, :], mask=ok, other=0.0)
-        rows += M
-    fused_epilogue(
-        acc,
-        rm,
-        rn,
-        M,
-        COUT,
-        out_ptr,
-        res_ptr,
-        scale_ptr,
-        shift_ptr,
-        scale_skip_ptr,
-        shift_skip_ptr,
-        mask_ptr,
-        norm_index,
-        HAS_SCALE,
-        HAS_SHIFT,
-        SELECT_NORM,
-        ACT,
-        HAS_RES,
-        RES_RELU,
-    )
-
-
 def _depthwise_configs() -> list[triton.Config]:
     shapes = [(32, 64, 4), (16, 64, 2), (64, 64, 4), (16, 128, 4), (32, 128, 4), (64, 32, 4), (128, 32, 4), (8, 256, 4)]
     tuned = [triton.Config({"BM": m, "BC": c}, num_warps=w, num_stages=2) for m, c, w in shapes]
@@ -425,7 +335,7 @@ def _output_size(h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tupl
     return (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
 
 
-# ---- split-K: validation, heuristic, choice by measurement ------------------------------------------------------
+# ---- split-K: the conv's K steps and shape; the choice itself is shared with linear (split_k.py) --------------
 def max_split_k(cin: int, kernel_size: int | tuple[int, int], groups: int = 1) -> int:
     """The largest ``split_k`` :func:`conv2d` accepts: the number of 64-wide K steps of its GEMM loop,
     ``KH*KW*ceil(Cin/64)`` (``ceil(KH*KW*Cin/64)`` for Cin <= 8, whose K is gathered flat); 1 for a depthwise
@@ -434,63 +344,18 @@ def max_split_k(cin: int, kernel_size: int | tuple[int, int], groups: int = 1) -
     if groups != 1:
         return 1
     if cin <= _FLAT_K_MAX_CIN:
-        return max(1, triton.cdiv(kh * kw * cin, _SPLIT_K_STEP))
-    return max(1, kh * kw * triton.cdiv(cin, _SPLIT_K_STEP))
-
-
-def choose_split_k(m: int, cout: int, k_steps: int, num_sms: int) -> int:
-    """The split-K heuristic: the largest split in ``SPLIT_K_CHOICES`` with ``tiles * split <= 2 * num_sms``
-    (tiles: 64x64 tiles of the (m, cout) output) that leaves every split >= 4 of the ``k_steps`` K steps
-    (:func:`max_split_k`); 1 when the output alone fills the GPU or K is short. Pure function of its arguments.
-    E.g. ResNet-50 layer4 3x3 at batch 1 (m=49, cout=512, k_steps=72) on 132 SMs: 8 tiles -> 16."""
-    tiles = triton.cdiv(m, _HEURISTIC_TILE) * triton.cdiv(cout, _HEURISTIC_TILE)
-    best = 1
-    for split in SPLIT_K_CHOICES:
-        if tiles * split <= 2 * num_sms and k_steps >= _MIN_STEPS_PER_SPLIT * split:
-            best = split
-    return best
-
-
-@functools.cache
-def _num_sms_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    """SM count of a CUDA device, queried at the first split-K decision on it (never at import)."""
-    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _auto_candidates(m: int, cout: int, k_steps: int, device: torch.device) -> tuple[int, ...]:
-    """The splits ``split_k="auto"`` picks from, ascending; ``(1,)`` where it never splits: under the interpreter
-    (no GPU timer, and the tests keep the plain kernel), off the GPU, and where :func:`choose_split_k` finds
-    enough output tiles. Otherwise every choice up to ``k_steps``: the measurement, not the heuristic, decides."""
-    if _common.INTERPRET or device.type != "cuda":
-        return (1,)
-    if choose_split_k(m, cout, k_steps, _num_sms(device)) == 1:
-        return (1,)
-    return tuple(s for s in SPLIT_K_CHOICES if s <= k_steps)
+        return _split.num_k_steps(kh * kw * cin)
+    return kh * kw * _split.num_k_steps(cin)
 
 
 def _check_split_k(op: str, split_k: int | str, k_steps: int, depthwise: bool) -> int | None:
     """A forced split (validated) or None for "auto"."""
-    if isinstance(split_k, str):
-        if split_k != "auto":
-            raise ValueError(f"{op}: split_k={split_k!r} is not supported: use 'auto' or an int >= 1")
-        return None
-    if isinstance(split_k, bool) or not isinstance(split_k, int):
-        raise TypeError(f"{op}: split_k must be an int >= 1 or 'auto', got {type(split_k).__name__} {split_k!r}")
-    if depthwise and split_k != 1:
+    if depthwise and isinstance(split_k, int) and not isinstance(split_k, bool) and split_k != 1:
         raise ValueError(
             f"{op}: split_k={split_k} with a depthwise conv (groups = Cin): it has no K loop to split; use split_k=1 "
             f"or 'auto'"
         )
-    if not 1 <= split_k <= k_steps:
-        raise ValueError(
-            f"{op}: split_k={split_k} is out of range: this conv's K loop has {k_steps} step(s) of {_SPLIT_K_STEP} "
-            f"(max_split_k(Cin, kernel_size)), so use 1 <= split_k <= {k_steps}, or 'auto'"
-        )
-    return split_k
+    return _split.check_split_k(op, split_k, k_steps, "max_split_k(Cin, kernel_size)")
 
 
 def conv2d_workspace_numel(
@@ -509,46 +374,11 @@ def conv2d_workspace_numel(
     the call (a CUDA-graph body) preallocates this much and passes it as ``workspace``."""
     k_steps = max_split_k(cin, kernel_size, groups)
     split = _check_split_k("conv2d_workspace_numel", split_k, k_steps, groups != 1)
-    if split is None:
-        split = max(_auto_candidates(m, cout, k_steps, torch.device(device)))
-    return split * m * cout if split > 1 else 0
+    return _split.workspace_numel(split, m, cout, k_steps, device)
 
 
 def _split_key(x: torch.Tensor, cout: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]) -> tuple:
-    return (*x.shape, cout, *k, *s, *p, x.dtype, x.device)
-
-
-def _cached_split_k(key: tuple, candidates: tuple[int, ...], m: int, cout: int, k_steps: int, device) -> int | None:
-    """The split "auto" uses without measuring: 1 with a single candidate, the measured choice once made, the
-    heuristic when autotuning is off (ADN_KERNEL_AUTOTUNE=0); None when a measurement is due."""
-    if len(candidates) == 1:
-        return 1
-    if key in _SPLIT_K_MEASURED:
-        return _SPLIT_K_MEASURED[key]
-    if not _common.AUTOTUNE:
-        return choose_split_k(m, cout, k_steps, _num_sms(device))
-    return None
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether the current stream is capturing a CUDA graph (nothing may be timed or allocated then)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _measure_split_k(candidates: tuple[int, ...], launch, out: torch.Tensor, workspace: torch.Tensor) -> int:
-    """Time one full call per candidate split with triton.testing.do_bench; the fastest wins (the smaller split on a
-    tie). Launches write a scratch output with early exit off: the choice is for the compute path, and an
-    in-place residual must not be updated again and again."""
-    import triton.testing
-
-    scratch = torch.empty_like(out)
-    times = [
-        triton.testing.do_bench(
-            functools.partial(launch, split, scratch, workspace, False), warmup=5, rep=20, return_mode="median"
-        )
-        for split in candidates
-    ]
-    return candidates[times.index(min(times))]
+    return ("conv2d", *x.shape, cout, *k, *s, *p, x.dtype, x.device)
 
 
 def auto_split_k(
@@ -567,19 +397,7 @@ def auto_split_k(
     k, s, p = _pair("kernel_size", kernel_size, 1), _pair("stride", stride, 1), _pair("padding", padding, 0)
     cout = cin if groups != 1 else w_packed.shape[-1]
     ho, wo = _output_size(h, w, k, s, p)
-    m, k_steps = n * ho * wo, max_split_k(cin, k, groups)
-    candidates = _auto_candidates(m, cout, k_steps, x.device)
-    return _cached_split_k(_split_key(x, cout, k, s, p), candidates, m, cout, k_steps, x.device)
-
-
-def _check_workspace_size(op: str, workspace: torch.Tensor, split: int, m: int, cout: int, why: str) -> None:
-    need = split * m * cout
-    if workspace.numel() < need:
-        raise ValueError(
-            f"{op}: workspace has {workspace.numel()} elements but {why} needs {need} (split * M * Cout = "
-            f"{split} * {m} * {cout}): pass torch.empty({need}, dtype=torch.float32, device=x.device) (sizes: "
-            f"conv2d_workspace_numel)"
-        )
+    return _split.auto_split(_split_key(x, cout, k, s, p), n * ho * wo, cout, max_split_k(cin, k, groups), x.device)
 
 
 def conv2d(
@@ -673,10 +491,7 @@ def conv2d(
     _common.check_exit_out(op, exit_index, out)
     k_steps = max_split_k(cin, (kh, kw), groups)
     forced_split = _check_split_k(op, split_k, k_steps, depthwise)
-    if workspace is not None:
-        _common.check_float(op, "workspace", workspace, (torch.float32,))
-        if not workspace.is_contiguous():
-            raise ValueError(f"{op}: workspace must be contiguous: pass workspace.contiguous() or a fresh tensor")
+    _split.check_workspace(op, workspace, x=x, out=out, residual=residual)
     _common.check_device(
         op,
         "conv2d_ref",
@@ -691,10 +506,6 @@ def conv2d(
         out=out,
         workspace=workspace,
     )
-    if workspace is not None:
-        for name, t in (("x", x), ("out", out), ("residual", residual)):
-            if t is not None and _common.overlaps(workspace, t):
-                raise ValueError(f"{op}: workspace overlaps {name}: pass a separate fp32 scratch tensor")
     if out is not None:
         if _common.overlaps(out, x):
             raise ValueError(
@@ -774,36 +585,13 @@ def conv2d(
             DOT_PRECISION=dot_precision(x.dtype),
             **geometry,
             # a split's partial kernel has no epilogue: one compiled variant per geometry, whatever the epilogue
-            **(epilogue if split == 1 else _NO_EPILOGUE),
+            **(epilogue if split == 1 else _split.NO_EPILOGUE),
         )
         if split > 1:
+            _split.reduce_partials(ws, split, m, cout, ptrs, *indices, has_exit=has_exit, epilogue=epilogue)
 
-            def reduce_grid(meta):
-                return triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BN"])
-
-            _split_k_reduce_kernel[reduce_grid](
-                ws, *ptrs, *indices, m, cout, SPLIT_K=split, HAS_EXIT=has_exit, **epilogue
-            )
-
-    split = forced_split
-    if split is None:
-        candidates = _auto_candidates(m, cout, k_steps, x.device)
-        if workspace is not None and len(candidates) > 1:
-            _check_workspace_size(op, workspace, candidates[-1], m, cout, f"split_k='auto' (up to {candidates[-1]})")
-        key = _split_key(x, cout, (kh, kw), (sh, sw), (ph, pw))
-        split = _cached_split_k(key, candidates, m, cout, k_steps, x.device)
-        if split is None and _capturing(x.device):
-            split = choose_split_k(m, cout, k_steps, _num_sms(x.device))  # no timing inside a capture
-        elif split is None:
-            if workspace is None:
-                workspace = torch.empty(candidates[-1] * m * cout, device=x.device, dtype=torch.float32)
-            split = _SPLIT_K_MEASURED[key] = _measure_split_k(candidates, launch, out, workspace)
-    if split > 1:
-        if workspace is None:
-            workspace = torch.empty(split * m * cout, device=x.device, dtype=torch.float32)
-        else:
-            _check_workspace_size(op, workspace, split, m, cout, f"split_k={split}")
-    launch(split, out, workspace, True)
+    key = _split_key(x, cout, (kh, kw), (sh, sw), (ph, pw))
+    _split.run(op, forced_split, key, m, cout, k_steps, launch, out, workspace, "conv2d_workspace_numel")
     return out
 
 

@@ -4,6 +4,12 @@
 ``mask[exit_index] == 0`` makes the kernel return before touching memory (early exit of a skipped
 sub-path). The weight stays in nn.Linear's (N, K) layout: the kernel reads (BK, BN) tiles of its
 transpose through strides, which Hopper's tensor cores take without a copy.
+
+Split-K (shared with ``conv2d``, see ``split_k.py``): a GEMM with few output tiles (ViT-B/16 at batch 1: fc2 has
+M=197 tokens, N=768, K=3072, a few dozen tiles for 132 SMs) can cut its K loop into ``split_k`` shares whose fp32
+partial sums go to a workspace; ``split_k.reduce_partials`` then adds them and applies the epilogue, with the bias
+as ``fused_epilogue``'s shift. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only
+shapes with few 64x64 output tiles (``split_k.choose_split_k``) and picks the split by timing once per shape.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import triton
 import triton.language as tl
 
 from . import _common
+from . import split_k as _split
 from ._common import dot_precision, fused_epilogue
 
 _ACTIVATIONS = ("none", "gelu", "relu")
+_NO_EPILOGUE = {"HAS_BIAS": False, "ACT": _common.ACT_NONE, "HAS_RES": False}  # a split's partial-sum kernel
 
 
 def _configs() -> list[triton.Config]:
@@ -43,7 +51,7 @@ def _prune_configs(configs, nargs, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K"],
+    key=["M", "N", "K", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune_configs},
     restore_value=["out_ptr"],  # tuning runs the kernel repeatedly; out may alias residual (in place)
     cache_results=True,
@@ -56,12 +64,14 @@ def _linear_kernel(
     out_ptr,
     res_ptr,
     mask_ptr,
+    ws_ptr,
     exit_index,
     M,
     N,
     K,
     stride_xm,
     stride_wn,
+    SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_EXIT: tl.constexpr,
     ACT: tl.constexpr,
@@ -72,7 +82,9 @@ def _linear_kernel(
     BK: tl.constexpr,
 ):
     """out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n]) (+ res[m, n]); x rows strided by stride_xm,
-    w rows by stride_wn (unit stride along k); out and res: (M, N) row-major."""
+    w rows by stride_wn (unit stride along k); out and res: (M, N) row-major.
+    SPLIT_K > 1: grid axis 1 is the split s, which sums K iterations [s*T // SPLIT_K, (s+1)*T // SPLIT_K) of the T
+    iterations and stores the fp32 partial to ws[s, m, n] (ws: (SPLIT_K, M, N)); no epilogue here."""
     if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
         if tl.load(mask_ptr + exit_index) == 0:
             return
@@ -93,34 +105,75 @@ def _linear_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        split = tl.program_id(1)
+        k_iters = tl.cdiv(K, BK)
+        k_lo = (split * k_iters // SPLIT_K) * BK
+        k_hi = ((split + 1) * k_iters // SPLIT_K) * BK
+    for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         k_ok = rk < K
         a = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_cols + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    # bias is the epilogue's shift; no scale and no mask-selected set for a linear layer
-    fused_epilogue(
-        acc,
-        rm,
-        rn,
-        M,
-        N,
-        out_ptr,
-        res_ptr,
-        bias_ptr,
-        bias_ptr,
-        bias_ptr,
-        bias_ptr,
-        mask_ptr,
-        0,
-        False,
-        HAS_BIAS,
-        False,
-        ACT,
-        HAS_RES,
-        False,
-    )
+    if SPLIT_K == 1:
+        # bias is the epilogue's shift; no scale and no mask-selected set for a linear layer
+        fused_epilogue(
+            acc,
+            rm,
+            rn,
+            M,
+            N,
+            out_ptr,
+            res_ptr,
+            bias_ptr,
+            bias_ptr,
+            bias_ptr,
+            bias_ptr,
+            mask_ptr,
+            0,
+            False,
+            HAS_BIAS,
+            False,
+            ACT,
+            HAS_RES,
+            False,
+        )
+    else:
+        # every split stores its whole tile (zeros when it got no K iterations): the reduction needs no init
+        ws_rows = split.to(tl.int64) * M + rm
+        tl.store(ws_ptr + ws_rows[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def linear_max_split_k(k: int) -> int:
+    """The largest ``split_k`` :func:`linear` accepts for ``k`` input features: the number of 64-wide steps of its K
+    loop, ``ceil(K / 64)`` (at least 1)."""
+    return _split.num_k_steps(k)
+
+
+def linear_workspace_numel(m: int, n: int, k: int, *, split_k: int | str = "auto", device: torch.device | str) -> int:
+    """fp32 elements of split-K workspace that ``linear(..., split_k=split_k)`` may use for ``m`` rows (all leading
+    dims of x together), ``n`` outputs and ``k`` inputs on ``device`` (0: it never splits). For "auto" this is the
+    largest candidate split times ``m * n``, whatever the measurement picks. A caller that must not allocate during
+    the call (a CUDA-graph body) preallocates this much and passes it as ``workspace``."""
+    k_steps = linear_max_split_k(k)
+    split = _split.check_split_k("linear_workspace_numel", split_k, k_steps, "linear_max_split_k(K)")
+    return _split.workspace_numel(split, m, n, k_steps, device)
+
+
+def _split_key(m: int, k: int, n: int, x: torch.Tensor) -> tuple:
+    return ("linear", m, k, n, x.dtype, x.device)
+
+
+def linear_auto_split_k(x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """The split ``linear(x, weight, ..., split_k="auto")`` launches (only the shapes, dtype and device matter), or
+    None while the first call of this shape on the GPU still has to measure it. For benchmarks and logs."""
+    k, n = x.shape[-1], weight.shape[0]
+    m = x.numel() // k if k else 0
+    return _split.auto_split(_split_key(m, k, n, x), m, n, linear_max_split_k(k), x.device)
 
 
 def linear(
@@ -133,6 +186,8 @@ def linear(
     out: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     exit_index: int = -1,
+    split_k: int | str = "auto",
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused linear layer: ``y = act(x @ weight.T + bias) (+ residual)``.
 
@@ -141,6 +196,14 @@ def linear(
     "relu". residual: (..., N) like y; ``out`` may be the residual tensor itself (in place).
     ``exit_index >= 0`` and ``mask[exit_index] == 0``: the kernel returns at once and ``out`` keeps its content
     (``out`` is then required). The first call for a new shape autotunes (on a GPU): do it before graph capture.
+
+    split_k: an int in ``[1, linear_max_split_k(K)]`` splits the K loop into that many shares (partial sums in
+    ``workspace``, then a reduce kernel with the epilogue). "auto": 1 under the interpreter; on a GPU, for shapes
+    with few output tiles (``split_k.choose_split_k``), the fastest of the candidate splits, timed at the first
+    call of the shape and cached (the heuristic's split with ADN_KERNEL_AUTOTUNE=0, or inside a CUDA graph capture,
+    where nothing may be timed). workspace: fp32, contiguous, on x's device, >= split * M * N elements
+    (:func:`linear_workspace_numel`, M = all rows of x); only used when the call splits, its content is not read
+    before being written. Without it a split call allocates one: a CUDA-graph body must pass a preallocated one.
     """
     op = "linear"
     _common.check_float(op, "x", x)
@@ -160,7 +223,20 @@ def linear(
     _common.check_output(op, "residual", residual, out_shape, x.dtype)
     _common.check_output(op, "out", out, out_shape, x.dtype)
     _common.check_exit_out(op, exit_index, out)
-    _common.check_device(op, "linear_ref", x=x, weight=weight, bias=bias, residual=residual, out=out, mask=mask)
+    k_steps = linear_max_split_k(k)
+    forced_split = _split.check_split_k(op, split_k, k_steps, "linear_max_split_k(K)")
+    _split.check_workspace(op, workspace, x=x, weight=weight, bias=bias, out=out, residual=residual)
+    _common.check_device(
+        op,
+        "linear_ref",
+        x=x,
+        weight=weight,
+        bias=bias,
+        residual=residual,
+        out=out,
+        mask=mask,
+        workspace=workspace,
+    )
     if out is not None:
         if _common.overlaps(out, x) or _common.overlaps(out, weight):
             raise ValueError(
@@ -175,29 +251,54 @@ def linear(
         return out
     if k == 0:
         raise ValueError(f"{op}: K = 0 (empty reduction) is not supported")
+    epilogue = {"HAS_BIAS": bias is not None, "ACT": act, "HAS_RES": residual is not None}
+    # bias is the reduction's shift: fused_epilogue's switches for act(acc + bias) (+ residual)
+    reduce_epilogue = {
+        **_split.NO_EPILOGUE,
+        "HAS_SHIFT": bias is not None,
+        "ACT": act,
+        "HAS_RES": residual is not None,
+    }
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+    def launch(split: int, out_t: torch.Tensor, ws: torch.Tensor | None, use_exit: bool) -> None:
+        has_exit = use_exit and exit_index >= 0
+        dummy = out_t  # stands in for absent pointers; the kernels never dereference them (constexpr-disabled)
+        b = bias if bias is not None else dummy
+        res = residual if residual is not None else dummy
+        mask_t = mask if mask is not None else dummy
 
-    dummy = out  # stands in for absent pointers; the kernel never dereferences them (constexpr-disabled)
-    _linear_kernel[grid](
-        x2,
-        weight,
-        bias if bias is not None else dummy,
-        out,
-        residual if residual is not None else dummy,
-        mask if mask is not None else dummy,
-        max(exit_index, 0),
-        m,
-        n,
-        k,
-        x2.stride(0),
-        weight.stride(0),
-        HAS_BIAS=bias is not None,
-        HAS_EXIT=exit_index >= 0,
-        ACT=act,
-        HAS_RES=residual is not None,
-        DOT_PRECISION=dot_precision(x.dtype),
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split
+
+        _linear_kernel[grid](
+            x2,
+            weight,
+            b,
+            out_t,
+            res,
+            mask_t,
+            ws if split > 1 else out_t,
+            max(exit_index, 0),
+            m,
+            n,
+            k,
+            x2.stride(0),
+            weight.stride(0),
+            SPLIT_K=split,
+            HAS_EXIT=has_exit,
+            DOT_PRECISION=dot_precision(x.dtype),
+            # a split's partial kernel has no epilogue: one compiled variant per shape, whatever the epilogue
+            **(epilogue if split == 1 else _NO_EPILOGUE),
+        )
+        if split > 1:
+            # out, residual, scale, shift, scale_skip, shift_skip, mask (fused_epilogue's order)
+            ptrs = (out_t, res, dummy, b, dummy, dummy, mask_t)
+            _split.reduce_partials(
+                ws, split, m, n, ptrs, 0, max(exit_index, 0), has_exit=has_exit, epilogue=reduce_epilogue
+            )
+
+    _split.run(
+        op, forced_split, _split_key(m, k, n, x), m, n, k_steps, launch, out, workspace, "linear_workspace_numel"
     )
     return out
 
@@ -212,9 +313,13 @@ def linear_ref(
     out: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     exit_index: int = -1,
+    split_k: int | str = "auto",
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`linear` (same arguments). Every step runs in x's dtype (parameters are
-    cast to it). Reads the mask with ``.item()`` (a host sync; reference only)."""
+    cast to it). Reads the mask with ``.item()`` (a host sync; reference only). ``split_k`` and ``workspace`` are
+    accepted and ignored (split-K only changes how the kernel sums K), so both implementations share one signature.
+    """
     if exit_index >= 0 and int(mask[exit_index].item()) == 0:
         _common.check_exit_out("linear_ref", exit_index, out)
         return out
