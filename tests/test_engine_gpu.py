@@ -117,7 +117,8 @@ def test_switching_is_stream_ordered_and_never_recaptures(mechanism):
     assert select_skip(table, accuracy, max(table.values()) + 1) == (False, False, False)
 
 
-def test_dynamic_batch_captures_once_per_batch_size():
+def test_dynamic_batch_captures_once_per_batch_size(caplog):
+    caplog.set_level("INFO", logger="adaptive_kernels.engine.engine")
     torch.manual_seed(2)
     model = randomize(create_model("resnet20_adn").cuda(), calibrate=(8, 3, 32, 32))
     engine = compile(model, torch.randn(2, 3, 32, 32, device="cuda"), dynamic_batch=True)
@@ -134,6 +135,8 @@ def test_dynamic_batch_captures_once_per_batch_size():
             assert len(reports) == int(new)
             assert engine.capture_count == len(seen)
             assert rel_err(got, model(x, "FTF")) < FP16_TOL
+    # every capture is logged with its time (the first on a machine includes Triton's compiling)
+    assert sum("captured ResNetADN" in r.getMessage() for r in caplog.records) == engine.capture_count
 
 
 def test_gpu_engine_rejects_bad_input():

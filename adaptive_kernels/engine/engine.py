@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 import warnings
@@ -16,6 +17,9 @@ from .graph import CapturedGraph, conditional_nodes_unavailable
 from .lowering import NotLoweredError, lower
 from .program import Program
 from .runtime import STRUCTURE_ONLY, triton_kernels
+
+# INFO: how long each capture took (the first one on a machine includes Triton's compiling and autotuning).
+logger = logging.getLogger(__name__)
 
 MECHANISMS = ("auto", "conditional", "early_exit")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -118,12 +122,18 @@ class Engine(nn.Module):
                 f"(dynamic_batch=True; {len(self._captures)} shape(s) captured before)",
                 stacklevel=3,
             )
+        start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():  # see compile(): static buffers are updated in place
             capture = CapturedGraph(
                 self._program, shape, self._input_dtype, self._device, self._mask, self.mechanism, self._body_stream
             )
         self._captures[shape[0]] = capture
         self.capture_count += 1
+        logger.info(
+            "captured %s (%s, input %s) in %.1f s: warm-up (Triton compiles and autotunes kernels the first time on "
+            "a machine, then reads its disk cache) and one CUDA graph capture",
+            type(self._reference).__name__, self.mechanism, shape, time.perf_counter() - start,
+        )
         return capture
 
     def _check_input(self, x: torch.Tensor) -> None:
