@@ -14,12 +14,35 @@ build of ResNet-50 tunes a few hundred configs); later builds read the winner fr
 from __future__ import annotations
 
 import os
+import warnings
 
+import numpy
 import torch
 import triton
 import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None. Triton < 3.8 converts a
+    one-element array to an int in ``range(...)`` over a runtime bound, which NumPy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars", deep inside a kernel)."""
+
+    def major_minor(version: str) -> tuple[int, int]:
+        parts = (version.split("+")[0].split(".") + ["0"])[:2]
+        return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
+
+    if major_minor(triton_version) < (3, 8) and major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails on NumPy {numpy_version} inside "
+            f"kernels with runtime loop bounds: install 'numpy<2.4' or triton>=3.8 (compiled GPU kernels are fine)"
+        )
+    return None
+
+
+if INTERPRET and (_problem := interpreter_numpy_problem(triton.__version__, numpy.__version__)):
+    warnings.warn(_problem, stacklevel=2)
 # ADN_KERNEL_AUTOTUNE=0: one fixed config per kernel on the GPU instead of autotuning, so a run that only
 # checks correctness (GPU tests) compiles one variant per shape class instead of a dozen.
 AUTOTUNE: bool = os.environ.get("ADN_KERNEL_AUTOTUNE", "1") != "0"
