@@ -105,6 +105,15 @@ def test_demo_smoke(tmp_path, capsys):
     for name in ("last.pt", "subnets.json", "tradeoff.png"):
         assert str(out / name) in printed  # the demo says where its outputs went
     assert "TTT" in printed and "accuracy" in printed  # the table
+    # a sub-network picked for three latency budgets: the most accurate one that fits each
+    selections = summary["selections"]
+    assert len(selections) == 3 and printed.count("select_skip picks") == 3
+    assert selections[0]["budget_us"] == min(r["latency_us"] for r in rows)
+    assert selections[-1]["budget_us"] == max(r["latency_us"] for r in rows)
+    for choice in selections:
+        fitting = [r for r in rows if r["latency_us"] <= choice["budget_us"]]
+        assert choice["latency_us"] <= choice["budget_us"]
+        assert choice["accuracy"] == max(r["accuracy"] for r in fitting)
 
 
 def test_module_entry_point():

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from ..engine.select import select_skip
 from ..models import create_model
+from ..models.skip import skip_to_str
 from .data import DataSource, InMemoryImages
 from .distributed import DistEnv
-from .evaluate import evaluate_subnets, format_table, plot_tradeoff, require_matplotlib
+from .evaluate import SubnetResult, evaluate_subnets, format_table, plot_tradeoff, require_matplotlib
 from .step import StepConfig, train_step
 from .trainer import TrainConfig, Trainer, build_optimizer, seed_everything
 
@@ -107,6 +109,20 @@ def plan_demo(
     )
 
 
+def budget_choices(results: list[SubnetResult]) -> list[dict[str, Any]]:
+    """What a deployment does with the measured table: the sub-network :func:`select_skip` picks for three latency
+    budgets, the fastest sub-network's latency, the midpoint and the slowest's (each: budget_us, skip, accuracy,
+    latency_us)."""
+    latency = {r.skip: r.latency_us for r in results}
+    accuracy = {r.skip: r.accuracy for r in results}
+    fastest, slowest = min(latency.values()), max(latency.values())
+    choices = []
+    for budget in (fastest, (fastest + slowest) / 2, slowest):
+        skip = skip_to_str(select_skip(latency, accuracy, budget))
+        choices.append({"budget_us": budget, "skip": skip, "accuracy": accuracy[skip], "latency_us": latency[skip]})
+    return choices
+
+
 def run_demo(
     data: InMemoryImages,
     out_dir: str | os.PathLike,
@@ -184,6 +200,10 @@ def run_demo(
     table = format_table(results, latency_batch=LATENCY_BATCH)
     echo(table)
     (out_dir / "subnets.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+    selections = budget_choices(results)
+    for c in selections:
+        echo(f"[demo] latency budget {c['budget_us']:.0f} us (batch {LATENCY_BATCH}) -> select_skip picks "
+             f"{c['skip']}: {c['accuracy']:.2f} % in {c['latency_us']:.0f} us")
     plot = plot_tradeoff(
         {f"{DEMO_MODEL}-ADN width {width} (all sub-networks)": results}, out_dir / "tradeoff.png",
         title=f"{DEMO_MODEL} on {data.name}: {plan.epochs} epoch(s) x {plan.train_images} images, "
@@ -194,7 +214,7 @@ def run_demo(
         "model": spec, "data": data.name, "plan": asdict(plan), "subnets": [r.to_dict() for r in results],
         "train_seconds": round(summary["train_seconds"], 1), "stopped_early": summary["stopped_early"],
         "total_seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "latency_batch": LATENCY_BATCH,
+        "threads": torch.get_num_threads(), "latency_batch": LATENCY_BATCH, "selections": selections,
     }
     (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
