@@ -49,10 +49,10 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # Triton kernels run under the interpreter without a GPU; must be set before they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+from torch import nn
 
-from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS  # noqa: E402
+from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = not CUDA or os.environ.get("ADN_BENCH_SMOKE") == "1"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 if not __package__:  # run as a script (python bench/plot.py): make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS  # noqa: E402
+from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip
 

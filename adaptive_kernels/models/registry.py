@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
