@@ -16,13 +16,8 @@ import triton.testing
 from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, conv2d, conv2d_ref, pack_conv2d_weight
-from adaptive_kernels.kernels.conv2d import (
-    SPLIT_K_CHOICES,
-    auto_split_k,
-    choose_split_k,
-    conv2d_workspace_numel,
-    max_split_k,
-)
+from adaptive_kernels.kernels.conv2d import auto_split_k, conv2d_workspace_numel, max_split_k
+from adaptive_kernels.kernels.split_k import SPLIT_K_CHOICES, choose_split_k
 
 # the shared split-K choice (conv2d and linear): the fake-GPU tests patch it
 split_k_module = importlib.import_module("adaptive_kernels.kernels.split_k")

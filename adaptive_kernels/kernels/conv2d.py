@@ -16,8 +16,8 @@ batch 1: layer4's 3x3 has M=49 output pixels, K=4608) would leave most SMs idle,
 ``split_k`` contiguous shares. Split s of a tile writes its fp32 partial sum to ``workspace[s, m, co]`` (no atomics),
 then ``split_k.reduce_partials`` adds the partials and applies the same fused epilogue. Both kernels read the
 early-exit bit first. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only shapes whose
-64x64-tile count is well below the SM count (:func:`choose_split_k`) and picks the split among ``SPLIT_K_CHOICES``
-by timing each once per shape (or takes the heuristic with ``ADN_KERNEL_AUTOTUNE=0``).
+64x64-tile count is well below the SM count (:func:`.split_k.choose_split_k`) and picks the split among
+``split_k.SPLIT_K_CHOICES`` by timing each once per shape (or takes the heuristic with ``ADN_KERNEL_AUTOTUNE=0``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import triton.language as tl
 from . import _common
 from . import split_k as _split
 from ._common import dot_precision, fused_epilogue
-from .split_k import SPLIT_K_CHOICES, choose_split_k  # noqa: F401 (conv2d's split-K names, kept after the move)
 
 _ACTIVATIONS = ("none", "relu", "relu6")
 
@@ -434,7 +433,7 @@ def conv2d(
 
     split_k: an int in ``[1, max_split_k(Cin, kernel_size)]`` splits the K loop into that many shares (partial sums
     in ``workspace``, then a reduce kernel with the epilogue); depthwise convs take only 1. "auto": 1 under
-    the interpreter; on a GPU, for shapes with few output tiles (:func:`choose_split_k`), the fastest of the
+    the interpreter; on a GPU, for shapes with few output tiles (:func:`.split_k.choose_split_k`), the fastest of the
     candidate splits, timed at the first call of the shape and cached (the heuristic's split with
     ADN_KERNEL_AUTOTUNE=0, or inside a CUDA graph capture, where nothing may be timed: the engine's warm-up
     calls every shape before capturing). workspace: fp32, contiguous, on x's device, >= split * N*HO*WO * Cout
