@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here)")
     for item in items:
-        if "gpu" in item.keywords and BENCH_DIR in Path(item.path).resolve().parents:
+        if item.get_closest_marker("gpu") is not None and BENCH_DIR in Path(item.path).resolve().parents:
             item.add_marker(skip_gpu)
 
 

@@ -17,7 +17,7 @@ from adaptive_kernels import create_model
 from adaptive_kernels.engine import Engine, LoweringError, compile, select_skip
 from adaptive_kernels.engine import engine as engine_module
 from adaptive_kernels.engine.engine import _resolve_mechanism
-from adaptive_kernels.engine.graph import conditional_nodes_unavailable
+from adaptive_kernels.engine.graph import capture_streams, conditional_nodes_unavailable
 from adaptive_kernels.engine.lowering import lower
 from adaptive_kernels.engine.runtime import allocate_buffers, execute, reference_kernels
 from adaptive_kernels.models.skip import skip_to_str
@@ -240,8 +240,8 @@ class _EagerCapture:
     """Stands in for CapturedGraph on the CPU: "replay" executes the program eagerly with early exit, reading
     the engine's device mask exactly as the captured kernels would."""
 
-    def __init__(self, program, input_shape, input_dtype, device, mask, mechanism, body_stream=None):
-        assert mechanism == "early_exit" and body_stream is None
+    def __init__(self, program, input_shape, input_dtype, device, mask, mechanism, streams=None):
+        assert mechanism == "early_exit" and streams is None
         self.program, self.mask = program, mask
         self.tensors = allocate_buffers(program, input_shape[0], device, input_dtype)
         self.input = self.tensors[program.input]
@@ -251,7 +251,8 @@ class _EagerCapture:
         return execute(self.program, self.tensors, self.mask, mechanism="early_exit")
 
 
-def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resnet20):
+def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resnet20, caplog):
+    caplog.set_level("INFO", logger="adaptive_kernels.engine.engine")
     monkeypatch.setattr(engine_module, "CapturedGraph", _EagerCapture)
     x = torch.randn(2, 3, 16, 16)
     program = lower(resnet20, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
@@ -271,3 +272,42 @@ def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resne
             got = engine(x5, "TTF")
         torch.testing.assert_close(got, resnet20(x5, "TTF"), rtol=1e-4, atol=1e-5)
         assert engine.capture_count == 2
+    # every capture is logged under the lowered model's name (the GPU dynamic-batch test counts these lines)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["captured ResNetADN"] * 2
+
+
+class _StreamPool:
+    """Stands in for torch.cuda.Stream(): a pool of 32 streams per device handed out round robin, as torch does."""
+
+    class Stream:
+        def __init__(self, handle):
+            self.cuda_stream = handle
+
+    def __init__(self, size=32):
+        self.size, self.created = size, 0
+
+    def __call__(self):
+        self.created += 1
+        return self.Stream(0x1000 + (self.created - 1) % self.size)
+
+
+def test_capture_and_body_streams_differ_whenever_they_are_drawn():
+    # what the engine did before: torch.cuda.graph's default capture stream is made once, the body stream later
+    pool = _StreamPool()
+    default_capture = pool()
+    later = [pool() for _ in range(40)]
+    assert any(s.cuda_stream == default_capture.cuda_stream for s in later)  # so a body stream could equal it
+    for before in range(41):  # any number of streams made elsewhere first
+        pool = _StreamPool()
+        for _ in range(before):
+            pool()
+        streams = capture_streams(pool)
+        assert streams.capture.cuda_stream != streams.body.cuda_stream, before
+
+
+def test_capture_streams_draw_again_and_fail_clearly():
+    handles = iter([7, 7, 7, 9])
+    streams = capture_streams(lambda: _StreamPool.Stream(next(handles)))
+    assert (streams.capture.cuda_stream, streams.body.cuda_stream) == (7, 9)
+    with pytest.raises(RuntimeError, match="the stream pool has a single stream.*use mechanism='early_exit'"):
+        capture_streams(_StreamPool(size=1))

@@ -14,7 +14,7 @@ from helpers import randomize, rel_err
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine import compile, select_skip
-from adaptive_kernels.engine.graph import IfNodeSplicer, conditional_nodes_unavailable
+from adaptive_kernels.engine.graph import IfNodeSplicer, capture_streams, conditional_nodes_unavailable
 
 pytestmark = pytest.mark.gpu
 
@@ -41,10 +41,11 @@ def test_if_nodes_spliced_into_a_torch_capture_follow_the_mask():
     stages, n = 4, 1 << 14
     y = torch.zeros(n, device="cuda")
     mask = torch.ones(stages, dtype=torch.int32, device="cuda")
-    splicer = IfNodeSplicer(torch.cuda.Stream())
+    streams = capture_streams(torch.cuda.Stream)
+    splicer = IfNodeSplicer(streams.body)
     y.mul_(0.5).add_(1.0)  # warm up the kernels outside the capture
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=streams.capture):
         splicer.create_conditions(mask, list(range(stages)))
         for stage in range(stages):
             y.mul_(0.5).add_(1.0)  # mandatory

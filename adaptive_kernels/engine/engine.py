@@ -13,7 +13,7 @@ from torch import nn
 
 from ..models.base import ADNModel
 from ..models.skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, skip_to_str
-from .graph import CapturedGraph, conditional_nodes_unavailable
+from .graph import CapturedGraph, capture_streams, conditional_nodes_unavailable
 from .lowering import NotLoweredError, lower
 from .program import Program
 from .runtime import STRUCTURE_ONLY, triton_kernels
@@ -70,7 +70,9 @@ class Engine(nn.Module):
         if program is not None:
             self._mask = torch.ones(num_stages, dtype=torch.int32, device=self._device)
             self._device_masks: dict[SkipConfig, torch.Tensor] = {self._skip: self._mask.clone()}
-            self._body_stream = torch.cuda.Stream(self._device) if mechanism == "conditional" else None
+            self._streams = None  # conditional: the capture and IF-body streams of every capture, drawn together
+            if mechanism == "conditional":
+                self._streams = capture_streams(lambda: torch.cuda.Stream(self._device))
             self._capture(self._input_shape)
 
     # ---- skip configuration ----------------------------------------------------------------------
@@ -125,14 +127,14 @@ class Engine(nn.Module):
         start = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():  # see compile(): static buffers are updated in place
             capture = CapturedGraph(
-                self._program, shape, self._input_dtype, self._device, self._mask, self.mechanism, self._body_stream
+                self._program, shape, self._input_dtype, self._device, self._mask, self.mechanism, self._streams
             )
         self._captures[shape[0]] = capture
         self.capture_count += 1
         logger.info(
             "captured %s (%s, input %s) in %.1f s: warm-up (Triton compiles and autotunes kernels the first time on "
             "a machine, then reads its disk cache) and one CUDA graph capture",
-            type(self._reference).__name__, self.mechanism, shape, time.perf_counter() - start,
+            self._program.model_name, self.mechanism, shape, time.perf_counter() - start,
         )
         return capture
 

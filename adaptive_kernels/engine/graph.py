@@ -14,8 +14,9 @@ Triton launches and torch ops inside them land in the body graph.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,32 @@ def conditional_nodes_unavailable() -> str | None:
     if driver < MIN_CONDITIONAL_CUDA:
         return f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10}; conditional nodes need 12.4"
     return None
+
+
+@dataclass(frozen=True)
+class CaptureStreams:
+    """The stream a conditional graph is captured on and the one its IF bodies are captured on (never the same)."""
+
+    capture: torch.cuda.Stream
+    body: torch.cuda.Stream
+
+
+def capture_streams(new_stream: Callable[[], torch.cuda.Stream], attempts: int = 64) -> CaptureStreams:
+    """Draw a capture stream and a body stream that are different CUDA streams.
+
+    ``torch.cuda.Stream()`` hands out a pool of 32 streams per device round robin, so two streams made at different
+    times can be one stream (torch.cuda.graph's default capture stream is made once per process): a body captured on
+    the capture stream makes ``begin_if`` fail. Drawn together, the body is drawn again while it equals the capture.
+    """
+    capture = new_stream()
+    for _ in range(attempts):
+        body = new_stream()
+        if body.cuda_stream != capture.cuda_stream:
+            return CaptureStreams(capture, body)
+    raise RuntimeError(
+        f"{attempts} new CUDA streams were all the capture stream {capture.cuda_stream:#x}: the stream pool has a "
+        f"single stream; conditional capture needs two (use mechanism='early_exit')"
+    )
 
 
 class IfNodeSplicer:
@@ -99,7 +126,7 @@ class CapturedGraph:
         device: torch.device,
         mask: torch.Tensor,
         mechanism: str,
-        body_stream: torch.cuda.Stream | None = None,
+        streams: CaptureStreams | None = None,
     ) -> None:
         if mechanism not in ("conditional", "early_exit"):
             raise ValueError(f"a graph captures mechanism 'conditional' or 'early_exit', got {mechanism!r}")
@@ -108,9 +135,12 @@ class CapturedGraph:
         self.input = self.tensors[program.input]
         self.output = self.tensors[program.output]
         self._warm_up(program, mask, mechanism)
-        splicer = IfNodeSplicer(body_stream or torch.cuda.Stream(device)) if mechanism == "conditional" else None
+        splicer = None
+        if mechanism == "conditional":
+            streams = streams or capture_streams(lambda: torch.cuda.Stream(device))
+            splicer = IfNodeSplicer(streams.body)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=None if streams is None else streams.capture):
             execute(program, self.tensors, mask, mechanism=mechanism, splicer=splicer)
 
     def _warm_up(self, program: Program, mask: torch.Tensor, mechanism: str) -> None:
