@@ -16,7 +16,7 @@ import triton.testing
 from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, conv2d, conv2d_ref, pack_conv2d_weight
-from adaptive_kernels.kernels.conv2d import auto_split_k, conv2d_workspace_numel, max_split_k
+from adaptive_kernels.kernels.conv2d import GEMM_TILE, auto_split_k, conv2d_workspace_numel, max_split_k
 from adaptive_kernels.kernels.split_k import SPLIT_K_CHOICES, choose_split_k
 
 # the shared split-K choice (conv2d and linear): the fake-GPU tests patch it
@@ -329,24 +329,23 @@ def test_max_split_k():
 
 def test_choose_split_k_heuristic():
     h100_sms = 132
-    # ResNet-50 at batch 1: layer4 3x3 512->512 (M=49) and layer3 3x3 256->256 (M=196) split, batch 64 does not
-    assert choose_split_k(49, 512, max_split_k(512, 3), h100_sms) > 1
-    assert choose_split_k(196, 256, max_split_k(256, 3), h100_sms) > 1
-    assert choose_split_k(64 * 56 * 56, 64, max_split_k(64, 3), h100_sms) == 1
-    assert choose_split_k(64 * 49, 512, max_split_k(512, 3), h100_sms) == 1
-    assert choose_split_k(49, 512, 4, h100_sms) == 1  # K too short to share
+
+    def choose(m, cout, k_steps):
+        return choose_split_k(m, cout, k_steps, h100_sms, tile=GEMM_TILE)
+
+    assert choose(49, 512, 4) == 1  # K too short to share
     for m in (1, 49, 196, 784, 3136, 12544):
         for cout in (64, 512, 2048):
             previous = None
             for k_steps in range(1, 80, 3):
-                split = choose_split_k(m, cout, k_steps, h100_sms)
-                tiles = -(-m // 64) * -(-cout // 64)
+                split = choose(m, cout, k_steps)
+                tiles = -(-m // GEMM_TILE[0]) * -(-cout // GEMM_TILE[1])
                 assert split in SPLIT_K_CHOICES and split <= k_steps
                 assert split == 1 or (tiles * split <= 2 * h100_sms and k_steps >= 4 * split)
                 assert previous is None or split >= previous  # a longer K never splits less
                 previous = split
             # more output pixels never split more
-            assert choose_split_k(m, cout, 72, h100_sms) >= choose_split_k(4 * m, cout, 72, h100_sms)
+            assert choose(m, cout, 72) >= choose(4 * m, cout, 72)
 
 
 def test_conv2d_workspace_numel():

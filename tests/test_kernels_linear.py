@@ -12,7 +12,6 @@ from helpers import rel_err
 
 from adaptive_kernels.kernels import _common, linear, linear_ref
 from adaptive_kernels.kernels.linear import linear_auto_split_k, linear_max_split_k, linear_workspace_numel
-from adaptive_kernels.kernels.split_k import choose_split_k
 
 split_k_module = importlib.import_module("adaptive_kernels.kernels.split_k")
 
@@ -186,18 +185,6 @@ def test_linear_split_k_early_exit(bit):
     else:
         ref = linear_ref(case["x"].double(), case["weight"].double(), case["bias"].double(), activation="gelu")
         assert rel_err(poison, ref) < 1e-4
-
-
-def test_split_k_heuristic_vit_b16_batch1():
-    # ViT-B/16 at batch 1 (M = 197 tokens) on a 132-SM H100; the heuristic counts 64x64 output tiles and splits
-    # while tiles * split <= 2 * 132 and every split keeps >= 4 K steps of 64
-    sms, tokens = 132, 197
-    assert linear_max_split_k(3072) == 48 and linear_max_split_k(768) == 12 and linear_max_split_k(1) == 1
-    assert choose_split_k(tokens, 768, linear_max_split_k(3072), sms) == 4  # fc2: 4 * 12 = 48 tiles, K = 3072
-    assert choose_split_k(tokens, 768, linear_max_split_k(768), sms) == 2  # out_proj: 48 tiles, K = 768 (12 steps)
-    assert choose_split_k(tokens, 2304, linear_max_split_k(768), sms) == 1  # qkv: 144 tiles fill the GPU
-    assert choose_split_k(tokens, 3072, linear_max_split_k(768), sms) == 1  # fc1: 192 tiles
-    assert choose_split_k(64 * tokens, 768, linear_max_split_k(3072), sms) == 1  # fc2 at batch 64
 
 
 def test_linear_workspace_numel():

@@ -16,7 +16,7 @@ batch 1: layer4's 3x3 has M=49 output pixels, K=4608) would leave most SMs idle,
 ``split_k`` contiguous shares. Split s of a tile writes its fp32 partial sum to ``workspace[s, m, co]`` (no atomics),
 then ``split_k.reduce_partials`` adds the partials and applies the same fused epilogue. Both kernels read the
 early-exit bit first. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only shapes whose
-64x64-tile count is well below the SM count (:func:`.split_k.choose_split_k`) and picks the split among
+count of ``GEMM_TILE`` tiles is well below the SM count (:func:`.split_k.choose_split_k`) and picks the split among
 ``split_k.SPLIT_K_CHOICES`` by timing each once per shape (or takes the heuristic with ``ADN_KERNEL_AUTOTUNE=0``).
 """
 
@@ -38,9 +38,14 @@ _ACTIVATIONS = ("none", "relu", "relu6")
 _FLAT_K_MAX_CIN = 8
 
 
+#: (BM, BN) of the GEMM's default config (the first of ``_gemm_configs``): what launches untuned, and the tile the
+#: split-K heuristic counts output tiles with
+GEMM_TILE = (128, 64)
+
+
 def _gemm_configs() -> list[triton.Config]:
     shapes = [  # BM, BN, BK, warps, stages: Hopper (228 KB shared memory per SM); the first is the default
-        (128, 64, 64, 4, 4),
+        (*GEMM_TILE, 64, 4, 4),
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
@@ -373,7 +378,7 @@ def conv2d_workspace_numel(
     the call (a CUDA-graph body) preallocates this much and passes it as ``workspace``."""
     k_steps = max_split_k(cin, kernel_size, groups)
     split = _check_split_k("conv2d_workspace_numel", split_k, k_steps, groups != 1)
-    return _split.workspace_numel(split, m, cout, k_steps, device)
+    return _split.workspace_numel(split, m, cout, k_steps, device, GEMM_TILE)
 
 
 def _split_key(x: torch.Tensor, cout: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]) -> tuple:
@@ -396,7 +401,8 @@ def auto_split_k(
     k, s, p = _pair("kernel_size", kernel_size, 1), _pair("stride", stride, 1), _pair("padding", padding, 0)
     cout = cin if groups != 1 else w_packed.shape[-1]
     ho, wo = _output_size(h, w, k, s, p)
-    return _split.auto_split(_split_key(x, cout, k, s, p), n * ho * wo, cout, max_split_k(cin, k, groups), x.device)
+    key, k_steps = _split_key(x, cout, k, s, p), max_split_k(cin, k, groups)
+    return _split.auto_split(key, n * ho * wo, cout, k_steps, x.device, GEMM_TILE)
 
 
 def conv2d(
@@ -590,7 +596,7 @@ def conv2d(
             _split.reduce_partials(ws, split, m, cout, ptrs, *indices, has_exit=has_exit, epilogue=epilogue)
 
     key = _split_key(x, cout, (kh, kw), (sh, sw), (ph, pw))
-    _split.run(op, forced_split, key, m, cout, k_steps, launch, out, workspace, "conv2d_workspace_numel")
+    _split.run(op, forced_split, key, m, cout, k_steps, launch, out, workspace, "conv2d_workspace_numel", GEMM_TILE)
     return out
 
 

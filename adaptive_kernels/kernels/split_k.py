@@ -33,7 +33,6 @@ from ._common import fused_epilogue
 SPLIT_K_CHOICES = (1, 2, 4, 8, 16)  # the splits "auto" may choose
 SPLIT_K_STEP = 64
 _MIN_STEPS_PER_SPLIT = 4
-_HEURISTIC_TILE = 64  # the tile the heuristic counts output tiles with
 #: (op, shape..., dtype, device) -> the split chosen by timing (GPU only; filled by :func:`run`)
 MEASURED_SPLITS: dict[tuple, int] = {}
 #: the constexprs of ``fused_epilogue`` that switch every step off (a split's partial-sum kernel has no epilogue)
@@ -159,13 +158,14 @@ def num_k_steps(k: int) -> int:
     return max(1, triton.cdiv(k, SPLIT_K_STEP))
 
 
-def choose_split_k(m: int, n: int, k_steps: int, num_sms: int) -> int:
+def choose_split_k(m: int, n: int, k_steps: int, num_sms: int, *, tile: tuple[int, int]) -> int:
     """The split-K heuristic: the largest split in ``SPLIT_K_CHOICES`` with ``tiles * split <= 2 * num_sms``
-    (tiles: 64x64 tiles of the (m, n) output) that leaves every split >= 4 of the ``k_steps`` K steps; 1 when the
-    output alone fills the GPU or K is short. Pure function of its arguments. E.g. on 132 SMs: ResNet-50 layer4 3x3
-    at batch 1 (m=49, n=512, k_steps=72): 8 tiles -> 16; ViT-B/16 fc2 at batch 1 (m=197, n=768, k_steps=48):
-    48 tiles -> 4."""
-    tiles = triton.cdiv(m, _HEURISTIC_TILE) * triton.cdiv(n, _HEURISTIC_TILE)
+    (tiles: the ``tile = (BM, BN)`` tiles of the (m, n) output, the tile of the op's default config, which is what
+    launches untuned) that leaves every split >= 4 of the ``k_steps`` K steps; 1 when the output alone fills the GPU
+    or K is short. Pure function of its arguments. E.g. on 132 SMs: ResNet-50 layer4 3x3 at batch 1 (m=49, n=512,
+    k_steps=72, 128x64 tiles): 8 tiles -> 16; ViT-B/16 fc2 at batch 1 (m=197, n=768, k_steps=48, 64x128 tiles):
+    24 tiles -> 8."""
+    tiles = triton.cdiv(m, tile[0]) * triton.cdiv(n, tile[1])
     best = 1
     for split in SPLIT_K_CHOICES:
         if tiles * split <= 2 * num_sms and k_steps >= _MIN_STEPS_PER_SPLIT * split:
@@ -183,13 +183,13 @@ def num_sms(device: torch.device) -> int:
     return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def auto_candidates(m: int, n: int, k_steps: int, device: torch.device) -> tuple[int, ...]:
+def auto_candidates(m: int, n: int, k_steps: int, device: torch.device, tile: tuple[int, int]) -> tuple[int, ...]:
     """The splits ``split_k="auto"`` picks from, ascending; ``(1,)`` where it never splits: under the interpreter
     (no GPU timer, and the tests keep the plain kernel), off the GPU, and where :func:`choose_split_k` finds
     enough output tiles. Otherwise every choice up to ``k_steps``: the measurement, not the heuristic, decides."""
     if _common.INTERPRET or device.type != "cuda":
         return (1,)
-    if choose_split_k(m, n, k_steps, num_sms(device)) == 1:
+    if choose_split_k(m, n, k_steps, num_sms(device), tile=tile) == 1:
         return (1,)
     return tuple(s for s in SPLIT_K_CHOICES if s <= k_steps)
 
@@ -211,11 +211,14 @@ def check_split_k(op: str, split_k: int | str, k_steps: int, limit: str) -> int 
     return split_k
 
 
-def workspace_numel(split: int | None, m: int, n: int, k_steps: int, device: torch.device | str) -> int:
+def workspace_numel(
+    split: int | None, m: int, n: int, k_steps: int, device: torch.device | str, tile: tuple[int, int]
+) -> int:
     """fp32 workspace elements for a forced ``split`` (validated by :func:`check_split_k`) or "auto" (None: the
-    largest candidate split, whatever the measurement picks) of an (m, n) output; 0 when it does not split."""
+    largest candidate split, whatever the measurement picks) of an (m, n) output; 0 when it does not split.
+    ``tile``: the op's default (BM, BN), for the heuristic."""
     if split is None:
-        split = max(auto_candidates(m, n, k_steps, torch.device(device)))
+        split = max(auto_candidates(m, n, k_steps, torch.device(device), tile))
     return split * m * n if split > 1 else 0
 
 
@@ -241,7 +244,9 @@ def check_workspace_size(op: str, workspace: torch.Tensor, split: int, m: int, n
         )
 
 
-def cached_split_k(key: tuple, candidates: tuple[int, ...], m: int, n: int, k_steps: int, device) -> int | None:
+def cached_split_k(
+    key: tuple, candidates: tuple[int, ...], m: int, n: int, k_steps: int, device, tile: tuple[int, int]
+) -> int | None:
     """The split "auto" uses without measuring: 1 with a single candidate, the measured choice once made, the
     heuristic when autotuning is off (ADN_KERNEL_AUTOTUNE=0); None when a measurement is due."""
     if len(candidates) == 1:
@@ -249,7 +254,7 @@ def cached_split_k(key: tuple, candidates: tuple[int, ...], m: int, n: int, k_st
     if key in MEASURED_SPLITS:
         return MEASURED_SPLITS[key]
     if not _common.AUTOTUNE:
-        return choose_split_k(m, n, k_steps, num_sms(device))
+        return choose_split_k(m, n, k_steps, num_sms(device), tile=tile)
     return None
 
 
@@ -274,10 +279,10 @@ def measure(candidates: tuple[int, ...], launch: Launch, out: torch.Tensor, work
     return candidates[times.index(min(times))]
 
 
-def auto_split(key: tuple, m: int, n: int, k_steps: int, device: torch.device) -> int | None:
+def auto_split(key: tuple, m: int, n: int, k_steps: int, device: torch.device, tile: tuple[int, int]) -> int | None:
     """The split ``split_k="auto"`` launches for the op call identified by ``key``, or None while its first call on
     the GPU still has to measure it (the ops' ``auto_split_k`` helpers, for benchmarks and logs)."""
-    return cached_split_k(key, auto_candidates(m, n, k_steps, device), m, n, k_steps, device)
+    return cached_split_k(key, auto_candidates(m, n, k_steps, device, tile), m, n, k_steps, device, tile)
 
 
 def run(
@@ -291,6 +296,7 @@ def run(
     out: torch.Tensor,
     workspace: torch.Tensor | None,
     sizes: str,
+    tile: tuple[int, int],
 ) -> None:
     """Choose the split of one GEMM call and launch it: ``launch(split, out, workspace, True)``.
 
@@ -299,15 +305,16 @@ def run(
     op: the GEMM kernel, then for split > 1 :func:`reduce_partials`. The output is (m, n); ``workspace`` (already
     checked by :func:`check_workspace`) must hold every split that may launch. Without one a split call allocates
     its own, so a CUDA-graph body must pass a preallocated one. Inside a capture nothing is timed: "auto" without a
-    measured choice takes the heuristic's split (a caller that captures runs every shape once before)."""
+    measured choice takes the heuristic's split (a caller that captures runs every shape once before). ``tile``: the
+    op's default (BM, BN), which the heuristic counts output tiles with."""
     split = forced
     if split is None:
-        candidates = auto_candidates(m, n, k_steps, out.device)
+        candidates = auto_candidates(m, n, k_steps, out.device, tile)
         if workspace is not None and len(candidates) > 1:
             check_workspace_size(op, workspace, candidates[-1], m, n, f"split_k='auto' (up to {candidates[-1]})", sizes)
-        split = cached_split_k(key, candidates, m, n, k_steps, out.device)
+        split = cached_split_k(key, candidates, m, n, k_steps, out.device, tile)
         if split is None and capturing(out.device):
-            split = choose_split_k(m, n, k_steps, num_sms(out.device))  # no timing inside a capture
+            split = choose_split_k(m, n, k_steps, num_sms(out.device), tile=tile)  # no timing inside a capture
         elif split is None:
             if workspace is None:
                 workspace = torch.empty(candidates[-1] * m * n, device=out.device, dtype=torch.float32)
