@@ -1,6 +1,8 @@
-"""Shared test helpers: models with randomised norms, the relative error, the device mask."""
+"""Shared test helpers: models with randomised norms, the relative error, the fp16 error rule, the device mask."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -71,6 +73,32 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| in float64."""
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm()).item()
+
+
+#: The fp16 rule of the engine tests (GPU and the CPU numerics emulation), as the kernel tests' rule for one op: the
+#: engine's error against the fp32 model may be at most this multiple of the error of the same model run by torch in
+#: fp16. fp16 rounding alone puts ~1e-2 into a deep CNN's logits (ResNet-50-ADN: weights alone 1.4e-2), so a fixed
+#: tolerance either fails for rounding or hides bugs; the ratio stays near 1 (0.85-1.2 in the CPU emulation) while
+#: running a wrong sub-network or norm set costs 0.1-1.
+FP16_ERROR_FACTOR = 2.0
+
+
+def torch_fp16(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in fp16 (parameters and buffers), run by torch: the yardstick of :func:`check_fp16_error`."""
+    return copy.deepcopy(model).half()
+
+
+def check_fp16_error(got: torch.Tensor, want: torch.Tensor, torch_half: torch.Tensor, what: object) -> float:
+    """Assert ``rel_err(got, want) <= FP16_ERROR_FACTOR * rel_err(torch_half, want)``.
+
+    got: the engine's fp16 output; want: the fp32 model's; torch_half: the :func:`torch_fp16` model's on the
+    fp16-rounded input. Returns torch's error (the bound's yardstick)."""
+    ours, theirs = rel_err(got, want), rel_err(torch_half, want)
+    assert ours <= FP16_ERROR_FACTOR * theirs, (
+        f"{what}: error {ours:.2e} vs the fp32 model is more than {FP16_ERROR_FACTOR} x torch's own fp16 error "
+        f"{theirs:.2e}: not rounding, a bug"
+    )
+    return theirs
 
 
 def device_mask(skip: tuple[bool, ...], device: torch.device | str = "cpu") -> torch.Tensor:

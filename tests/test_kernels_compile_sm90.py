@@ -9,6 +9,10 @@ then compiles one autotune config per variant with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))``
 (the ASTSource arguments as in triton 3.6-3.9: name-keyed signature including "constexpr" entries,
 name-keyed constexprs, attrs keyed by argument-index tuples).
+
+The default configs of the two GEMMs (the first autotune config: what launches untuned) are also compiled, and
+must use Hopper's wgmma (the PTX holds ``wgmma``) with no register spills (``ptxas -v`` on that PTX for sm_90a,
+with the flags Triton passes): a spilling or non-wgmma default would be slow on every untuned GPU run.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -47,6 +53,8 @@ VARIANTS = [
     ("gather_rows", "gather", "float16"),
     ("gather_rows", "gather", "bfloat16"),
 ]
+# the GEMM variants (every epilogue feature on, GELU for linear) whose default config must use wgmma and not spill
+DEFAULT_CONFIG_VARIANTS = [("conv2d_gemm", "conv2d", "float16"), ("linear", "linear", "float16")]
 MAX_SHARED_SM90 = 232448  # bytes of shared memory one block may use on sm_90
 # variants whose launch calls two kernels (split-K: partial sums, then the reduction shared by conv2d and linear,
 # compiled with each op's epilogue): the one to compile
@@ -158,7 +166,7 @@ class _Recorder:
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
 
 
-def _compile_variant(name: str, module_name: str, dtype_name: str) -> dict:
+def _compile_variant(name: str, module_name: str, dtype_name: str, default_config: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -199,14 +207,36 @@ def _compile_variant(name: str, module_name: str, dtype_name: str) -> dict:
             aligned = False
         if aligned:  # what a GPU launch's specialisation would tell the compiler
             attrs[(i,)] = [["tt.divisibility", 16]]
-    # the smallest tile compiles fastest; every config shares the code path
-    config = min(rec.autotuner.configs, key=lambda c: _tile_size(c.kwargs))
+    # the smallest tile compiles fastest and every config shares the code path; or the default (the first)
+    configs = rec.autotuner.configs
+    config = configs[0] if default_config else min(configs, key=lambda c: _tile_size(c.kwargs))
     constexprs = {**kwargs, **config.kwargs}
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn, signature, constexprs, attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return {"shared": int(compiled.metadata.shared), "asm": sorted(compiled.asm.keys()), "config": str(config)}
+    result = {"shared": int(compiled.metadata.shared), "asm": sorted(compiled.asm.keys()), "config": str(config)}
+    if default_config:
+        result["wgmma"] = "wgmma" in compiled.asm["ptx"]
+        result["spill_bytes"] = _spill_bytes(compiled.asm["ptx"])
+    return result
+
+
+def _spill_bytes(ptx: str) -> int:
+    """Spill stores + loads that ``ptxas -v`` reports for this PTX on sm_90a (Triton's ptxas and flags; its
+    compiled kernel's n_spills needs a GPU to load the binary)."""
+    import triton
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [triton.knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src]
+        log = subprocess.run([*cmd, "-o", src + ".o"], capture_output=True, text=True, check=True).stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not spills:
+        raise RuntimeError(f"no spill counts in the ptxas -v log:\n{log}")
+    return sum(int(a) + int(b) for a, b in spills)
 
 
 def _tile_size(kwargs: dict) -> int:
@@ -227,6 +257,11 @@ def _main() -> None:
             results[f"{name}-{dtype_name}"] = _compile_variant(name, module_name, dtype_name)
         except Exception as e:  # noqa: BLE001 (report every variant, not only the first failure)
             results[f"{name}-{dtype_name}"] = {"error": f"{type(e).__name__}: {e}"[:4000]}
+    for name, module_name, dtype_name in DEFAULT_CONFIG_VARIANTS:
+        try:
+            results[f"{name}-{dtype_name}-default"] = _compile_variant(name, module_name, dtype_name, True)
+        except Exception as e:  # noqa: BLE001
+            results[f"{name}-{dtype_name}-default"] = {"error": f"{type(e).__name__}: {e}"[:4000]}
     print("RESULTS " + json.dumps(results))
 
 
@@ -255,6 +290,16 @@ def test_compiles_for_sm90(compiled, name, module_name, dtype_name):
     assert "error" not in result, result.get("error")
     assert "cubin" in result["asm"] and "ptx" in result["asm"]
     assert 0 <= result["shared"] <= MAX_SHARED_SM90
+
+
+@pytest.mark.parametrize(
+    "name,module_name,dtype_name", DEFAULT_CONFIG_VARIANTS, ids=[f"{v[0]}-{v[2]}" for v in DEFAULT_CONFIG_VARIANTS]
+)
+def test_default_gemm_config_uses_wgmma_without_spills(compiled, name, module_name, dtype_name):
+    result = compiled[f"{name}-{dtype_name}-default"]
+    assert "error" not in result, result.get("error")
+    assert result["wgmma"], f"{result['config']}: no wgmma in the PTX"
+    assert result["spill_bytes"] == 0, f"{result['config']}: ptxas spills {result['spill_bytes']} bytes"
 
 
 if __name__ == "__main__":
