@@ -23,7 +23,10 @@ a JSON list per suite. ``macs`` is per image. Times are µs; on a GPU they come 
 
 Environment knobs: ADN_BENCH_OUT (row folder; default bench/results/run_<time>/ in FULL mode), ADN_BENCH_SMOKE=1,
 ADN_BENCH_WARMUP, ADN_BENCH_ROUNDS, ADN_BENCH_COMPILE_ALL=1 (compile providers for every sub-network, not only
-super/base: slow), ADN_GIT_SHA (when the tree has no .git, e.g. a copy on a GPU machine).
+super/base: slow), ADN_BENCH_PROVIDERS=eager,cuda_graph,... and ADN_BENCH_BATCHES=1,64 (run only these providers /
+batch sizes of the latency suites; gpu_check.sh splits the providers over its two calls), ADN_BENCH_ROWS_TAG=name
+(rows go to ``<suite>_<name>.json``, so two runs of one suite into one folder keep both), ADN_GIT_SHA (when the tree
+has no .git, e.g. a copy on a GPU machine).
 
 ``python -m bench._harness env`` prints the environment record as JSON.
 """
@@ -77,6 +80,20 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r} is not an integer") from None
 
 
+def env_subset(name: str, choices: tuple, parse: Callable[[str], object] = str) -> tuple:
+    """The entries of ``choices`` that the comma list in ``$name`` names, in ``choices``' order (all when unset)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return choices
+    try:
+        wanted = {parse(v.strip()) for v in value.split(",") if v.strip()}
+    except ValueError:
+        wanted = None
+    if not wanted or not wanted <= set(choices):
+        raise ValueError(f"{name}={value!r}: use a comma list of {', '.join(map(str, choices))}")
+    return tuple(c for c in choices if c in wanted)
+
+
 # ---- models and inputs ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
@@ -120,15 +137,18 @@ def latency_cases(spec: ModelSpec, batches: tuple[int, ...]) -> list:
     sub-networks, engines first.
 
     Compile providers cost seconds of compilation per sub-network, so they cover super and base only unless
-    ADN_BENCH_COMPILE_ALL=1.
+    ADN_BENCH_COMPILE_ALL=1. ADN_BENCH_PROVIDERS and ADN_BENCH_BATCHES keep only the providers / batches they name.
     """
     skips = benchmark_skips(spec.num_stages)
+    providers = env_subset("ADN_BENCH_PROVIDERS", PROVIDERS)
+    batches = env_subset("ADN_BENCH_BATCHES", tuple(batches), int)
     # engines first: a torch.compile case costs seconds of compilation, and a capped run must keep our rows
-    head_providers = sorted(PROVIDERS, key=lambda p: p not in ENGINE_MECHANISM)
+    head_providers = sorted(providers, key=lambda p: p not in ENGINE_MECHANISM)
     head = [(provider, batch, skip) for batch in batches for skip in skips[:2] for provider in head_providers]
     rest_providers = ["engine_conditional", "engine_early_exit", "cuda_graph", "eager"]
     if os.environ.get("ADN_BENCH_COMPILE_ALL") == "1":
         rest_providers += ["compile", "compile_freeze"]
+    rest_providers = [p for p in rest_providers if p in providers]
     rest = [(provider, batch, skip) for provider in rest_providers for batch in batches for skip in skips[2:]]
     return [
         pytest.param(

@@ -2,6 +2,8 @@
 TRITON_INTERPRET=1 without a GPU (set by ``bench._harness`` before adaptive_kernels is imported) and skipping
 ``gpu``-marked benchmarks without CUDA. Also fixtures shared by the suites."""
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,10 @@ def rows_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rows(request, rows_dir) -> harness.RowWriter:
-    """The module's row file: ``test_latency_resnet.py`` -> ``latency_resnet.json``."""
+    """The module's row file: ``test_latency_resnet.py`` -> ``latency_resnet.json`` (``latency_resnet_<tag>.json``
+    with ADN_BENCH_ROWS_TAG=tag)."""
     suite = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
-    return harness.RowWriter(rows_dir / f"{suite}.json")
+    tag = os.environ.get("ADN_BENCH_ROWS_TAG", "")
+    if tag and not re.fullmatch(r"[A-Za-z0-9_-]+", tag):
+        raise ValueError(f"ADN_BENCH_ROWS_TAG={tag!r}: use letters, digits, '_' and '-' only (it names a file)")
+    return harness.RowWriter(rows_dir / (f"{suite}_{tag}.json" if tag else f"{suite}.json"))

@@ -83,9 +83,20 @@ def _md_table_head(title: str, header: list[str]) -> list[str]:
     return [title, "", _md_row(header), "|" + "---|" * len(header)]
 
 
+def _ordered(names: set[str]) -> list[str]:
+    """Provider names (or table columns) in PROVIDERS order, others after them, sorted."""
+    return [p for p in PROVIDERS if p in names] + sorted(names - set(PROVIDERS))
+
+
 def _providers(rows: Iterable[dict]) -> list[str]:
-    present = {r["provider"] for r in rows}
-    return [p for p in PROVIDERS if p in present] + sorted(present - set(PROVIDERS))
+    return _ordered({r["provider"] for r in rows})
+
+
+def _column(row: dict) -> str:
+    """A latency table's column: the provider, with "+autotune" for an engine whose kernels were autotuned (its
+    rows then stand beside the untuned ones instead of replacing them)."""
+    tuned = row.get("autotune") and row["provider"].startswith("engine")
+    return row["provider"] + ("+autotune" if tuned else "")
 
 
 def latency_tables(rows: list[dict]) -> str:
@@ -93,10 +104,10 @@ def latency_tables(rows: list[dict]) -> str:
     groups: dict[tuple, dict[tuple[str, str], dict]] = defaultdict(dict)
     for r in rows:
         if is_latency(r):
-            groups[(r["model"], r["batch"], r["dtype"])][(r["skip"], r["provider"])] = r  # later rows win
+            groups[(r["model"], r["batch"], r["dtype"])][(r["skip"], _column(r))] = r  # later rows win
     out = []
     for (model, batch, dtype), cells in sorted(groups.items()):
-        providers = _providers(cells.values())
+        providers = _ordered({column for _, column in cells})
         macs = {skip: r["macs"] for (skip, _), r in cells.items()}
         skips = sorted(macs, key=lambda s: (-(macs[s] or 0), s))
         ratio = any(p.startswith("engine") for p in providers) and any(p.startswith("compile") for p in providers)

@@ -184,3 +184,15 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "broken.json").unlink()
     assert plot.main(["--results", str(tmp_path)]) == 1  # no rows: says so, writes nothing
     assert not (tmp_path / "results.md").exists()
+
+
+def test_autotuned_engine_rows_get_their_own_column():
+    rows = [
+        row("engine_conditional", "FFFF", 400.0, 4.11e9, autotune=False),
+        row("engine_conditional", "FFFF", 300.0, 4.11e9, autotune=True),
+        row("compile", "FFFF", 600.0, 4.11e9, autotune=True),  # not an engine: autotune does not apply
+    ]
+    cells = table_lines(plot.latency_tables(rows), "**resnet50_adn**, batch 1")
+    header = ["sub-network", "GMACs", "compile", "engine_conditional", "engine_conditional+autotune"]
+    assert cells[0] == [*header, "best engine / best compile"]
+    assert cells[2] == ["FFFF", "4.110", "600.0", "400.0", "300.0", "0.50"]
