@@ -8,6 +8,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
+from bench import _harness as harness
 from bench._harness import ROW_KEYS
 
 SCRIPT = Path(__file__).resolve().parent / "gpu_check.sh"
@@ -129,3 +132,19 @@ def test_budget_and_bad_argument(tmp_path):
         proc = run_script(tmp_path / "bad", *args, **env)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert not (tmp_path / "bad").exists()  # rejected before any work
+
+
+def test_provider_and_batch_selection(monkeypatch):
+    """What gpu_check.sh splits its calls with: ADN_BENCH_PROVIDERS / ADN_BENCH_BATCHES keep what they name."""
+    spec = harness.ModelSpec("resnet20_adn", input_size=(32, 32), num_stages=3)
+    monkeypatch.setenv("ADN_BENCH_PROVIDERS", "compile_freeze,eager")
+    monkeypatch.setenv("ADN_BENCH_BATCHES", "64")
+    cases = [p.values for p in harness.latency_cases(spec, (1, 64))]
+    assert {(provider, batch) for provider, batch, _ in cases} == {("eager", 64), ("compile_freeze", 64)}
+    monkeypatch.setenv("ADN_BENCH_PROVIDERS", "eager,compiled")
+    with pytest.raises(ValueError, match="ADN_BENCH_PROVIDERS='eager,compiled': use a comma list of eager, cuda_graph"):
+        harness.latency_cases(spec, (1,))
+    monkeypatch.delenv("ADN_BENCH_PROVIDERS")
+    monkeypatch.setenv("ADN_BENCH_BATCHES", "one")
+    with pytest.raises(ValueError, match="ADN_BENCH_BATCHES='one': use a comma list of 1, 64"):
+        harness.latency_cases(spec, (1, 64))
