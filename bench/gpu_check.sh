@@ -62,6 +62,9 @@ BUDGET=${ADN_GPU_CHECK_BUDGET_S:-540}
 for name in "${!CAP[@]}"; do
   cap_var="ADN_GPU_CHECK_CAP_$name"
   CAP[$name]=${!cap_var:-${CAP[$name]}}
+  if ! [[ "${CAP[$name]}" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check.sh: $cap_var='${CAP[$name]}' is not a whole number of seconds" >&2; exit 2
+  fi
 done
 call_sections() {  # call_sections N: the section names of call N
   local -n sections="CALL$1"

@@ -128,6 +128,7 @@ def test_budget_and_bad_argument(tmp_path):
         (("--call", "3"), {}, "--call takes 1 or 2, got '3'"),
         (("--call",), {}, "--call takes 1 or 2, got ''"),
         (("--smoke",), {"ADN_GPU_CHECK_SECTIONS": "env,latency"}, "unknown section 'latency' (--plan lists them)"),
+        (("--plan",), {"ADN_GPU_CHECK_CAP_train": "1m"}, "ADN_GPU_CHECK_CAP_train='1m' is not a whole number"),
     ]:
         proc = run_script(tmp_path / "bad", *args, **env)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
