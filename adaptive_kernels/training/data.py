@@ -350,10 +350,10 @@ class ImageFolderData(DataSource):
         self.num_workers = num_workers
         self.augment = augment
 
-    def _loader(self, dataset, indices, batch_size, drop_last=False) -> DataLoader:
+    def _loader(self, dataset, indices, batch_size, generator=None, drop_last=False) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, sampler=_IndexSampler(indices), num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -364,7 +364,10 @@ class ImageFolderData(DataSource):
         per_rank = _per_rank_batch(batch_size, world_size)
         indices = _epoch_indices(self.num_train, epoch, seed, rank, world_size).tolist()[start_step * per_rank:]
         dataset = _SeededTransform(self.train_set, self.train_transform, seed, epoch)
-        for x, y in self._loader(dataset, indices, per_rank, drop_last=True):
+        # The loader draws its workers' base seed from this generator, not from the global RNG (which dropout
+        # uses and checkpoints restore): a resume must not shift it.
+        g = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
+        for x, y in self._loader(dataset, indices, per_rank, generator=g, drop_last=True):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def test_batches(self, *, batch_size, rank=0, world_size=1, device="cpu"):

@@ -114,9 +114,9 @@ def budget_choices(results: list[SubnetResult]) -> list[dict[str, Any]]:
     budgets, the fastest sub-network's latency, the midpoint and the slowest's (each: budget_us, skip, accuracy,
     latency_us, reliable, doubts).
 
-    ``reliable`` is False when the measurement's spread could change the pick: the pick's 80th percentile is over
-    the budget (it misses it in more than a fifth of the runs), or a more accurate sub-network's 20th percentile
-    is within it (it might have fitted). ``doubts`` names those sub-networks."""
+    A budget holds the median latency. ``reliable`` is False when the measurement's spread could change the pick:
+    a more accurate sub-network whose median is over the budget ran within it in at least a fifth of the rounds
+    (its 20th percentile fits). ``doubts`` names those sub-networks."""
     latency = {r.skip: r.latency_us for r in results}
     accuracy = {r.skip: r.accuracy for r in results}
     by_skip = {r.skip: r for r in results}
@@ -125,8 +125,7 @@ def budget_choices(results: list[SubnetResult]) -> list[dict[str, Any]]:
     for budget in (fastest, (fastest + slowest) / 2, slowest):
         skip = skip_to_str(select_skip(latency, accuracy, budget))
         pick = by_skip[skip]
-        doubts = [skip] if pick.latency_p80_us is not None and pick.latency_p80_us > budget else []
-        doubts += [r.skip for r in results if r.accuracy > pick.accuracy and r.latency_us > budget
+        doubts = [r.skip for r in results if r.accuracy > pick.accuracy and r.latency_us > budget
                    and r.latency_p20_us is not None and r.latency_p20_us <= budget]
         choices.append({"budget_us": budget, "skip": skip, "accuracy": accuracy[skip], "latency_us": latency[skip],
                         "reliable": not doubts, "doubts": doubts})
