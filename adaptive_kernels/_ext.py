@@ -4,6 +4,7 @@ says whether it is usable and ``EXT_ERROR`` why not."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -14,10 +15,15 @@ _C = None
 try:
     _C_mod = importlib.import_module("adaptive_kernels._C")
 except ImportError as e:
-    EXT_ERROR = (
-        f"adaptive_kernels._C is not available ({e}); build it with a CUDA toolkit present: "
-        "pip install --no-build-isolation -e ."
-    )
+    # setup.py leaves this note when it installed without the extension: the real cause, and its fix.
+    _skipped = Path(__file__).with_name("EXT_SKIPPED")
+    if _skipped.is_file():
+        EXT_ERROR = f"adaptive_kernels._C was not built at install: {_skipped.read_text().strip()}"
+    else:
+        EXT_ERROR = (
+            f"adaptive_kernels._C is not available ({e}); build it with a CUDA toolkit present: "
+            "pip install --no-build-isolation -e ."
+        )
 else:
     built_torch, built_cuda = _C_mod.built_with()
     if built_torch.split("+")[0] != torch.__version__.split("+")[0] or built_cuda != str(torch.version.cuda):

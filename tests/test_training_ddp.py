@@ -56,6 +56,11 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     try:
+        model, data = build(False)
+        try:  # refused on CPU before anything runs (torch's SyncBatchNorm is GPU-only): every rank says why
+            Trainer(model, data, TrainConfig(**CONFIG, sync_bn=True), env=env, echo=lambda s: None)
+        except ValueError as e:
+            (Path(out_dir) / f"sync_bn_rank{rank}.txt").write_text(str(e))
         for name, frozen in (("frozen_bn", True), ("train_bn", False)):
             model, data = build(frozen)
             trainer = Trainer(model, data, TrainConfig(**CONFIG), out_dir=Path(out_dir) / name, env=env,
@@ -166,3 +171,9 @@ def test_only_rank_zero_writes(ddp_results):
     assert sum('"event": "eval"' in line for line in log) == CONFIG["epochs"]  # one line per epoch, not per rank
     assert sum('"event": "train"' in line for line in log) == CONFIG["epochs"] * 64 // GLOBAL_BATCH
     assert sorted(os.listdir(out / "train_bn")) == ["last.pt", "log.jsonl"]
+
+
+def test_sync_bn_on_cpu_is_refused_before_training(ddp_results):
+    out, _ = ddp_results
+    for rank in range(WORLD):
+        assert "SyncBatchNorm runs on GPUs only" in (out / f"sync_bn_rank{rank}.txt").read_text()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..models.skip import SkipConfig, parse_skip, skip_to_str
 
@@ -23,8 +26,8 @@ def _num_stages(key: Any) -> int | None:
         return None
 
 
-def _normalise(table: Table, field: str, what: str) -> dict[SkipConfig, float]:
-    """``table`` -> ``{skip tuple: value}``; ``field`` is the record key holding the value."""
+def _pairs(table: Table, field: str, what: str) -> list[tuple[Any, Any]]:
+    """``table`` -> ``[(skip key, value), ...]``; ``field`` is the record key holding the value."""
     if isinstance(table, Mapping):
         pairs = list(table.items())
     elif isinstance(table, Sequence) and not isinstance(table, (str, bytes)):
@@ -43,22 +46,30 @@ def _normalise(table: Table, field: str, what: str) -> dict[SkipConfig, float]:
         )
     if not pairs:
         raise ValueError(f"{what} is empty")
+    return pairs
+
+
+def _table_stages(pairs: list[tuple[Any, Any]], what: str) -> int | None:
+    """The number of skippable stages the table's keys spell out (None: only 'super'/'base')."""
     lengths = {n for n in (_num_stages(k) for k, _ in pairs) if n is not None}
-    if not lengths:
-        raise ValueError(
-            f"{what}: 'super'/'base' alone do not say how many skippable stages the model has; "
-            "include at least one configuration spelled out, e.g. 'TFFT' or (True, False, False, True)"
-        )
-    if len(lengths) != 1:
+    if len(lengths) > 1:
         raise ValueError(
             f"{what}: the skip configurations must all have one length (one flag per skippable stage), "
             f"got lengths {sorted(lengths)}"
         )
-    num_stages = lengths.pop()
+    return lengths.pop() if lengths else None
+
+
+def _is_number(value: Any) -> bool:
+    # numbers.Real covers NumPy's scalars (np.float32, np.int64), which tables built with NumPy hold.
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _normalise(pairs: list[tuple[Any, Any]], num_stages: int, what: str) -> dict[SkipConfig, float]:
     out: dict[SkipConfig, float] = {}
     for key, value in pairs:
         skip = parse_skip(key, num_stages)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_number(value) or not math.isfinite(value):
             raise ValueError(f"{what}[{skip_to_str(skip)}] = {value!r} is not a finite number")
         if skip in out:
             raise ValueError(f"{what} lists the configuration {skip_to_str(skip)} twice")
@@ -75,10 +86,25 @@ def select_skip(latency_table: Table, accuracy_table: Table, budget_us: float) -
     Returns the skip configuration as a tuple of bools (True = skip), accepted by ``engine.set_skip``.
     Raises ValueError when no configuration fits the budget (naming the fastest one).
     """
-    if isinstance(budget_us, bool) or not isinstance(budget_us, (int, float)) or not budget_us > 0:
+    if not _is_number(budget_us) or not budget_us > 0:
         raise ValueError(f"budget_us must be a positive number of microseconds, got {budget_us!r}")
-    latency = _normalise(latency_table, "latency_us", "latency_table")
-    accuracy = _normalise(accuracy_table, "accuracy", "accuracy_table")
+    latency_pairs = _pairs(latency_table, "latency_us", "latency_table")
+    accuracy_pairs = _pairs(accuracy_table, "accuracy", "accuracy_table")
+    n_latency = _table_stages(latency_pairs, "latency_table")
+    n_accuracy = _table_stages(accuracy_pairs, "accuracy_table")
+    if n_latency is not None and n_accuracy is not None and n_latency != n_accuracy:
+        raise ValueError(
+            f"latency_table has skip configurations of {n_latency} flags but accuracy_table of {n_accuracy} "
+            f"(one flag per skippable stage): the two tables must come from the same model"
+        )
+    num_stages = n_latency if n_latency is not None else n_accuracy
+    if num_stages is None:
+        raise ValueError(
+            "'super'/'base' alone do not say how many skippable stages the model has; include at least one "
+            "configuration spelled out, e.g. 'TFFT' or (True, False, False, True)"
+        )
+    latency = _normalise(latency_pairs, num_stages, "latency_table")
+    accuracy = _normalise(accuracy_pairs, num_stages, "accuracy_table")
     common = [s for s in latency if s in accuracy]
     if not common:
         raise ValueError(

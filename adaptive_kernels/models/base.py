@@ -10,6 +10,19 @@ from torch import nn
 from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip
 
 
+def check_positive_int(name: str, value: object) -> None:
+    """Constructor argument check shared by every model: a wrong size must fail when the model is built,
+    not as a shape error in the first forward (or as logits of shape (N, 0))."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_probability(name: str, value: object) -> None:
+    """A dropout-like rate in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+
+
 class ADNModel(nn.Module):
     """Base class of the ADN models.
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ADNModel
+from .base import ADNModel, check_positive_int, check_probability
 from .registry import register_model
 from .resnet import SkippableStage
 from .skip import SkipLike
@@ -151,12 +151,10 @@ class MobileNetV2ADN(ADNModel):
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if not isinstance(width_mult, (int, float)) or width_mult <= 0:
             raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout)
         self.in_chans = in_chans
         self.num_skippable_stages = sum(n >= 2 for _, _, n, _ in INVERTED_RESIDUAL_SETTING)
         last = self.num_skippable_stages - 1  # the flag of the n=1 stage and the conv after the last stage

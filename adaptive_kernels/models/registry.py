@@ -25,18 +25,24 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
+def get_builder(name: str) -> Callable[..., nn.Module]:
+    """The registered builder ``name``; an unknown name raises ValueError listing the close matches."""
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known models: {', '.join(list_models())}"
+        raise ValueError(f"unknown model {name!r}; {hint}")
+    return _MODELS[name]
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered ADN model, e.g. ``create_model("resnet50_adn", num_classes=10)``.
 
     Common kwargs: ``num_classes``, ``in_chans``, ``device``, ``dtype``.
     """
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known models: {', '.join(list_models())}"
-        raise ValueError(f"unknown model {name!r}; {hint}")
+    builder = get_builder(name)
     device = kwargs.pop("device", None)
     dtype = kwargs.pop("dtype", None)
-    model = _MODELS[name](**kwargs)
+    model = builder(**kwargs)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

@@ -28,14 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ADNModel
+from .base import ADNModel, check_positive_int
 from .registry import register_model
 from .skip import SkipLike
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def num_mandatory_blocks(num_blocks: int) -> int:
@@ -174,7 +169,7 @@ class ResNetADN(ADNModel):
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("width", width)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if not layers or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in layers):
             raise ValueError(f"layers must list >= 2 blocks per stage (mandatory + skippable), got {layers!r}")
         self.in_chans = in_chans

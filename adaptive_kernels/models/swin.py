@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ADNModel
+from .base import ADNModel, check_positive_int, check_probability
 from .registry import register_model
 from .skip import SkipConfig, SkipLike
 
@@ -255,8 +255,26 @@ class SwinTransformerADN(ADNModel):
         in_chans: int = 3,
     ):
         super().__init__()
-        if any(d < 2 for d in depths):
-            raise ValueError(f"every stage needs >= 2 blocks to have a skippable half, got depths={depths}")
+        for name, value in (("embed_dim", embed_dim), ("patch_size", patch_size), ("window_size", window_size),
+                            ("num_classes", num_classes), ("in_chans", in_chans)):
+            check_positive_int(name, value)
+        for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout),
+                            ("stochastic_depth_prob", stochastic_depth_prob)):
+            check_probability(name, value)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        if not depths or len(depths) != len(num_heads):
+            raise ValueError(f"depths {depths} and num_heads {num_heads} must list one value per stage (>= 1 stage)")
+        for stage, (depth, heads) in enumerate(zip(depths, num_heads)):
+            check_positive_int(f"num_heads[{stage}]", heads)
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+                raise ValueError(f"every stage needs >= 2 blocks to have a skippable half, got depths={depths}")
+            if (embed_dim * 2**stage) % heads != 0:
+                raise ValueError(
+                    f"stage {stage} has {embed_dim * 2**stage} channels (embed_dim * 2^stage), not a multiple of "
+                    f"its {heads} heads"
+                )
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.num_skippable_stages = len(depths)

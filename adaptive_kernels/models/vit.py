@@ -29,7 +29,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .base import ADNModel
+from .base import ADNModel, check_positive_int, check_probability
 from .registry import register_model
 from .skip import SkipConfig, SkipLike
 
@@ -148,6 +148,14 @@ class VisionTransformerADN(ADNModel):
         attention_dropout: float = 0.0,
     ):
         super().__init__()
+        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("num_layers", num_layers),
+                            ("num_heads", num_heads), ("hidden_dim", hidden_dim), ("mlp_dim", mlp_dim),
+                            ("num_classes", num_classes), ("in_chans", in_chans)):
+            check_positive_int(name, value)
+        check_probability("dropout", dropout)
+        check_probability("attention_dropout", attention_dropout)
+        if hidden_dim % num_heads != 0:
+            raise ValueError(f"hidden_dim={hidden_dim} must be a multiple of num_heads={num_heads}")
         if image_size % patch_size != 0:
             raise ValueError(f"image_size={image_size} is not a multiple of the patch size {patch_size}")
         if num_layers % BLOCKS_PER_STAGE != 0:

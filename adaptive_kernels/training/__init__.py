@@ -5,7 +5,16 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataSource, ImageFolderData, InMemoryImages, build_data, load_fashion_mnist, make_synthetic
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .ema import ModelEMA
-from .evaluate import SubnetResult, accuracy, evaluate_subnets, format_table, measure_latency_us, plot_tradeoff
+from .evaluate import (
+    LatencyStats,
+    SubnetResult,
+    accuracy,
+    evaluate_subnets,
+    format_table,
+    measure_latencies_us,
+    measure_latency_us,
+    plot_tradeoff,
+)
 from .losses import classification_loss, distillation_kl, mixup_batch, pooled_feature_kl
 from .step import StepConfig, forward_backward, train_step
 from .trainer import TrainConfig, Trainer, seed_everything
@@ -32,6 +41,8 @@ __all__ = [
     "load_checkpoint",
     "load_fashion_mnist",
     "make_synthetic",
+    "LatencyStats",
+    "measure_latencies_us",
     "measure_latency_us",
     "mixup_batch",
     "plot_tradeoff",

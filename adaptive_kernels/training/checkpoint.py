@@ -41,6 +41,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     payload = {"format": FORMAT, "version": VERSION, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would ignore the user's umask
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -53,6 +54,27 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted ``save_checkpoint(path)`` left beside ``path`` (a kill -9
+    between creating and renaming one). Call it only while no other process writes that checkpoint."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import gzip
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -286,13 +286,32 @@ class _IndexSampler(Sampler[int]):
         return len(self.indices)
 
 
+class _SeededTransform(Dataset):
+    """``transform`` applied to sample ``i`` of ``dataset`` with torch's RNG seeded from (seed, epoch, i): the
+    augmentation of a sample depends neither on the DataLoader worker that loads it nor on where a resumed
+    epoch starts. torchvision's transforms draw from torch's global RNG; ``fork_rng`` restores it afterwards
+    (with ``num_workers=0`` this runs in the training process)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int, epoch: int):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix_seed(self.seed, self.epoch, i))
+            return self.transform(image), label
+
+
 class ImageFolderData(DataSource):
     """ImageNet-layout folders ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (torchvision).
 
     Training: RandomResizedCrop + flip (or, without ``augment``, the test transform); test: resize to
-    image_size/0.875 + center crop. Loading runs in
-    ``num_workers`` DataLoader workers seeded from (seed, epoch, rank); a resume in the middle of an epoch
-    repeats the sample order exactly but not the remaining augmentations (exact at epoch boundaries).
+    image_size/0.875 + center crop. Loading runs in ``num_workers`` DataLoader workers; each sample's
+    augmentation is drawn from (seed, epoch, sample index), so the batches do not depend on ``num_workers``
+    and a resume in the middle of an epoch repeats the remaining batches exactly.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int = 224, num_workers: int = 4, augment: bool = True):
@@ -318,7 +337,8 @@ class ImageFolderData(DataSource):
             train_transform = T.Compose(
                 [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
             )
-        self.train_set = tvd.ImageFolder(root / "train", train_transform)
+        self.train_set = tvd.ImageFolder(root / "train")  # transformed per sample by _SeededTransform
+        self.train_transform = train_transform
         self.test_set = tvd.ImageFolder(root / "val", test_transform)
         if self.train_set.classes != self.test_set.classes:
             raise ValueError(f"{root}: train and val have different class folders")
@@ -336,11 +356,18 @@ class ImageFolderData(DataSource):
             pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator,
         )
 
+    def describe(self) -> dict[str, Any]:
+        # Recorded for the record only: the batches do not depend on it (see _SeededTransform).
+        return {**super().describe(), "num_workers": self.num_workers}
+
     def train_batches(self, epoch, *, batch_size, seed, rank=0, world_size=1, start_step=0, device="cpu"):
         per_rank = _per_rank_batch(batch_size, world_size)
         indices = _epoch_indices(self.num_train, epoch, seed, rank, world_size).tolist()[start_step * per_rank:]
+        dataset = _SeededTransform(self.train_set, self.train_transform, seed, epoch)
+        # The loader draws its workers' base seed from this generator, not from the global RNG (which dropout
+        # uses and checkpoints restore): a resume must not shift it.
         g = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
-        for x, y in self._loader(self.train_set, indices, per_rank, generator=g, drop_last=True):
+        for x, y in self._loader(dataset, indices, per_rank, generator=g, drop_last=True):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def test_batches(self, *, batch_size, rank=0, world_size=1, device="cpu"):

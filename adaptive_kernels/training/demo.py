@@ -85,7 +85,7 @@ def estimate_eval_seconds(model: torch.nn.Module, data: DataSource, num_test: in
     latency = time.perf_counter() - t0
     super_macs = model.macs(None, data.image_size)
     relative = sum(model.macs(s, data.image_size) / super_macs for s in model.skip_configs())
-    return relative * (per_image * num_test + latency * (LATENCY_REPEATS + 5))
+    return relative * (per_image * num_test + latency * (LATENCY_REPEATS + 3))
 
 
 def plan_demo(
@@ -112,14 +112,23 @@ def plan_demo(
 def budget_choices(results: list[SubnetResult]) -> list[dict[str, Any]]:
     """What a deployment does with the measured table: the sub-network :func:`select_skip` picks for three latency
     budgets, the fastest sub-network's latency, the midpoint and the slowest's (each: budget_us, skip, accuracy,
-    latency_us)."""
+    latency_us, reliable, doubts).
+
+    A budget holds the median latency. ``reliable`` is False when the measurement's spread could change the pick:
+    a more accurate sub-network whose median is over the budget ran within it in at least a fifth of the rounds
+    (its 20th percentile fits). ``doubts`` names those sub-networks."""
     latency = {r.skip: r.latency_us for r in results}
     accuracy = {r.skip: r.accuracy for r in results}
+    by_skip = {r.skip: r for r in results}
     fastest, slowest = min(latency.values()), max(latency.values())
     choices = []
     for budget in (fastest, (fastest + slowest) / 2, slowest):
         skip = skip_to_str(select_skip(latency, accuracy, budget))
-        choices.append({"budget_us": budget, "skip": skip, "accuracy": accuracy[skip], "latency_us": latency[skip]})
+        pick = by_skip[skip]
+        doubts = [r.skip for r in results if r.accuracy > pick.accuracy and r.latency_us > budget
+                   and r.latency_p20_us is not None and r.latency_p20_us <= budget]
+        choices.append({"budget_us": budget, "skip": skip, "accuracy": accuracy[skip], "latency_us": latency[skip],
+                        "reliable": not doubts, "doubts": doubts})
     return choices
 
 
@@ -204,8 +213,11 @@ def run_demo(
     for c in selections:
         echo(f"[demo] latency budget {c['budget_us']:.0f} us (batch {LATENCY_BATCH}) -> select_skip picks "
              f"{c['skip']}: {c['accuracy']:.2f} % in {c['latency_us']:.0f} us")
+        if not c["reliable"]:
+            echo(f"[demo]   unreliable pick: the latency spread (p20-p80) of {', '.join(c['doubts'])} crosses "
+                 f"this budget; measure on an idle machine (or with more --latency-repeats in eval)")
     plot = plot_tradeoff(
-        {f"{DEMO_MODEL}-ADN width {width} (all sub-networks)": results}, out_dir / "tradeoff.png",
+        {f"{DEMO_MODEL} width {width} (all sub-networks)": results}, out_dir / "tradeoff.png",
         title=f"{DEMO_MODEL} on {data.name}: {plan.epochs} epoch(s) x {plan.train_images} images, "
               f"CPU, {torch.get_num_threads()} thread(s)",
         latency_batch=LATENCY_BATCH,
@@ -220,5 +232,6 @@ def run_demo(
     echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
     for name in ("last.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
         echo(f"  {out_dir / name}")
-    echo(f"  evaluate again: python -m adaptive_kernels eval --checkpoint {out_dir / 'last.pt'} --data {data.name}")
+    echo(f"  evaluate again (same thread count): python -m adaptive_kernels eval --checkpoint {out_dir / 'last.pt'} "
+         f"--data {data.name} --threads {torch.get_num_threads()}")
     return result

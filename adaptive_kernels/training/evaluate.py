@@ -8,11 +8,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..models.skip import SkipLike, skip_to_str
+from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
 
@@ -20,12 +21,15 @@ from .distributed import DistEnv, all_reduce_sum
 @dataclass(frozen=True)
 class SubnetResult:
     """One sub-network: ``skip`` as T/F letters, top-1 ``accuracy`` in percent, ``macs`` per image,
-    ``latency_us`` = median wall-clock time of one forward at the measured batch size."""
+    ``latency_us`` = median wall-clock time of one forward at the measured batch size, and the 20th/80th
+    percentiles of those times (their distance is the measurement's spread)."""
 
     skip: str
     accuracy: float
     macs: int
     latency_us: float
+    latency_p20_us: float | None = None
+    latency_p80_us: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +65,58 @@ def accuracy(
     return 100.0 * correct / total
 
 
+class LatencyStats(NamedTuple):
+    """Wall-clock microseconds of one forward: median and 20th / 80th percentiles over the timed rounds."""
+
+    median_us: float
+    p20_us: float
+    p80_us: float
+
+
 @torch.inference_mode()
+def measure_latencies_us(
+    model: nn.Module,
+    skips: Sequence[SkipLike],
+    input_shape: tuple[int, int, int, int],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    rounds: int = 30,
+) -> list[LatencyStats]:
+    """Latency of each sub-network in ``skips`` on an input of ``input_shape`` (N, C, H, W), in eval mode on
+    ``device`` (synchronised on CUDA), one ``LatencyStats`` per skip.
+
+    Measured in interleaved rounds: each round runs every sub-network once, starting one later each round.
+    On a shared machine the load drifts; measured one after the other, a sub-network timed during a busy
+    minute looks slower than a bigger one timed later. Interleaved, every sub-network sees the same drift.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(input_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in skips]
+    try:
+        for r in range(warmup + rounds):
+            for k in range(len(skips)):
+                i = (r + k) % len(skips)
+                sync()
+                t0 = time.perf_counter()
+                model(x, skip=skips[i])
+                sync()
+                if r >= warmup:
+                    times[i].append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    stats = []
+    for t in times:
+        q = statistics.quantiles(t, n=5, method="inclusive") if len(t) > 1 else [t[0]] * 4
+        stats.append(LatencyStats(statistics.median(t) * 1e6, q[0] * 1e6, q[3] * 1e6))
+    return stats
+
+
 def measure_latency_us(
     model: nn.Module,
     skip: SkipLike,
@@ -71,25 +126,8 @@ def measure_latency_us(
     warmup: int = 5,
     repeats: int = 30,
 ) -> float:
-    """Median wall-clock microseconds of one forward of sub-network ``skip`` on an input of ``input_shape``
-    (N, C, H, W), in eval mode on ``device`` (synchronised on CUDA)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    x = torch.randn(input_shape, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    try:
-        for i in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(x, skip=skip)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-    return statistics.median(times) * 1e6
+    """Median wall-clock microseconds of one forward of sub-network ``skip`` (see ``measure_latencies_us``)."""
+    return measure_latencies_us(model, [skip], input_shape, device=device, warmup=warmup, rounds=repeats)[0].median_us
 
 
 def evaluate_subnets(
@@ -103,28 +141,33 @@ def evaluate_subnets(
     latency_repeats: int = 30,
     env: DistEnv | None = None,
 ) -> list[SubnetResult]:
-    """Accuracy, MACs and latency of every sub-network (``skips``: default all 2^S, super-net first)."""
-    configs = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
+    """Accuracy, MACs and latency (``latency_repeats`` interleaved rounds, see ``measure_latencies_us``) of every
+    sub-network (``skips``: default all 2^S, super-net first)."""
+    configs: list[SkipConfig] = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
     shape = (latency_batch, data.in_chans, *data.image_size)
-    results = []
-    for skip in configs:
-        results.append(SubnetResult(
+    latencies = measure_latencies_us(model, configs, shape, device=device, rounds=latency_repeats)
+    return [
+        SubnetResult(
             skip=skip_to_str(skip),
             accuracy=accuracy(model, data, skip, device=device, batch_size=batch_size, env=env),
             macs=model.macs(skip, input_size=data.image_size),
-            latency_us=measure_latency_us(model, skip, shape, device=device, repeats=latency_repeats),
-        ))
-    return results
+            latency_us=lat.median_us, latency_p20_us=lat.p20_us, latency_p80_us=lat.p80_us,
+        )
+        for skip, lat in zip(configs, latencies)
+    ]
 
 
 def format_table(results: Sequence[SubnetResult], latency_batch: int = 1) -> str:
     """A text table, one row per sub-network, largest first."""
     rows = sorted(results, key=lambda r: -r.macs)
     width = max(len("skip"), *(len(r.skip) for r in rows))
-    head = f"{'skip':<{width}}  {'accuracy %':>10}  {'MMACs':>8}  {f'latency µs (batch {latency_batch})':>24}"
+    head = (f"{'skip':<{width}}  {'accuracy %':>10}  {'MMACs':>8}  {f'latency µs (batch {latency_batch})':>24}"
+            f"  {'p20-p80 µs':>19}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.skip:<{width}}  {r.accuracy:>10.2f}  {r.macs / 1e6:>8.2f}  {r.latency_us:>24.1f}")
+        spread = f"{r.latency_p20_us:.1f}-{r.latency_p80_us:.1f}" if r.latency_p20_us is not None else "-"
+        lines.append(f"{r.skip:<{width}}  {r.accuracy:>10.2f}  {r.macs / 1e6:>8.2f}  {r.latency_us:>24.1f}"
+                     f"  {spread:>19}")
     return "\n".join(lines)
 
 

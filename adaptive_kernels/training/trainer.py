@@ -4,7 +4,8 @@ exact resume and DDP.
 Exact resume: a checkpoint holds model, optimizer, scheduler, GradScaler and EMA states, the position
 (epoch, step in epoch, global step) and every RNG state of every rank. Data order and augmentation depend
 only on (seed, epoch) and mixup's λ only on (seed, epoch, step), so a run resumed from any step — also in
-the middle of an epoch — repeats the uninterrupted run exactly (in-memory datasets; see ``data.py``).
+the middle of an epoch — repeats the uninterrupted run exactly (ImageFolder too: its augmentation is drawn per
+sample from (seed, epoch, index); see ``data.py``), given the same number of processes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,6 +31,7 @@ from .checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_model_state,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -74,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     seed: int = 0
+    sync_bn: bool = False
     save_every_steps: int | None = None
     log_every_steps: int = 50
     eval_every_epochs: int = 1
@@ -83,6 +87,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "lr_gamma", "clip_grad", "ema_decay", "alpha",
+                     "temperature", "feature_kd", "label_smoothing", "mixup_alpha", "time_limit_s"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name}={value} must be a finite number")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -105,6 +114,9 @@ class TrainConfig:
             raise ValueError(f"mixup_alpha={self.mixup_alpha} must be >= 0 (0 = off)")
         self.milestones = tuple(int(m) for m in self.milestones)
 
+
+# What resume needs beyond the weights (a hand-made or weights-only checkpoint lacks them).
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "rng", "config")
 
 RUN_CONTROL_FIELDS = frozenset({
     "epochs", "save_every_steps", "log_every_steps", "eval_every_epochs", "eval_batch_size",
@@ -155,6 +167,23 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
+    def truncate_after(self, global_step: int) -> None:
+        """Drop the records of steps after ``global_step`` (written before a kill, after the checkpoint that a
+        resume continues from: the resumed run writes them again) and a partly written last line."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("global_step", 0) <= global_step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
 
 class Trainer:
     """Trains an ADN model (``config.mode``: adn / plain / single) on a ``DataSource``.
@@ -198,6 +227,10 @@ class Trainer:
         self.autocast_dtype = AMP_DTYPES[config.amp]
         if self.autocast_dtype is not None and self.device.type != "cuda":
             raise ValueError(f"amp={config.amp!r} is for GPUs only and this run is on {self.device}: use amp='none'")
+        if config.sync_bn and self.env.distributed and self.device.type != "cuda":
+            raise ValueError(
+                f"sync_bn: torch's SyncBatchNorm runs on GPUs only and this run is on {self.device}: drop --sync-bn"
+            )
         self.steps_per_epoch = data.steps_per_epoch(config.batch_size, self.env.world_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -206,6 +239,11 @@ class Trainer:
             )
         # Stochastic layers (dropout, drop-path) draw from the global RNGs: give each rank its own stream.
         seed_everything(config.seed + self.env.rank)
+        if config.sync_bn and self.env.distributed:
+            # BatchNorm statistics over the global batch: the DDP run then trains like one process would.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif config.sync_bn:
+            self._say("note: sync_bn has no effect in one process (BatchNorm already sees the whole batch)")
         self.model = model.to(self.device)
         self.net = wrap_model(self.model, self.env)
         self.optimizer = build_optimizer(self.model, config)
@@ -219,6 +257,11 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.log = JsonlLog(self.out_dir / "log.jsonl" if self.out_dir is not None and self.env.is_main else None)
+        if self.checkpoint_path is not None and self.env.is_main:
+            removed = remove_stale_temp_files(self.checkpoint_path)
+            if removed:
+                self._say(f"removed {len(removed)} partial checkpoint file(s) left by an interrupted save: "
+                          f"{', '.join(p.name for p in removed)}")
 
     # ---- public API -------------------------------------------------------------------------------------
     @property
@@ -256,6 +299,13 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         stopped = False
+        if self.epoch >= cfg.epochs:
+            self._say(
+                f"nothing to train: the run already completed {self.epoch} epoch(s) and epochs is {cfg.epochs}; "
+                f"pass a larger --epochs to train longer"
+            )
+            return {"epochs_done": self.epoch, "global_step": self.global_step, "stopped_early": False,
+                    "train_seconds": 0.0, "history": self.history}
         self._say(
             f"training {type(self.model).__name__} ({self.config.mode}) on {self.data.name}: "
             f"{self.data.num_train} images, {self.steps_per_epoch} steps/epoch of {cfg.batch_size}, "
@@ -326,6 +376,12 @@ class Trainer:
         if path is None:
             raise ValueError("resume needs a checkpoint path (or an out_dir holding last.pt)")
         state = load_checkpoint(path, map_location=self.device)
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(
+                f"cannot resume from {path}: it lacks {', '.join(missing)} (weights only, not a training state "
+                f"written by train); start a new run in another output folder, or evaluate it"
+            )
         self._check_compatible(state, path)
         load_model_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -339,10 +395,15 @@ class Trainer:
         self.history = list(state.get("history", []))
         rngs = state["rng"]
         restore_rng_state(rngs[self.env.rank % len(rngs)])
+        self.log.truncate_after(self.global_step)
+        self.log.write(event="resume", path=str(path), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+                       global_step=self.global_step)
         self._say(f"resumed {path}: epoch {self.epoch + 1}, step {self.step_in_epoch}, global step {self.global_step}")
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        saved, now = state.get("config", {}), asdict(self.config)
+        # A field the checkpoint predates had its default value then.
+        saved = {**asdict(TrainConfig()), **state.get("config", {})}
+        now = asdict(self.config)
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
             for k in now
@@ -352,7 +413,8 @@ class Trainer:
             diffs.append(f"model: checkpoint {state['model_spec']} vs now {self.model_spec}")
         saved_data, data = state.get("data", {}), self.data.describe()
         diffs += [f"data {k}: checkpoint {saved_data[k]!r} vs now {data[k]!r}"
-                  for k in ("name", "num_train", "augment") if k in saved_data and saved_data[k] != data[k]]
+                  for k in ("name", "num_classes", "in_chans", "image_size", "num_train", "augment")
+                  if k in saved_data and k in data and _normalise(saved_data[k]) != _normalise(data[k])]
         if diffs:
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with different settings ({'; '.join(diffs)}). "
@@ -360,6 +422,13 @@ class Trainer:
             )
         if saved.get("epochs") != now["epochs"]:
             self._say(f"note: epochs changed {saved.get('epochs')} -> {now['epochs']}; the LR schedule is stretched")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.env.world_size:
+            self._say(
+                f"warning: world_size: checkpoint {saved_world} vs now {self.env.world_size} process(es); the global "
+                f"batches stay the same but per-process BatchNorm statistics (without sync_bn) and dropout streams "
+                f"do not, so the run will not repeat the uninterrupted one exactly"
+            )
 
     # ---- internals --------------------------------------------------------------------------------------
     def _train_epoch(self, run_start: float) -> bool:
@@ -431,9 +500,36 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+class PlainProgress:
+    """Progress as a few whole lines (every tenth of the epoch and at its end) for logs and pipes, where tqdm's
+    carriage returns pile up into one huge line. Implements the part of tqdm's interface the trainer uses."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", file=None):
+        self.total, self.n, self.desc = total, initial, desc
+        self.file = file if file is not None else sys.stderr
+        self.every = max(1, total // 10)
+        self.postfix: dict[str, str] = {}
+        self.started, self.start_n = time.perf_counter(), initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            rate = (self.n - self.start_n) / max(time.perf_counter() - self.started, 1e-9)
+            extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+            print(f"{self.desc}: step {self.n}/{self.total}, {rate:.2f} step/s{extra}", file=self.file, flush=True)
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = False) -> None:
+        self.postfix = dict(values)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress_bar(enabled: bool, **kwargs):
     if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return PlainProgress(kwargs["total"], kwargs.get("initial", 0), kwargs.get("desc", ""))
     from tqdm import tqdm
 
     return tqdm(unit="step", dynamic_ncols=True, leave=True, **kwargs)

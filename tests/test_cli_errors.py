@@ -1,0 +1,262 @@
+"""A user's mistake on the command line: one clear line on stderr, a non-zero exit, no traceback, no work done.
+
+Most cases call ``main`` in this process (an exception escaping ``main`` fails the test: it would be a
+traceback); a few representative ones run ``python -m adaptive_kernels`` as real subprocesses, in parallel.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_kernels import cli_checks
+from adaptive_kernels.__main__ import build_parser, main
+from adaptive_kernels.training import load_checkpoint, save_checkpoint
+
+TRAIN = ["train", "--model", "resnet20_adn", "--model-arg", "width=2", "--data", "synthetic", "--image-size", "8",
+         "--batch-size", "64", "--no-progress", "--epochs", "1", "--train-subset", "128"]
+EVAL = ["--data", "synthetic", "--image-size", "8", "--latency-repeats", "2"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(TRAIN + ["--out", str(out)]) == 0
+    return out
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """``main(argv)``'s exit status (argparse's SystemExit included) and its stderr, which must be ONE line."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc != 0, f"{argv} succeeded"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return rc, lines[0]
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+# ---- class 2: numeric flags validated when parsed ------------------------------------------------------------
+def test_every_numeric_flag_is_range_checked():
+    """No flag of any command takes a bare int/float: each names its allowed range when it rejects a value."""
+    for name, sub in subparsers(build_parser()).items():
+        for action in sub._actions:
+            if action.type in (int, float):
+                pytest.fail(f"{name} {action.option_strings[0]} uses a bare {action.type.__name__}")
+            if action.type is not None and action.type is not cli_checks.device_name:
+                with pytest.raises(argparse.ArgumentTypeError, match=r"must be .*(>=|>|in [\[(]).*got 'nan'"):
+                    action.type("nan")
+
+
+@pytest.mark.parametrize("argv, flag, allowed", [
+    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--batch-size", "0"], "--batch-size", ">= 1"),
+    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--latency-repeats", "0"], "--latency-repeats", ">= 1"),
+    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--latency-batch", "-3"], "--latency-batch", ">= 1"),
+    (TRAIN + ["--out", "o", "--lr", "nan"], "--lr", "> 0"),
+    (TRAIN + ["--out", "o", "--lr", "-0.1"], "--lr", "> 0"),
+    (TRAIN + ["--out", "o", "--momentum", "1"], "--momentum", "in [0, 1)"),
+    (TRAIN + ["--out", "o", "--ema", "1.5"], "--ema", "in (0, 1)"),
+    (TRAIN + ["--out", "o", "--alpha", "inf"], "--alpha", "in [0, 1]"),
+    (TRAIN + ["--out", "o", "--workers", "-1"], "--workers", ">= 0"),
+    (TRAIN + ["--out", "o", "--top-k", "-2"], "--top-k", ">= 0"),
+    (TRAIN + ["--out", "o", "--milestones", "3", "0"], "--milestones", ">= 1"),
+    (TRAIN + ["--out", "o", "--seed", "-1"], "--seed", "in [0,"),
+    (TRAIN + ["--out", "o", "--time-limit", "0"], "--time-limit", "> 0"),
+    (["demo", "--budget-seconds", "0"], "--budget-seconds", "> 0"),
+    (["demo", "--width", "two"], "--width", ">= 1"),
+])
+def test_bad_numbers_name_the_flag_and_range(argv, flag, allowed, capsys):
+    rc, line = run_main(argv, capsys)
+    assert rc == 2 and f"argument {flag}: must be" in line and allowed in line
+
+
+def test_zero_means_what_help_says(capsys):
+    """--top-k 0 = all classes, --save-every 0 = at epoch ends only; --help says so."""
+    train = subparsers(build_parser())["train"]
+    args = train.parse_args(["--model", "m", "--data", "synthetic", "--out", "o", "--epochs", "1", "--top-k", "0",
+                             "--save-every", "0"])
+    assert args.top_k == 0 and args.save_every == 0
+    text = " ".join(train.format_help().split())
+    assert "(0: all classes)" in text and "(0 or unset: at epoch ends only)" in text
+
+
+def test_zero_top_k_trains_on_all_classes(tmp_path, capsys):
+    assert main(TRAIN + ["--out", str(tmp_path), "--top-k", "0", "--save-every", "0", "--eval-every", "0"]) == 0
+    config = load_checkpoint(tmp_path / "last.pt")["config"]
+    assert config["top_k"] is None and config["save_every_steps"] is None
+
+
+# ---- class 3: output paths checked before any work -------------------------------------------------------
+def _read_only_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot write into (as root a chmod is ignored: use a read-only file system)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not os.access("/sys", os.W_OK) or _cannot_create_in("/sys"):
+        return Path("/sys")
+    pytest.skip("running as root without a read-only file system to test against")
+
+
+def _cannot_create_in(folder: str) -> bool:
+    try:
+        os.mkdir(os.path.join(folder, "adn_probe"))
+    except OSError:
+        return True
+    os.rmdir(os.path.join(folder, "adn_probe"))
+    return False
+
+
+def test_train_out_under_a_file_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    started = time.perf_counter()
+    _, line = run_main(TRAIN + ["--out", str(blocker / "run")], capsys)
+    assert f"--out {blocker / 'run'}: {blocker} is a file, not a folder" in line
+    assert time.perf_counter() - started < 5  # refused before the data or the model were built
+
+
+def test_train_and_demo_out_read_only(tmp_path, capsys):
+    folder = _read_only_dir(tmp_path) / "run"
+    for argv in (TRAIN + ["--out", str(folder)], ["demo", "--data", "synthetic", "--out", str(folder)]):
+        _, line = run_main(argv, capsys)
+        assert f"--out {folder} is not writable" in line
+    assert not folder.exists()
+
+
+def test_eval_json_checked_before_evaluating(trained, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for target, expected in ((blocker / "r.json", "is a file, not a folder"), (tmp_path, "is a folder; give a file"),
+                             (_read_only_dir(tmp_path) / "r.json", "is not writable")):
+        _, line = run_main(["eval", "--checkpoint", str(trained / "last.pt"), *EVAL, "--json", str(target)], capsys)
+        assert "--json" in line and expected in line
+    assert capsys.readouterr().out == ""  # no table: nothing was evaluated
+
+
+# ---- class 4: no traceback for a user's mistake -------------------------------------------------------------
+@pytest.mark.parametrize("extra, expected", [
+    (["--model-arg", "bogus=1"], "--model-arg bogus: resnet20_adn takes no such argument (it takes: width)"),
+    (["--model-arg", "width=abc"], "width must be a positive int, got 'abc'"),
+    (["--model-arg", "num_classes=5"], "--model-arg num_classes=5 but --data synthetic has 10 classes"),
+    (["--model-arg", "in_chans=3"], "--model-arg in_chans=3 but --data synthetic has 1 channels"),
+    (["--device", "foo"], "argument --device: 'foo' is not a device: use auto, cpu, cuda or cuda:N"),
+])
+def test_model_and_device_mistakes(extra, expected, tmp_path, capsys):
+    _, line = run_main(TRAIN + ["--out", str(tmp_path / "run")] + extra, capsys)
+    assert expected in line
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_model_arg_of_a_kwargs_builder(tmp_path, capsys):
+    argv = ["train", "--model", "deit_tiny_adn", "--model-arg", "bogus=1", "--data", "synthetic", "--epochs", "1",
+            "--out", str(tmp_path)]
+    _, line = run_main(argv, capsys)
+    assert "--model-arg: deit_tiny_adn rejects" in line and "bogus" in line
+
+
+def test_resume_of_a_weights_only_checkpoint(trained, tmp_path, capsys):
+    weights = {k: v for k, v in load_checkpoint(trained / "last.pt").items()
+               if k in ("model", "model_spec", "data")}
+    save_checkpoint(weights, tmp_path / "last.pt")
+    _, line = run_main(TRAIN + ["--out", str(tmp_path), "--resume"], capsys)
+    assert "cannot resume from" in line and "lacks optimizer, scheduler, epoch" in line
+
+
+# ---- class 5: checkpoint fields that change results ---------------------------------------------------------
+def test_eval_refuses_other_data(trained, capsys):
+    ckpt = str(trained / "last.pt")
+    _, line = run_main(["eval", "--checkpoint", ckpt, "--data", "synthetic", "--image-size", "12"], capsys)
+    assert "trained on data image_size [8, 8] but --image-size gives [12, 12]" in line
+    if Path("/usr/share/datasets/fashion-mnist").is_dir():  # 10 classes, 1 channel: only the name differs
+        _, line = run_main(["eval", "--checkpoint", ckpt, "--data", "fashion-mnist"], capsys)
+        assert "trained on data name 'synthetic' but --data gives 'fashion-mnist'" in line
+
+
+def test_resume_warns_about_another_world_size(trained, tmp_path, capsys):
+    state = load_checkpoint(trained / "last.pt")
+    state["world_size"] = 2
+    state["rng"] = state["rng"] * 2
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, tmp_path / "last.pt")
+    capsys.readouterr()
+    assert main(TRAIN + ["--out", str(tmp_path), "--resume", "--epochs", "2", "--train-subset", "64"]) == 2
+    assert "data num_train: checkpoint 128 vs now 64" in capsys.readouterr().err
+    assert main(TRAIN + ["--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0
+    assert "warning: world_size: checkpoint 2 vs now 1" in capsys.readouterr().out
+
+
+# ---- class 7: a finished run, said clearly ------------------------------------------------------------------
+def test_resume_of_a_finished_run_says_so(trained, capsys):
+    before = (trained / "last.pt").stat().st_mtime_ns
+    assert main(TRAIN + ["--out", str(trained), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run already completed 1 epoch(s) and epochs is 1" in out
+    assert (trained / "last.pt").stat().st_mtime_ns == before
+
+
+# ---- class 9: what the user reads ---------------------------------------------------------------------------
+def test_help_is_plain_text_with_defaults():
+    parser = build_parser()
+    texts = {"": parser.format_help(), **{n: p.format_help() for n, p in subparsers(parser).items()}}
+    for name, text in texts.items():
+        assert "``" not in text and ":func:" not in text, name
+        assert "10-minute" not in text and "10 min" not in text, name
+    flat = {n: " ".join(t.split()) for n, t in texts.items()}
+    assert "7 minutes" in flat[""] and "7-minute" in flat[""]
+    assert "--batch-size BATCH_SIZE GLOBAL batch (split over processes) (default: 128)" in flat["train"]
+    assert "--warmup-epochs WARMUP_EPOCHS linear LR warmup, may be fractional (0: none) (default: 0.0)" in flat["train"]
+    assert "--latency-repeats LATENCY_REPEATS timed rounds; each round runs every sub-network once (default: 30)" \
+        in flat["eval"]
+    assert "(default: None)" not in flat["train"] and "(default: False)" not in flat["train"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from adaptive_kernels import __version__
+    assert capsys.readouterr().out.startswith(f"adaptive-kernels {__version__} (torch {torch.__version__}")
+
+
+# ---- real subprocesses --------------------------------------------------------------------------------------
+def test_cli_errors_in_subprocesses(trained, tmp_path):
+    """The same promises seen from a shell: exit status 2, one line on stderr, no traceback, nothing written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = {
+        "batch": (["eval", "--checkpoint", str(trained / "last.pt"), *EVAL, "--batch-size", "0"], "--batch-size"),
+        "out": (TRAIN + ["--out", str(blocker / "run")], "is a file, not a folder"),
+        "model-arg": (TRAIN + ["--out", str(tmp_path / "a"), "--model-arg", "bogus=1"], "takes no such argument"),
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = {k: subprocess.Popen([sys.executable, "-m", "adaptive_kernels", *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env)
+             for k, (argv, _) in cases.items()}
+    for key, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (key, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (key, err)
+        assert cases[key][1] in err, (key, err)
+    assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "a" / "log.jsonl").exists()
