@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine import compile
+from ..engine.onnx_runtime import onnxruntime_unavailable
 from ..models.skip import SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
@@ -20,7 +22,8 @@ from .distributed import DistEnv, all_reduce_sum
 @dataclass(frozen=True)
 class SubnetResult:
     """One sub-network: ``skip`` as T/F letters, top-1 ``accuracy`` in percent, ``macs`` per image,
-    ``latency_us`` = median wall-clock time of one forward at the measured batch size."""
+    ``latency_us`` = median wall-clock time of one forward at the measured batch size (of the CPU engine on ONNX
+    Runtime when installed, see ``latency_source``)."""
 
     skip: str
     accuracy: float
@@ -92,6 +95,15 @@ def measure_latency_us(
     return statistics.median(times) * 1e6
 
 
+def latency_source(model: nn.Module, input_shape: tuple[int, int, int, int], device: torch.device | str) -> nn.Module:
+    """What the latency column times, called like the model: on the CPU the CPU engine (the one ONNX graph on ONNX
+    Runtime, what a deployment runs, so ``select_skip`` picks from real latencies) when onnxruntime is installed,
+    else the eager model (also on CUDA)."""
+    if torch.device(device).type != "cpu" or onnxruntime_unavailable() is not None:
+        return model
+    return compile(model, torch.zeros(input_shape), mechanism="onnxruntime")
+
+
 def evaluate_subnets(
     model: nn.Module,
     data: DataSource,
@@ -106,13 +118,14 @@ def evaluate_subnets(
     """Accuracy, MACs and latency of every sub-network (``skips``: default all 2^S, super-net first)."""
     configs = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
     shape = (latency_batch, data.in_chans, *data.image_size)
+    timed = latency_source(model, shape, device)
     results = []
     for skip in configs:
         results.append(SubnetResult(
             skip=skip_to_str(skip),
             accuracy=accuracy(model, data, skip, device=device, batch_size=batch_size, env=env),
             macs=model.macs(skip, input_size=data.image_size),
-            latency_us=measure_latency_us(model, skip, shape, device=device, repeats=latency_repeats),
+            latency_us=measure_latency_us(timed, skip, shape, device=device, repeats=latency_repeats),
         ))
     return results
 
