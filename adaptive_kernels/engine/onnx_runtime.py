@@ -42,17 +42,26 @@ class OnnxRuntimeEngine(Engine):
     torch's thread count at build time. Outputs are float32 tensors; inputs are converted to float32.
     """
 
-    def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool) -> None:
+    def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool,
+                 onnx_model: bytes | None = None) -> None:
+        """``onnx_model``: a one-graph file of this model already exported (``export_onnx(..., skip=None)``),
+        served as it is; default: export it now."""
         super().__init__(num_stages=model.num_skippable_stages, example_input=example_input,
                          mechanism="onnxruntime", dynamic_batch=dynamic_batch)
         self._model_name = type(model).__name__
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            path = export_onnx(model, Path(folder) / "model.onnx", example_input.float(), dynamic_batch=dynamic_batch)
-            self.onnx_model = path.read_bytes()
-        self._session = onnxruntime_session(self.onnx_model)
-        logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
-                    time.perf_counter() - start)
+        if onnx_model is None:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "model.onnx"
+                onnx_model = export_onnx(model, path, example_input.float(), dynamic_batch=dynamic_batch).read_bytes()
+            logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
+                        time.perf_counter() - start)
+        self.onnx_model = onnx_model
+        self._session = onnxruntime_session(onnx_model)
+        mask = next((i for i in self._session.get_inputs() if i.name == MASK), None)
+        if mask is None or mask.shape != [model.num_skippable_stages]:
+            raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "
+                             f"{MASK!r} of shape [{model.num_skippable_stages}] (export_onnx with skip=None)")
         self._mask = np.ones(model.num_skippable_stages, dtype=np.int32)
 
     def set_skip(self, skip: SkipLike) -> None:
