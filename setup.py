@@ -178,6 +178,8 @@ if __name__ == "__main__":
         extras_require={
             "vision": ["torchvision>=0.26"],
             "plot": ["matplotlib"],
+            # export_onnx and the CPU engine (compile() on a CPU input): the dynamo exporter and ONNX Runtime
+            "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
             "test": ["pytest", "pytest-benchmark", "torchvision>=0.26", "matplotlib"],
         },
         entry_points={"console_scripts": ["adaptive-kernels=adaptive_kernels.__main__:main"]},

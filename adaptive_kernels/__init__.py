@@ -2,6 +2,7 @@
 
 from ._ext import EXT_ERROR, HAS_EXT
 from .engine import compile, select_skip
+from .export import export_onnx, export_pt2
 from .models import create_model, list_models
 from .models.skip import all_skip_configs, parse_skip, skip_to_str
 
@@ -14,6 +15,8 @@ __all__ = [
     "all_skip_configs",
     "compile",
     "create_model",
+    "export_onnx",
+    "export_pt2",
     "list_models",
     "parse_skip",
     "select_skip",

@@ -5,6 +5,7 @@
   train  train any registered model (adn / plain / single mode); multi-GPU: torchrun --nproc_per_node=N -m
          adaptive_kernels train ...
   eval   accuracy, MACs and measured latency of every sub-network of a checkpoint
+  export ONNX (every sub-network in one graph) or torch.export file, checked against the model
 
 Run adaptive-kernels COMMAND --help for a command's options.
 """
@@ -40,6 +41,7 @@ from .cli_checks import (
     print_error,
     seed_int,
 )
+from .export.cli import add_export_parser
 from .models import create_model, list_models
 from .training.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .training.data import DATASETS, build_data
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the EMA weights when the checkpoint has them")
     e.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
     e.set_defaults(func=cmd_eval)
+    add_export_parser(sub, _model_args)
     return parser
 
 

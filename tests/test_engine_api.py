@@ -16,6 +16,7 @@ import adaptive_kernels
 from adaptive_kernels import create_model
 from adaptive_kernels.engine import Engine, LoweringError, compile, select_skip
 from adaptive_kernels.engine import engine as engine_module
+from adaptive_kernels.engine import onnx_runtime
 from adaptive_kernels.engine.engine import _resolve_mechanism
 from adaptive_kernels.engine.graph import capture_streams, conditional_nodes_unavailable
 from adaptive_kernels.engine.lowering import lower
@@ -23,6 +24,13 @@ from adaptive_kernels.engine.runtime import allocate_buffers, execute, reference
 from adaptive_kernels.models.skip import skip_to_str
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback used without CUDA")
+
+
+@pytest.fixture(autouse=True)
+def no_onnxruntime(monkeypatch):
+    """These tests are about the reference fallback and the generic API: run them as on a machine without
+    onnxruntime (test_engine_onnxruntime.py tests the CPU engine)."""
+    monkeypatch.setattr(onnx_runtime, "onnxruntime_unavailable", lambda: "onnxruntime not installed")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +55,8 @@ def test_compile_rejects_bad_arguments(resnet20):
     with pytest.raises(ValueError, match="dtype=torch.int8 is not supported"):
         compile(resnet20, x, dtype=torch.int8)
     with pytest.raises(ValueError, match="mechanism='fast'"):
+        compile(resnet20, x, mechanism="fast")
+    with pytest.raises(ValueError, match="'onnxruntime'"):  # the error lists every mechanism
         compile(resnet20, x, mechanism="fast")
     with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
         compile(resnet20, x, dynamic_batch=1)

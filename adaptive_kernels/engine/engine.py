@@ -21,7 +21,7 @@ from .runtime import STRUCTURE_ONLY, triton_kernels
 # INFO: how long each capture took (the first one on a machine includes Triton's compiling and autotuning).
 logger = logging.getLogger(__name__)
 
-MECHANISMS = ("auto", "conditional", "early_exit")
+MECHANISMS = ("auto", "conditional", "early_exit", "onnxruntime")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -109,11 +109,11 @@ class Engine(nn.Module):
             self.set_skip(skip)
         with torch.no_grad():
             if self._program is None:
-                return self._run_reference(x)
+                return self._run_without_graph(x)
             capture = self._captures.get(x.shape[0]) or self._capture(tuple(x.shape))
             return capture.replay(x).clone()
 
-    def _run_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_without_graph(self, x: torch.Tensor) -> torch.Tensor:
         # the reference model runs in its own dtype; the engine accepts the example input's
         return self._reference(x.to(self._reference_dtype), self._skip)
 
@@ -207,13 +207,13 @@ class Engine(nn.Module):
                 return times
             cuda = self._device.type == "cuda"
             for _ in range(warmup):
-                self._run_reference(self._example)
+                self._run_without_graph(self._example)
             times = []
             for _ in range(iters):
                 if cuda:
                     torch.cuda.synchronize(self._device)
                 t0 = time.perf_counter()
-                self._run_reference(self._example)
+                self._run_without_graph(self._example)
                 if cuda:
                     torch.cuda.synchronize(self._device)
                 times.append((time.perf_counter() - t0) * 1e6)
@@ -260,10 +260,14 @@ def compile(
     example_input: (N, C, H, W) on the device to run on; its shape, dtype and device are what the engine
     accepts. dtype: compute dtype (float16, bfloat16 or float32); norm parameters stay fp32.
     mechanism: "conditional" (CUDA IF nodes; needs the adaptive_kernels._C extension and CUDA >= 12.4),
-    "early_exit" (kernels return on their mask bit) or "auto" (conditional when available).
+    "early_exit" (kernels return on their mask bit), "onnxruntime" (the CPU engine: one ONNX graph on ONNX Runtime,
+    ``pip install adaptive_kernels[onnx]``) or "auto" (on CUDA conditional when available; on the CPU onnxruntime
+    when installed).
     dynamic_batch: accept other batch sizes, capturing one more graph per new size (with a warning).
 
-    Without CUDA (or with a CPU example input) the engine runs the reference model and warns once, here.
+    With a CPU example input and ONNX Runtime installed, the engine is an :class:`OnnxRuntimeEngine` (exact fp32,
+    whatever ``dtype`` says). Otherwise, without CUDA (or with a CPU example input) the engine runs the reference
+    model and warns once, here.
     A model that cannot be lowered raises ValueError before anything is captured.
     """
     if not isinstance(model, ADNModel):
@@ -284,6 +288,20 @@ def compile(
     input_shape = tuple(example_input.shape[1:])
     common = {"num_stages": model.num_skippable_stages, "example_input": example_input, "dynamic_batch": dynamic_batch}
 
+    cpu_hint = ""
+    if mechanism == "onnxruntime" or (mechanism == "auto" and example_input.device.type == "cpu"):
+        from .onnx_runtime import INSTALL_HINT, OnnxRuntimeEngine, onnxruntime_unavailable
+
+        why_no_ort = onnxruntime_unavailable()
+        if example_input.device.type != "cpu":
+            raise ValueError(f"mechanism='onnxruntime' runs on the CPU, but example_input is on "
+                             f"{example_input.device}: pass a CPU example input (or mechanism='auto' on CUDA)")
+        if why_no_ort is None:
+            # a float32 CPU copy: ONNX Runtime's CPU kernels are fp32, and export must not touch the caller's model
+            return OnnxRuntimeEngine(copy.deepcopy(model).float().cpu(), example_input, dynamic_batch=dynamic_batch)
+        if mechanism == "onnxruntime":
+            raise ValueError(f"mechanism='onnxruntime' is unavailable: {why_no_ort}; {INSTALL_HINT}")
+        cpu_hint = f" ({why_no_ort}: {INSTALL_HINT})"
     why_no_graph = _graph_unavailable(example_input)
     try:
         if why_no_graph is None:
@@ -299,7 +317,7 @@ def compile(
         why = f"{why_no_graph}; running the reference model eagerly (in its own dtype {_model_dtype(model)})"
     except NotLoweredError as e:
         why = f"{e}; running the reference model eagerly instead"
-    warnings.warn(f"adaptive_kernels.compile({type(model).__name__}): {why}", stacklevel=2)
+    warnings.warn(f"adaptive_kernels.compile({type(model).__name__}): {why}{cpu_hint}", stacklevel=2)
     reference = copy.deepcopy(model).to(example_input.device).eval().requires_grad_(False)
     return Engine(reference=reference, mechanism="reference", **common)
 

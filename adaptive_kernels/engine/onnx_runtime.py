@@ -1,0 +1,93 @@
+"""The CPU engine: every sub-network from one ONNX graph on ONNX Runtime (``compile`` picks it for a CPU input
+when ``onnxruntime`` is installed: ``pip install adaptive_kernels[onnx]``).
+
+The graph is ``export_onnx(model, ...)`` with ``skip=None``: an ``If`` per stage on an int32 mask input. The
+engine owns that mask as a NumPy array fed with every run, so ``set_skip`` writes S integers and rebuilds
+nothing, like the GPU engine's device mask.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export.onnx import INPUT, MASK, OUTPUT, export_onnx, onnxruntime_session
+from ..models.base import ADNModel
+from ..models.skip import SkipLike
+from .engine import Engine
+
+logger = logging.getLogger(__name__)
+INSTALL_HINT = "pip install adaptive_kernels[onnx] (ONNX Runtime) for a faster CPU engine"
+
+
+def onnxruntime_unavailable() -> str | None:
+    """Why the ONNX Runtime engine cannot run here (None when it can)."""
+    missing = [name for name in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    return f"{', '.join(missing)} not installed" if missing else None
+
+
+class OnnxRuntimeEngine(Engine):
+    """An ADN model on ONNX Runtime (CPU), one graph for all 2^S sub-networks; build it with ``compile``.
+
+    Same interface as :class:`Engine`: ``engine(x, skip=None)``, ``set_skip``, ``skip``, ``profile()``
+    (wall-clock medians, ready for ``select_skip``); ``mechanism == "onnxruntime"``. ``set_mask(mask)`` takes
+    the raw mask instead (int32 (S,), 1 = run the stage's skippable sub-path). ``onnx_model`` holds the
+    serialised graph (``Path("m.onnx").write_bytes(engine.onnx_model)`` serves it elsewhere). ORT runs with
+    torch's thread count at build time. Outputs are float32 tensors; inputs are converted to float32.
+    """
+
+    def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool,
+                 onnx_model: bytes | None = None) -> None:
+        """``onnx_model``: a one-graph file of this model already exported (``export_onnx(..., skip=None)``),
+        served as it is; default: export it now."""
+        super().__init__(num_stages=model.num_skippable_stages, example_input=example_input,
+                         mechanism="onnxruntime", dynamic_batch=dynamic_batch)
+        self._model_name = type(model).__name__
+        start = time.perf_counter()
+        if onnx_model is None:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "model.onnx"
+                onnx_model = export_onnx(model, path, example_input.float(), dynamic_batch=dynamic_batch).read_bytes()
+            logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
+                        time.perf_counter() - start)
+        self.onnx_model = onnx_model
+        self._session = onnxruntime_session(onnx_model)
+        mask = next((i for i in self._session.get_inputs() if i.name == MASK), None)
+        if mask is None or mask.shape != [model.num_skippable_stages]:
+            raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "
+                             f"{MASK!r} of shape [{model.num_skippable_stages}] (export_onnx with skip=None)")
+        self._mask = np.ones(model.num_skippable_stages, dtype=np.int32)
+
+    def set_skip(self, skip: SkipLike) -> None:
+        super().set_skip(skip)
+        self._mask[:] = [0 if s else 1 for s in self._skip]  # mask contract: 1 = run
+
+    def set_mask(self, mask: torch.Tensor | np.ndarray) -> None:
+        """Select the sub-network by its mask: int32 (S,), 1 = run stage k's skippable sub-path, 0 = skip it."""
+        if not isinstance(mask, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"mask must be an int32 torch.Tensor or numpy array of shape ({self.num_skippable_stages},),"
+                            f" got {type(mask).__name__}")
+        values = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask
+        if values.dtype != np.int32:
+            raise TypeError(f"mask has dtype {mask.dtype}; the engine's mask is int32 (1 = run the stage's "
+                            f"skippable sub-path): convert with .to(torch.int32) / .astype(np.int32)")
+        if values.shape != (self.num_skippable_stages,):
+            raise ValueError(f"mask has shape {tuple(values.shape)} but this model has {self.num_skippable_stages} "
+                             f"skippable stages: give shape ({self.num_skippable_stages},)")
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"mask holds {values.tolist()}: use 1 (run the skippable sub-path) or 0 (skip it)")
+        self.set_skip([v == 0 for v in values.tolist()])
+
+    def _run_without_graph(self, x: torch.Tensor) -> torch.Tensor:
+        feed = {INPUT: x.detach().float().contiguous().numpy(), MASK: self._mask}
+        return torch.from_numpy(self._session.run([OUTPUT], feed)[0])
+
+    def extra_repr(self) -> str:
+        return (f"{self._model_name}, mechanism=onnxruntime, input={self._input_shape} {self._input_dtype} on cpu, "
+                f"dynamic_batch={self.dynamic_batch}")

@@ -1,0 +1,90 @@
+"""``python -m adaptive_kernels export``: write an ONNX (one graph, or one sub-network) or a torch.export file
+and check it against the model, sub-network by sub-network, before reporting success."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..models import create_model, list_models
+from ..models.base import ADNModel
+from ..models.skip import skip_to_str
+from ..training.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .onnx import FORMATS, export_onnx, export_pt2, relative_error, verify_onnx
+
+#: fp32 through ONNX Runtime or torch.export reorders a few sums, nothing more
+TOLERANCE = 1e-4
+
+
+def add_export_parser(sub: argparse._SubParsersAction, model_args: Callable[[list[str]], dict]) -> None:
+    """Register ``export`` on the CLI's sub-parsers; ``model_args`` parses ``--model-arg KEY=VALUE`` pairs."""
+    p = sub.add_parser("export", help="export to ONNX (every sub-network in one graph) or torch.export, verified")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help=f"registered model with fresh weights ({', '.join(list_models())})")
+    source.add_argument("--checkpoint", help="a last.pt written by train or demo (its EMA weights when it has them)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra builder argument for --model, repeatable (e.g. num_classes=10)")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="onnx: ONNX (one graph with a mask input, or --skip's sub-network alone); "
+                        "pt2: torch.export of one static sub-network (torch.export.save)")
+    p.add_argument("--skip", help="export this sub-network alone (super, base or T/F letters); "
+                                  "default: onnx every sub-network in one graph, pt2 the super-net")
+    p.add_argument("--image-size", type=int, help="input height = width (default: the checkpoint's, or 224)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch of the example input (the batch stays dynamic)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx / model.pt2")
+    p.set_defaults(func=lambda args: cmd_export(args, model_args))
+
+
+def _load(args: argparse.Namespace, model_args: Callable[[list[str]], dict]) -> tuple[ADNModel, int | None]:
+    if args.model:
+        return create_model(args.model, **model_args(args.model_arg)), None
+    if args.model_arg:
+        raise ValueError("--model-arg goes with --model; a checkpoint records its own model arguments")
+    state = load_checkpoint(args.checkpoint)
+    spec = state.get("model_spec")
+    if not spec:
+        raise CheckpointError(f"checkpoint {args.checkpoint} does not record which model it holds (no model_spec)")
+    model = create_model(spec["name"], **spec["kwargs"])
+    load_model_state(model, state["ema"] if state.get("ema") is not None else state["model"], args.checkpoint)
+    size = state.get("data", {}).get("image_size")
+    return model, (size[0] if size else None)
+
+
+def cmd_export(args: argparse.Namespace, model_args: Callable[[list[str]], dict]) -> int:
+    out = Path(args.out)
+    model, trained_size = _load(args, model_args)
+    model.eval()
+    size = args.image_size or getattr(model, "image_size", None) or trained_size or 224
+    if size < 1 or args.batch_size < 1:
+        raise ValueError(f"--image-size and --batch-size must be positive, got {size} and {args.batch_size}")
+    x = torch.randn(args.batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    # the check runs another batch size than the traced one, so a batch baked into the graph would show
+    check = torch.randn(args.batch_size + 1, model.in_chans, size, size, generator=torch.Generator().manual_seed(1))
+    if args.format == "onnx":
+        export_onnx(model, out, x, skip=args.skip)
+        skips = None if args.skip is None else [args.skip]
+        errors = verify_onnx(out, model, check, skips)
+        checked_by = "ONNX Runtime"
+    else:
+        skip = model.parse_skip(args.skip)
+        export_pt2(model, out, x, skip=skip)
+        with torch.no_grad():
+            got = torch.export.load(str(out)).module()(check)
+            errors = {skip_to_str(skip): relative_error(got, model(check, skip))}
+        checked_by = "torch.export.load"
+    what = "every sub-network in one graph" if args.format == "onnx" and args.skip is None else "one sub-network"
+    print(f"{type(model).__name__} ({what}), input (N, {model.in_chans}, {size}, {size}) -> {out} "
+          f"({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"relative error, {checked_by} vs the model (batch {check.shape[0]}, fp32):")
+    for config, error in errors.items():
+        print(f"  {config}  {error:.2e}{'' if error < TOLERANCE else '  FAILED'}")
+    bad = [c for c, e in errors.items() if not e < TOLERANCE]
+    if bad:
+        raise ValueError(f"{out} does not match the model for {', '.join(bad)} (tolerance {TOLERANCE:g}); "
+                         f"please report this with the model name")
+    print(f"ok: {len(errors)} sub-network(s) within {TOLERANCE:g}")
+    return 0

@@ -1,0 +1,82 @@
+"""The tensor-mask forward that export traces: every sub-network of an ADN model in one graph.
+
+An ADN model's own ``forward(x, skip)`` takes the sub-network as Python bools, so a trace of it holds one
+sub-network. :class:`MaskedForward` runs the model's own submodules instead with the skip mask as a tensor
+input, ``mask: int32 (S,)``, 1 = run stage k's skippable sub-path (the engine's mask contract), and wraps each
+stage in ``torch.cond`` on its mask bit, which ``torch.onnx.export(..., dynamo=True)`` turns into an ONNX
+``If``. The then-branch is the stage as the super-net runs it (normal norms and the skippable sub-path), the
+else-branch the stage's mandatory layers with their ``_skip`` norms: the one bit selects both the sub-path
+and the norm set, and each branch is a plain static sub-graph in which ONNX Runtime still folds every
+BatchNorm into its convolution (a norm chosen per layer by ``where`` would keep both norms unfolded).
+
+The eager models are untouched: this module only reads them. One subclass per family (``export/resnet.py``,
+``mobilenetv2.py``, ``vit.py``, ``swin.py``) names its prologue, its stage layers and its epilogue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..models.base import ADNModel
+
+
+def _run_layers(layers: Sequence[nn.Module], skip_stage: bool, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, skip_stage)
+    return x
+
+
+def group_by_stage(layers: Sequence[nn.Module]) -> list[tuple[int, list[nn.Module]]]:
+    """Consecutive layers that follow the same skip flag (``layer.stage``), in order: one ``If`` each."""
+    groups: list[tuple[int, list[nn.Module]]] = []
+    for layer in layers:
+        if groups and groups[-1][0] == layer.stage:
+            groups[-1][1].append(layer)
+        else:
+            groups.append((layer.stage, [layer]))
+    return groups
+
+
+class MaskedForward(nn.Module):
+    """``forward(x, mask)``: x (N, C, H, W), mask int32 (S,) with 1 = run -> logits (N, num_classes).
+
+    Subclasses implement ``prologue``, ``stage_layers`` (every layer with ``.stage`` and
+    ``forward(x, skip_stage)``, in order) and ``epilogue``, reusing the model's submodules.
+    """
+
+    def __init__(self, model: ADNModel) -> None:
+        super().__init__()
+        self.model = model
+        self.groups = group_by_stage(self.stage_layers())
+
+    def prologue(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stage_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def epilogue(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.prologue(x)
+        for stage, layers in self.groups:
+            x = torch.cond(mask[stage] != 0, partial(_run_layers, layers, False), partial(_run_layers, layers, True),
+                           (x,))
+        return self.epilogue(x)
+
+
+class StaticForward(nn.Module):
+    """``forward(x)``: the model's own forward with one fixed sub-network (what a static export traces)."""
+
+    def __init__(self, model: ADNModel, skip: tuple[bool, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.skip)

@@ -1,0 +1,217 @@
+"""``export_onnx``: one ONNX graph that serves every sub-network (or a static one), ``export_pt2`` and
+``verify_onnx`` (ONNX Runtime against the model, per sub-network)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.base import ADNModel
+from ..models.mobilenetv2 import MobileNetV2ADN
+from ..models.resnet import ResNetADN
+from ..models.skip import SkipConfig, SkipLike, skip_to_str
+from ..models.swin import SwinTransformerADN
+from ..models.vit import VisionTransformerADN
+from .masked import MaskedForward, StaticForward
+from .mobilenetv2 import MobileNetV2MaskedForward
+from .resnet import ResNetMaskedForward
+from .swin import SwinMaskedForward
+from .vit import ViTMaskedForward
+
+INPUT, MASK, OUTPUT = "input", "mask", "logits"
+FORMATS = ("onnx", "pt2")
+_MASKED_FORWARDS: dict[type[ADNModel], type[MaskedForward]] = {
+    ResNetADN: ResNetMaskedForward,
+    MobileNetV2ADN: MobileNetV2MaskedForward,
+    VisionTransformerADN: ViTMaskedForward,
+    SwinTransformerADN: SwinMaskedForward,
+}
+
+
+class ExportError(ValueError):
+    """The model (or this input) cannot be exported; the message says why."""
+
+
+def masked_forward(model: ADNModel) -> MaskedForward:
+    """The tensor-mask forward of ``model`` (see ``export/masked.py``): ``forward(x, mask)``."""
+    for family, wrapper in _MASKED_FORWARDS.items():
+        if isinstance(model, family):
+            return wrapper(model)
+    raise ExportError(
+        f"{type(model).__name__} cannot be exported: export knows ResNet-ADN, MobileNetV2-ADN, ViT/DeiT-ADN and "
+        f"Swin-T-ADN (models from adaptive_kernels.create_model)"
+    )
+
+
+def mask_of(skip: SkipConfig) -> torch.Tensor:
+    """The mask input for a skip configuration: int32 (S,), 1 = run the stage's skippable sub-path."""
+    return torch.tensor([0 if s else 1 for s in skip], dtype=torch.int32)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (0 when both are 0)."""
+    scale = want.abs().max().item()
+    diff = (got.to(want.dtype) - want).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _check_arguments(model: object, path: str | os.PathLike, example_input: object) -> Path:
+    if not isinstance(model, ADNModel):
+        raise ExportError(
+            f"{type(model).__name__} cannot be exported: export takes an ADN model from "
+            f"adaptive_kernels.create_model(...)"
+        )
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor (N, C, H, W), got {type(example_input).__name__}")
+    model.check_input(example_input)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'model.onnx'}")
+    folder = path.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist (create it first)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: {folder} is not a folder")
+    # Open it for appending, as the export will write it: os.access says yes to root even where writes fail.
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror}; choose another path") from e
+    if not existed:
+        path.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def _inference_only(model: nn.Module) -> Iterator[None]:
+    """Eval mode and parameters that need no gradient, restored afterwards. Without gradients, tracing
+    ``torch.cond`` skips its autograd pass (measured: half the export time of a small ViT)."""
+    was_training = model.training
+    needed_grad = [p for p in model.parameters() if p.requires_grad]
+    model.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p in needed_grad:
+            p.requires_grad_(True)
+
+
+def _traced_input(example_input: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+    # torch.export specialises a dimension whose example size is 1: trace a dynamic batch with 2 images.
+    if dynamic_batch and example_input.shape[0] == 1:
+        return example_input.expand(2, *example_input.shape[1:]).contiguous()
+    return example_input
+
+
+def export_onnx(
+    model: ADNModel,
+    path: str | os.PathLike,
+    example_input: torch.Tensor,
+    *,
+    skip: SkipLike = None,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export ``model`` (eval-mode semantics) to an ONNX file at ``path``; returns the path.
+
+    ``skip=None``: ONE graph for every sub-network, inputs ``input`` (N, C, H, W) and ``mask`` (int32, one
+    entry per skippable stage, 1 = run that stage's skippable sub-path), output ``logits`` (N, num_classes);
+    each stage is an ONNX ``If`` on its mask bit. ``skip`` given ("base", "TFFT", bools; "super" is the
+    super-net): a static graph of that sub-network alone, input ``input`` only.
+    example_input: (N, C, H, W) like the inputs to serve (its C, H, W are fixed in the graph; N too unless
+    ``dynamic_batch``). Norms are the model's as trained.
+    """
+    path = _check_arguments(model, path, example_input)
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
+    wrapper: nn.Module
+    if skip is None:
+        wrapper = masked_forward(model)
+    else:
+        masked_forward(model)  # the same family check, so both forms accept the same models
+        wrapper = StaticForward(model, model.parse_skip(skip))
+    x = _traced_input(example_input.detach(), dynamic_batch)
+    args: tuple[torch.Tensor, ...] = (x,) if skip is not None else (x, mask_of((False,) * model.num_skippable_stages))
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = ({0: batch},) if skip is not None else ({0: batch}, None)
+    names = [INPUT] if skip is not None else [INPUT, MASK]
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; say so before tracing)
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install adaptive_kernels[onnx]") from e
+    with _inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
+        try:
+            program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=[OUTPUT],
+                                        dynamic_shapes=dynamic_shapes, verbose=False, optimize=True)
+        except Exception as e:  # the exporter raises many types; name the model and the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"could not export {type(model).__name__} to ONNX: {first}") from e
+    program.save(str(path))
+    return path
+
+
+def export_pt2(model: ADNModel, path: str | os.PathLike, example_input: torch.Tensor, *, skip: SkipLike = None,
+               dynamic_batch: bool = True) -> Path:
+    """``torch.export`` of the static sub-network ``skip`` (None = super-net), saved with
+    ``torch.export.save`` (for ExecuTorch / AOTInductor); ``torch.export.load(path).module()(x)`` runs it."""
+    path = _check_arguments(model, path, example_input)
+    masked_forward(model)
+    wrapper = StaticForward(model, model.parse_skip(skip))
+    x = _traced_input(example_input.detach(), dynamic_batch)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with _inference_only(model), torch.no_grad():
+        try:
+            program = torch.export.export(wrapper, (x,), dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"could not torch.export {type(model).__name__}: {first}") from e
+    torch.export.save(program, str(path))
+    return path
+
+
+def onnxruntime_session(path_or_bytes: str | os.PathLike | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session; ``threads``: intra-op threads (default torch's current count)."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"onnxruntime is not installed ({e}): pip install adaptive_kernels[onnx]") from e
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: not the optimizer's notes on initializers it removed
+    model = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(
+    path: str | os.PathLike, model: ADNModel, x: torch.Tensor, skips: Sequence[SkipLike] | None = None
+) -> dict[str, float]:
+    """Relative error of ONNX Runtime on the file at ``path`` against ``model`` for each sub-network
+    (default: all 2^S for a one-graph file; a static file is checked for the ``skips`` given, default super)."""
+    session = onnxruntime_session(path)
+    one_graph = any(i.name == MASK for i in session.get_inputs())
+    if skips is None:
+        configs = model.skip_configs() if one_graph else [model.parse_skip(None)]
+    else:
+        configs = [model.parse_skip(s) for s in skips]
+    errors = {}
+    with _inference_only(model), torch.no_grad():
+        for skip in configs:
+            feed = {INPUT: x.detach().cpu().float().numpy()}
+            if one_graph:
+                feed[MASK] = mask_of(skip).numpy()
+            got = torch.from_numpy(session.run([OUTPUT], feed)[0])
+            errors[skip_to_str(skip)] = relative_error(got, model(x, skip).float().cpu())
+    return errors

@@ -1,0 +1,145 @@
+"""CPU deployment: latency of every sub-network of ResNet-50-ADN and MobileNetV2-ADN (224², fp32, batch 1 and 8)
+run four ways, measured side by side in interleaved rounds (one call of each provider and sub-network per round,
+medians over rounds), so that load on a shared machine hits every provider alike:
+
+  eager           the model, sub-network chosen by python skip flags (torch, CPU)
+  onnx_static     ONNX Runtime on a static export of that sub-network alone (one file per sub-network)
+  onnx_one_graph  ONNX Runtime on the one graph of every sub-network (an If per stage), mask fed as an input
+  cpu_engine      adaptive_kernels' CPU engine on that graph (``compile(model, x_cpu)``: torch tensors in and out)
+
+Every provider's output is checked against eager first (relative error < 1e-4). Rows: ``latency_cpu_onnx.json``
+plus ``latency_cpu_onnx.md`` (the table with the ratios one_graph / static and engine / eager) in the rows folder.
+
+FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 7 rounds; ``ADN_BENCH_OUT=bench/results/cpu_onnx`` to keep the rows).
+SMOKE mode (default): resnet20_adn (width 4) at 16², batch 1, the base-net only, 1 thread, 2 rounds (its two
+exports take ~15 s of CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench._harness import Timing, environment, make_row
+
+FULL = os.environ.get("ADN_BENCH_CPU") == "1"
+PROVIDERS = ("eager", "onnx_static", "onnx_one_graph", "cpu_engine")
+CASES = (
+    [("resnet50_adn", {}, 224, (1, 8)), ("mobilenet_v2_adn", {}, 224, (1, 8))]
+    if FULL
+    else [("resnet20_adn", {"width": 4}, 16, (1,))]
+)
+THREADS = 2 if FULL else 1
+ROUNDS, WARMUP = (7, 2) if FULL else (2, 1)
+TOLERANCE = 1e-4
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
+def _time_call(fn) -> float:
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e3
+
+
+@pytest.mark.parametrize("name,kwargs,size,batches", CASES, ids=[c[0] for c in CASES])
+def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches):
+    pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+    import onnxruntime
+
+    import adaptive_kernels as ak
+    from adaptive_kernels.engine import OnnxRuntimeEngine
+    from adaptive_kernels.export.onnx import INPUT, MASK, OUTPUT, mask_of, onnxruntime_session, relative_error
+
+    torch.set_num_threads(THREADS)  # the conftest fixture restores the count afterwards
+    torch.manual_seed(0)
+    model = ak.create_model(name, **kwargs).eval()
+    configs = model.skip_configs() if FULL else [model.skip_configs()[-1]]  # smoke: the base-net, two exports
+    example = torch.randn(1, model.in_chans, size, size)
+    export_start = time.perf_counter()
+    one_graph_path = ak.export_onnx(model, tmp_path / "one_graph.onnx", example)
+    one_graph = onnxruntime_session(one_graph_path, THREADS)
+    static = {skip: onnxruntime_session(ak.export_onnx(model, tmp_path / f"{ak.skip_to_str(skip)}.onnx", example,
+                                                       skip=skip), THREADS) for skip in configs}
+    engine = OnnxRuntimeEngine(model, example, dynamic_batch=True, onnx_model=one_graph_path.read_bytes())
+    export_s = time.perf_counter() - export_start
+    masks = {skip: mask_of(skip).numpy() for skip in configs}
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
+               "rounds": ROUNDS, "bench_mode": "cpu_full" if FULL else "cpu_smoke"}
+
+    for batch in batches:
+        x = torch.randn(batch, model.in_chans, size, size)
+        xn = x.numpy()
+        runners = {}
+        for skip in configs:
+            runners["eager", skip] = lambda skip=skip: model(x, skip)
+            runners["onnx_static", skip] = lambda skip=skip: static[skip].run([OUTPUT], {INPUT: xn})[0]
+            runners["onnx_one_graph", skip] = lambda skip=skip: one_graph.run([OUTPUT], {INPUT: xn, MASK: masks[skip]})[0]
+            runners["cpu_engine", skip] = lambda skip=skip: engine(x, skip)
+        samples: dict = {key: [] for key in runners}
+        with torch.inference_mode():
+            for skip in configs:
+                want = runners["eager", skip]()
+                for provider in PROVIDERS[1:]:
+                    error = relative_error(torch.as_tensor(runners[provider, skip]()), want)
+                    assert error < TOLERANCE, f"{provider} {ak.skip_to_str(skip)} batch {batch}: relative error {error}"
+            for fn in runners.values():
+                for _ in range(WARMUP):
+                    fn()
+            load_before = _load()
+            for _ in range(ROUNDS):
+                for skip in configs:
+                    for provider in PROVIDERS:
+                        samples[provider, skip].append(_time_call(runners[provider, skip]))
+            load_after = _load()
+        for (provider, skip), times in samples.items():
+            timing = Timing(times)
+            assert 0 < timing.p20_us <= timing.median_us <= timing.p80_us
+            rows.add(make_row(provider=provider, model=name, skip=skip, batch=batch, dtype=torch.float32,
+                              timing=timing, macs=model.macs(skip, (size, size)), image_size=size, export_s=export_s,
+                              load_avg_1min_before=load_before, load_avg_1min_after=load_after, **machine))
+    write_table(rows.rows, rows_dir / "latency_cpu_onnx.md")
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    """Markdown: per model and batch, each sub-network's median per provider (ms) and the two ratios."""
+    env = environment()
+    first = rows[0]
+    lines = [
+        "# CPU deployment latency (medians of interleaved rounds, ms)", "",
+        f"Machine: {first['cpu']}, {first['cores']} cores, {first['threads']} threads for torch and ONNX Runtime; "
+        f"torch {env['torch']}, onnxruntime {first['onnxruntime']}, python {env['python']}, git {env['git_sha'][:10]}"
+        f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds; mode {first['bench_mode']}.",
+        "Load: other jobs shared this machine; 1-minute load average before/after each batch's rounds below.", "",
+    ]
+    by_key = {(r["model"], r["batch"], r["skip"], r["provider"]): r for r in rows}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        group = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        lines += [f"## {model}, batch {batch} (load {group[0]['load_avg_1min_before']} -> "
+                  f"{group[0]['load_avg_1min_after']})", "",
+                  "| skip | MMACs | " + " | ".join(PROVIDERS) + " | one_graph / static | engine / eager |",
+                  "|---|---|" + "---|" * (len(PROVIDERS) + 2)]
+        for skip in dict.fromkeys(r["skip"] for r in group):
+            ms = {p: by_key[model, batch, skip, p]["median_us"] / 1e3 for p in PROVIDERS}
+            macs = by_key[model, batch, skip, "eager"]["macs"] / 1e6
+            lines.append(f"| {skip} | {macs:.0f} | " + " | ".join(f"{ms[p]:.2f}" for p in PROVIDERS)
+                         + f" | {ms['onnx_one_graph'] / ms['onnx_static']:.3f} | {ms['cpu_engine'] / ms['eager']:.3f} |")
+        lines.append("")
+    path.write_text("\n".join(lines))

@@ -1,0 +1,96 @@
+"""The CPU engine: compile() on a CPU input runs the one-graph ONNX file on ONNX Runtime. Every sub-network
+against the eager model, set_skip / set_mask writing the mask without rebuilding, profile() + select_skip, the
+mask checks, and the fallback when onnxruntime is missing."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+
+from adaptive_kernels import create_model
+from adaptive_kernels.engine import Engine, compile, onnx_runtime, select_skip
+from adaptive_kernels.export.onnx import relative_error
+from adaptive_kernels.models.skip import skip_to_str
+
+onnx = pytest.importorskip("onnx", reason="pip install adaptive_kernels[onnx]")
+pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return randomize(create_model("resnet20_adn"), calibrate=(4, 3, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def engine(resnet20):
+    return compile(resnet20, torch.randn(2, 3, 16, 16), dynamic_batch=True)
+
+
+def test_cpu_engine_is_onnxruntime_and_exact_for_every_subnetwork(engine, resnet20):
+    assert isinstance(engine, Engine) and engine.mechanism == "onnxruntime"
+    session = engine._session
+    configs = resnet20.skip_configs() * 2
+    random.Random(0).shuffle(configs)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for skip in configs:
+            engine.set_skip(skip)
+            assert engine._mask.tolist() == [0 if s else 1 for s in skip]  # the mask contract: 1 = run
+            assert relative_error(engine(x), resnet20(x, skip)) < 1e-4
+        # skip= switches too, None keeps it; another batch size runs the same graph
+        x5 = torch.randn(5, 3, 16, 16)
+        assert relative_error(engine(x5, "TFT"), resnet20(x5, "TFT")) < 1e-4
+        assert relative_error(engine(x5), resnet20(x5, "TFT")) < 1e-4
+    assert engine._session is session  # nothing rebuilt by switching
+
+
+def test_the_engine_holds_one_graph_with_an_if_per_stage(engine):
+    graph = onnx.load_from_string(engine.onnx_model).graph
+    assert [i.name for i in graph.input] == ["input", "mask"]
+    assert sum(n.op_type == "If" for n in graph.node) == 3
+
+
+def test_set_mask_and_its_checks(engine, resnet20):
+    engine.set_mask(torch.tensor([1, 0, 1], dtype=torch.int32))
+    assert engine.skip == (False, True, False)
+    engine.set_mask(np.array([0, 0, 1], dtype=np.int32))
+    assert engine.skip == (True, True, False)
+    with pytest.raises(ValueError, match=r"mask has shape \(4,\) but this model has 3 skippable stages"):
+        engine.set_mask(torch.ones(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="mask has dtype torch.float32; the engine's mask is int32"):
+        engine.set_mask(torch.ones(3))
+    with pytest.raises(TypeError, match="mask has dtype int64"):
+        engine.set_mask(np.ones(3, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"mask holds \[1, 2, 1\]: use 1"):
+        engine.set_mask(torch.tensor([1, 2, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="mask must be an int32 torch.Tensor or numpy array"):
+        engine.set_mask([1, 1, 1])
+    assert engine.skip == (True, True, False)  # rejected masks change nothing
+    with pytest.raises(ValueError, match="has 4 letters but this model has 3 skippable stages"):
+        engine.set_skip("TFTF")
+
+
+def test_profile_feeds_select_skip(engine, resnet20):
+    engine.set_skip("FTF")
+    table = engine.profile(iters=2, warmup=1)
+    assert list(table) == [skip_to_str(s) for s in resnet20.skip_configs()]
+    assert all(isinstance(v, float) and v > 0 for v in table.values())
+    assert engine.skip == (False, True, False)
+    accuracy = {s: 90.0 - 2.0 * s.count("T") for s in table}
+    assert select_skip(table, accuracy, max(table.values()) + 1.0) == (False, False, False)
+
+
+def test_without_onnxruntime_compile_falls_back_and_says_how_to_get_it(monkeypatch, resnet20):
+    monkeypatch.setattr(onnx_runtime, "onnxruntime_unavailable", lambda: "onnxruntime not installed")
+    x = torch.randn(1, 3, 16, 16)
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match=r"running the reference model .*pip install adaptive_kernels\[onnx\]"):
+            assert compile(resnet20, x).mechanism == "reference"
+    with pytest.raises(ValueError, match=r"mechanism='onnxruntime' is unavailable: onnxruntime not installed; pip"):
+        compile(resnet20, x, mechanism="onnxruntime")
+    with pytest.raises(ValueError, match="mechanism='onnxruntime' runs on the CPU, but example_input is on meta"):
+        compile(resnet20, torch.empty(1, 3, 16, 16, device="meta"), mechanism="onnxruntime")

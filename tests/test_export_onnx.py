@@ -1,0 +1,156 @@
+"""ONNX export: one graph whose mask input selects every sub-network, checked with ONNX Runtime against the eager
+model for every sub-network of every family (small configurations of the same classes: export takes seconds per
+block), a static sub-network, torch.export, the CLI, and the errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+from torch import nn
+
+from adaptive_kernels import create_model
+from adaptive_kernels.__main__ import main
+from adaptive_kernels.export import ExportError, export_onnx, export_pt2, masked_forward, verify_onnx
+from adaptive_kernels.models.base import ADNModel
+from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
+from adaptive_kernels.models.swin import SwinTransformerADN
+from adaptive_kernels.models.vit import VisionTransformerADN
+
+onnx = pytest.importorskip("onnx", reason="pip install adaptive_kernels[onnx]")
+ort = pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+
+FAMILIES = {
+    # every skippable stage of MobileNetV2 (its layout is fixed), at a small input
+    "mobilenet_v2": lambda: MobileNetV2ADN(num_classes=10, width_mult=0.25),
+    # two stages of three blocks; 4 patches + the class token
+    "vit": lambda: VisionTransformerADN(32, 16, num_layers=6, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10),
+    # 8x8 tokens in 4x4 windows (shifted), then one unshifted window after the patch merging
+    "swin": lambda: SwinTransformerADN(8, (2, 2), (1, 2), window_size=4, num_classes=10, stochastic_depth_prob=0.0),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def exported(request, tmp_path_factory):
+    model = randomize(FAMILIES[request.param](), calibrate=(4, 3, 32, 32))
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx", torch.randn(1, 3, 32, 32))
+    return model, path
+
+
+def test_one_graph_matches_the_model_for_every_subnetwork(exported):
+    model, path = exported
+    x = torch.randn(3, 3, 32, 32)  # exported with batch 1: the batch is dynamic
+    errors = verify_onnx(path, model, x)
+    assert len(errors) == 2**model.num_skippable_stages
+    assert max(errors.values()) < 1e-4, errors
+    # the sub-networks differ, so a mask that selected the wrong one would show
+    with torch.no_grad():
+        super_net, base_net = model(x, "super"), model(x, "base")
+    assert (super_net - base_net).abs().max() > 1e-2 * super_net.abs().max()
+
+
+def test_one_graph_has_the_mask_contract_and_one_if_per_stage(exported):
+    model, path = exported
+    graph = onnx.load(str(path)).graph
+    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    assert list(inputs) == ["input", "mask"] and [o.name for o in graph.output] == ["logits"]
+    assert inputs["mask"].elem_type == onnx.TensorProto.INT32
+    assert [d.dim_value for d in inputs["mask"].shape.dim] == [model.num_skippable_stages]
+    assert inputs["input"].shape.dim[0].dim_param  # symbolic batch
+    assert sum(n.op_type == "If" for n in graph.node) == model.num_skippable_stages
+
+
+def test_a_mask_in_the_wrong_dtype_is_refused_by_onnx_runtime(exported):
+    model, path = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.raises(Exception, match="(?i)type"):
+        session.run(None, {"input": x, "mask": np.ones(model.num_skippable_stages, np.int64)})
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return randomize(create_model("resnet20_adn"), calibrate=(4, 3, 16, 16))
+
+
+def test_static_subnetwork_and_pt2(resnet20, tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    path = export_onnx(resnet20, tmp_path / "base.onnx", x, skip="TFT", dynamic_batch=False)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input"] and not any(n.op_type == "If" for n in graph.node)
+    assert verify_onnx(path, resnet20, x, ["TFT"])["TFT"] < 1e-4
+    pt2 = export_pt2(resnet20, tmp_path / "m.pt2", torch.randn(1, 3, 16, 16), skip="FTT")
+    x5 = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(pt2)).module()(x5), resnet20(x5, "FTT"),
+                                   rtol=1e-5, atol=1e-5)
+    assert resnet20.training is False
+
+
+def test_cli_exports_verifies_and_reports_each_config(tmp_path, capsys):
+    out = tmp_path / "r20.onnx"
+    assert main(["export", "--model", "resnet20_adn", "--model-arg", "width=4", "--format", "onnx", "--skip",
+                 "base", "--image-size", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "TTT" in printed and "ok: 1 sub-network(s) within 0.0001" in printed and out.is_file()
+    # unknown format: argparse names the choices
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", "resnet20_adn", "--format", "tflite", "--out", str(out)])
+    assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    assert main(["export", "--model", "resnet20_adn", "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert "the folder" in capsys.readouterr().err
+
+
+# ---- errors, before any tracing ------------------------------------------------------------------------------
+class _NotAFamily(ADNModel):
+    num_skippable_stages, in_chans = 1, 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x, skip=None):
+        return self.conv(x)
+
+
+def test_models_that_cannot_be_exported(tmp_path, resnet20):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ExportError, match="Conv2d cannot be exported: export takes an ADN model"):
+        export_onnx(nn.Conv2d(3, 3, 1), tmp_path / "m.onnx", x)
+    with pytest.raises(ExportError, match="_NotAFamily cannot be exported: export knows ResNet-ADN"):
+        export_onnx(_NotAFamily(), tmp_path / "m.onnx", x)
+    with pytest.raises(ExportError, match="_NotAFamily cannot be exported"):
+        masked_forward(_NotAFamily())
+
+    class DataDependent(nn.Module):  # Python control flow on a tensor's value: no graph can hold it
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    model = create_model("resnet20_adn").eval()
+    model.maxpool = DataDependent()
+    with pytest.raises(ExportError, match="could not export ResNetADN to ONNX: "):
+        export_onnx(model, tmp_path / "m.onnx", x)
+
+
+def test_bad_paths_and_inputs(tmp_path, resnet20):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="the folder .*missing does not exist"):
+        export_onnx(resnet20, tmp_path / "missing" / "m.onnx", x)
+    with pytest.raises(ValueError, match="it is a folder; give a file name"):
+        export_onnx(resnet20, tmp_path, x)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        export_onnx(resnet20, tmp_path / "file" / "m.onnx", x)
+    if os.path.isdir("/proc/self"):  # Linux: /proc takes no new files, even from root (who passes os.access)
+        with pytest.raises(ExportError, match="cannot write /proc/adn.onnx"):
+            export_onnx(resnet20, "/proc/adn.onnx", x)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        export_onnx(resnet20, tmp_path / "m.onnx", torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="has 2 letters but this model has 3"):
+        export_onnx(resnet20, tmp_path / "m.onnx", x, skip="TF")
+    with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
+        export_onnx(resnet20, tmp_path / "m.onnx", x, dynamic_batch="yes")
+    assert not list(tmp_path.glob("*.onnx"))  # nothing left behind by the checks
