@@ -210,7 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     results = evaluate_subnets(model, data, device=device, batch_size=args.batch_size,
                                latency_batch=args.latency_batch, latency_repeats=args.latency_repeats)
-    print(f"{spec['name']} {kwargs} from {args.checkpoint} ({weights} weights{', calibrated' if model.is_calibrated else ''}), {data.name} test set "
+    calibrated = ", calibrated" if model.is_calibrated else ""
+    print(f"{spec['name']} {kwargs} from {args.checkpoint} ({weights} weights{calibrated}), {data.name} test set "
           f"({data.num_test} images), {device}, {torch.get_num_threads()} threads")
     print(format_table(results, latency_batch=args.latency_batch))
     if args.json:

@@ -120,7 +120,8 @@ def test_uncalibrated_and_train_mode_behave_as_batchnorm():
     for k, v in before.state_dict().items():  # weights and running statistics untouched
         assert torch.equal(state[k], v), k
     assert set(model.state_dict()) - keys == {
-        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for b in ("subnet_mean", "subnet_var")
+        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+        for b in ("subnet_mean", "subnet_var")
     }
     # Only the base-net's row was calibrated; others are the running statistics.
     bn = model.layer1[0].bn1_skip

@@ -119,7 +119,7 @@ def add_calibrate_command(sub: argparse._SubParsersAction, add_data_args: Callab
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'calibrated.pt'}")
+        raise ValueError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'calib.pt'}")
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       num_workers=args.workers, augment=False)
     calibrate_checkpoint(args.checkpoint, data, args.out, num_images=args.images, batch_size=args.batch_size,
