@@ -29,7 +29,8 @@ def calibration_batches(
     data: DataSource, num_images: int = DEFAULT_IMAGES, batch_size: int = DEFAULT_BATCH, seed: int = 0
 ) -> Iterator[torch.Tensor]:
     """The first ``num_images`` training images of epoch 0's shuffled order (``seed``), un-augmented, in batches
-    of ``batch_size`` (normalised as for training). Raises at once on bad arguments."""
+    of ``batch_size`` (normalised as for training); fewer when the training set has fewer whole batches.
+    Raises at once on bad arguments."""
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"calibration {name} must be an int >= 2 (batch statistics need 2 images), got {value!r}")
@@ -39,7 +40,8 @@ def calibration_batches(
 
     def batches() -> Iterator[torch.Tensor]:
         left = min(num_images, data.num_train)
-        for x, _ in data.train_batches(0, batch_size=batch_size, seed=seed):
+        # train_batches drops a last partial batch: never ask for more than the images wanted.
+        for x, _ in data.train_batches(0, batch_size=min(batch_size, left), seed=seed):
             take = min(left, len(x))
             if take < 2:
                 break

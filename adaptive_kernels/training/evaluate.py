@@ -117,14 +117,22 @@ def evaluate_subnets(
     return results
 
 
-def format_table(results: Sequence[SubnetResult], latency_batch: int = 1) -> str:
-    """A text table, one row per sub-network, largest first."""
+def format_table(
+    results: Sequence[SubnetResult], latency_batch: int = 1, as_trained: Mapping[str, float] | None = None
+) -> str:
+    """A text table, one row per sub-network, largest first. ``as_trained``: {skip: accuracy} of the model before
+    calibration, shown in a column before ``results``' (calibrated) accuracy."""
     rows = sorted(results, key=lambda r: -r.macs)
     width = max(len("skip"), *(len(r.skip) for r in rows))
-    head = f"{'skip':<{width}}  {'accuracy %':>10}  {'MMACs':>8}  {f'latency µs (batch {latency_batch})':>24}"
+    before = f"  {'as trained %':>12}" if as_trained is not None else ""
+    accuracy_head = "calibrated %" if as_trained is not None else "accuracy %"
+    head = (f"{'skip':<{width}}{before}  {accuracy_head:>10}  {'MMACs':>8}  "
+            f"{f'latency µs (batch {latency_batch})':>24}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.skip:<{width}}  {r.accuracy:>10.2f}  {r.macs / 1e6:>8.2f}  {r.latency_us:>24.1f}")
+        before = f"  {as_trained[r.skip]:>12.2f}" if as_trained is not None else ""
+        lines.append(f"{r.skip:<{width}}{before}  {r.accuracy:>{len(accuracy_head)}.2f}  {r.macs / 1e6:>8.2f}  "
+                     f"{r.latency_us:>24.1f}")
     return "\n".join(lines)
 
 
