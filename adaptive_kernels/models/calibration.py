@@ -45,17 +45,24 @@ class _Statistics:
     """Element-weighted sums of one norm's per-batch mean and unbiased variance, one row per sub-network,
     in float64 so that many batches add up without rounding drift."""
 
-    def __init__(self, num_subnets: int, channels: int, device: torch.device) -> None:
-        self.mean = torch.zeros(num_subnets, channels, dtype=torch.float64, device=device)
-        self.var = torch.zeros(num_subnets, channels, dtype=torch.float64, device=device)
-        self.count = torch.zeros(num_subnets, dtype=torch.float64, device=device)
+    def __init__(self, num_subnets: int, norm: nn.BatchNorm2d) -> None:
+        like = {"dtype": torch.float64, "device": norm.running_mean.device}
+        self.mean = torch.zeros(num_subnets, norm.num_features, **like)
+        self.var = torch.zeros(num_subnets, norm.num_features, **like)
+        self.count = torch.zeros(num_subnets, **like)
+        # The batch's own statistics come out of the normalising batch_norm call itself (momentum 1 writes them
+        # into these scratch "running" buffers): a separate var_mean over (N, H, W) would cost as much as the conv.
+        self.batch_mean = torch.zeros_like(norm.running_mean)
+        self.batch_var = torch.ones_like(norm.running_var)
 
-    def add(self, row: int, x: torch.Tensor) -> None:
+    def normalize(self, norm: nn.BatchNorm2d, row: int, x: torch.Tensor) -> torch.Tensor:
+        """Train-mode BatchNorm of x with its batch statistics, which are added to ``row``."""
+        y = F.batch_norm(x, self.batch_mean, self.batch_var, norm.weight, norm.bias, True, 1.0, norm.eps)
         n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=1)
-        self.mean[row] += n * mean
-        self.var[row] += n * var
+        self.mean[row] += n * self.batch_mean.double()
+        self.var[row] += n * self.batch_var.double()  # BatchNorm stores the unbiased variance
         self.count[row] += n
+        return y
 
 
 class SubnetBatchNorm2d(nn.BatchNorm2d):
@@ -74,8 +81,7 @@ class SubnetBatchNorm2d(nn.BatchNorm2d):
         if self.statistics is not None:
             # Calibration: train-mode normalisation with the batch's own statistics (what the norm computes
             # in training), but the running statistics stay untouched.
-            self.statistics.add(self.selection.index, x)
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return self.statistics.normalize(self, self.selection.index, x)
         if self.subnet_mean is None or self.training:
             return super().forward(x)
         j = self.selection.index
@@ -193,7 +199,7 @@ def calibrate(
     batches = _batches(images, batch_size)
     p = next(model.parameters())
     num_subnets = norms[0].selection.num_subnets
-    stats = {norm: _Statistics(num_subnets, norm.num_features, p.device) for norm in norms}
+    stats = {norm: _Statistics(num_subnets, norm) for norm in norms}
     modes = {m: m.training for m in model.modules()}
     done = 0
     start = time.perf_counter()
