@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--test-subset", type=int, help="score on N test images (smoke runs; default all 10000)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which checkpoints to measure")
     p.add_argument("--report", action="store_true", help="print the README table and goals, draw the plot")
     args = p.parse_args(argv)
     out = args.out
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data("fashion-mnist", args.data_dir, train_subset=20000, test_subset=args.test_subset,
                       augment=False)
     out.mkdir(parents=True, exist_ok=True)
-    for mode in MODES:
+    for mode in args.modes:
         rows = load_rows(out, mode)
         done = {r["seed"] for r in rows}
         for path in sorted(args.runs.glob(f"{mode}_seed*.pt")):
