@@ -5,6 +5,7 @@
   train  train any registered model (adn / plain / single mode); multi-GPU: torchrun --nproc_per_node=N -m
          adaptive_kernels train ...
   eval   accuracy, MACs and measured latency of every sub-network of a checkpoint
+  calibrate  per-sub-network BatchNorm statistics of a checkpoint (every mixed sub-network usable)
   export ONNX (every sub-network in one graph) or torch.export file, checked against the model
 
 Run adaptive-kernels COMMAND --help for a command's options.
@@ -43,6 +44,7 @@ from .cli_checks import (
 )
 from .export.cli import add_export_parser
 from .models import create_model, list_models
+from .training.calibration_cli import add_calibrate_command
 from .training.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .training.data import DATASETS, build_data
 from .training.distributed import init_distributed, resolve_device, shutdown_distributed
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
     e.set_defaults(func=cmd_eval)
     add_export_parser(sub, _model_args)
+    add_calibrate_command(sub, _add_data_args)
     return parser
 
 
@@ -268,7 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     results = evaluate_subnets(model, data, device=device, batch_size=args.batch_size,
                                latency_batch=args.latency_batch, latency_repeats=args.latency_repeats)
-    print(f"{spec['name']} {kwargs} from {args.checkpoint} ({weights} weights), {data.name} test set "
+    calibrated = ", calibrated" if model.is_calibrated else ""
+    print(f"{spec['name']} {kwargs} from {args.checkpoint} ({weights} weights{calibrated}), {data.name} test set "
           f"({data.num_test} images), {device}, {torch.get_num_threads()} threads")
     print(format_table(results, latency_batch=args.latency_batch))
     if args.json:

@@ -103,9 +103,13 @@ def test_demo_smoke(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total_seconds"] < 60
     assert load_checkpoint(out / "last.pt")["model_spec"]["kwargs"]["width"] == 2
+    calibrated = create_model("resnet20_adn", num_classes=10, in_chans=1, width=2)
+    calibrated.load_state_dict(load_checkpoint(out / "calibrated.pt")["model"])
+    assert calibrated.is_calibrated and summary["calibration"]["images"] == summary["plan"]["train_images"]
+    assert "as trained %" in printed and all("accuracy_as_trained" in r for r in rows)
     for name in ("last.pt", "subnets.json", "tradeoff.png"):
         assert str(out / name) in printed  # the demo says where its outputs went
-    assert "TTT" in printed and "accuracy" in printed  # the table
+    assert "TTT" in printed and "calibrated %" in printed  # the table
     # a sub-network picked for three latency budgets: the most accurate one that fits each
     selections = summary["selections"]
     assert len(selections) == 3 and printed.count("select_skip picks") == 3

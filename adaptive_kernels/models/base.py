@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip
+from .calibration import attach_selection, subnet_norms
+from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, subnet_index
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -30,7 +31,9 @@ class ADNModel(nn.Module):
     (calling ``self.parse_skip`` and ``self.check_input`` first) and, when they can import
     upstream (torchvision) weights, ``_upstream_key(key)``.
     Normalisation layers whose module name ends in ``_skip`` are the skip-aware twins of the layer
-    with the same name minus ``_skip``.
+    with the same name minus ``_skip``. Models with BatchNorm build it as ``SubnetBatchNorm2d``, call
+    ``self.attach_subnet_selection()`` at the end of ``__init__`` and ``self.select_subnet(skip)`` in
+    ``forward`` (see ``models/calibration.py``).
     """
 
     num_skippable_stages: int
@@ -66,6 +69,21 @@ class ADNModel(nn.Module):
                 f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"
                 + (" (build the model with in_chans=... to change the channel count)" if x.dim() == 4 else "")
             )
+
+    # ---- per-sub-network norm calibration (models/calibration.py) -------------------------
+    def attach_subnet_selection(self) -> None:
+        """Share one sub-network selection between this model and all its calibratable norms."""
+        self.subnet_selection = attach_selection(self, self.num_skippable_stages)
+
+    def select_subnet(self, skip: SkipConfig) -> None:
+        """Tell the norms which sub-network runs (a calibrated norm reads its table row from it)."""
+        self.subnet_selection.index = subnet_index(skip)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True once ``adaptive_kernels.calibrate`` (or loading a calibrated state dict) gave the norms their
+        per-sub-network statistics."""
+        return any(norm.subnet_mean is not None for norm in subnet_norms(self))
 
     # ---- MACs -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .base import ADNModel, check_positive_int, check_probability
+from .calibration import SubnetBatchNorm2d
 from .registry import register_model
 from .resnet import SkippableStage
 from .skip import SkipLike
@@ -79,9 +80,9 @@ class ConvNormActivation(nn.Module):
         self.conv_layer = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False
         )
-        self.norm = nn.BatchNorm2d(out_channels)
+        self.norm = SubnetBatchNorm2d(out_channels)
         if not skippable:
-            self.norm_skip = nn.BatchNorm2d(out_channels)
+            self.norm_skip = SubnetBatchNorm2d(out_channels)
         self.activation_layer = nn.ReLU6() if activation else None
 
     def forward(self, x: torch.Tensor, skip_stage: bool = False) -> torch.Tensor:
@@ -188,6 +189,7 @@ class MobileNetV2ADN(ADNModel):
         features.append(ConvNormActivation(channels, last_channels, 1, stage=last, skippable=False))
         self.features = SkipAwareFeatures(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_channels, num_classes))
+        self.attach_subnet_selection()
 
         # torchvision's initialisation.
         for m in self.modules():
@@ -221,6 +223,7 @@ class MobileNetV2ADN(ADNModel):
         """x: (N, in_chans, H, W) -> logits (N, num_classes). ``skip``: None/"super", "base", "TFTFT", bools."""
         self.check_input(x)
         skip = self.parse_skip(skip)
+        self.select_subnet(skip)
         x = self.features(x, skip)
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 

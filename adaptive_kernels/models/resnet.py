@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .base import ADNModel, check_positive_int
+from .calibration import SubnetBatchNorm2d
 from .registry import register_model
 from .skip import SkipLike
 
@@ -61,7 +62,7 @@ class _ResidualBlock(nn.Module):
     def _add_skip_twins(self) -> None:
         if not self.skippable:
             for name in self.norm_names:
-                setattr(self, name + "_skip", nn.BatchNorm2d(getattr(self, name).num_features))
+                setattr(self, name + "_skip", SubnetBatchNorm2d(getattr(self, name).num_features))
 
     def norms(self, skip_stage: bool) -> list[nn.BatchNorm2d]:
         """The norms of the residual branch, in order: the ``_skip`` twins when the stage is skipped."""
@@ -93,9 +94,9 @@ class BasicBlock(_ResidualBlock):
     ) -> None:
         super().__init__(stage, skippable, downsample)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = SubnetBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = SubnetBatchNorm2d(planes)
         self._add_skip_twins()
 
     def residual_branch(self, x: torch.Tensor, skip_stage: bool) -> torch.Tensor:
@@ -115,11 +116,11 @@ class Bottleneck(_ResidualBlock):
     ) -> None:
         super().__init__(stage, skippable, downsample)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = SubnetBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = SubnetBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = SubnetBatchNorm2d(planes * self.expansion)
         self._add_skip_twins()
 
     def residual_branch(self, x: torch.Tensor, skip_stage: bool) -> torch.Tensor:
@@ -181,7 +182,7 @@ class ResNetADN(ADNModel):
         else:
             self.conv1 = nn.Conv2d(in_chans, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = SubnetBatchNorm2d(width)
         self.relu = nn.ReLU()
 
         inplanes = width
@@ -191,7 +192,7 @@ class ResNetADN(ADNModel):
             if stride != 1 or inplanes != planes * block.expansion:
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                    nn.BatchNorm2d(planes * block.expansion),
+                    SubnetBatchNorm2d(planes * block.expansion),
                 )
             mandatory = num_mandatory_blocks(num_blocks)
             blocks = [block(inplanes, planes, stride, downsample, stage=k, skippable=False)]
@@ -203,6 +204,7 @@ class ResNetADN(ADNModel):
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
+        self.attach_subnet_selection()
 
         # torchvision's initialisation (the Linear keeps PyTorch's default).
         for m in self.modules():
@@ -221,6 +223,7 @@ class ResNetADN(ADNModel):
         """x: (N, in_chans, H, W) -> logits (N, num_classes). ``skip``: None/"super", "base", "TFFT", bools."""
         self.check_input(x)
         skip = self.parse_skip(skip)
+        self.select_subnet(skip)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage, skip_stage in zip(self.stages, skip):
             x = stage(x, skip_stage)

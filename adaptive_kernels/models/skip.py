@@ -70,3 +70,13 @@ def skip_to_str(skip: SkipConfig) -> str:
 def all_skip_configs(num_stages: int) -> list[SkipConfig]:
     """All ``2**num_stages`` configurations, super-net (all False) first, base-net (all True) last."""
     return [tuple(c) for c in itertools.product((False, True), repeat=num_stages)]
+
+
+def subnet_index(skip: SkipConfig) -> int:
+    """The sub-network's position in ``all_skip_configs(len(skip))``: stage 0 is the most significant bit
+    (``(False, False, False)`` -> 0, the super-net; ``(True, True, True)`` -> 7, the base-net). It indexes the
+    per-sub-network norm tables of a calibrated model (``models/calibration.py``)."""
+    index = 0
+    for flag in skip:
+        index = (index << 1) | bool(flag)
+    return index

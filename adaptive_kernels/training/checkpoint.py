@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.calibration import prepare_for_state_dict
+
 FORMAT = "adaptive_kernels.checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model")
@@ -111,7 +113,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 
 
 def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """``model.load_state_dict(strict=True)`` with an error that names ``source`` and the mismatching keys."""
+    """``model.load_state_dict(strict=True)`` with an error that names ``source`` and the mismatching keys.
+    A calibrated state dict (per-sub-network norm tables) loads into an uncalibrated model."""
+    prepare_for_state_dict(model, state_dict)
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())

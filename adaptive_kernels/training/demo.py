@@ -1,4 +1,5 @@
-"""The demo: train a small ResNet-ADN within a time budget, evaluate every sub-network, save table and plot.
+"""The demo: train a small ResNet-ADN within a time budget, calibrate and evaluate every sub-network, save
+table and plot.
 
 The run is sized on the machine it runs on: a few training steps and a test forward are timed first, and the
 number of training images and epochs is chosen so that training plus evaluation fit the budget (default
@@ -20,10 +21,12 @@ import torch
 
 from ..engine.select import select_skip
 from ..models import create_model
+from ..models.calibration import calibrate
 from ..models.skip import skip_to_str
+from .calibration_cli import calibration_batches
 from .data import DataSource, InMemoryImages
 from .distributed import DistEnv
-from .evaluate import SubnetResult, evaluate_subnets, format_table, plot_tradeoff, require_matplotlib
+from .evaluate import SubnetResult, accuracy, evaluate_subnets, format_table, plot_tradeoff, require_matplotlib
 from .step import StepConfig, train_step
 from .trainer import TrainConfig, Trainer, build_optimizer, seed_everything
 
@@ -32,6 +35,8 @@ MAX_EPOCHS = 15
 LATENCY_REPEATS = 30
 # Latency of a batch of 64: at batch 1 a CPU spends most of a small net's time in per-layer overheads.
 LATENCY_BATCH = 64
+# Un-augmented training images for the per-sub-network norm calibration after training.
+CALIBRATION_IMAGES = 2048
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,8 @@ def measure_train_speed(
 
 @torch.inference_mode()
 def estimate_eval_seconds(model: torch.nn.Module, data: DataSource, num_test: int) -> float:
-    """Seconds to score every sub-network on ``num_test`` images and time each LATENCY_REPEATS times."""
+    """Seconds to calibrate every sub-network on CALIBRATION_IMAGES images, score each twice (as trained,
+    calibrated) on ``num_test`` images and time each LATENCY_REPEATS times."""
     model = copy.deepcopy(model).eval()
     x, _ = next(data.test_batches(batch_size=min(256, data.num_test)))
     model(x)
@@ -85,7 +91,7 @@ def estimate_eval_seconds(model: torch.nn.Module, data: DataSource, num_test: in
     latency = time.perf_counter() - t0
     super_macs = model.macs(None, data.image_size)
     relative = sum(model.macs(s, data.image_size) / super_macs for s in model.skip_configs())
-    return relative * (per_image * num_test + latency * (LATENCY_REPEATS + 3))
+    return relative * (per_image * (2 * num_test + CALIBRATION_IMAGES) + latency * (LATENCY_REPEATS + 5))
 
 
 def plan_demo(
@@ -148,9 +154,10 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``DEMO_MODEL`` (ADN self-distillation) on ``data`` within ``budget_s`` seconds counted from
-    ``started`` (``time.perf_counter()``; default now), evaluate all sub-networks, write into ``out_dir``:
-    ``last.pt`` (checkpoint), ``log.jsonl``, ``subnets.json`` (list of {skip, accuracy, macs, latency_us}),
-    ``summary.json`` and ``tradeoff.png``. With ``choose_threads``, the faster of torch's thread count and one
+    ``started`` (``time.perf_counter()``; default now), score all sub-networks, calibrate their norms
+    (``adaptive_kernels.calibrate`` on CALIBRATION_IMAGES training images), evaluate them, write into ``out_dir``:
+    ``last.pt`` (checkpoint as trained), ``calibrated.pt``, ``log.jsonl``, ``subnets.json`` (list of {skip,
+    accuracy (calibrated), accuracy_as_trained, macs, latency_us}), ``summary.json`` and ``tradeoff.png``. With ``choose_threads``, the faster of torch's thread count and one
     thread is used. Returns the summary."""
     started = time.perf_counter() if started is None else started
     require_matplotlib()  # fail now, not after minutes of training
@@ -204,11 +211,18 @@ def run_demo(
     if summary["stopped_early"]:
         echo("[demo] the time budget ran out before the planned epochs ended; evaluating the model as it is")
 
-    echo(f"[demo] evaluating every sub-network on {data.num_test} test images ...")
-    results = evaluate_subnets(trainer.eval_model, data, latency_batch=LATENCY_BATCH, latency_repeats=LATENCY_REPEATS)
-    table = format_table(results, latency_batch=LATENCY_BATCH)
+    model = trainer.eval_model
+    echo(f"[demo] scoring every sub-network as trained on {data.num_test} test images ...")
+    as_trained = {skip_to_str(s): accuracy(model, data, s) for s in model.skip_configs()}
+    calibration = calibrate(model, calibration_batches(train_data, CALIBRATION_IMAGES))
+    trainer.save(out_dir / "calibrated.pt")
+    echo(f"[demo] calibrated the norms of every sub-network on {calibration.images} training images "
+         f"({calibration.seconds:.1f} s); evaluating the calibrated sub-networks ...")
+    results = evaluate_subnets(model, data, latency_batch=LATENCY_BATCH, latency_repeats=LATENCY_REPEATS)
+    table = format_table(results, latency_batch=LATENCY_BATCH, as_trained=as_trained)
     echo(table)
-    (out_dir / "subnets.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+    rows = [{**r.to_dict(), "accuracy_as_trained": as_trained[r.skip]} for r in results]
+    (out_dir / "subnets.json").write_text(json.dumps(rows, indent=1) + "\n")
     selections = budget_choices(results)
     for c in selections:
         echo(f"[demo] latency budget {c['budget_us']:.0f} us (batch {LATENCY_BATCH}) -> select_skip picks "
@@ -216,22 +230,25 @@ def run_demo(
         if not c["reliable"]:
             echo(f"[demo]   unreliable pick: the latency spread (p20-p80) of {', '.join(c['doubts'])} crosses "
                  f"this budget; measure on an idle machine (or with more --latency-repeats in eval)")
+    trained_results = [SubnetResult(r.skip, as_trained[r.skip], r.macs, r.latency_us) for r in results]
     plot = plot_tradeoff(
-        {f"{DEMO_MODEL} width {width} (all sub-networks)": results}, out_dir / "tradeoff.png",
+        {f"{DEMO_MODEL} width {width}, calibrated": results, "as trained (not calibrated)": trained_results},
+        out_dir / "tradeoff.png",
         title=f"{DEMO_MODEL} on {data.name}: {plan.epochs} epoch(s) x {plan.train_images} images, "
               f"CPU, {torch.get_num_threads()} thread(s)",
         latency_batch=LATENCY_BATCH,
     )
     result = {
-        "model": spec, "data": data.name, "plan": asdict(plan), "subnets": [r.to_dict() for r in results],
+        "model": spec, "data": data.name, "plan": asdict(plan), "subnets": rows,
+        "calibration": {"images": calibration.images, "seconds": round(calibration.seconds, 1)},
         "train_seconds": round(summary["train_seconds"], 1), "stopped_early": summary["stopped_early"],
         "total_seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "latency_batch": LATENCY_BATCH, "selections": selections,
     }
     (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
-    for name in ("last.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
+    for name in ("last.pt", "calibrated.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
         echo(f"  {out_dir / name}")
-    echo(f"  evaluate again (same thread count): python -m adaptive_kernels eval --checkpoint {out_dir / 'last.pt'} "
+    echo(f"  evaluate again (same thread count): python -m adaptive_kernels eval --checkpoint {out_dir / 'calibrated.pt'} "
          f"--data {data.name} --threads {torch.get_num_threads()}")
     return result

@@ -25,7 +25,7 @@ class SubnetResult:
     """One sub-network: ``skip`` as T/F letters, top-1 ``accuracy`` in percent, ``macs`` per image,
     ``latency_us`` = median wall-clock time of one forward at the measured batch size (of the CPU engine on ONNX
     Runtime when installed, see ``latency_source``), and the 20th/80th percentiles of those times (their distance is
-    the measurement's spread).\"\"\"
+    the measurement's spread)."""
 
     skip: str
     accuracy: float
@@ -169,17 +169,23 @@ def evaluate_subnets(
     ]
 
 
-def format_table(results: Sequence[SubnetResult], latency_batch: int = 1) -> str:
-    """A text table, one row per sub-network, largest first."""
+def format_table(
+    results: Sequence[SubnetResult], latency_batch: int = 1, as_trained: Mapping[str, float] | None = None
+) -> str:
+    """A text table, one row per sub-network, largest first. ``as_trained``: {skip: accuracy} of the model before
+    calibration, shown in a column before ``results``' (calibrated) accuracy."""
     rows = sorted(results, key=lambda r: -r.macs)
     width = max(len("skip"), *(len(r.skip) for r in rows))
-    head = (f"{'skip':<{width}}  {'accuracy %':>10}  {'MMACs':>8}  {f'latency µs (batch {latency_batch})':>24}"
-            f"  {'p20-p80 µs':>19}")
+    before = f"  {'as trained %':>12}" if as_trained is not None else ""
+    accuracy_head = "calibrated %" if as_trained is not None else "accuracy %"
+    head = (f"{'skip':<{width}}{before}  {accuracy_head:>10}  {'MMACs':>8}  "
+            f"{f'latency µs (batch {latency_batch})':>24}  {'p20-p80 µs':>19}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        before = f"  {as_trained[r.skip]:>12.2f}" if as_trained is not None else ""
         spread = f"{r.latency_p20_us:.1f}-{r.latency_p80_us:.1f}" if r.latency_p20_us is not None else "-"
-        lines.append(f"{r.skip:<{width}}  {r.accuracy:>10.2f}  {r.macs / 1e6:>8.2f}  {r.latency_us:>24.1f}"
-                     f"  {spread:>19}")
+        lines.append(f"{r.skip:<{width}}{before}  {r.accuracy:>{len(accuracy_head)}.2f}  {r.macs / 1e6:>8.2f}  "
+                     f"{r.latency_us:>24.1f}  {spread:>19}")
     return "\n".join(lines)
 
 

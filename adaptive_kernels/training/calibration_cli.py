@@ -1,0 +1,129 @@
+"""``python -m adaptive_kernels calibrate``: per-sub-network norm calibration of a trained checkpoint.
+
+Reads a checkpoint written by ``train`` or ``demo``, runs ``adaptive_kernels.calibrate`` on N un-augmented
+training images (a fixed random subset, the first N of epoch 0's order) and writes the calibrated checkpoint
+atomically (``save_checkpoint``); ``eval`` (and everything that loads a checkpoint) then uses the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from ..models import create_model
+from ..models.calibration import CalibrationResult, calibrate
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .data import DataSource, build_data
+from .distributed import resolve_device
+
+DEFAULT_IMAGES = 4096
+DEFAULT_BATCH = 256
+
+
+def calibration_batches(
+    data: DataSource, num_images: int = DEFAULT_IMAGES, batch_size: int = DEFAULT_BATCH, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """The first ``num_images`` training images of epoch 0's shuffled order (``seed``), un-augmented, in batches
+    of ``batch_size`` (normalised as for training); fewer when the training set has fewer whole batches.
+    Raises at once on bad arguments."""
+    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"calibration {name} must be an int >= 2 (batch statistics need 2 images), got {value!r}")
+    if getattr(data, "augment", False):
+        raise ValueError(f"{data.name}: calibrate on un-augmented images (build the data with augment=False): "
+                         f"statistics of random crops are not those of the images the model will see")
+
+    def batches() -> Iterator[torch.Tensor]:
+        left = min(num_images, data.num_train)
+        # train_batches drops a last partial batch: never ask for more than the images wanted.
+        for x, _ in data.train_batches(0, batch_size=min(batch_size, left), seed=seed):
+            take = min(left, len(x))
+            if take < 2:
+                break
+            yield x[:take]
+            left -= take
+
+    return batches()
+
+
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: DataSource,
+    out: str | os.PathLike,
+    *,
+    num_images: int = DEFAULT_IMAGES,
+    batch_size: int = DEFAULT_BATCH,
+    weights: str = "auto",
+    device: str | torch.device = "cpu",
+    echo: Callable[[str], None] = print,
+) -> CalibrationResult:
+    """Calibrate every sub-network of the model in ``checkpoint`` on ``data``'s training images and write the
+    checkpoint, with the calibrated ``weights`` ("auto": the EMA weights when there are, as ``eval`` picks
+    them), to ``out``. Everything else in the checkpoint is kept (a training run resumes from it as before)."""
+    batches = calibration_batches(data, num_images, batch_size)
+    state = load_checkpoint(checkpoint)
+    spec = state.get("model_spec")
+    if not spec:
+        raise CheckpointError(f"checkpoint {checkpoint} does not record which model it holds (no model_spec)")
+    kwargs = spec["kwargs"]
+    if kwargs.get("num_classes") != data.num_classes or kwargs.get("in_chans") != data.in_chans:
+        raise ValueError(
+            f"{checkpoint} was trained for {kwargs.get('num_classes')} classes / {kwargs.get('in_chans')} channels, "
+            f"but --data {data.name} has {data.num_classes} / {data.in_chans}: calibrate on its training data"
+        )
+    if weights == "auto":
+        weights = "ema" if state.get("ema") is not None else "model"
+    if state.get(weights) is None:
+        raise CheckpointError(f"checkpoint {checkpoint} holds no {weights!r} weights: use --weights model")
+    model = create_model(spec["name"], **kwargs)
+    load_model_state(model, state[weights], checkpoint)
+    model.to(device)
+    total = min(num_images, data.num_train)
+    configs = len(model.skip_configs())
+    echo(f"calibrating {configs} sub-networks of {spec['name']} ({weights} weights) on {total} un-augmented "
+         f"{data.name} training images, batches of {batch_size} ...")
+    started, last = time.perf_counter(), [0.0]
+
+    def progress(done: int) -> None:
+        now = time.perf_counter() - started
+        if now - last[0] >= 2.0 or done >= total:  # a line every 2 s at most
+            last[0] = now
+            echo(f"  {done}/{total} images x {configs} sub-networks ({now:.0f} s)")
+
+    result = calibrate(model, batches, progress=progress)
+    state[weights] = {k: v.cpu() for k, v in model.state_dict().items()}
+    state["calibration"] = {"images": result.images, "batch_size": batch_size, "data": data.name,
+                            "weights": weights, "seconds": round(result.seconds, 1)}
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, out)
+    echo(f"wrote {out}: {result.images} images x {configs} sub-networks in {result.seconds:.1f} s")
+    return result
+
+
+def add_calibrate_command(sub: argparse._SubParsersAction, add_data_args: Callable) -> None:
+    """Register the ``calibrate`` sub-command (``add_data_args``: the CLI's shared --data/--data-dir/... flags)."""
+    c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint")
+    c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
+    add_data_args(c)
+    c.add_argument("--images", type=int, default=DEFAULT_IMAGES,
+                   help=f"un-augmented training images to calibrate on (default {DEFAULT_IMAGES})")
+    c.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
+    c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
+                   help="auto: the EMA weights when the checkpoint has them")
+    c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
+    c.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'calib.pt'}")
+    data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
+                      num_workers=args.workers, augment=False)
+    calibrate_checkpoint(args.checkpoint, data, args.out, num_images=args.images, batch_size=args.batch_size,
+                         weights=args.weights, device=resolve_device(args.device))
+    return 0

@@ -1,0 +1,49 @@
+"""``python -m adaptive_kernels calibrate``: the written checkpoint holds the tables that ``calibrate`` computes
+on the first N un-augmented training images, keeps everything else, loads in ``eval``; errors name the problem."""
+
+import torch
+from helpers import one_thread, randomize  # noqa: F401  (one_thread: autouse fixture)
+
+from adaptive_kernels import calibrate, create_model
+from adaptive_kernels.__main__ import main
+from adaptive_kernels.training import build_data, load_checkpoint, save_checkpoint
+
+DATA = ["--data", "synthetic", "--image-size", "8"]
+SPEC = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
+
+
+def test_calibrate_command_writes_calibrated_checkpoint(tmp_path, capsys):
+    model = randomize(create_model(SPEC["name"], **SPEC["kwargs"]), seed=0, calibrate=(8, 1, 8, 8))
+    src, out = tmp_path / "last.pt", tmp_path / "calibrated.pt"
+    save_checkpoint({"model": model.state_dict(), "model_spec": SPEC, "epoch": 3}, src)
+    before = src.read_bytes()
+    assert main(["calibrate", "--checkpoint", str(src), *DATA, "--images", "96", "--batch-size", "32",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "96/96 images x 8 sub-networks" in printed and f"wrote {out}" in printed
+    assert src.read_bytes() == before  # the source checkpoint is untouched
+    state = load_checkpoint(out)
+    assert state["epoch"] == 3 and state["calibration"]["images"] == 96
+    # Reference: calibrate() in this process on the first 96 training images of epoch 0's order, un-augmented.
+    data = build_data("synthetic", image_size=8, augment=False)
+    images = torch.cat([x for x, _ in data.train_batches(0, batch_size=32, seed=0)])[:96]
+    calibrate(model, images, batch_size=32)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
+    assert main(["eval", "--checkpoint", str(out), *DATA, "--latency-repeats", "1"]) == 0
+    assert "model weights, calibrated)" in capsys.readouterr().out
+
+
+def test_calibrate_command_errors(tmp_path, capsys):
+    model = create_model(SPEC["name"], **SPEC["kwargs"])
+    src = tmp_path / "last.pt"
+    save_checkpoint({"model": model.state_dict(), "model_spec": SPEC}, src)
+    for extra, message in (
+        (["--images", "1"], "num_images must be an int >= 2"),
+        (["--weights", "ema"], "holds no 'ema' weights"),
+    ):
+        assert main(["calibrate", "--checkpoint", str(src), *DATA, "--out", str(tmp_path / "c.pt"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(src), *DATA, "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()
