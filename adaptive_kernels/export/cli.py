@@ -3,6 +3,8 @@ and check it against the model, sub-network by sub-network, before reporting suc
 
 from __future__ import annotations
 
+from adaptive_kernels.cli_checks import positive_int
+
 import argparse
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +34,9 @@ def add_export_parser(sub: argparse._SubParsersAction, model_args: Callable[[lis
                         "pt2: torch.export of one static sub-network (torch.export.save)")
     p.add_argument("--skip", help="export this sub-network alone (super, base or T/F letters); "
                                   "default: onnx every sub-network in one graph, pt2 the super-net")
-    p.add_argument("--image-size", type=int, help="input height = width (default: the checkpoint's, or 224)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch of the example input (the batch stays dynamic)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
+    p.add_argument("--image-size", type=positive_int, help="input height = width (default: the checkpoint's, or 224)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batch of the example input (the batch stays dynamic)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx / model.pt2")
     p.set_defaults(func=lambda args: cmd_export(args, model_args))
 

@@ -7,6 +7,8 @@ atomically (``save_checkpoint``); ``eval`` (and everything that loads a checkpoi
 
 from __future__ import annotations
 
+from adaptive_kernels.cli_checks import positive_int
+
 import argparse
 import os
 import time
@@ -109,9 +111,9 @@ def add_calibrate_command(sub: argparse._SubParsersAction, add_data_args: Callab
     c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint")
     c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
     add_data_args(c)
-    c.add_argument("--images", type=int, default=DEFAULT_IMAGES,
+    c.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES,
                    help=f"un-augmented training images to calibrate on (default {DEFAULT_IMAGES})")
-    c.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
+    c.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
     c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="auto: the EMA weights when the checkpoint has them")
     c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
