@@ -10,9 +10,9 @@ from .models.skip import all_skip_configs, parse_skip, skip_to_str
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationResult",
     "EXT_ERROR",
     "HAS_EXT",
+    "CalibrationResult",
     "__version__",
     "all_skip_configs",
     "calibrate",

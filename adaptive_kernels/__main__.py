@@ -29,7 +29,6 @@ from .cli_checks import (
     HelpFormatter,
     build_model,
     check_data_fits_model,
-    check_eval_data,
     check_model_args,
     check_output_dir,
     check_output_file,
@@ -43,9 +42,9 @@ from .cli_checks import (
     seed_int,
 )
 from .export.cli import add_export_parser
-from .models import create_model, list_models
+from .models import list_models
 from .training.calibration_cli import add_calibrate_command
-from .training.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from .training.checkpoint import load_checkpoint, model_from_checkpoint
 from .training.data import DATASETS, build_data
 from .training.distributed import init_distributed, resolve_device, shutdown_distributed
 from .training.evaluate import evaluate_subnets, format_table
@@ -247,27 +246,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, "--json")
     device = resolve_device(args.device)
-    state = load_checkpoint(args.checkpoint)
-    spec = state.get("model_spec")
-    if not spec:
-        raise CheckpointError(f"checkpoint {args.checkpoint} does not record which model it holds (no model_spec)")
+    state = load_checkpoint(args.checkpoint)  # a corrupt or missing file is reported before the data is read
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       num_workers=args.workers)
-    check_eval_data(state.get("data") or {}, data, args.checkpoint)
-    kwargs = spec["kwargs"]
-    if kwargs.get("num_classes") != data.num_classes or kwargs.get("in_chans") != data.in_chans:
-        raise ValueError(
-            f"{args.checkpoint} was trained for {kwargs.get('num_classes')} classes / {kwargs.get('in_chans')} "
-            f"channels, but --data {args.data} has {data.num_classes} / {data.in_chans}: evaluate on its dataset "
-            f"({state.get('data', {}).get('name', '?')})"
-        )
-    weights = args.weights
-    if weights == "auto":
-        weights = "ema" if state.get("ema") is not None else "model"
-    if weights == "ema" and state.get("ema") is None:
-        raise CheckpointError(f"checkpoint {args.checkpoint} holds no EMA weights: use --weights model")
-    model = create_model(spec["name"], **kwargs)
-    load_model_state(model, state[weights], args.checkpoint)
+    model, state, weights = model_from_checkpoint(args.checkpoint, state=state, weights=args.weights, data=data)
+    spec, kwargs = state["model_spec"], state["model_spec"]["kwargs"]
     model.to(device)
     results = evaluate_subnets(model, data, device=device, batch_size=args.batch_size,
                                latency_batch=args.latency_batch, latency_repeats=args.latency_repeats)

@@ -145,19 +145,6 @@ def check_data_fits_model(spec: dict[str, Any], num_classes: int, in_chans: int,
             )
 
 
-def check_eval_data(saved: dict[str, Any], data: Any, source: str | os.PathLike) -> None:
-    """The evaluation data must be the kind the checkpoint was trained on (``saved``: its ``data`` record):
-    another dataset or image size gives numbers that mean nothing, silently."""
-    given = {"name": data.name, "image_size": list(data.image_size)}
-    flags = {"name": "--data", "image_size": "--image-size"}
-    for key, value in given.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(
-                f"{source} was trained on data {key} {saved[key]!r} but {flags[key]} gives {value!r}: "
-                f"evaluate on the data it was trained on"
-            )
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Descriptions as written (line breaks kept) and each option's default, except empty ones (None/False)."""
 
@@ -171,7 +158,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ArgumentParser(argparse.ArgumentParser):
     """Prints a usage error as ONE line (the usage block is one ``--help`` away)."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's signature
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -55,6 +55,7 @@ if not CUDA:  # Triton kernels run under the interpreter without a GPU; must be 
 import pytest
 from torch import nn
 
+from adaptive_kernels.numerics import relative_error
 from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -611,12 +612,6 @@ def make_runner(provider: str, ctx: BenchContext, batch: int, skip: tuple[bool, 
         }
         return Runner(fn, time.perf_counter() - t0, info)
     raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64."""
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import git_sha  # noqa: E402
+from reproduce_fashion_mnist import git_sha
 
-from adaptive_kernels import calibrate, create_model  # noqa: E402
-from adaptive_kernels.models.skip import skip_to_str  # noqa: E402
-from adaptive_kernels.training import accuracy, build_data, load_checkpoint  # noqa: E402
-from adaptive_kernels.training.calibration_cli import calibration_batches  # noqa: E402
-from adaptive_kernels.training.checkpoint import load_model_state  # noqa: E402
+from adaptive_kernels import calibrate, create_model
+from adaptive_kernels.models.skip import skip_to_str
+from adaptive_kernels.training import accuracy, build_data, load_checkpoint
+from adaptive_kernels.training.calibration_cli import calibration_batches
+from adaptive_kernels.training.checkpoint import load_model_state
 
 OUT = Path(__file__).resolve().parent / "results" / "calibration"
 IMAGES = (256, 1024, 4096)

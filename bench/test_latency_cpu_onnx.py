@@ -66,7 +66,8 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
 
     import adaptive_kernels as ak
     from adaptive_kernels.engine import OnnxRuntimeEngine
-    from adaptive_kernels.export.onnx import INPUT, MASK, OUTPUT, mask_of, onnxruntime_session, relative_error
+    from adaptive_kernels.export.onnx import INPUT, MASK, OUTPUT, mask_of, onnxruntime_session
+    from adaptive_kernels.numerics import relative_error
 
     torch.set_num_threads(THREADS)  # the conftest fixture restores the count afterwards
     torch.manual_seed(0)
@@ -89,10 +90,11 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
         xn = x.numpy()
         runners = {}
         for skip in configs:
-            runners["eager", skip] = lambda skip=skip: model(x, skip)
-            runners["onnx_static", skip] = lambda skip=skip: static[skip].run([OUTPUT], {INPUT: xn})[0]
-            runners["onnx_one_graph", skip] = lambda skip=skip: one_graph.run([OUTPUT], {INPUT: xn, MASK: masks[skip]})[0]
-            runners["cpu_engine", skip] = lambda skip=skip: engine(x, skip)
+            runners["eager", skip] = lambda skip=skip, x=x: model(x, skip)
+            runners["onnx_static", skip] = lambda skip=skip, xn=xn: static[skip].run([OUTPUT], {INPUT: xn})[0]
+            runners["onnx_one_graph", skip] = lambda skip=skip, xn=xn: one_graph.run(
+                [OUTPUT], {INPUT: xn, MASK: masks[skip]})[0]
+            runners["cpu_engine", skip] = lambda skip=skip, x=x: engine(x, skip)
         samples: dict = {key: [] for key in runners}
         with torch.inference_mode():
             for skip in configs:

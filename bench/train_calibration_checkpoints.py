@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import MODEL, git_sha, train  # noqa: E402
+from reproduce_fashion_mnist import MODEL, git_sha, train
 
-from adaptive_kernels.training import build_data, save_checkpoint  # noqa: E402
+from adaptive_kernels.training import build_data, save_checkpoint
 
 DEFAULT_RUNS = ["adn:0", "adn:1", "adn:2", "plain:0", "single:0", "plain:1", "single:1", "plain:2", "single:2"]
 

@@ -13,6 +13,17 @@ import pytest
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared 2-core machine OpenMP barriers make them slower.
+    A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (module scope: its module
+    fixtures, e.g. exported models, run with one thread too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

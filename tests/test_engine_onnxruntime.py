@@ -9,15 +9,17 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+from helpers import randomize
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine import Engine, compile, onnx_runtime, select_skip
-from adaptive_kernels.export.onnx import relative_error
 from adaptive_kernels.models.skip import skip_to_str
+from adaptive_kernels.numerics import relative_error
 
 onnx = pytest.importorskip("onnx", reason="pip install adaptive_kernels[onnx]")
 pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

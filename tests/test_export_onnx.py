@@ -4,24 +4,29 @@ block), a static sub-network, torch.export, the CLI, and the errors."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import pytest
 import torch
-from helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+from helpers import randomize
 from torch import nn
 
-from adaptive_kernels import create_model
+from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.__main__ import main
 from adaptive_kernels.export import ExportError, export_onnx, export_pt2, masked_forward, verify_onnx
 from adaptive_kernels.models.base import ADNModel
+from adaptive_kernels.models.calibration import subnet_norms
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
+from adaptive_kernels.numerics import relative_error
 
 onnx = pytest.importorskip("onnx", reason="pip install adaptive_kernels[onnx]")
 ort = pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = {
     # every skippable stage of MobileNetV2 (its layout is fixed), at a small input
@@ -102,6 +107,37 @@ def test_cli_exports_verifies_and_reports_each_config(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
     assert main(["export", "--model", "resnet20_adn", "--format", "onnx", "--out", str(tmp_path / "no" / "m.onnx")]) == 2
     assert "the folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def calibrated_resnet20():
+    model = randomize(create_model("resnet20_adn", width=4), calibrate=(4, 3, 16, 16))
+    # shifted inputs: statistics clearly unlike the running ones, so a graph that ignored the tables would show
+    calibrate(model, torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 + 0.5, batch_size=8)
+    return model.eval()
+
+
+def test_one_graph_of_a_calibrated_model_uses_each_subnetworks_table(calibrated_resnet20, tmp_path):
+    model = calibrated_resnet20
+    path = export_onnx(model, tmp_path / "calibrated.onnx", torch.randn(1, 3, 16, 16))
+    x = torch.randn(3, 3, 16, 16)
+    errors = verify_onnx(path, model, x)
+    assert len(errors) == 8 and max(errors.values()) < 1e-4, errors
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input", "mask"]
+    assert sum(n.op_type == "If" for n in graph.node) == model.num_skippable_stages
+    # the eager model's selection is an int again after tracing, and the tables changed the outputs
+    assert isinstance(model.subnet_selection.index, int)
+    uncalibrated = copy.deepcopy(model)
+    for norm in subnet_norms(uncalibrated):
+        norm.subnet_mean = norm.subnet_var = None
+    with torch.no_grad():
+        for skip in ("FFF", "FTF", "TTT"):
+            want = model(x, skip)
+            assert relative_error(uncalibrated(x, skip), want) > 1e-2, skip
+    # a static file of a calibrated sub-network holds that sub-network's rows
+    static = export_onnx(model, tmp_path / "ftf.onnx", x, skip="FTF", dynamic_batch=False)
+    assert verify_onnx(static, model, x, ["FTF"])["FTF"] < 1e-4
 
 
 # ---- errors, before any tracing ------------------------------------------------------------------------------

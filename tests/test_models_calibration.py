@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import one_thread, randomize  # noqa: F401  (one_thread: autouse fixture)
+from helpers import randomize, rel_err
 from torch import nn
 
 from adaptive_kernels import calibrate, create_model
@@ -15,8 +15,11 @@ from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.models.skip import all_skip_configs, subnet_index
 from adaptive_kernels.training.checkpoint import load_model_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny(name: str) -> nn.Module:
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     if name == "resnet20_adn":
         model, shape = create_model("resnet20_adn", in_chans=1, width=4), (1, 10, 10)
     elif name == "bottleneck":
@@ -71,7 +74,8 @@ def test_calibrated_subnet_equals_model_with_hand_computed_statistics(name):
             stats = hand_statistics(uncalibrated, x, skip)
             want = with_running_stats(uncalibrated, stats)(xe, skip=skip)
             got = model(xe, skip=skip)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            # fp32 statistics against float64 ones through a deep net (MobileNetV2: ~3e-5): the fp32 bound
+            assert rel_err(got, want) < 1e-4, skip
             # Rows of norms this sub-network does not run hold the norm's running statistics.
             j = subnet_index(model.parse_skip(skip))
             for n, m in model.named_modules():

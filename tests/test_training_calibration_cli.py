@@ -1,12 +1,15 @@
 """``python -m adaptive_kernels calibrate``: the written checkpoint holds the tables that ``calibrate`` computes
 on the first N un-augmented training images, keeps everything else, loads in ``eval``; errors name the problem."""
 
+import pytest
 import torch
-from helpers import one_thread, randomize  # noqa: F401  (one_thread: autouse fixture)
+from helpers import randomize
 
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.__main__ import main
 from adaptive_kernels.training import build_data, load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = ["--data", "synthetic", "--image-size", "8"]
 SPEC = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
@@ -40,7 +43,7 @@ def test_calibrate_command_errors(tmp_path, capsys):
     save_checkpoint({"model": model.state_dict(), "model_spec": SPEC}, src)
     for extra, message in (
         (["--images", "1"], "num_images must be an int >= 2"),
-        (["--weights", "ema"], "holds no 'ema' weights"),
+        (["--weights", "ema"], "holds no EMA weights"),
     ):
         assert main(["calibrate", "--checkpoint", str(src), *DATA, "--out", str(tmp_path / "c.pt"), *extra]) == 2
         assert message in capsys.readouterr().err

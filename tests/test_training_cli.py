@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from adaptive_kernels import create_model
 from adaptive_kernels.__main__ import main
@@ -16,12 +15,7 @@ TRAIN = ["train", "--model", "resnet20_adn", "--model-arg", "width=2", "--data",
 EVAL = ["--data", "synthetic", "--image-size", "8", "--latency-repeats", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

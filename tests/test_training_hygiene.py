@@ -18,12 +18,7 @@ from adaptive_kernels.training.trainer import PlainProgress
 CONFIG = {"epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False, "log_every_steps": 1, "eval_every_epochs": 0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(out_dir, **config):
@@ -61,8 +56,7 @@ def test_log_has_no_repeated_records_after_a_resume(tmp_path):
     log = tmp_path / "cut" / "log.jsonl"
     # A kill after the checkpoint at step 2: two more steps were logged, and a line was half written.
     with open(log, "a") as f:
-        for step in (3, 4):
-            f.write(json.dumps({"event": "train", "global_step": step, "step": step, "epoch": 1}) + "\n")
+        f.writelines(json.dumps({"event": "train", "global_step": s, "step": s, "epoch": 1}) + "\n" for s in (3, 4))
         f.write('{"event": "tra')
     resumed = make_trainer(tmp_path / "cut", save_every_steps=2)
     resumed.resume()

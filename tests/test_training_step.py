@@ -20,13 +20,7 @@ from adaptive_kernels.training.step import StepConfig, forward_backward, train_s
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes gain nothing from threads, and on a shared 2-core machine OpenMP barriers make them slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(dtype=torch.float64, seed=0):

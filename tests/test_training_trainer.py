@@ -9,13 +9,7 @@ from adaptive_kernels import create_model
 from adaptive_kernels.training import ModelEMA, TrainConfig, Trainer, make_synthetic, seed_everything
 from adaptive_kernels.training.trainer import build_optimizer, lr_factor
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cosine_schedule_with_warmup():

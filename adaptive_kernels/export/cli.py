@@ -3,19 +3,20 @@ and check it against the model, sub-network by sub-network, before reporting suc
 
 from __future__ import annotations
 
-from adaptive_kernels.cli_checks import positive_int
-
 import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from adaptive_kernels.cli_checks import positive_int
+
 from ..models import create_model, list_models
 from ..models.base import ADNModel
 from ..models.skip import skip_to_str
-from ..training.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from .onnx import FORMATS, export_onnx, export_pt2, relative_error, verify_onnx
+from ..numerics import relative_error
+from ..training.checkpoint import model_from_checkpoint
+from .onnx import FORMATS, export_onnx, export_pt2, verify_onnx
 
 #: fp32 through ONNX Runtime or torch.export reorders a few sums, nothing more
 TOLERANCE = 1e-4
@@ -46,12 +47,7 @@ def _load(args: argparse.Namespace, model_args: Callable[[list[str]], dict]) -> 
         return create_model(args.model, **model_args(args.model_arg)), None
     if args.model_arg:
         raise ValueError("--model-arg goes with --model; a checkpoint records its own model arguments")
-    state = load_checkpoint(args.checkpoint)
-    spec = state.get("model_spec")
-    if not spec:
-        raise CheckpointError(f"checkpoint {args.checkpoint} does not record which model it holds (no model_spec)")
-    model = create_model(spec["name"], **spec["kwargs"])
-    load_model_state(model, state["ema"] if state.get("ema") is not None else state["model"], args.checkpoint)
+    model, state, _ = model_from_checkpoint(args.checkpoint)
     size = state.get("data", {}).get("image_size")
     return model, (size[0] if size else None)
 

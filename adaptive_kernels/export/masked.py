@@ -9,6 +9,12 @@ else-branch the stage's mandatory layers with their ``_skip`` norms: the one bit
 and the norm set, and each branch is a plain static sub-graph in which ONNX Runtime still folds every
 BatchNorm into its convolution (a norm chosen per layer by ``where`` would keep both norms unfolded).
 
+A calibrated model (``adaptive_kernels.calibrate``) normalises with the table row of the whole sub-network, not
+of one stage: the graph computes the sub-network's id from the mask (``subnet_index``: the first stage is the
+most significant bit, a skipped stage a 1) and every calibrated norm gathers its mean and variance with it,
+so one graph still serves every calibrated sub-network (those norms stay unfolded: ONNX Runtime cannot fold
+statistics known only at run time).
+
 The eager models are untouched: this module only reads them. One subclass per family (``export/resnet.py``,
 ``mobilenetv2.py``, ``vit.py``, ``swin.py``) names its prologue, its stage layers and its epilogue.
 """
@@ -28,6 +34,13 @@ def _run_layers(layers: Sequence[nn.Module], skip_stage: bool, x: torch.Tensor) 
     for layer in layers:
         x = layer(x, skip_stage)
     return x
+
+
+def subnet_id(mask: torch.Tensor) -> torch.Tensor:
+    """``subnet_index`` of the configuration a mask (int32 (S,), 1 = run) selects, as an int64 scalar tensor."""
+    s = mask.shape[0]
+    weights = torch.tensor([1 << (s - 1 - k) for k in range(s)], dtype=torch.int64, device=mask.device)
+    return ((1 - mask.to(torch.int64)) * weights).sum()
 
 
 def group_by_stage(layers: Sequence[nn.Module]) -> list[tuple[int, list[nn.Module]]]:
@@ -63,11 +76,27 @@ class MaskedForward(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.model.is_calibrated:
+            return self._calibrated_forward(x, mask)
         x = self.prologue(x)
         for stage, layers in self.groups:
             x = torch.cond(mask[stage] != 0, partial(_run_layers, layers, False), partial(_run_layers, layers, True),
                            (x,))
         return self.epilogue(x)
+
+    def _calibrated_forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        selection = self.model.subnet_selection
+        eager_index = selection.index
+        try:
+            # The branches read the id from the selection (a free variable of theirs, lifted by torch.cond).
+            selection.index = subnet_id(mask)
+            x = self.prologue(x)
+            for stage, layers in self.groups:
+                x = torch.cond(mask[stage] != 0, partial(_run_layers, layers, False),
+                               partial(_run_layers, layers, True), (x,))
+            return self.epilogue(x)
+        finally:
+            selection.index = eager_index  # the eager model's selection is an int again
 
 
 class StaticForward(nn.Module):

@@ -19,6 +19,7 @@ from ..models.resnet import ResNetADN
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from ..models.swin import SwinTransformerADN
 from ..models.vit import VisionTransformerADN
+from ..numerics import relative_error
 from .masked import MaskedForward, StaticForward
 from .mobilenetv2 import MobileNetV2MaskedForward
 from .resnet import ResNetMaskedForward
@@ -53,13 +54,6 @@ def masked_forward(model: ADNModel) -> MaskedForward:
 def mask_of(skip: SkipConfig) -> torch.Tensor:
     """The mask input for a skip configuration: int32 (S,), 1 = run the stage's skippable sub-path."""
     return torch.tensor([0 if s else 1 for s in skip], dtype=torch.int32)
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (0 when both are 0)."""
-    scale = want.abs().max().item()
-    diff = (got.to(want.dtype) - want).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def _check_arguments(model: object, path: str | os.PathLike, example_input: object) -> Path:

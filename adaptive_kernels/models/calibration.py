@@ -35,9 +35,10 @@ DEFAULT_BATCH_SIZE = 256
 
 @dataclass(slots=True)
 class SubnetSelection:
-    """The sub-network a model runs now (``index`` = ``subnet_index(skip)``), shared by the model and its norms."""
+    """The sub-network a model runs now (``index`` = ``subnet_index(skip)``), shared by the model and its norms.
+    While the one-graph export traces, ``index`` is a scalar int64 tensor computed from the mask input."""
 
-    index: int
+    index: int | torch.Tensor
     num_subnets: int
 
 
@@ -85,7 +86,11 @@ class SubnetBatchNorm2d(nn.BatchNorm2d):
         if self.subnet_mean is None or self.training:
             return super().forward(x)
         j = self.selection.index
-        return F.batch_norm(x, self.subnet_mean[j], self.subnet_var[j], self.weight, self.bias, False, 0.0, self.eps)
+        if isinstance(j, torch.Tensor):  # one-graph export: the id is a graph value (index_select: a static shape)
+            mean, var = (t.index_select(0, j.reshape(1)).squeeze(0) for t in (self.subnet_mean, self.subnet_var))
+        else:
+            mean, var = self.subnet_mean[j], self.subnet_var[j]
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
     def allocate_subnet_table(self) -> None:
         """Create the (2^S, C) table buffers, every row a copy of the running statistics."""

@@ -7,8 +7,6 @@ atomically (``save_checkpoint``); ``eval`` (and everything that loads a checkpoi
 
 from __future__ import annotations
 
-from adaptive_kernels.cli_checks import positive_int
-
 import argparse
 import os
 import time
@@ -17,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..models import create_model
+from adaptive_kernels.cli_checks import positive_int
+
 from ..models.calibration import CalibrationResult, calibrate
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import model_from_checkpoint, save_checkpoint
 from .data import DataSource, build_data
 from .distributed import resolve_device
 
@@ -68,22 +67,8 @@ def calibrate_checkpoint(
     checkpoint, with the calibrated ``weights`` ("auto": the EMA weights when there are, as ``eval`` picks
     them), to ``out``. Everything else in the checkpoint is kept (a training run resumes from it as before)."""
     batches = calibration_batches(data, num_images, batch_size)
-    state = load_checkpoint(checkpoint)
-    spec = state.get("model_spec")
-    if not spec:
-        raise CheckpointError(f"checkpoint {checkpoint} does not record which model it holds (no model_spec)")
-    kwargs = spec["kwargs"]
-    if kwargs.get("num_classes") != data.num_classes or kwargs.get("in_chans") != data.in_chans:
-        raise ValueError(
-            f"{checkpoint} was trained for {kwargs.get('num_classes')} classes / {kwargs.get('in_chans')} channels, "
-            f"but --data {data.name} has {data.num_classes} / {data.in_chans}: calibrate on its training data"
-        )
-    if weights == "auto":
-        weights = "ema" if state.get("ema") is not None else "model"
-    if state.get(weights) is None:
-        raise CheckpointError(f"checkpoint {checkpoint} holds no {weights!r} weights: use --weights model")
-    model = create_model(spec["name"], **kwargs)
-    load_model_state(model, state[weights], checkpoint)
+    model, state, weights = model_from_checkpoint(checkpoint, weights=weights, data=data, purpose="calibrate")
+    spec = state["model_spec"]
     model.to(device)
     total = min(num_images, data.num_train)
     configs = len(model.skip_configs())

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models import create_model
 from ..models.calibration import prepare_for_state_dict
 
 FORMAT = "adaptive_kernels.checkpoint"
@@ -132,6 +133,53 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
             f"shape mismatches {shapes[:6]}{' ...' if len(shapes) > 6 else ''}"
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def model_from_checkpoint(
+    path: str | os.PathLike,
+    *,
+    state: dict[str, Any] | None = None,
+    weights: str = "auto",
+    data: Any = None,
+    purpose: str = "evaluate",
+) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """The model a checkpoint holds, built from its ``model_spec`` with the chosen weights loaded (on the CPU).
+
+    weights: "model", "ema" or "auto" (the EMA weights when the checkpoint has them). data: the ``DataSource``
+    the model will be used on (``purpose``: "evaluate", "calibrate"): it must be the kind the model was trained
+    on (dataset, image size, classes, channels), else the numbers mean nothing. Returns (model, the whole
+    checkpoint, the weights used); every problem is a one-line ``CheckpointError`` / ``ValueError``. state: the
+    checkpoint when the caller has loaded it already (``load_checkpoint(path)``)."""
+    if state is None:
+        state = load_checkpoint(path)
+    spec = state.get("model_spec")
+    if not spec:
+        raise CheckpointError(f"checkpoint {path} does not record which model it holds (no model_spec)")
+    kwargs = spec["kwargs"]
+    if data is not None:
+        saved = state.get("data") or {}
+        given = {"name": data.name, "image_size": list(data.image_size)}
+        flags = {"name": "--data", "image_size": "--image-size"}
+        for key, value in given.items():
+            if key in saved and saved[key] != value:
+                raise ValueError(f"{path} was trained on data {key} {saved[key]!r} but {flags[key]} gives {value!r}: "
+                                 f"{purpose} on the data it was trained on")
+        if kwargs.get("num_classes") != data.num_classes or kwargs.get("in_chans") != data.in_chans:
+            raise ValueError(
+                f"{path} was trained for {kwargs.get('num_classes')} classes / {kwargs.get('in_chans')} channels, "
+                f"but --data {data.name} has {data.num_classes} / {data.in_chans}: {purpose} on its dataset "
+                f"({saved.get('name', '?')})"
+            )
+    if weights not in ("auto", "model", "ema"):
+        raise ValueError(f"weights must be 'auto', 'model' or 'ema', got {weights!r}")
+    if weights == "auto":
+        weights = "ema" if state.get("ema") is not None else "model"
+    if state.get(weights) is None:
+        other = "model" if weights == "ema" else "ema"
+        raise CheckpointError(f"checkpoint {path} holds no {weights.replace('ema', 'EMA')} weights: use --weights {other}")
+    model = create_model(spec["name"], **kwargs)
+    load_model_state(model, state[weights], path)
+    return model, state, weights
 
 
 def capture_rng_state() -> dict[str, Any]:
