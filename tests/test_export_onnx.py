@@ -66,6 +66,18 @@ def test_one_graph_has_the_mask_contract_and_one_if_per_stage(exported):
     assert [d.dim_value for d in inputs["mask"].shape.dim] == [model.num_skippable_stages]
     assert inputs["input"].shape.dim[0].dim_param  # symbolic batch
     assert sum(n.op_type == "If" for n in graph.node) == model.num_skippable_stages
+    # a weight that one branch alone uses lives in that branch (ONNX Runtime's blocked-layout pass needs it there)
+    top = {t.name for t in graph.initializer}
+    main_uses = {name for node in graph.node for name in node.input}
+    branch_uses: dict[str, int] = {}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                assert attr.g.initializer, f"{node.name}.{attr.name} holds no weights of its own"
+                for name in top & {i for n in attr.g.node for i in n.input}:
+                    branch_uses[name] = branch_uses.get(name, 0) + 1
+    only_one_branch = [name for name, count in branch_uses.items() if count == 1 and name not in main_uses]
+    assert not only_one_branch, only_one_branch[:5]
 
 
 def test_a_mask_in_the_wrong_dtype_is_refused_by_onnx_runtime(exported):

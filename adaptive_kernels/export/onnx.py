@@ -153,7 +153,60 @@ def export_onnx(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"could not export {type(model).__name__} to ONNX: {first}") from e
     program.save(str(path))
+    if skip is None:
+        _move_branch_weights(path)
     return path
+
+
+def _graphs_of(node) -> Iterator:
+    import onnx
+
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        yield from a.graphs
+
+
+def _names_used(graph, names: set[str]) -> set[str]:
+    for node in graph.node:
+        names.update(node.input)
+        for g in _graphs_of(node):
+            _names_used(g, names)
+    return names
+
+
+def _move_branch_weights(path: Path) -> int:
+    """Move every weight that only one ``If`` branch uses into that branch's own initializers; returns how many.
+
+    ONNX Runtime's CPU layout pass (NCHWc: blocked channels, conv + add + ReLU fused) rewrites a convolution only
+    when its weight is a constant of the graph the convolution is in; a weight of the outer graph is not, so the
+    convolutions of the skippable sub-paths (whose norms the exporter folds into outer weights) ran unblocked:
+    ResNet-50-ADN's one graph was 1.2x the static file at batch 1, and about the same after this move. Nothing is
+    copied: weights that several branches share stay where they are."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in weights.intersection(node.input):
+            users.setdefault(name, []).append(None)
+        for branch in _graphs_of(node):
+            for name in _names_used(branch, set()) & weights:
+                users.setdefault(name, []).append(branch)
+    kept, moved = [], 0
+    for t in graph.initializer:
+        where = users.get(t.name, [])
+        if len(where) == 1 and where[0] is not None:
+            where[0].initializer.append(t)
+            moved += 1
+        else:
+            kept.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save(model, str(path))
+    return moved
 
 
 def export_pt2(model: ADNModel, path: str | os.PathLike, example_input: torch.Tensor, *, skip: SkipLike = None,
