@@ -68,7 +68,8 @@ class Engine(nn.Module):
         if reference is not None:
             self._reference_dtype = next((p.dtype for p in reference.parameters()), example_input.dtype)
         if program is not None:
-            self._mask = torch.ones(num_stages, dtype=torch.int32, device=self._device)
+            # the stage bits, then (calibrated model) the sub-network id; set_skip rewrites them together
+            self._mask = torch.tensor(program.mask_values(self._skip), dtype=torch.int32, device=self._device)
             self._device_masks: dict[SkipConfig, torch.Tensor] = {self._skip: self._mask.clone()}
             self._streams = None  # conditional: the capture and IF-body streams of every capture, drawn together
             if mechanism == "conditional":
@@ -93,7 +94,8 @@ class Engine(nn.Module):
         if self._program is not None:
             cached = self._device_masks.get(skip)
             if cached is None:
-                mask = [0 if s else 1 for s in skip]  # mask contract: 1 = run the skippable sub-path
+                # 1 = run the skippable sub-path; a calibrated program appends the sub-network id (its BN table row)
+                mask = self._program.mask_values(skip)
                 with torch.inference_mode(False):
                     cached = torch.tensor(mask, dtype=torch.int32, device=self._device)
                 self._device_masks[skip] = cached
