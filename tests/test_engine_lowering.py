@@ -22,6 +22,7 @@ from adaptive_kernels.engine.lowering import LoweringError, NotLoweredError, fol
 from adaptive_kernels.engine.program import Attention, Body, Conv, Gather, MaxPool, Program, Value, validate
 from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels
 from adaptive_kernels.epilogue import Epilogue
+from adaptive_kernels.models.skip import subnet_index
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
 
@@ -144,6 +145,20 @@ def test_swin_odd_sizes_before_patch_merging_are_not_lowered():
     model = swin(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=3, num_classes=5).eval()
     with pytest.raises(NotLoweredError, match="features.1: patch merging of the 3x3 feature map pads its odd side"):
         lower(model, (3, 12, 12), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+
+
+def test_fold_batchnorm_tables_match_each_subnetwork_of_a_calibrated_norm():
+    model, _, _ = calibrated("resnet20_adn")
+    bn = model.layer3[0].bn2  # a mandatory norm of the last stage: a distinct row for each sub-network
+    bias = torch.randn(bn.num_features, dtype=torch.float64)
+    scale, shift = fold_batchnorm(bn.double(), bias, subnet_rows=8)
+    y = torch.randn(2, bn.num_features, 3, 3, dtype=torch.float64)
+    for skip in model.skip_configs():
+        model.select_subnet(skip)
+        j = subnet_index(skip)
+        torch.testing.assert_close(y * scale[j, :, None, None] + shift[j, :, None, None], bn(y + bias[:, None, None]))
+    with pytest.raises(LoweringError, match=r"calibration tables have shape \(8, 32\), expected \(4, 32\)"):
+        fold_batchnorm(bn, subnet_rows=4)
 
 
 def test_fold_batchnorm_matches_eval_batchnorm():
@@ -338,6 +353,9 @@ def test_calibrated_program_equals_model_for_every_skip_config(name):
                 tensors[program.input].copy_(x)
                 got = execute(program, tensors, program_mask(program, skip), mechanism=mechanism, skip=skip)
                 assert rel_err(got, want) < FP32_TOL, (name, skip, mechanism, rel_err(got, want))
+    # the CPU fallback's structure check (meta device, no kernels) lowers it too
+    meta = lower(model, shape[1:], kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
+    assert meta.subnet_id_slot == stages
     # the uncalibrated copy lowers as before: 2-row tables on the stage bit (skip-aware norms), no id slot
     program = lower(plain, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
     assert program.subnet_id_slot is None and program.mask_entries == stages

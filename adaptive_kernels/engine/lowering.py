@@ -77,21 +77,26 @@ class NotLoweredError(LoweringError):
 
 
 def fold_batchnorm(
-    bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None, *, subnet_rows: bool = False
+    bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None, *, subnet_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` in float64 such that ``bn(y + conv_bias) == y * scale + shift`` in eval mode: (C,) from the
-    running statistics, or with ``subnet_rows`` (2^S, C) tables, row j from the calibrated statistics of sub-network
-    j (``subnet_mean``/``subnet_var``; the running statistics in every row for a norm without them)."""
+    running statistics, or with ``subnet_rows = 2^S`` (2^S, C) tables, row j from the calibrated statistics of
+    sub-network j (``subnet_mean``/``subnet_var``; the running statistics in every row for a norm without them)."""
     if bn.running_mean is None or bn.running_var is None:
         raise LoweringError(f"{bn} has no running statistics (track_running_stats=False): it cannot be folded")
     var = bn.running_var.detach().double()
     mean = bn.running_mean.detach().double()
-    if subnet_rows:
-        if getattr(bn, "subnet_mean", None) is None:
-            rows = bn.selection.num_subnets
-            mean, var = mean.expand(rows, -1), var.expand(rows, -1)
+    if subnet_rows is not None:
+        table = getattr(bn, "subnet_mean", None)
+        if table is None:
+            mean, var = mean.expand(subnet_rows, -1), var.expand(subnet_rows, -1)
+        elif table.shape[0] != subnet_rows or bn.subnet_var is None or bn.subnet_var.shape != table.shape:
+            raise LoweringError(
+                f"{bn}: its calibration tables have shape {tuple(table.shape)}, expected ({subnet_rows}, "
+                f"{bn.num_features}) for one row per sub-network: calibrate the model again"
+            )
         else:
-            mean, var = bn.subnet_mean.detach().double(), bn.subnet_var.detach().double()
+            mean, var = table.detach().double(), bn.subnet_var.detach().double()
     scale = 1.0 / torch.sqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().double()
@@ -238,12 +243,14 @@ class _Builder:
                 return self.vector(scale), self.vector(shift), -1
             scale_skip, shift_skip = fold_batchnorm(bn_skip, conv_bias)
             return self.vector(torch.stack([scale_skip, scale])), self.vector(torch.stack([shift_skip, shift])), stage
-        scale, shift = fold_batchnorm(bn, conv_bias, subnet_rows=True)
+        num_stages = self.subnet_id_slot
+        scale, shift = fold_batchnorm(bn, conv_bias, subnet_rows=2**num_stages)
         if bn_skip is not None:
-            scale_skip, shift_skip = fold_batchnorm(bn_skip, conv_bias, subnet_rows=True)
-            num_stages = self.subnet_id_slot
+            scale_skip, shift_skip = fold_batchnorm(bn_skip, conv_bias, subnet_rows=2**num_stages)
             # subnet_index: stage 0 is the most significant bit, 1 = skipped
-            skipped = ((torch.arange(scale.shape[0]) >> (num_stages - 1 - stage)) & 1).bool()[:, None]
+            skipped = ((torch.arange(scale.shape[0], device=scale.device) >> (num_stages - 1 - stage)) & 1).bool()[
+                :, None
+            ]
             scale, shift = torch.where(skipped, scale_skip, scale), torch.where(skipped, shift_skip, shift)
         return self.vector(scale), self.vector(shift), self.subnet_id_slot
 
