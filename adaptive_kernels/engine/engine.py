@@ -258,7 +258,9 @@ def compile(
     model: an ADN model (ResNet-ADN, MobileNetV2-ADN, ViT/DeiT-ADN, Swin-T-ADN; for a Swin input size that the
     model pads, e.g. one whose feature maps are not multiples of the window, the engine runs the reference,
     with a warning). Eval-mode semantics whatever ``model.training`` says: BatchNorm running statistics
-    are folded into per-channel scale/shift (the normal and the ``_skip`` set), dropout is off.
+    are folded into per-channel scale/shift (the normal and the ``_skip`` set; for a calibrated model one row per
+    sub-network, picked on the device by the sub-network id that ``set_skip`` writes after the stage bits), dropout
+    is off.
     example_input: (N, C, H, W) on the device to run on; its shape, dtype and device are what the engine
     accepts. dtype: compute dtype (float16, bfloat16 or float32); norm parameters stay fp32.
     mechanism: "conditional" (CUDA IF nodes; needs the adaptive_kernels._C extension and CUDA >= 12.4),
