@@ -161,7 +161,7 @@ def _conv_case(layer: str, batch: int):
 @pytest.mark.parametrize("batch", BATCHES, ids=[f"b{b}" for b in BATCHES])
 @pytest.mark.parametrize("layer", CONV_LAYERS)
 def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
-    from adaptive_kernels.kernels import conv2d
+    from adaptive_kernels.kernels import Epilogue, conv2d
     from adaptive_kernels.kernels.conv2d import auto_split_k, conv2d_workspace_numel
 
     c = _conv_case(layer, batch)
@@ -191,23 +191,26 @@ def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
         dtype=torch.float32,
     )
 
+    # the BN table row is selected from the mask on the device, as the engine does (skip-aware BN: 2 rows, the stage's
+    # bit in mask[0])
+    epilogue = Epilogue(
+        scale=torch.stack([c["scale"], c["scale"]]),
+        shift=torch.stack([c["shift"], c["shift"]]),
+        select_index=0,
+        activation=c["act"],
+        residual=res_nhwc,
+        residual_relu=res_nhwc is not None,
+    )
+
     def fused() -> torch.Tensor:
-        # norm_index=0 selects the BN set from the mask on the device, as the engine does (skip-aware BN)
         return conv2d(
             x_nhwc,
             c["w_packed"],
             kernel_size=c["k"],
             stride=c["s"],
             padding=c["p"],
-            scale=c["scale"],
-            shift=c["shift"],
-            scale_skip=c["scale"],
-            shift_skip=c["shift"],
+            epilogue=epilogue,
             mask=mask,
-            norm_index=0,
-            activation=c["act"],
-            residual=res_nhwc,
-            residual_relu=res_nhwc is not None,
             out=out,
             workspace=workspace,
         )
@@ -229,7 +232,7 @@ def test_conv_layer(benchmark_or_none, rows, layer, batch, provider):
 @pytest.mark.parametrize("batch", BATCHES, ids=[f"b{b}" for b in BATCHES])
 @pytest.mark.parametrize("layer", LINEAR_LAYERS)
 def test_linear_layer(benchmark_or_none, rows, layer, batch, provider):
-    from adaptive_kernels.kernels import linear
+    from adaptive_kernels.kernels import Epilogue, linear
     from adaptive_kernels.kernels.linear import linear_auto_split_k, linear_workspace_numel
 
     tokens, k, n, act, has_res = LINEAR_LAYERS[layer]
@@ -254,8 +257,10 @@ def test_linear_layer(benchmark_or_none, rows, layer, batch, provider):
     # split-K scratch preallocated, as the engine does: the captured calls time the kernels, not an allocation
     workspace = torch.empty(linear_workspace_numel(batch * tokens, n, k, device=dev), device=dev, dtype=torch.float32)
 
+    epilogue = Epilogue(shift=bias, activation=act, residual=res)
+
     def fused() -> torch.Tensor:
-        return linear(x, weight, bias, activation=act, residual=res, out=out, workspace=workspace)
+        return linear(x, weight, epilogue=epilogue, out=out, workspace=workspace)
 
     extra = {}
     if provider == "triton_fused":

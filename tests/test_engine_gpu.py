@@ -1,6 +1,7 @@
 """On a GPU: the IF-node splice itself, then the engine against the fp32 reference model for every
 sub-network of ResNet-50-ADN and ViT-B/16-ADN (fp16, batch 1 and 64, both mechanisms), one capture for
-all of them in any order, stream-ordered switching, dynamic batch, profile + select_skip.
+all of them in any order, stream-ordered switching, a calibrated model (per-sub-network BN tables), dynamic batch,
+profile + select_skip.
 fp16 outputs are held to helpers.check_fp16_error (within a small multiple of torch's own fp16 error), the rule
 tests/test_engine_numerics_emulation.py checks for every family on the CPU. Skipped without CUDA (conftest.py)."""
 
@@ -11,9 +12,9 @@ import warnings
 
 import pytest
 import torch
-from helpers import check_fp16_error, randomize, torch_fp16
+from helpers import check_fp16_error, randomize, rel_err, torch_fp16
 
-from adaptive_kernels import create_model
+from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine import compile, select_skip
 from adaptive_kernels.engine.graph import IfNodeSplicer, capture_streams, conditional_nodes_unavailable
 
@@ -118,6 +119,29 @@ def test_switching_is_stream_ordered_and_never_recaptures(mechanism):
     assert set(table) == {"".join("T" if s else "F" for s in c) for c in model.skip_configs()}
     accuracy = {k: 90.0 - k.count("T") for k in table}
     assert select_skip(table, accuracy, max(table.values()) + 1) == (False, False, False)
+
+
+@pytest.mark.parametrize("mechanism", ["conditional", "early_exit"])
+def test_calibrated_model_every_subnetwork_from_one_capture(mechanism):
+    # per-sub-network BN tables selected on the device by the sub-network id, which set_skip writes after the stage
+    # bits: fp32 engine vs the calibrated eager model, switching in random order without host syncs
+    _needs_conditional(mechanism)
+    torch.manual_seed(4)
+    model = randomize(create_model("resnet20_adn").cuda(), calibrate=(8, 3, 32, 32))
+    calibrate(model, 3 * torch.randn(16, 3, 32, 32, device="cuda") + 1)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    engine = compile(model, x, dtype=torch.float32, mechanism=mechanism)
+    with torch.no_grad():
+        want = {skip: model(x, skip) for skip in model.skip_configs()}
+        picks = model.skip_configs() * 2
+        random.Random(1).shuffle(picks)
+        outs = []
+        for skip in picks:
+            engine.set_skip(skip)
+            outs.append(engine(x))
+        for skip, got in zip(picks, outs):
+            assert rel_err(got, want[skip]) < 1e-4, (mechanism, skip, rel_err(got, want[skip]))
+    assert engine.capture_count == 1
 
 
 def test_dynamic_batch_captures_once_per_batch_size(caplog):

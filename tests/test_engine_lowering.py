@@ -6,6 +6,7 @@ Swin input sizes that are not lowered (the model pads)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from contextlib import contextmanager
 
@@ -14,10 +15,14 @@ import torch
 from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
 from torch import nn
 
+import adaptive_kernels
 from adaptive_kernels import create_model, list_models
+from adaptive_kernels.engine.engine import Engine
 from adaptive_kernels.engine.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
 from adaptive_kernels.engine.program import Attention, Body, Conv, Gather, MaxPool, Program, Value, validate
 from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels
+from adaptive_kernels.epilogue import Epilogue
+from adaptive_kernels.models.skip import subnet_index
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
 
@@ -142,6 +147,20 @@ def test_swin_odd_sizes_before_patch_merging_are_not_lowered():
         lower(model, (3, 12, 12), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
 
 
+def test_fold_batchnorm_tables_match_each_subnetwork_of_a_calibrated_norm():
+    model, _, _ = calibrated("resnet20_adn")
+    bn = model.layer3[0].bn2  # a mandatory norm of the last stage: a distinct row for each sub-network
+    bias = torch.randn(bn.num_features, dtype=torch.float64)
+    scale, shift = fold_batchnorm(bn.double(), bias, subnet_rows=8)
+    y = torch.randn(2, bn.num_features, 3, 3, dtype=torch.float64)
+    for skip in model.skip_configs():
+        model.select_subnet(skip)
+        j = subnet_index(skip)
+        torch.testing.assert_close(y * scale[j, :, None, None] + shift[j, :, None, None], bn(y + bias[:, None, None]))
+    with pytest.raises(LoweringError, match=r"calibration tables have shape \(8, 32\), expected \(4, 32\)"):
+        fold_batchnorm(bn, subnet_rows=4)
+
+
 def test_fold_batchnorm_matches_eval_batchnorm():
     torch.manual_seed(1)
     bn = randomize(nn.BatchNorm2d(7)).double()
@@ -160,8 +179,8 @@ def test_buffers_are_reused_and_residual_stream_is_updated_in_place():
     assert len(storages) < len(tensors) / 2
     for body in program.bodies():
         # the last conv of every skippable block writes the block input's buffer
-        residual_writes = [op for op in body.ops if isinstance(op, Conv) and op.residual is not None]
-        assert residual_writes and all(op.out is op.residual for op in residual_writes)
+        residual_writes = [op for op in body.ops if isinstance(op, Conv) and op.epilogue.residual is not None]
+        assert residual_writes and all(op.out is op.epilogue.residual for op in residual_writes)
     # no two values alive at the same time share memory: check along the execution order
     order = list(program.flat_ops())
     span = {}
@@ -229,7 +248,8 @@ def test_execute_rejects_bad_mechanism_arguments():
 def _conv(x: Value, out: Value, residual: Value | None = None) -> Conv:
     w = torch.zeros(4, 4, 1, 1)
     one = torch.ones(4)
-    return Conv(x, out, w, (1, 1), (1, 1), (0, 0), 1, one, one, residual=residual)
+    epilogue = Epilogue(scale=one, shift=one, residual=residual, in_place=residual is not None)
+    return Conv(x, out, w, (1, 1), (1, 1), (0, 0), 1, epilogue)
 
 
 def _program(items, inp, out) -> Program:
@@ -251,6 +271,13 @@ def test_validate_accepts_in_place_bodies_and_rejects_leaks():
     undefined = _program([_conv(a, out)], inp, out)
     with pytest.raises(LoweringError, match="before any op writes it"):
         validate(undefined)
+    not_in_place = _conv(a, out, residual=a)  # out must be the residual Value when in place
+    with pytest.raises(LoweringError, match="in_place=True but out is not its residual"):
+        validate(_program([_conv(inp, a), not_in_place], inp, out))
+    selects = _conv(inp, out)
+    selects.epilogue = Epilogue(scale=torch.ones(2, 4), select_index=1)  # mask slot 1 of a 1-stage program
+    with pytest.raises(LoweringError, match="selects its norm row with mask slot 1, but the program's mask has 1"):
+        validate(_program([selects], inp, out))
 
 
 def test_lowering_rejects_models_outside_its_families():
@@ -276,3 +303,93 @@ def test_every_registered_model_lowers_at_its_default_size(name):
     assert [b.stage for b in program.bodies()] == list(range(model.num_skippable_stages))
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     assert program.output.shape == (head.out_features,)
+
+
+# ---- calibrated models: per-sub-network BN tables selected by the sub-network id slot ------------------------------
+CALIBRATED_MODELS = {
+    "resnet20_adn": (lambda: create_model("resnet20_adn", width=8), (2, 3, 8, 8)),
+    "mobilenet_v2_adn": (lambda: create_model("mobilenet_v2_adn", num_classes=10, width_mult=0.25), (1, 3, 16, 16)),
+}
+
+
+def calibrated(name: str, seed: int = 0) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """(calibrated model, the same model uncalibrated, input shape): random norms and running statistics, then
+    ``adaptive_kernels.calibrate`` on 8 random images (statistics far from the running ones: a different scale)."""
+    build, shape = CALIBRATED_MODELS[name]
+    torch.manual_seed(seed)
+    model = randomize(build(), seed, calibrate=(4, *shape[1:]))
+    plain = copy.deepcopy(model)
+    adaptive_kernels.calibrate(model, 3 * torch.randn(8, *shape[1:]) + 1)
+    assert model.is_calibrated and not plain.is_calibrated
+    return model.eval(), plain.eval(), shape
+
+
+def program_mask(program: Program, skip: tuple[bool, ...], device: str = "cpu") -> torch.Tensor:
+    return torch.tensor(program.mask_values(skip), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("name", list(CALIBRATED_MODELS))
+def test_calibrated_program_equals_model_for_every_skip_config(name):
+    model, plain, shape = calibrated(name)
+    stages = model.num_skippable_stages
+    program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    assert program.subnet_id_slot == stages and program.mask_entries == stages + 1
+    convs = [op for op, _ in program.flat_ops() if isinstance(op, Conv)]
+    distinct = []
+    for op in convs:  # every folded BN is a table of 2^S rows picked by the id slot
+        assert op.epilogue.select_index == stages
+        assert op.epilogue.scale.shape == op.epilogue.shift.shape == (2**stages, op.out.shape[-1])
+        distinct.append(len({tuple(row.tolist()) for row in op.epilogue.shift}))
+    # a norm's statistics depend only on the stages up to its own (rows of sub-networks that skip its block copy the
+    # running statistics); the last stage's mandatory norms differ in all 2^S rows
+    assert max(distinct) == 2**stages
+    x = torch.randn(shape)
+    tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            want = model(x, skip)
+            assert rel_err(plain(x, skip), want) > 1e-2  # calibration changed this sub-network's output
+            for mechanism in ("host", "early_exit"):
+                tensors[program.input].copy_(x)
+                got = execute(program, tensors, program_mask(program, skip), mechanism=mechanism, skip=skip)
+                assert rel_err(got, want) < FP32_TOL, (name, skip, mechanism, rel_err(got, want))
+    # the CPU fallback's structure check (meta device, no kernels) lowers it too
+    meta = lower(model, shape[1:], kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
+    assert meta.subnet_id_slot == stages
+    # the uncalibrated copy lowers as before: 2-row tables on the stage bit (skip-aware norms), no id slot
+    program = lower(plain, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    assert program.subnet_id_slot is None and program.mask_entries == stages
+    assert {op.epilogue.select_index for op, _ in program.flat_ops() if isinstance(op, Conv)} <= {-1, *range(stages)}
+
+
+def test_calibrated_program_rejects_a_mask_without_the_id_slot():
+    model, _, shape = calibrated("resnet20_adn")
+    program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"mask must be int32 \(4,\): 3 stage bits and the sub-network id"):
+        execute(program, tensors, device_mask((False,) * 3), mechanism="early_exit")
+
+
+def test_set_skip_writes_the_subnet_id(monkeypatch):
+    # the engine's mask without a GPU: the capture is stubbed out; set_skip must write the stage bits AND the id,
+    # and that mask must drive the program to the calibrated model's sub-network
+    monkeypatch.setattr(Engine, "_capture", lambda self, shape: None)
+    model, _, shape = calibrated("resnet20_adn")
+    program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
+    x = torch.randn(shape)
+    engine = Engine(num_stages=3, example_input=x, mechanism="early_exit", dynamic_batch=False, program=program)
+    assert engine._mask.tolist() == [1, 1, 1, 0]  # the super-net: every stage runs, id 0
+    tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
+    mask = engine._mask
+    for skip, want_mask in [
+        ("TFT", [0, 1, 0, 5]),
+        ("base", [0, 0, 0, 7]),
+        ("FTF", [1, 0, 1, 2]),
+        ("super", [1] * 3 + [0]),
+    ]:
+        engine.set_skip(skip)
+        assert engine._mask is mask and mask.tolist() == want_mask  # one buffer, rewritten in place
+        tensors[program.input].copy_(x)
+        with torch.no_grad():
+            got = execute(program, tensors, engine._mask, mechanism="early_exit")
+            assert rel_err(got, model(x, skip)) < FP32_TOL

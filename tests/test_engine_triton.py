@@ -4,6 +4,7 @@ skip configurations each (the interpreter is slow); early exit runs the kernels'
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
 
-from adaptive_kernels import create_model
+from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine.lowering import lower
 from adaptive_kernels.engine.program import Conv, Linear
 from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels, triton_kernels
@@ -139,3 +140,41 @@ def test_lower_split_k_argument():
     program = lower(model, (3, 8, 8), kernels=triton_kernels(), dtype=torch.float32, device=DEVICE)
     if DEVICE == "cpu":
         assert allocate_buffers(program, 2, "cpu", torch.float32)[program.workspace].numel() == 0
+
+
+CALIBRATED_MODELS = {
+    # BasicBlocks, three stages: all 8 sub-networks
+    "resnet20_adn": (lambda: create_model("resnet20_adn", width=4), (2, 3, 8, 8), None),
+    # depthwise convs, ReLU6, five stages: 8 of the 32 sub-networks (2.6 s each in the interpreter; all 32 run with
+    # the reference kernels in test_engine_lowering.py, and every table row through the kernels in test_kernels_*):
+    # super, base, each stage skipped alone, one mixed
+    "mobilenet_v2_adn": (
+        lambda: create_model("mobilenet_v2_adn", num_classes=5, width_mult=0.25),
+        (1, 3, 8, 8),
+        ["FFFFF", "TTTTT", "TFFFF", "FTFFF", "FFTFF", "FFFTF", "FFFFT", "TFTFT"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CALIBRATED_MODELS))
+def test_triton_calibrated_program_equals_model(name):
+    # per-sub-network BN tables (2^S rows, the sub-network id in mask slot S) through the real kernels, by early exit
+    # (the kernels' own mask test, as the captured early-exit graph runs)
+    build, shape, configs = CALIBRATED_MODELS[name]
+    torch.manual_seed(0)
+    model = randomize(build(), calibrate=(4, *shape[1:]))
+    plain = copy.deepcopy(model).to(DEVICE)
+    calibrate(model, 3 * torch.randn(8, *shape[1:]) + 1)
+    model = model.eval().to(DEVICE)
+    x = torch.randn(shape, device=DEVICE)
+    program = lower(model, shape[1:], kernels=triton_kernels(), dtype=torch.float32, device=DEVICE)
+    assert program.subnet_id_slot == model.num_skippable_stages
+    tensors = allocate_buffers(program, shape[0], DEVICE, torch.float32)
+    with torch.no_grad():
+        for skip in model.skip_configs() if configs is None else [model.parse_skip(c) for c in configs]:
+            want = model(x, skip)
+            assert rel_err(plain(x, skip), want) > 1e-2  # calibration changed this sub-network's output
+            mask = torch.tensor(program.mask_values(skip), dtype=torch.int32, device=DEVICE)
+            tensors[program.input].copy_(x)
+            got = execute(program, tensors, mask, mechanism="early_exit")
+            assert rel_err(got, want) < 1e-4, (name, skip, rel_err(got, want))

@@ -8,6 +8,7 @@ marked ``gpu``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import triton.testing
 from helpers import rel_err
 
-from adaptive_kernels.kernels import _common, conv2d, conv2d_ref, pack_conv2d_weight
+from adaptive_kernels.kernels import Epilogue, _common, conv2d, conv2d_ref, pack_conv2d_weight
 from adaptive_kernels.kernels.conv2d import GEMM_TILE, auto_split_k, conv2d_workspace_numel, max_split_k
 from adaptive_kernels.kernels.split_k import SPLIT_K_CHOICES, choose_split_k
 
@@ -24,7 +25,8 @@ split_k_module = importlib.import_module("adaptive_kernels.kernels.split_k")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MASK = [1, 0, 1]  # stage 0 runs, stage 1 is skipped, stage 2 runs
-RUN, SKIP = 0, 1  # indices into MASK
+RUN, SKIP = 0, 1  # indices into MASK: as select_index, RUN picks row 1 (the normal set), SKIP row 0 (the _skip set)
+EPILOGUE_FIELDS = {"activation", "residual_relu", "select_index", "exit_index"}
 
 
 def make_case(n, h, w, cin, cout, k, stride, padding, groups=1, dtype=torch.float32, seed=0):
@@ -48,18 +50,35 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else v
 
 
-def run_both(case, *, dtype_ref=torch.float64, inplace=False, **kw):
-    """Run the kernel and the float64 reference on the same (already rounded) inputs."""
+def make_epilogue(case, use=(), dtype=None, **fields):
+    """An Epilogue from the case's tensors named in ``use``: "scale"/"shift" (one row), "two_sets" (the skip-aware
+    (2, C) tables: row 0 the _skip set, row 1 the normal set), "residual"; floats cast to ``dtype`` when given."""
+    t = {}
+    if "two_sets" in use:
+        t["scale"] = torch.stack([case["scale_skip"], case["scale"]])
+        t["shift"] = torch.stack([case["shift_skip"], case["shift"]])
+    for name in ("scale", "shift", "residual"):
+        if name in use:
+            t[name] = case[name]
+    if dtype is not None:
+        t = {k: v.to(dtype) for k, v in t.items()}
+    return Epilogue(**t, **fields)
+
+
+def run_both(case, *, use=(), dtype_ref=torch.float64, inplace=False, mask=None, **kw):
+    """Run the kernel and the float64 reference on the same (already rounded) inputs; epilogue fields in ``kw`` go
+    into the Epilogue, the rest to the call."""
     x, w = case["x"], case["w"]
-    kernel_kw = {k: case[k] for k in kw.pop("use", ())}
-    kernel_kw.update(kw)
-    ref_kw = {k: (v.to(dtype_ref) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kernel_kw.items()}
-    ref = conv2d_ref(x.to(dtype_ref), w.to(dtype_ref), **ref_kw)
+    fields = {k: kw.pop(k) for k in EPILOGUE_FIELDS & kw.keys()}
+    ref = conv2d_ref(
+        x.to(dtype_ref), w.to(dtype_ref), epilogue=make_epilogue(case, use, dtype_ref, **fields), mask=mask, **kw
+    )
+    epilogue = make_epilogue(case, use, **fields)
     if inplace:
-        kernel_kw["out"] = kernel_kw["residual"] = kernel_kw["residual"].clone()
-    y = conv2d(x, pack_conv2d_weight(w), kernel_size=tuple(w.shape[2:]), **kernel_kw)
+        epilogue = dataclasses.replace(epilogue, residual=epilogue.residual.clone(), in_place=True)
+    y = conv2d(x, pack_conv2d_weight(w), kernel_size=tuple(w.shape[2:]), epilogue=epilogue, mask=mask, **kw)
     if inplace:
-        assert y.data_ptr() == kernel_kw["residual"].data_ptr()
+        assert y.data_ptr() == epilogue.residual.data_ptr()
     return y, ref
 
 
@@ -98,10 +117,10 @@ def test_conv2d_epilogue_combinations(activation, residual_mode, norm_set):
     case = make_case(1, 4, 5, 20, 24, 1, 1, 0, seed=1)
     case["shift"] = case["shift"] * 8  # push part of the outputs past relu6's clip at 6
     kw = {
-        "use": ("scale", "shift", "scale_skip", "shift_skip"),
+        "use": ("two_sets",),
         "activation": activation,
         "mask": mask_tensor(),
-        "norm_index": RUN if norm_set == "normal" else SKIP,
+        "select_index": RUN if norm_set == "normal" else SKIP,
     }
     if residual_mode != "none":
         kw["use"] += ("residual",)
@@ -109,17 +128,15 @@ def test_conv2d_epilogue_combinations(activation, residual_mode, norm_set):
     y, ref = run_both(case, inplace=residual_mode == "inplace_relu", **kw)
     assert rel_err(y, ref) < 1e-4
     # the other set gives a different answer: the selection is real
-    other = conv2d_ref(
-        case["x"].double(),
-        case["w"].double(),
-        **{
-            **{k: case[k].double() for k in kw["use"]},
-            "activation": activation,
-            "mask": kw["mask"],
-            "norm_index": SKIP if norm_set == "normal" else RUN,
-            "residual_relu": kw.get("residual_relu", False),
-        },
+    other = make_epilogue(
+        case,
+        kw["use"],
+        torch.float64,
+        activation=activation,
+        select_index=SKIP if norm_set == "normal" else RUN,
+        residual_relu=kw.get("residual_relu", False),
     )
+    other = conv2d_ref(case["x"].double(), case["w"].double(), epilogue=other, mask=kw["mask"])
     assert rel_err(y, other) > 1e-2
 
 
@@ -144,12 +161,61 @@ def test_conv2d_depthwise(geom, norm_set):
         stride=s,
         padding=p,
         groups=c,
-        use=("scale", "shift", "scale_skip", "shift_skip"),
+        use=("two_sets",),
         activation="relu6",
         mask=mask_tensor(),
-        norm_index=RUN if norm_set == "normal" else SKIP,
+        select_index=RUN if norm_set == "normal" else SKIP,
     )
     assert rel_err(y, ref) < 1e-4
+
+
+TABLE_ROWS = 8  # a calibrated model with 3 skippable stages: one row per sub-network
+ID_SLOT = 3  # the mask slot after the 3 stage bits: the sub-network id
+
+
+def distinct_tables(rows, c, seed):
+    """(rows, c) scale and shift tables whose rows all differ (row r's scale is near 0.5 + r / 4)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 0.5 + torch.arange(rows)[:, None] / 4 + 0.1 * torch.rand(rows, c, generator=g)
+    shift = torch.randn(rows, c, generator=g) + torch.arange(rows)[:, None] * 0.3
+    return scale.to(DEVICE), shift.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "kind,split_k", [("gemm", 1), ("gemm", 3), ("depthwise", 1)], ids=["gemm", "gemm split3", "depthwise"]
+)
+def test_conv2d_table_row_selected_by_the_mask(kind, split_k):
+    # every row of an R-row table, picked on the device by mask[ID_SLOT], gives the float64 reference of that row
+    c = 20
+    g = c if kind == "depthwise" else 1
+    case = make_case(1, 5, 4, c, c, 3, 1, 1, groups=g, seed=12)
+    scale, shift = distinct_tables(TABLE_ROWS, c, seed=13)
+    w = pack_conv2d_weight(case["w"])
+    results = []
+    for row in range(TABLE_ROWS):
+        mask = torch.tensor([1, 0, 1, row], dtype=torch.int32, device=DEVICE)
+        epilogue = Epilogue(
+            scale=scale, shift=shift, select_index=ID_SLOT, activation="relu", residual=case["residual"]
+        )
+        out = torch.full_like(case["residual"], float("nan"))
+        y = conv2d(
+            case["x"], w, kernel_size=3, padding=1, groups=g, epilogue=epilogue, mask=mask, out=out, split_k=split_k
+        )
+        assert y.data_ptr() == out.data_ptr()
+        # the reference gets the row itself (a one-row epilogue), not the selection
+        one_row = Epilogue(
+            scale=scale[row].double(), shift=shift[row].double(), activation="relu", residual=case["residual"].double()
+        )
+        ref = conv2d_ref(case["x"].double(), case["w"].double(), padding=1, groups=g, epilogue=one_row)
+        assert rel_err(out, ref) < 1e-4, (row, rel_err(out, ref))
+        results.append(out.clone())
+    assert min(rel_err(a, b) for i, a in enumerate(results) for b in results[:i]) > 1e-2  # the rows really differ
+    # early exit with a table: out keeps its content
+    poison = torch.full_like(case["residual"], float("nan"))
+    mask = torch.tensor([1, 0, 1, 5], dtype=torch.int32, device=DEVICE)
+    epilogue = Epilogue(scale=scale, shift=shift, select_index=ID_SLOT, exit_index=1)
+    conv2d(case["x"], w, kernel_size=3, padding=1, groups=g, epilogue=epilogue, mask=mask, out=poison, split_k=split_k)
+    assert torch.isnan(poison).all(), "a skipped kernel with a table wrote to its output"
 
 
 @pytest.mark.parametrize("groups", ["gemm", "depthwise"])
@@ -160,36 +226,28 @@ def test_conv2d_early_exit(groups, bit):
     case = make_case(1, 5, 4, c, c, 3, 1, 1, groups=g, seed=4)
     mask = torch.tensor([1, bit], dtype=torch.int32, device=DEVICE)
     poison = torch.full_like(case["residual"], float("nan"))
+    use = ("scale", "shift")
     y = conv2d(
         case["x"],
         pack_conv2d_weight(case["w"]),
         kernel_size=3,
         padding=1,
         groups=g,
-        scale=case["scale"],
-        shift=case["shift"],
-        activation="relu",
+        epilogue=make_epilogue(case, use, activation="relu", exit_index=1),
         mask=mask,
-        exit_index=1,
         out=poison,
     )
     assert y.data_ptr() == poison.data_ptr()
     if bit == 0:
         assert torch.isnan(poison).all(), "a skipped kernel wrote to its output"
     else:
-        ref = conv2d_ref(
-            case["x"].double(),
-            case["w"].double(),
-            padding=1,
-            groups=g,
-            scale=case["scale"].double(),
-            shift=case["shift"].double(),
-            activation="relu",
-        )
+        epilogue = make_epilogue(case, use, torch.float64, activation="relu")
+        ref = conv2d_ref(case["x"].double(), case["w"].double(), padding=1, groups=g, epilogue=epilogue)
         assert rel_err(poison, ref) < 1e-4
     # the reference follows the same contract
     untouched = torch.full_like(case["residual"], 7.0)
-    r = conv2d_ref(case["x"], case["w"], padding=1, groups=g, mask=mask, exit_index=1, out=untouched)
+    exit_only = Epilogue(exit_index=1)
+    r = conv2d_ref(case["x"], case["w"], padding=1, groups=g, epilogue=exit_only, mask=mask, out=untouched)
     assert r is untouched and (bit == 1 or bool((untouched == 7.0).all()))
 
 
@@ -203,19 +261,12 @@ LOW_PRECISION_GEOMETRIES = {
 def _check_low_precision(dtype, geom, split_k="auto"):
     n, h, w, cin, cout, k, s, p, g = geom
     case = make_case(n, h, w, cin, cout, k, s, p, groups=g, dtype=dtype, seed=5)
-    use = ("scale", "shift", "scale_skip", "shift_skip", "residual")
-    kw = {
-        "stride": s,
-        "padding": p,
-        "groups": g,
-        "activation": "relu",
-        "residual_relu": True,
-        "mask": mask_tensor(),
-        "norm_index": SKIP,
-    }
-    y, ref = run_both(case, use=use, split_k=split_k, **kw)
+    use = ("two_sets", "residual")
+    fields = {"activation": "relu", "residual_relu": True, "select_index": SKIP}
+    kw = {"stride": s, "padding": p, "groups": g, "mask": mask_tensor()}
+    y, ref = run_both(case, use=use, split_k=split_k, **fields, **kw)
     assert y.dtype == dtype
-    torch_same_dtype = conv2d_ref(case["x"], case["w"], **{k_: case[k_] for k_ in use}, **kw)
+    torch_same_dtype = conv2d_ref(case["x"], case["w"], epilogue=make_epilogue(case, use, **fields), **kw)
     ours, theirs = rel_err(y, ref), rel_err(torch_same_dtype, ref)
     assert ours <= 2 * theirs, f"{dtype}: kernel error {ours:.2e} vs torch {theirs:.2e}"
 
@@ -268,10 +319,10 @@ def test_conv2d_split_k_epilogues(activation, residual_mode, norm_set):
     case["shift"] = case["shift"] * 8  # push part of the outputs past relu6's clip at 6
     kw = {
         "padding": 1,
-        "use": ("scale", "shift", "scale_skip", "shift_skip"),
+        "use": ("two_sets",),
         "activation": activation,
         "mask": mask_tensor(),
-        "norm_index": RUN if norm_set == "normal" else SKIP,
+        "select_index": RUN if norm_set == "normal" else SKIP,
     }
     if residual_mode != "none":
         kw["use"] += ("residual",)
@@ -295,11 +346,8 @@ def test_conv2d_split_k_early_exit(bit):
         pack_conv2d_weight(case["w"]),
         kernel_size=3,
         padding=1,
-        scale=case["scale"],
-        shift=case["shift"],
-        activation="relu",
+        epilogue=make_epilogue(case, ("scale", "shift"), activation="relu", exit_index=1),
         mask=mask,
-        exit_index=1,
         out=poison,
         split_k=4,
         workspace=workspace,
@@ -307,14 +355,8 @@ def test_conv2d_split_k_early_exit(bit):
     if bit == 0:
         assert torch.isnan(poison).all(), "a skipped split-K conv wrote to its output"
     else:
-        ref = conv2d_ref(
-            case["x"].double(),
-            case["w"].double(),
-            padding=1,
-            scale=case["scale"].double(),
-            shift=case["shift"].double(),
-            activation="relu",
-        )
+        epilogue = make_epilogue(case, ("scale", "shift"), torch.float64, activation="relu")
+        ref = conv2d_ref(case["x"].double(), case["w"].double(), padding=1, epilogue=epilogue)
         assert rel_err(poison, ref) < 1e-4
 
 
@@ -386,15 +428,17 @@ def test_conv2d_split_k_auto_measures_once(fake_gpu_split_choice):
     case = make_case(1, 5, 4, 20, 24, 3, 1, 1, seed=10)
     x, w = case["x"], pack_conv2d_weight(case["w"])
     assert auto_split_k(x, w, kernel_size=3, padding=1) is None  # a measurement is due
-    want = conv2d_ref(case["x"].double(), case["w"].double(), padding=1, residual=case["residual"].double())
+    want = conv2d_ref(
+        case["x"].double(), case["w"].double(), padding=1, epilogue=Epilogue(residual=case["residual"].double())
+    )
     stream = case["residual"].clone()
-    conv2d(x, w, kernel_size=3, padding=1, residual=stream, out=stream)
+    conv2d(x, w, kernel_size=3, padding=1, epilogue=Epilogue(residual=stream, in_place=True))
     assert fake_gpu_split_choice == [1, 2, 4]
     assert rel_err(stream, want) < 1e-4
     assert auto_split_k(x, w, kernel_size=3, padding=1) == 2
     with pytest.raises(ValueError, match=r"workspace has 10 elements but split_k='auto' \(up to 4\)"):
         conv2d(x, w, kernel_size=3, padding=1, workspace=torch.empty(10, device=DEVICE))
-    y = conv2d(x, w, kernel_size=3, padding=1, residual=case["residual"])
+    y = conv2d(x, w, kernel_size=3, padding=1, epilogue=Epilogue(residual=case["residual"]))
     assert fake_gpu_split_choice == [1, 2, 4], "the cached choice is reused"
     assert rel_err(y, want) < 1e-4
 
@@ -428,8 +472,14 @@ def _args(**over):
 
 
 def _call(**over):
+    """conv2d on _args(**over); Epilogue field names (scale, shift, residual, ...) in ``over`` go into the Epilogue."""
     a = _args(**over)
-    return conv2d(a.pop("x"), a.pop("w_packed"), **a)
+    fields = {f.name for f in dataclasses.fields(Epilogue)}
+    epilogue = Epilogue(**{k: a.pop(k) for k in fields & a.keys()})
+    return conv2d(a.pop("x"), a.pop("w_packed"), epilogue=epilogue, **a)
+
+
+ONE = torch.ones(1, dtype=torch.int32)
 
 
 @pytest.mark.parametrize(
@@ -441,23 +491,49 @@ def _call(**over):
         ({"w_packed": torch.randn(16, 8, 3, 3)}, ValueError, "pack_conv2d_weight"),
         ({"w_packed": torch.randn(72, 16).half()}, TypeError, "w_packed has dtype"),
         ({"groups": 2}, ValueError, "groups=2"),
-        ({"scale": torch.ones(15)}, ValueError, r"scale must have shape \(16,\)"),
+        ({"scale": torch.ones(15)}, ValueError, r"epilogue.scale must be \(16,\) or \(rows, 16\).*got shape \(15,\)"),
+        ({"shift": torch.ones(4, 15)}, ValueError, r"epilogue.shift must be \(16,\) or \(rows, 16\)"),
+        ({"shift": torch.ones(2, 2, 16)}, ValueError, r"epilogue.shift must be \(16,\) or \(rows, 16\)"),
+        ({"scale": torch.ones(0, 16)}, ValueError, "epilogue.scale has no rows"),
+        ({"scale": torch.ones(16, 4).t()}, ValueError, "epilogue.scale must be contiguous"),
+        ({"scale": torch.ones(4, 16, dtype=torch.int32)}, TypeError, "epilogue.scale has dtype torch.int32"),
+        (
+            {"scale": torch.ones(4, 16), "shift": torch.ones(4, 16).half(), "select_index": 0, "mask": ONE},
+            TypeError,
+            "epilogue.scale has dtype torch.float32 but epilogue.shift has torch.float16",
+        ),
+        (
+            {"scale": torch.ones(3, 16), "shift": torch.ones(2, 16), "select_index": 0, "mask": ONE},
+            ValueError,
+            "epilogue.scale has 3 rows but epilogue.shift has 2",
+        ),
+        ({"scale": torch.ones(4, 16)}, ValueError, "tables have 4 rows but select_index=-1 can only use row 0"),
+        ({"scale": torch.ones(1, 16), "select_index": 0, "mask": ONE}, ValueError, "the tables have 1 row"),
+        ({"select_index": 0, "mask": ONE}, ValueError, "there is no scale/shift table"),
+        (
+            {"scale": torch.ones(8, 16), "select_index": 3, "mask": torch.ones(3, dtype=torch.int32)},
+            ValueError,
+            "select_index=3 but mask has only 3 entries",
+        ),
+        ({"scale": torch.ones(8, 16), "select_index": -2, "mask": ONE}, ValueError, "select_index=-2 must be an int"),
+        ({"scale": torch.ones(8, 16), "select_index": 0}, ValueError, "select_index=0 given without mask"),
         ({"activation": "gelu"}, ValueError, "activation='gelu'"),
         (
             {"mask": torch.ones(2, dtype=torch.int64), "exit_index": 0, "out": torch.empty(1, 4, 4, 16)},
             TypeError,
             "int32",
         ),
-        ({"mask": torch.ones(2, dtype=torch.int32), "norm_index": 2}, ValueError, "only 2 entries"),
-        ({"norm_index": 0}, ValueError, "without mask"),
+        ({"mask": torch.ones(2, dtype=torch.int32), "exit_index": 2}, ValueError, "only 2 entries"),
+        ({"exit_index": 0}, ValueError, "without mask"),
+        ({"exit_index": 0, "mask": ONE}, ValueError, "needs out="),
+        ({"residual": torch.randn(1, 4, 4, 15)}, ValueError, "epilogue.residual must have the output's shape"),
+        ({"residual_relu": True}, ValueError, "residual_relu=True needs epilogue.residual"),
+        ({"in_place": True}, ValueError, "in_place=True needs epilogue.residual"),
         (
-            {"scale": torch.ones(16), "norm_index": 0, "mask": torch.ones(1, dtype=torch.int32)},
+            {"residual": torch.zeros(1, 4, 4, 16), "in_place": True, "out": torch.empty(1, 4, 4, 16)},
             ValueError,
-            "scale_skip",
+            "in_place=True writes epilogue.residual: pass out=None",
         ),
-        ({"exit_index": 0, "mask": torch.ones(1, dtype=torch.int32)}, ValueError, "needs out="),
-        ({"residual": torch.randn(1, 4, 4, 15)}, ValueError, "residual must have the output's shape"),
-        ({"residual_relu": True}, ValueError, "needs residual"),
         ({"out": torch.empty(1, 4, 4, 16).half()}, TypeError, "out has dtype"),
         ({"kernel_size": 9, "w_packed": torch.randn(9 * 9 * 8, 16)}, ValueError, "smaller than kernel"),
         ({"split_k": 0}, ValueError, "split_k=0 is out of range"),
@@ -505,6 +581,19 @@ def test_conv2d_mixed_devices_rejected():
         _call(scale=torch.ones(16))
 
 
+def test_conv2d_out_aliasing_residual_needs_in_place():
+    stream = torch.zeros(1, 4, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="out overlaps epilogue.residual: .* set epilogue.in_place=True"):
+        _call(residual=stream, out=stream)
+
+
+def test_conv2d_ref_rejects_a_mask_row_outside_the_tables():
+    case = make_case(1, 3, 3, 8, 8, 1, 1, 0)
+    epilogue = Epilogue(scale=torch.ones(4, 8), select_index=1)
+    with pytest.raises(ValueError, match=r"mask\[1\] = 4 selects a row outside the 4 rows"):
+        conv2d_ref(case["x"], case["w"], epilogue=epilogue, mask=torch.tensor([1, 4], dtype=torch.int32))
+
+
 # --- GPU: realistic shapes, fp16 -------------------------------------------------------------------------------
 GPU_GEOMETRIES = {  # n, h, w, cin, cout, k, stride, padding, groups
     "r50 stem": (2, 224, 224, 3, 64, 7, 2, 3, 1),
@@ -530,18 +619,12 @@ def test_conv2d_gpu_realistic_fp16(geom):
 def test_conv2d_gpu_inplace_and_exit_fp16():
     case = make_case(8, 14, 14, 256, 1024, 1, 1, 0, dtype=torch.float16, seed=6)
     y, ref = run_both(
-        case,
-        inplace=True,
-        use=("scale", "shift", "scale_skip", "shift_skip", "residual"),
-        residual_relu=True,
-        mask=mask_tensor(),
-        norm_index=SKIP,
+        case, inplace=True, use=("two_sets", "residual"), residual_relu=True, mask=mask_tensor(), select_index=SKIP
     )
     assert rel_err(y, ref) < 1e-2
     before = y.clone()
-    conv2d(
-        case["x"], pack_conv2d_weight(case["w"]), kernel_size=1, residual=y, out=y, mask=mask_tensor(), exit_index=SKIP
-    )
+    exit_in_place = Epilogue(residual=y, in_place=True, exit_index=SKIP)
+    conv2d(case["x"], pack_conv2d_weight(case["w"]), kernel_size=1, epilogue=exit_in_place, mask=mask_tensor())
     assert torch.equal(before, y)
 
 

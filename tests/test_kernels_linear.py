@@ -3,6 +3,7 @@ split-K included (the choice logic it shares with conv2d is tested in test_kerne
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import triton.testing
 from helpers import rel_err
 
-from adaptive_kernels.kernels import _common, linear, linear_ref
+from adaptive_kernels.kernels import Epilogue, _common, linear, linear_ref
 from adaptive_kernels.kernels.linear import linear_auto_split_k, linear_max_split_k, linear_workspace_numel
 
 split_k_module = importlib.import_module("adaptive_kernels.kernels.split_k")
@@ -30,19 +31,21 @@ def make_case(m, k, n, dtype=torch.float32, seed=0, lead=()):
 
 
 def run_both(case, *, use_bias=True, use_residual=False, inplace=False, **kw):
+    """The kernel and the float64 reference; the bias is the epilogue's shift, ``kw`` other Epilogue fields or call
+    arguments (split_k)."""
+    fields = {k: kw.pop(k) for k in {f.name for f in dataclasses.fields(Epilogue)} & kw.keys()}
     bias = case["bias"] if use_bias else None
     residual = case["residual"] if use_residual else None
-    ref = linear_ref(
-        case["x"].double(),
-        case["weight"].double(),
-        None if bias is None else bias.double(),
+    ref_epilogue = Epilogue(
+        shift=None if bias is None else bias.double(),
         residual=None if residual is None else residual.double(),
-        **kw,
+        **fields,
     )
+    ref = linear_ref(case["x"].double(), case["weight"].double(), epilogue=ref_epilogue, **kw)
     if inplace:
         residual = residual.clone()
-        kw["out"] = residual
-    y = linear(case["x"], case["weight"], bias, residual=residual, **kw)
+    epilogue = Epilogue(shift=bias, residual=residual, in_place=inplace, **fields)
+    y = linear(case["x"], case["weight"], epilogue=epilogue, **kw)
     if inplace:
         assert y.data_ptr() == residual.data_ptr()
     return y, ref
@@ -72,8 +75,9 @@ def test_linear_leading_dims_and_row_strides():
     # a strided 2-D view, e.g. the class token x[:, 0] of (B, L, C)
     cls = case["x"][:, 0]
     assert not cls.is_contiguous()
-    y = linear(cls, case["weight"], case["bias"])
-    assert rel_err(y, linear_ref(cls.double(), case["weight"].double(), case["bias"].double())) < 1e-4
+    y = linear(cls, case["weight"], epilogue=Epilogue(shift=case["bias"]))
+    want = linear_ref(cls.double(), case["weight"].double(), epilogue=Epilogue(shift=case["bias"].double()))
+    assert rel_err(y, want) < 1e-4
 
 
 @pytest.mark.parametrize("bit", [0, 1], ids=["skipped", "runs"])
@@ -81,15 +85,17 @@ def test_linear_early_exit(bit):
     case = make_case(7, 16, 20, seed=3)
     mask = torch.tensor([bit, 1], dtype=torch.int32, device=DEVICE)
     poison = torch.full((7, 20), float("nan"), device=DEVICE)
-    y = linear(case["x"], case["weight"], case["bias"], activation="gelu", out=poison, mask=mask, exit_index=0)
+    epilogue = Epilogue(shift=case["bias"], activation="gelu", exit_index=0)
+    y = linear(case["x"], case["weight"], epilogue=epilogue, out=poison, mask=mask)
     assert y.data_ptr() == poison.data_ptr()
     if bit == 0:
         assert torch.isnan(poison).all(), "a skipped kernel wrote to its output"
     else:
-        ref = linear_ref(case["x"].double(), case["weight"].double(), case["bias"].double(), activation="gelu")
+        want = Epilogue(shift=case["bias"].double(), activation="gelu")
+        ref = linear_ref(case["x"].double(), case["weight"].double(), epilogue=want)
         assert rel_err(poison, ref) < 1e-4
     kept = torch.full((7, 20), 3.0, device=DEVICE)
-    r = linear_ref(case["x"], case["weight"], mask=mask, exit_index=0, out=kept)
+    r = linear_ref(case["x"], case["weight"], epilogue=Epilogue(exit_index=0), mask=mask, out=kept)
     assert r is kept and (bit == 1 or bool((kept == 3.0).all()))
 
 
@@ -97,9 +103,8 @@ def _check_low_precision(dtype, m, k, n, activation, lead=(), split_k="auto"):
     case = make_case(m, k, n, dtype=dtype, seed=4, lead=lead)
     y, ref = run_both(case, use_residual=True, activation=activation, split_k=split_k)
     assert y.dtype == dtype
-    theirs = rel_err(
-        linear_ref(case["x"], case["weight"], case["bias"], residual=case["residual"], activation=activation), ref
-    )
+    same_dtype = Epilogue(shift=case["bias"], residual=case["residual"], activation=activation)
+    theirs = rel_err(linear_ref(case["x"], case["weight"], epilogue=same_dtype), ref)
     ours = rel_err(y, ref)
     assert ours <= 2 * theirs, f"{dtype}: kernel error {ours:.2e} vs torch {theirs:.2e}"
 
@@ -169,21 +174,13 @@ def test_linear_split_k_early_exit(bit):
     mask = torch.tensor([1, bit], dtype=torch.int32, device=DEVICE)
     poison = torch.full((7, 20), float("nan"), device=DEVICE)
     workspace = torch.full((4 * 7 * 20,), float("nan"), device=DEVICE)  # its content must never be read
-    linear(
-        case["x"],
-        case["weight"],
-        case["bias"],
-        activation="gelu",
-        out=poison,
-        mask=mask,
-        exit_index=1,
-        split_k=4,
-        workspace=workspace,
-    )
+    epilogue = Epilogue(shift=case["bias"], activation="gelu", exit_index=1)
+    linear(case["x"], case["weight"], epilogue=epilogue, out=poison, mask=mask, split_k=4, workspace=workspace)
     if bit == 0:
         assert torch.isnan(poison).all(), "a skipped split-K linear wrote to its output"
     else:
-        ref = linear_ref(case["x"].double(), case["weight"].double(), case["bias"].double(), activation="gelu")
+        want = Epilogue(shift=case["bias"].double(), activation="gelu")
+        ref = linear_ref(case["x"].double(), case["weight"].double(), epilogue=want)
         assert rel_err(poison, ref) < 1e-4
 
 
@@ -223,15 +220,15 @@ def test_linear_split_k_auto_measures_once(fake_gpu_split_choice):
     case = make_case(5, 300, 24, seed=9, lead=(2,))
     x, w, b = case["x"], case["weight"], case["bias"]
     assert linear_auto_split_k(x, w) is None  # a measurement is due
-    want = linear_ref(x.double(), w.double(), b.double(), residual=case["residual"].double())
+    want = linear_ref(x.double(), w.double(), epilogue=Epilogue(shift=b.double(), residual=case["residual"].double()))
     stream = case["residual"].clone()
-    linear(x, w, b, residual=stream, out=stream)
+    linear(x, w, epilogue=Epilogue(shift=b, residual=stream, in_place=True))
     assert fake_gpu_split_choice == [1, 2, 4]
     assert rel_err(stream, want) < 1e-4
     assert linear_auto_split_k(x, w) == 2
     with pytest.raises(ValueError, match=r"workspace has 10 elements but split_k='auto' \(up to 4\)"):
-        linear(x, w, b, workspace=torch.empty(10, device=DEVICE))
-    y = linear(x, w, b, residual=case["residual"])
+        linear(x, w, epilogue=Epilogue(shift=b), workspace=torch.empty(10, device=DEVICE))
+    y = linear(x, w, epilogue=Epilogue(shift=b, residual=case["residual"]))
     assert fake_gpu_split_choice == [1, 2, 4], "the cached choice is reused"
     assert rel_err(y, want) < 1e-4
 
@@ -243,6 +240,58 @@ def test_linear_rejects_workspace_overlap():
         linear(x, w, out=out, split_k=2, workspace=out.view(-1))
 
 
+TABLE_ROWS = 8  # one row per sub-network of a 3-stage model
+ID_SLOT = 3  # the mask slot after the 3 stage bits
+
+
+@pytest.mark.parametrize("split_k", [1, 3], ids=["whole", "split3"])
+def test_linear_table_row_selected_by_the_mask(split_k):
+    # every row of an R-row scale/shift table, picked on the device by mask[ID_SLOT], gives the float64 reference of
+    # that row; in place on the residual (with the ReLU after the add), as a residual stream update would run
+    case = make_case(9, 200, 20, seed=10)
+    g = torch.Generator().manual_seed(11)
+    scale = (0.5 + torch.arange(TABLE_ROWS)[:, None] / 4 + 0.1 * torch.rand(TABLE_ROWS, 20, generator=g)).to(DEVICE)
+    shift = (torch.randn(TABLE_ROWS, 20, generator=g) + torch.arange(TABLE_ROWS)[:, None] * 0.3).to(DEVICE)
+    results = []
+    for row in range(TABLE_ROWS):
+        mask = torch.tensor([0, 1, 1, row], dtype=torch.int32, device=DEVICE)
+        stream = case["residual"].clone()
+        epilogue = Epilogue(
+            scale=scale,
+            shift=shift,
+            select_index=ID_SLOT,
+            activation="gelu",
+            residual=stream,
+            residual_relu=True,
+            in_place=True,
+        )
+        linear(case["x"], case["weight"], epilogue=epilogue, mask=mask, split_k=split_k)
+        one_row = Epilogue(
+            scale=scale[row].double(),
+            shift=shift[row].double(),
+            activation="gelu",
+            residual=case["residual"].double(),
+            residual_relu=True,
+        )
+        ref = linear_ref(case["x"].double(), case["weight"].double(), epilogue=one_row)
+        assert rel_err(stream, ref) < 1e-4, (row, rel_err(stream, ref))
+        results.append(stream)
+    assert min(rel_err(a, b) for i, a in enumerate(results) for b in results[:i]) > 1e-2  # the rows really differ
+    for row in range(TABLE_ROWS):  # out poisoned, no residual: every element written
+        mask = torch.tensor([0, 1, 1, row], dtype=torch.int32, device=DEVICE)
+        out = torch.full((9, 20), float("nan"), device=DEVICE)
+        epilogue = Epilogue(scale=scale, shift=shift, select_index=ID_SLOT)
+        linear(case["x"], case["weight"], epilogue=epilogue, mask=mask, out=out, split_k=split_k)
+        want = Epilogue(scale=scale[row].double(), shift=shift[row].double())
+        assert rel_err(out, linear_ref(case["x"].double(), case["weight"].double(), epilogue=want)) < 1e-4
+    # early exit with a table: out keeps its content
+    poison = torch.full((9, 20), float("nan"), device=DEVICE)
+    mask = torch.tensor([0, 1, 1, 2], dtype=torch.int32, device=DEVICE)
+    epilogue = Epilogue(scale=scale, shift=shift, select_index=ID_SLOT, exit_index=0)
+    linear(case["x"], case["weight"], epilogue=epilogue, mask=mask, out=poison, split_k=split_k)
+    assert torch.isnan(poison).all(), "a skipped kernel with a table wrote to its output"
+
+
 @pytest.mark.parametrize(
     "over,error,match",
     [
@@ -252,7 +301,13 @@ def test_linear_rejects_workspace_overlap():
         ({"weight": torch.randn(16, 7)}, ValueError, "K=8"),
         ({"weight": torch.randn(8, 16).t()}, ValueError, "unit stride"),
         ({"x": torch.randn(2, 8, 4).transpose(1, 2)}, ValueError, "contiguous"),
-        ({"bias": torch.randn(15)}, ValueError, r"bias must have shape \(16,\)"),
+        ({"shift": torch.randn(15)}, ValueError, r"epilogue.shift must be \(16,\) or \(rows, 16\)"),
+        ({"scale": torch.ones(3, 16)}, ValueError, "tables have 3 rows but select_index=-1"),
+        (
+            {"scale": torch.ones(3, 16), "select_index": 1, "mask": torch.ones(1, dtype=torch.int32)},
+            ValueError,
+            "select_index=1 but mask has only 1 entries",
+        ),
         ({"activation": "relu6"}, ValueError, "activation='relu6'"),
         ({"residual": torch.randn(4, 15)}, ValueError, "residual must have"),
         ({"out": torch.empty(4, 16).half()}, TypeError, "out has dtype"),
@@ -278,8 +333,9 @@ def test_linear_rejects_bad_input(over, error, match):
     args = {"x": torch.randn(4, 8), "weight": torch.randn(16, 8)}
     args.update(over)
     args = {k: (v.to(DEVICE) if torch.is_tensor(v) and v.device.type != "meta" else v) for k, v in args.items()}
+    epilogue = Epilogue(**{k: args.pop(k) for k in {f.name for f in dataclasses.fields(Epilogue)} & args.keys()})
     with pytest.raises(error, match=match):
-        linear(args.pop("x"), args.pop("weight"), **args)
+        linear(args.pop("x"), args.pop("weight"), epilogue=epilogue, **args)
 
 
 def test_linear_rejects_out_aliasing_input():
@@ -327,5 +383,10 @@ def test_linear_gpu_inplace_and_exit_fp16():
     assert rel_err(y, ref) < 1e-2
     before = y.clone()
     mask = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    linear(case["x"], case["weight"], case["bias"], residual=y, out=y, mask=mask, exit_index=0)
+    linear(
+        case["x"],
+        case["weight"],
+        epilogue=Epilogue(shift=case["bias"], residual=y, in_place=True, exit_index=0),
+        mask=mask,
+    )
     assert torch.equal(before, y)

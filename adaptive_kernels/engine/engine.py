@@ -68,7 +68,8 @@ class Engine(nn.Module):
         if reference is not None:
             self._reference_dtype = next((p.dtype for p in reference.parameters()), example_input.dtype)
         if program is not None:
-            self._mask = torch.ones(num_stages, dtype=torch.int32, device=self._device)
+            # the stage bits, then (calibrated model) the sub-network id; set_skip rewrites them together
+            self._mask = torch.tensor(program.mask_values(self._skip), dtype=torch.int32, device=self._device)
             self._device_masks: dict[SkipConfig, torch.Tensor] = {self._skip: self._mask.clone()}
             self._streams = None  # conditional: the capture and IF-body streams of every capture, drawn together
             if mechanism == "conditional":
@@ -93,7 +94,8 @@ class Engine(nn.Module):
         if self._program is not None:
             cached = self._device_masks.get(skip)
             if cached is None:
-                mask = [0 if s else 1 for s in skip]  # mask contract: 1 = run the skippable sub-path
+                # 1 = run the skippable sub-path; a calibrated program appends the sub-network id (its BN table row)
+                mask = self._program.mask_values(skip)
                 with torch.inference_mode(False):
                     cached = torch.tensor(mask, dtype=torch.int32, device=self._device)
                 self._device_masks[skip] = cached
@@ -256,7 +258,9 @@ def compile(
     model: an ADN model (ResNet-ADN, MobileNetV2-ADN, ViT/DeiT-ADN, Swin-T-ADN; for a Swin input size that the
     model pads, e.g. one whose feature maps are not multiples of the window, the engine runs the reference,
     with a warning). Eval-mode semantics whatever ``model.training`` says: BatchNorm running statistics
-    are folded into per-channel scale/shift (the normal and the ``_skip`` set), dropout is off.
+    are folded into per-channel scale/shift (the normal and the ``_skip`` set; for a calibrated model one row per
+    sub-network, picked on the device by the sub-network id that ``set_skip`` writes after the stage bits), dropout
+    is off.
     example_input: (N, C, H, W) on the device to run on; its shape, dtype and device are what the engine
     accepts. dtype: compute dtype (float16, bfloat16 or float32); norm parameters stay fp32.
     mechanism: "conditional" (CUDA IF nodes; needs the adaptive_kernels._C extension and CUDA >= 12.4),

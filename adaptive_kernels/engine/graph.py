@@ -150,7 +150,7 @@ class CapturedGraph:
         would time an empty launch. Bodies run with the exit index the capture will use, since it
         selects the compiled variant (early exit on or off).
         """
-        run_all = torch.ones_like(mask)
+        run_all = torch.tensor(program.mask_values((False,) * program.num_stages), dtype=mask.dtype, device=mask.device)
         side = torch.cuda.Stream(mask.device)
         side.wait_stream(torch.cuda.current_stream(mask.device))
         with torch.cuda.stream(side):

@@ -19,9 +19,15 @@ What is lowered (eval-mode semantics: BatchNorm running statistics, no dropout):
   (:class:`NotLoweredError`, the engine then runs the reference): input sizes for which the model pads,
   i.e. a feature map that is not a multiple of the window, or one with an odd side before patch merging.
 
-Skip-aware norms: a mandatory layer with a ``_skip`` twin gets both parameter sets and
-``norm_index = stage``, so the kernel picks the set from the device mask. Each stage's skippable blocks
-become one :class:`~.program.Body`.
+Skip-aware norms: a conv whose BatchNorm has a ``_skip`` twin gets a 2-row table (row 0 the ``_skip`` set, row 1
+the normal one) with ``select_index = stage``, so the stage's mask bit picks the row on the device; a LayerNorm with
+a twin gets both sets and ``norm_index = stage``. Each stage's skippable blocks become one :class:`~.program.Body`.
+
+Calibrated models (``model.is_calibrated``: per-sub-network BatchNorm statistics, ``models/calibration.py``): every
+conv's BN becomes a table of 2^S rows, row ``j = subnet_index(skip)`` folded from the statistics row j of the norm
+sub-network j runs (the ``_skip`` twin when it skips the layer's stage), and ``select_index = S``: the program's mask
+gets one more slot after the S stage bits, the sub-network id, so one captured graph still serves every
+sub-network. LayerNorm families have no running statistics and lower as without calibration.
 
 BatchNorm folding: ``bn(conv(x) + b) = conv(x) * scale + shift`` with ``scale = gamma / sqrt(var + eps)``
 and ``shift = beta + (b - mean) * scale``, computed in float64 and kept in float32 (float64 for a
@@ -36,6 +42,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..epilogue import Epilogue
 from ..models.base import ADNModel
 from ..models.mobilenetv2 import ConvNormActivation, InvertedResidual, MobileNetV2ADN
 from ..models.resnet import BasicBlock, Bottleneck, ResNetADN, SkippableStage
@@ -69,12 +76,27 @@ class NotLoweredError(LoweringError):
     the engine falls back to the reference model."""
 
 
-def fold_batchnorm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` in float64 such that ``bn(y + conv_bias) == y * scale + shift`` in eval mode."""
+def fold_batchnorm(
+    bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None = None, *, subnet_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` in float64 such that ``bn(y + conv_bias) == y * scale + shift`` in eval mode: (C,) from the
+    running statistics, or with ``subnet_rows = 2^S`` (2^S, C) tables, row j from the calibrated statistics of
+    sub-network j (``subnet_mean``/``subnet_var``; the running statistics in every row for a norm without them)."""
     if bn.running_mean is None or bn.running_var is None:
         raise LoweringError(f"{bn} has no running statistics (track_running_stats=False): it cannot be folded")
     var = bn.running_var.detach().double()
     mean = bn.running_mean.detach().double()
+    if subnet_rows is not None:
+        table = getattr(bn, "subnet_mean", None)
+        if table is None:
+            mean, var = mean.expand(subnet_rows, -1), var.expand(subnet_rows, -1)
+        elif table.shape[0] != subnet_rows or bn.subnet_var is None or bn.subnet_var.shape != table.shape:
+            raise LoweringError(
+                f"{bn}: its calibration tables have shape {tuple(table.shape)}, expected ({subnet_rows}, "
+                f"{bn.num_features}) for one row per sub-network: calibrate the model again"
+            )
+        else:
+            mean, var = table.detach().double(), bn.subnet_var.detach().double()
     scale = 1.0 / torch.sqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().double()
@@ -89,9 +111,15 @@ class _Builder:
     """Collects ops (into the current body, if one is open) and creates values with unique names."""
 
     def __init__(
-        self, kernels: KernelSet, dtype: torch.dtype, device: torch.device, split_k: int | str = "auto"
+        self,
+        kernels: KernelSet,
+        dtype: torch.dtype,
+        device: torch.device,
+        split_k: int | str = "auto",
+        subnet_id_slot: int | None = None,
     ) -> None:
         self.kernels = kernels
+        self.subnet_id_slot = subnet_id_slot  # calibrated model: the mask slot of the sub-network id (= S)
         self.dtype = dtype
         self.device = device
         self.split_k = split_k
@@ -176,31 +204,55 @@ class _Builder:
         if residual is not None and residual.shape != shape:
             raise LoweringError(f"{name}: residual {residual} does not match the conv output (N, {shape})")
         split_k, workspace = self.split_k_of(self.kernels.conv2d_max_split_k(cin, (kh, kw), conv.groups))
-        scale, shift = fold_batchnorm(bn, conv.bias)
-        scale_skip = shift_skip = None
-        if bn_skip is not None:
-            scale_skip, shift_skip = (self.vector(t) for t in fold_batchnorm(bn_skip, conv.bias))
+        scale, shift, select_index = self.bn_tables(bn, bn_skip, stage, conv.bias)
+        in_place = residual is not None
+        epilogue = Epilogue(
+            scale=scale,
+            shift=shift,
+            select_index=select_index,
+            activation=activation,
+            residual=residual,
+            residual_relu=residual_relu,
+            in_place=in_place,
+        )
         return self.emit(
             Conv(
                 x=x,
-                out=residual if residual is not None else self.value(name, shape),
+                out=residual if in_place else self.value(name, shape),
                 weight=self.kernels.prepare_conv_weight(self.weight(conv.weight)),
                 kernel_size=(kh, kw),
                 stride=(sh, sw),
                 padding=(ph, pw),
                 groups=conv.groups,
-                scale=self.vector(scale),
-                shift=self.vector(shift),
-                scale_skip=scale_skip,
-                shift_skip=shift_skip,
-                norm_index=stage if bn_skip is not None else -1,
-                activation=activation,
-                residual=residual,
-                residual_relu=residual_relu,
+                epilogue=epilogue,
                 split_k=split_k,
                 workspace=workspace,
             )
         )
+
+    def bn_tables(
+        self, bn: nn.BatchNorm2d, bn_skip: nn.BatchNorm2d | None, stage: int, conv_bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(scale, shift, select_index) of a conv's folded BN (see the module docstring): (C,) and -1 for a plain
+        norm; (2, C) [``_skip`` set, normal set] and the stage for a skip-aware one; (2^S, C) and the sub-network id
+        slot in a calibrated model, row j folded from the norm sub-network j runs (``bn_skip`` where j skips
+        ``stage``), with that norm's statistics row j."""
+        if self.subnet_id_slot is None:
+            scale, shift = fold_batchnorm(bn, conv_bias)
+            if bn_skip is None:
+                return self.vector(scale), self.vector(shift), -1
+            scale_skip, shift_skip = fold_batchnorm(bn_skip, conv_bias)
+            return self.vector(torch.stack([scale_skip, scale])), self.vector(torch.stack([shift_skip, shift])), stage
+        num_stages = self.subnet_id_slot
+        scale, shift = fold_batchnorm(bn, conv_bias, subnet_rows=2**num_stages)
+        if bn_skip is not None:
+            scale_skip, shift_skip = fold_batchnorm(bn_skip, conv_bias, subnet_rows=2**num_stages)
+            # subnet_index: stage 0 is the most significant bit, 1 = skipped
+            skipped = ((torch.arange(scale.shape[0], device=scale.device) >> (num_stages - 1 - stage)) & 1).bool()[
+                :, None
+            ]
+            scale, shift = torch.where(skipped, scale_skip, scale), torch.where(skipped, shift_skip, shift)
+        return self.vector(scale), self.vector(shift), self.subnet_id_slot
 
     def linear(
         self,
@@ -221,14 +273,19 @@ class _Builder:
         if residual is not None and residual.shape != shape:
             raise LoweringError(f"{name}: residual {residual} does not match the output (N, {shape})")
         split_k, workspace = self.split_k_of(self.kernels.linear_max_split_k(weight.shape[1]))
+        in_place = residual is not None
+        epilogue = Epilogue(
+            shift=None if bias is None else self.vector(bias),
+            activation=activation,
+            residual=residual,
+            in_place=in_place,
+        )
         return self.emit(
             Linear(
                 x=x,
-                out=residual if residual is not None else self.value(name, shape),
+                out=residual if in_place else self.value(name, shape),
                 weight=self.weight(weight),
-                bias=None if bias is None else self.vector(bias),
-                activation=activation,
-                residual=residual,
+                epilogue=epilogue,
                 split_k=split_k,
                 workspace=workspace,
             )
@@ -665,7 +722,8 @@ def lower(
 ) -> Program:
     """Lower ``model`` for inputs of shape ``(batch, *input_shape)`` = (N, C, H, W).
 
-    Parameters are folded, cast to ``dtype`` (norm scales/shifts: fp32, or fp64 for an fp64 program),
+    Parameters are folded (per sub-network when ``model.is_calibrated``; the program's mask then has the sub-network
+    id slot, ``Program.subnet_id_slot``), cast to ``dtype`` (norm scales/shifts: fp32, or fp64 for an fp64 program),
     moved to ``device`` and prepared for ``kernels``. The result is validated (see program.py).
     ``split_k``: "auto" (each conv and linear kernel decides; see kernels.split_k) or an int >= 1 forcing that split-K
     on every groups=1 conv and every linear, capped at what each one's K loop allows (``kernels.conv2d_max_split_k``,
@@ -688,11 +746,21 @@ def lower(
         )
     if split_k != "auto" and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"split_k={split_k!r}: use 'auto' or an int >= 1")
-    b = _Builder(kernels, dtype, torch.device(device), split_k)
+    # a calibrated model's BN tables are selected by the sub-network id, one mask slot after the stage bits
+    subnet_id_slot = model.num_skippable_stages if model.is_calibrated else None
+    b = _Builder(kernels, dtype, torch.device(device), split_k, subnet_id_slot)
     x = b.value("input", tuple(input_shape))
     out = _LOWERINGS[family](b, model, x)
     program = Program(
-        b.items, x, out, model.num_skippable_stages, kernels, dtype, type(model).__name__, workspace=b.workspace
+        b.items,
+        x,
+        out,
+        model.num_skippable_stages,
+        kernels,
+        dtype,
+        type(model).__name__,
+        workspace=b.workspace,
+        subnet_id_slot=subnet_id_slot,
     )
     stages = [body.stage for body in program.bodies()]
     if sorted(stages) != list(range(model.num_skippable_stages)):

@@ -26,12 +26,15 @@ size is the largest :meth:`Op.workspace_numel` of the program's ops.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from ..epilogue import Epilogue
+from ..models.skip import subnet_index
 
 if TYPE_CHECKING:
     from .runtime import KernelSet
@@ -56,7 +59,8 @@ class Value:
 @dataclass
 class RunContext:
     """What an op needs to run: the buffers, the kernel set, the device skip mask (int32, 1 = run the
-    stage's skippable sub-path) and the exit index the op passes to its kernel (-1: never exit)."""
+    stage's skippable sub-path; then the sub-network id for a calibrated program, see :class:`Program`) and the
+    exit index the op passes to its kernel (-1: never exit)."""
 
     tensors: Mapping[Value, torch.Tensor]
     kernels: KernelSet
@@ -160,14 +164,26 @@ class Gather(Op):
         )
 
 
+def _bound(epilogue: Epilogue, ctx: RunContext) -> Epilogue:
+    """The op's epilogue with its residual Value replaced by the buffer and the context's exit index."""
+    residual = epilogue.residual
+    return replace(epilogue, residual=None if residual is None else ctx.tensors[residual], exit_index=ctx.exit_index)
+
+
+def _epilogue_reads(x: Value, epilogue: Epilogue) -> tuple[Value, ...]:
+    return (x,) if epilogue.residual is None else (x, epilogue.residual)
+
+
 @dataclass(eq=False)
 class Conv(Op):
-    """Fused conv: ``out = act(conv(x, w) * scale + shift) (+ residual) (then ReLU)``, NHWC.
+    """Fused conv: ``out = act(conv(x, w) * scale[row] + shift[row]) (+ residual) (then ReLU)``, NHWC.
 
-    With ``norm_index >= 0`` the (scale, shift) set is picked on the device by the mask (skip-aware BN);
-    ``out`` may be ``residual`` (in-place update of the residual stream). ``weight`` is in the form the
-    program's kernel set takes (packed for Triton, (Cout, Cin/g, KH, KW) for the reference).
-    ``split_k`` ("auto" or a forced int) and ``workspace`` (the program's shared split-K scratch) go to the kernel.
+    ``epilogue``: the :class:`~adaptive_kernels.epilogue.Epilogue` with the folded-BN tables (one row; a skip-aware
+    BN's 2 rows selected by the stage's mask bit; a calibrated model's 2^S rows selected by the sub-network id slot)
+    and its residual as a Value (``in_place``: ``out`` is that residual, the residual stream); its exit index is set
+    when the op runs. ``weight`` is in the form the program's kernel set takes (packed for Triton,
+    (Cout, Cin/g, KH, KW) for the reference). ``split_k`` ("auto" or a forced int) and ``workspace`` (the program's
+    shared split-K scratch) go to the kernel.
     """
 
     x: Value
@@ -177,26 +193,20 @@ class Conv(Op):
     stride: tuple[int, int]
     padding: tuple[int, int]
     groups: int
-    scale: torch.Tensor
-    shift: torch.Tensor
-    scale_skip: torch.Tensor | None = None
-    shift_skip: torch.Tensor | None = None
-    norm_index: int = -1
-    activation: str = "none"
-    residual: Value | None = None
-    residual_relu: bool = False
+    epilogue: Epilogue
     split_k: int | str = "auto"
     workspace: Value | None = None
     can_exit = True
 
     def reads(self):
-        return (self.x,) if self.residual is None else (self.x, self.residual)
+        return _epilogue_reads(self.x, self.epilogue)
 
     def writes(self):
         return self.out
 
     def run(self, ctx):
         t = ctx.tensors
+        epilogue = _bound(self.epilogue, ctx)
         ctx.kernels.conv2d(
             t[self.x],
             self.weight,
@@ -204,17 +214,9 @@ class Conv(Op):
             stride=self.stride,
             padding=self.padding,
             groups=self.groups,
-            scale=self.scale,
-            shift=self.shift,
-            scale_skip=self.scale_skip,
-            shift_skip=self.shift_skip,
+            epilogue=epilogue,
             mask=ctx.mask,
-            norm_index=self.norm_index,
-            exit_index=ctx.exit_index,
-            activation=self.activation,
-            residual=None if self.residual is None else t[self.residual],
-            residual_relu=self.residual_relu,
-            out=t[self.out],
+            out=None if epilogue.in_place else t[self.out],
             split_k=self.split_k,
             workspace=None if self.workspace is None else t[self.workspace],
         )
@@ -236,36 +238,33 @@ class Conv(Op):
 
 @dataclass(eq=False)
 class Linear(Op):
-    """``out = act(x @ weight.T + bias) (+ residual)`` over the last dim; ``out`` may be ``residual``.
-    ``split_k`` ("auto" or a forced int) and ``workspace`` (the program's shared split-K scratch) go to the kernel."""
+    """``out = act(x @ weight.T + bias) (+ residual)`` over the last dim; the bias is the ``epilogue``'s shift, its
+    residual a Value (``in_place``: ``out`` is that residual). ``split_k`` ("auto" or a forced int) and ``workspace``
+    (the program's shared split-K scratch) go to the kernel."""
 
     x: Value
     out: Value
     weight: torch.Tensor
-    bias: torch.Tensor | None
-    activation: str = "none"
-    residual: Value | None = None
+    epilogue: Epilogue
     split_k: int | str = "auto"
     workspace: Value | None = None
     can_exit = True
 
     def reads(self):
-        return (self.x,) if self.residual is None else (self.x, self.residual)
+        return _epilogue_reads(self.x, self.epilogue)
 
     def writes(self):
         return self.out
 
     def run(self, ctx):
         t = ctx.tensors
+        epilogue = _bound(self.epilogue, ctx)
         ctx.kernels.linear(
             t[self.x],
             self.weight,
-            self.bias,
-            activation=self.activation,
-            residual=None if self.residual is None else t[self.residual],
-            out=t[self.out],
+            epilogue=epilogue,
             mask=ctx.mask,
-            exit_index=ctx.exit_index,
+            out=None if epilogue.in_place else t[self.out],
             split_k=self.split_k,
             workspace=None if self.workspace is None else t[self.workspace],
         )
@@ -446,7 +445,10 @@ class Program:
     """A lowered model. ``items``: ops and bodies in execution order; ``input``: the caller's (N, C, H, W)
     tensor; ``output``: the logits (N, num_classes); ``kernels``: the kernel set the op parameters
     were prepared for; ``dtype``: the compute dtype; ``workspace``: the fp32 split-K scratch shared by the convs and
-    linears (None without them), a flat buffer sized by ``allocate_buffers`` from those ops, not from its shape."""
+    linears (None without them), a flat buffer sized by ``allocate_buffers`` from those ops, not from its shape.
+    ``subnet_id_slot``: for a calibrated model (per-sub-network BN tables), the mask slot after the ``num_stages``
+    stage bits that holds the sub-network id (``models.skip.subnet_index``), which selects the table rows; None for
+    an uncalibrated one. The mask then has ``mask_entries`` int32 entries."""
 
     items: list[Op | Body]
     input: Value
@@ -456,6 +458,18 @@ class Program:
     dtype: torch.dtype
     model_name: str
     workspace: Value | None = None
+    subnet_id_slot: int | None = None
+
+    @property
+    def mask_entries(self) -> int:
+        """Length of the device mask: one bit per stage, plus the sub-network id of a calibrated program."""
+        return self.num_stages + (self.subnet_id_slot is not None)
+
+    def mask_values(self, skip: Sequence[bool]) -> list[int]:
+        """The mask for a skip configuration (True = skip): 1 = run each stage's skippable sub-path, then, for a
+        calibrated program, the sub-network id (computed here, on the host)."""
+        values = [0 if s else 1 for s in skip]
+        return values + ([subnet_index(tuple(skip))] if self.subnet_id_slot is not None else [])
 
     def bodies(self) -> list[Body]:
         return [item for item in self.items if isinstance(item, Body)]
@@ -485,6 +499,17 @@ def validate(program: Program) -> None:
     """Check the invariants in the module docstring; raise :class:`LoweringError` naming the op."""
     defined_at: dict[Value, Body | None] = {program.input: None}
     for op, body in program.flat_ops():
+        epilogue = getattr(op, "epilogue", None)
+        if epilogue is not None and epilogue.in_place != (op.out is epilogue.residual):
+            raise LoweringError(
+                f"{type(op).__name__} writing {op.out}: epilogue.in_place={epilogue.in_place} but out is "
+                f"{'not ' if epilogue.in_place else ''}its residual: in place means out is the residual Value"
+            )
+        if epilogue is not None and epilogue.select_index >= program.mask_entries:
+            raise LoweringError(
+                f"{type(op).__name__} writing {op.out} selects its norm row with mask slot {epilogue.select_index}, "
+                f"but the program's mask has {program.mask_entries} entries"
+            )
         for v in op.reads():
             if v not in defined_at:
                 raise LoweringError(f"{type(op).__name__} reads {v} before any op writes it")

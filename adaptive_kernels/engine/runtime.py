@@ -178,13 +178,22 @@ def execute(
 ) -> torch.Tensor:
     """Run ``program`` on its buffers; returns the output buffer.
 
-    mask: int32 (num_stages,), on the buffers' device, 1 = run the stage's skippable sub-path; read by
-    the kernels for skip-aware norms (and early exit). mechanism: see the module docstring; "host" needs
+    mask: int32 (program.mask_entries,), on the buffers' device (``program.mask_values(skip)``): 1 = run the stage's
+    skippable sub-path, then a calibrated program's sub-network id; read by the kernels for skip-aware and
+    calibrated norms (and early exit). mechanism: see the module docstring; "host" needs
     ``skip`` (tuple of bools, True = skip, consistent with ``mask``), "conditional" needs ``splicer``
     and must run inside a CUDA graph capture.
     """
     if mechanism not in MECHANISMS:
         raise ValueError(f"mechanism={mechanism!r}: use one of {', '.join(map(repr, MECHANISMS))}")
+    if mask.dim() != 1 or mask.shape[0] != program.mask_entries or mask.dtype != torch.int32:
+        what = f"{program.num_stages} stage bits" + (
+            " and the sub-network id (calibrated model)" if program.subnet_id_slot is not None else ""
+        )
+        raise ValueError(
+            f"the mask must be int32 ({program.mask_entries},): {what}, got {mask.dtype} {tuple(mask.shape)}; build "
+            f"it with program.mask_values(skip)"
+        )
     if mechanism == "host" and (skip is None or len(skip) != program.num_stages):
         raise ValueError(f"mechanism='host' needs skip with {program.num_stages} bools, got {skip!r}")
     if mechanism == "conditional":

@@ -1,5 +1,5 @@
-"""Shared pieces of the kernels: the interpreter switch, input checks, activation codes and the fused
-epilogue every GEMM-like kernel ends with.
+"""Shared pieces of the kernels: the interpreter switch, input checks and activation codes (the fused epilogue
+every GEMM-like kernel ends with is in ``epilogue.py``).
 
 ``INTERPRET`` is read from ``TRITON_INTERPRET`` once, at import, because Triton decides at definition
 time whether ``@triton.jit`` builds a compiled kernel or an interpreter object; the autotune config
@@ -232,48 +232,3 @@ def apply_activation(x, ACT: tl.constexpr):
     elif ACT == 3:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     return x
-
-
-@triton.jit
-def fused_epilogue(
-    acc,
-    rm,
-    rn,
-    M,
-    N,
-    out_ptr,
-    res_ptr,
-    scale_ptr,
-    shift_ptr,
-    scale_skip_ptr,
-    shift_skip_ptr,
-    mask_ptr,
-    norm_index,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SELECT_NORM: tl.constexpr,
-    ACT: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    RES_RELU: tl.constexpr,
-):
-    """Finish a (BM, BN) fp32 tile of a row-major (M, N) output and store it:
-    y = act(acc * scale[n] + shift[n]) (+ res[m, n]) (then ReLU if RES_RELU).
-    With SELECT_NORM, mask[norm_index] == 0 picks the (scale_skip, shift_skip) set (skip-aware BN/bias).
-    out may alias res: each element is read and written by the same program, read first."""
-    n_ok = rn < N
-    if SELECT_NORM:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
-        if tl.load(mask_ptr + norm_index) == 0:
-            scale_ptr = scale_skip_ptr
-            shift_ptr = shift_skip_ptr
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = apply_activation(acc, ACT)
-    offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
-    ok = (rm < M)[:, None] & n_ok[None, :]
-    if HAS_RES:
-        acc = acc + tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if RES_RELU:
-            acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -2,10 +2,10 @@
 
 Two convolution kernels: an implicit GEMM for groups=1 (M = N*HO*WO output pixels, N = Cout, K = KH*KW*Cin,
 fp32 accumulation) and a direct kernel for depthwise convolutions (groups = Cin = Cout). Both end with
-the same epilogue: ``y = act(acc * scale + shift) (+ residual) (then ReLU)``, where the (scale, shift)
-set is chosen on the device by ``mask[norm_index]`` (the normal set when 1, the ``_skip`` set when 0 —
-skip-aware BatchNorm folded into the conv), and ``mask[exit_index] == 0`` makes the kernel return before
-touching memory (early exit of a skipped sub-path). No host code reads the mask.
+the same epilogue (:class:`~.epilogue.Epilogue`): ``y = act(acc * scale[row] + shift[row]) (+ residual) (then
+ReLU)``, where the row of the folded-BatchNorm tables is chosen on the device by ``mask[select_index]`` (a stage's
+bit for a skip-aware BN, the sub-network id for a calibrated model), and ``mask[exit_index] == 0`` makes the kernel
+return before touching memory (early exit of a skipped sub-path). No host code reads the mask.
 
 Weights are packed once (``pack_conv2d_weight``) to ``(KH*KW*Cin/groups, Cout)``, row
 ``(kh*KW + kw)*Cin/groups + c``: for each tap, the channels of one input pixel are contiguous in x (NHWC)
@@ -27,9 +27,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..epilogue import Epilogue
 from . import _common
+from . import epilogue as _epilogue
 from . import split_k as _split
-from ._common import dot_precision, fused_epilogue
+from ._common import dot_precision
+from .epilogue import PLAIN, fused_epilogue
 
 _ACTIVATIONS = ("none", "relu", "relu6")
 
@@ -82,11 +85,9 @@ def _conv2d_kernel(
     res_ptr,
     scale_ptr,
     shift_ptr,
-    scale_skip_ptr,
-    shift_skip_ptr,
     mask_ptr,
     ws_ptr,
-    norm_index,
+    select_index,
     exit_index,
     H,
     W,
@@ -105,7 +106,7 @@ def _conv2d_kernel(
     SPLIT_K: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
-    SELECT_NORM: tl.constexpr,
+    SELECT_ROW: tl.constexpr,
     HAS_EXIT: tl.constexpr,
     ACT: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -196,13 +197,11 @@ def _conv2d_kernel(
             res_ptr,
             scale_ptr,
             shift_ptr,
-            scale_skip_ptr,
-            shift_skip_ptr,
             mask_ptr,
-            norm_index,
+            select_index,
             HAS_SCALE,
             HAS_SHIFT,
-            SELECT_NORM,
+            SELECT_ROW,
             ACT,
             HAS_RES,
             RES_RELU,
@@ -238,10 +237,8 @@ def _depthwise_conv2d_kernel(
     res_ptr,
     scale_ptr,
     shift_ptr,
-    scale_skip_ptr,
-    shift_skip_ptr,
     mask_ptr,
-    norm_index,
+    select_index,
     exit_index,
     H,
     W,
@@ -257,7 +254,7 @@ def _depthwise_conv2d_kernel(
     PW: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
-    SELECT_NORM: tl.constexpr,
+    SELECT_ROW: tl.constexpr,
     HAS_EXIT: tl.constexpr,
     ACT: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -302,13 +299,11 @@ def _depthwise_conv2d_kernel(
         res_ptr,
         scale_ptr,
         shift_ptr,
-        scale_skip_ptr,
-        shift_skip_ptr,
         mask_ptr,
-        norm_index,
+        select_index,
         HAS_SCALE,
         HAS_SHIFT,
-        SELECT_NORM,
+        SELECT_ROW,
         ACT,
         HAS_RES,
         RES_RELU,
@@ -413,29 +408,22 @@ def conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     groups: int = 1,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    scale_skip: torch.Tensor | None = None,
-    shift_skip: torch.Tensor | None = None,
+    epilogue: Epilogue = PLAIN,
     mask: torch.Tensor | None = None,
-    norm_index: int = -1,
-    exit_index: int = -1,
-    activation: str = "none",
-    residual: torch.Tensor | None = None,
-    residual_relu: bool = False,
     out: torch.Tensor | None = None,
     split_k: int | str = "auto",
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused NHWC convolution: ``y = act(conv(x, w) * scale + shift) (+ residual) (then ReLU if residual_relu)``.
+    """Fused NHWC convolution: ``y = act(conv(x, w) * scale[row] + shift[row]) (+ residual) (then ReLU)``.
 
     x: (N, H, W, Cin) contiguous, fp16/bf16/fp32; w_packed: from :func:`pack_conv2d_weight`, x's dtype.
-    Returns y: (N, HO, WO, Cout), x's dtype (``out`` when given). groups: 1, or Cin = Cout (depthwise).
-    scale, shift (and scale_skip, shift_skip): (Cout,) float, each optional; when ``norm_index >= 0`` the
-    set is chosen on the device: ``mask[norm_index] == 1`` -> (scale, shift), ``0`` -> (scale_skip, shift_skip).
-    residual: (N, HO, WO, Cout); ``out`` may be the residual tensor itself (in-place residual update).
-    ``exit_index >= 0`` and ``mask[exit_index] == 0``: the kernel returns at once and ``out`` keeps its content
-    (``out`` is then required). The first call for a new shape autotunes (on a GPU): do it before graph capture.
+    Returns y: (N, HO, WO, Cout), x's dtype (``out``, or the residual when ``epilogue.in_place``). groups: 1, or
+    Cin = Cout (depthwise). epilogue: :class:`~.epilogue.Epilogue` (scale/shift tables of (R, Cout) or (Cout,),
+    ``row = mask[epilogue.select_index]`` chosen on the device; activation "none", "relu" or "relu6"; residual
+    (N, HO, WO, Cout), updated in place with ``in_place``; early exit on ``mask[epilogue.exit_index] == 0``, when
+    the kernel returns at once and ``out`` keeps its content, so ``out`` (or in_place) is then required).
+    mask: int32 (one entry per mask slot the epilogue reads). The first call for a new shape autotunes (on a GPU):
+    do it before graph capture.
 
     split_k: an int in ``[1, max_split_k(Cin, kernel_size)]`` splits the K loop into that many shares (partial sums
     in ``workspace``, then a reduce kernel with the epilogue); depthwise convs take only 1. "auto": 1 under
@@ -478,34 +466,20 @@ def conv2d(
     if ho < 1 or wo < 1:
         raise ValueError(f"{op}: input {h}x{w} is smaller than kernel ({kh}, {kw}) with padding ({ph}, {pw})")
     out_shape = (n, ho, wo, cout)
-    _common.check_vector(op, "scale", scale, cout)
-    _common.check_vector(op, "shift", shift, cout)
-    _common.check_mask(op, mask, norm_index=norm_index, exit_index=exit_index)
-    select = norm_index >= 0
-    for name, normal, skip in (("scale", scale, scale_skip), ("shift", shift, shift_skip)):
-        if select and normal is not None and skip is None:
-            raise ValueError(f"{op}: norm_index={norm_index} selects between {name} and {name}_skip: pass {name}_skip")
-        if skip is not None and (not select or normal is None):
-            raise ValueError(f"{op}: {name}_skip is only used with {name} and norm_index >= 0 (and a mask)")
-        _common.check_vector(op, f"{name}_skip", skip, cout, like=normal)
-    act = _common.activation_code(op, activation, _ACTIVATIONS)
-    if residual_relu and residual is None:
-        raise ValueError(f"{op}: residual_relu=True needs residual (for a plain ReLU use activation='relu')")
-    _common.check_output(op, "residual", residual, out_shape, x.dtype)
-    _common.check_output(op, "out", out, out_shape, x.dtype)
-    _common.check_exit_out(op, exit_index, out)
+    act, out = _epilogue.check(
+        op, epilogue, channels=cout, out_shape=out_shape, dtype=x.dtype, mask=mask, out=out, activations=_ACTIVATIONS
+    )
     k_steps = max_split_k(cin, (kh, kw), groups)
     forced_split = _check_split_k(op, split_k, k_steps, depthwise)
+    residual = epilogue.residual
     _split.check_workspace(op, workspace, x=x, out=out, residual=residual)
     _common.check_device(
         op,
         "conv2d_ref",
         x=x,
         w_packed=w_packed,
-        scale=scale,
-        shift=shift,
-        scale_skip=scale_skip,
-        shift_skip=shift_skip,
+        scale=epilogue.scale,
+        shift=epilogue.shift,
         mask=mask,
         residual=residual,
         out=out,
@@ -517,30 +491,14 @@ def conv2d(
                 f"{op}: out overlaps x: a convolution reads neighbouring pixels, so it cannot run in "
                 f"place on its input; use another output buffer"
             )
-        if residual is not None and _common.overlaps(out, residual) and out.data_ptr() != residual.data_ptr():
-            raise ValueError(f"{op}: out partially overlaps residual: pass the same tensor (in place) or disjoint ones")
     else:
         out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
     m = n * ho * wo
     if m == 0 or cout == 0:
         return out
     geometry = {"KH": kh, "KW": kw, "SH": sh, "SW": sw, "PH": ph, "PW": pw}
-    epilogue = {
-        "HAS_SCALE": scale is not None,
-        "HAS_SHIFT": shift is not None,
-        "SELECT_NORM": select,
-        "ACT": act,
-        "HAS_RES": residual is not None,
-        "RES_RELU": bool(residual_relu),
-    }
-    indices = (max(norm_index, 0), max(exit_index, 0))
-
-    def pointers(out_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """out, residual, scale, shift, scale_skip, shift_skip, mask; out_t stands in for the absent ones (the
-        kernels never dereference them: constexpr-disabled)."""
-        return tuple(
-            t if t is not None else out_t for t in (out_t, residual, scale, shift, scale_skip, shift_skip, mask)
-        )
+    switches = _epilogue.kernel_switches(epilogue, act)
+    indices = _epilogue.kernel_indices(epilogue)
 
     if depthwise:
 
@@ -550,7 +508,7 @@ def conv2d(
         _depthwise_conv2d_kernel[grid](
             x,
             w_packed,
-            *pointers(out),
+            *_epilogue.kernel_tensors(epilogue, out, mask),
             *indices,
             h,
             w,
@@ -558,15 +516,15 @@ def conv2d(
             ho,
             wo,
             m,
-            HAS_EXIT=exit_index >= 0,
+            HAS_EXIT=epilogue.exit_index >= 0,
             **geometry,
-            **epilogue,
+            **switches,
         )
         return out
 
     def launch(split: int, out_t: torch.Tensor, ws: torch.Tensor | None, use_exit: bool) -> None:
-        has_exit = use_exit and exit_index >= 0
-        ptrs = pointers(out_t)
+        has_exit = use_exit and epilogue.exit_index >= 0
+        ptrs = _epilogue.kernel_tensors(epilogue, out_t, mask)
 
         def grid(meta):
             return triton.cdiv(m, meta["BM"]) * triton.cdiv(cout, meta["BN"]), split
@@ -590,10 +548,10 @@ def conv2d(
             DOT_PRECISION=dot_precision(x.dtype),
             **geometry,
             # a split's partial kernel has no epilogue: one compiled variant per geometry, whatever the epilogue
-            **(epilogue if split == 1 else _split.NO_EPILOGUE),
+            **(switches if split == 1 else _epilogue.NO_EPILOGUE),
         )
         if split > 1:
-            _split.reduce_partials(ws, split, m, cout, ptrs, *indices, has_exit=has_exit, epilogue=epilogue)
+            _split.reduce_partials(ws, split, m, cout, ptrs, *indices, has_exit=has_exit, switches=switches)
 
     key = _split_key(x, cout, (kh, kw), (sh, sw), (ph, pw))
     _split.run(op, forced_split, key, m, cout, k_steps, launch, out, workspace, "conv2d_workspace_numel", GEMM_TILE)
@@ -608,16 +566,8 @@ def conv2d_ref(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     groups: int = 1,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    scale_skip: torch.Tensor | None = None,
-    shift_skip: torch.Tensor | None = None,
+    epilogue: Epilogue = PLAIN,
     mask: torch.Tensor | None = None,
-    norm_index: int = -1,
-    exit_index: int = -1,
-    activation: str = "none",
-    residual: torch.Tensor | None = None,
-    residual_relu: bool = False,
     out: torch.Tensor | None = None,
     split_k: int | str = "auto",
     workspace: torch.Tensor | None = None,
@@ -629,25 +579,15 @@ def conv2d_ref(
     the mask with ``.item()`` (a host sync; reference only). ``split_k`` and ``workspace`` are accepted and
     ignored (split-K only changes how the kernel sums K), so both implementations share one signature.
     """
+    op = "conv2d_ref"
     if kernel_size is not None and _pair("kernel_size", kernel_size, 1) != tuple(w.shape[2:]):
-        raise ValueError(f"conv2d_ref: kernel_size={kernel_size} does not match w's shape {tuple(w.shape)}")
-    if exit_index >= 0 and int(mask[exit_index].item()) == 0:
-        _common.check_exit_out("conv2d_ref", exit_index, out)
+        raise ValueError(f"{op}: kernel_size={kernel_size} does not match w's shape {tuple(w.shape)}")
+    if epilogue.in_place:
+        out = epilogue.residual
+    if _epilogue.skipped_ref(op, epilogue, mask, out):
         return out
-    dt = x.dtype
-    y = F.conv2d(x.permute(0, 3, 1, 2), w.to(dt), stride=stride, padding=padding, groups=groups)
-    if norm_index >= 0 and int(mask[norm_index].item()) == 0:
-        scale, shift = scale_skip, shift_skip
-    if scale is not None:
-        y = y * scale.to(dt)[:, None, None]
-    if shift is not None:
-        y = y + shift.to(dt)[:, None, None]
-    y = _common.activation_ref(y, activation)
-    if residual is not None:
-        y = y + residual.permute(0, 3, 1, 2).to(dt)
-        if residual_relu:
-            y = torch.relu(y)
-    y = y.permute(0, 2, 3, 1)
+    y = F.conv2d(x.permute(0, 3, 1, 2), w.to(x.dtype), stride=stride, padding=padding, groups=groups)
+    y = _epilogue.apply_ref(op, epilogue, y.permute(0, 2, 3, 1), mask)
     if out is not None:
         return out.copy_(y)
     return y.contiguous()

@@ -1,14 +1,13 @@
-"""Linear layer (GEMM) with a fused epilogue: ``y = act(x @ weight.T + bias) (+ residual)``, fp32 accumulation.
+"""Linear layer (GEMM) with a fused epilogue: ``y = act(x @ weight.T * scale[row] + shift[row]) (+ residual)``, fp32
+accumulation; the epilogue is an :class:`~.epilogue.Epilogue`, a linear layer's bias is its ``shift``.
 
-``out`` may be the residual tensor (in-place update of a transformer's residual stream), and
-``mask[exit_index] == 0`` makes the kernel return before touching memory (early exit of a skipped
-sub-path). The weight stays in nn.Linear's (N, K) layout: the kernel reads (BK, BN) tiles of its
+The result may update the residual in place (a transformer's residual stream), and ``mask[exit_index] == 0`` makes
+the kernel return before touching memory (early exit of a skipped sub-path). The weight stays in nn.Linear's (N, K) layout: the kernel reads (BK, BN) tiles of its
 transpose through strides, which Hopper's tensor cores take without a copy.
 
 Split-K (shared with ``conv2d``, see ``split_k.py``): a GEMM with few output tiles (ViT-B/16 at batch 1: fc2 has
 M=197 tokens, N=768, K=3072, a few dozen tiles for 132 SMs) can cut its K loop into ``split_k`` shares whose fp32
-partial sums go to a workspace; ``split_k.reduce_partials`` then adds them and applies the epilogue, with the bias
-as ``fused_epilogue``'s shift. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only
+partial sums go to a workspace; ``split_k.reduce_partials`` then adds them and applies the same epilogue. ``split_k="auto"`` never splits under the interpreter; on a GPU it splits only
 shapes with few ``TILE`` output tiles (``split_k.choose_split_k``) and picks the split by timing once per shape.
 """
 
@@ -18,12 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..epilogue import Epilogue
 from . import _common
+from . import epilogue as _epilogue
 from . import split_k as _split
-from ._common import dot_precision, fused_epilogue
+from ._common import dot_precision
+from .epilogue import PLAIN, fused_epilogue
 
 _ACTIVATIONS = ("none", "gelu", "relu")
-_NO_EPILOGUE = {"HAS_BIAS": False, "ACT": _common.ACT_NONE, "HAS_RES": False}  # a split's partial-sum kernel
 
 
 #: (BM, BN) of the default config (the first of ``_configs``): what launches untuned, and the tile the split-K
@@ -65,11 +66,13 @@ def _prune_configs(configs, nargs, **kwargs):
 def _linear_kernel(
     x_ptr,
     w_ptr,
-    bias_ptr,
     out_ptr,
     res_ptr,
+    scale_ptr,
+    shift_ptr,
     mask_ptr,
     ws_ptr,
+    select_index,
     exit_index,
     M,
     N,
@@ -77,17 +80,20 @@ def _linear_kernel(
     stride_xm,
     stride_wn,
     SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SELECT_ROW: tl.constexpr,
     HAS_EXIT: tl.constexpr,
     ACT: tl.constexpr,
     HAS_RES: tl.constexpr,
+    RES_RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n]) (+ res[m, n]); x rows strided by stride_xm,
-    w rows by stride_wn (unit stride along k); out and res: (M, N) row-major.
+    """out[m, n] = epilogue(sum_k x[m, k] * w[n, k]) (``fused_epilogue``; a bias is the shift); x rows strided by
+    stride_xm, w rows by stride_wn (unit stride along k); out and res: (M, N) row-major.
     SPLIT_K > 1: grid axis 1 is the split s, which sums K iterations [s*T // SPLIT_K, (s+1)*T // SPLIT_K) of the T
     iterations and stores the fp32 partial to ws[s, m, n] (ws: (SPLIT_K, M, N)); no epilogue here."""
     if HAS_EXIT:  # noqa: SIM102 (a constexpr guard; `and` would emit the load)
@@ -125,7 +131,6 @@ def _linear_kernel(
         b = tl.load(w_cols + rk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if SPLIT_K == 1:
-        # bias is the epilogue's shift; no scale and no mask-selected set for a linear layer
         fused_epilogue(
             acc,
             rm,
@@ -134,18 +139,16 @@ def _linear_kernel(
             N,
             out_ptr,
             res_ptr,
-            bias_ptr,
-            bias_ptr,
-            bias_ptr,
-            bias_ptr,
+            scale_ptr,
+            shift_ptr,
             mask_ptr,
-            0,
-            False,
-            HAS_BIAS,
-            False,
+            select_index,
+            HAS_SCALE,
+            HAS_SHIFT,
+            SELECT_ROW,
             ACT,
             HAS_RES,
-            False,
+            RES_RELU,
         )
     else:
         # every split stores its whole tile (zeros when it got no K iterations): the reduction needs no init
@@ -184,23 +187,21 @@ def linear_auto_split_k(x: torch.Tensor, weight: torch.Tensor) -> int | None:
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
     *,
-    activation: str = "none",
-    residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    epilogue: Epilogue = PLAIN,
     mask: torch.Tensor | None = None,
-    exit_index: int = -1,
+    out: torch.Tensor | None = None,
     split_k: int | str = "auto",
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused linear layer: ``y = act(x @ weight.T + bias) (+ residual)``.
+    """Fused linear layer: ``y = act(x @ weight.T * scale[row] + shift[row]) (+ residual)`` (then ReLU).
 
-    x: (M, K) or (..., K), fp16/bf16/fp32; weight: (N, K) (nn.Linear layout), x's dtype; bias: (N,) any float
-    dtype. Returns y: (..., N) in x's dtype (``out`` when given). activation: "none", "gelu" (erf form) or
-    "relu". residual: (..., N) like y; ``out`` may be the residual tensor itself (in place).
-    ``exit_index >= 0`` and ``mask[exit_index] == 0``: the kernel returns at once and ``out`` keeps its content
-    (``out`` is then required). The first call for a new shape autotunes (on a GPU): do it before graph capture.
+    x: (M, K) or (..., K), fp16/bf16/fp32; weight: (N, K) (nn.Linear layout), x's dtype. Returns y: (..., N) in x's
+    dtype (``out``, or the residual when ``epilogue.in_place``). epilogue: :class:`~.epilogue.Epilogue`; a bias is
+    its ``shift`` ((N,), any float dtype), tables of (R, N) rows are selected by ``mask[epilogue.select_index]``;
+    activation "none", "gelu" (erf form) or "relu"; residual (..., N) like y; early exit on
+    ``mask[epilogue.exit_index] == 0``: the kernel returns at once and ``out`` keeps its content (``out``, or
+    in_place, is then required). The first call for a new shape autotunes (on a GPU): do it before graph capture.
 
     split_k: an int in ``[1, linear_max_split_k(K)]`` splits the K loop into that many shares (partial sums in
     ``workspace``, then a reduce kernel with the epilogue). "auto": 1 under the interpreter; on a GPU, for shapes
@@ -222,21 +223,22 @@ def linear(
         )
     n = weight.shape[0]
     out_shape = (*x.shape[:-1], n)
-    _common.check_vector(op, "bias", bias, n)
-    act = _common.activation_code(op, activation, _ACTIVATIONS)
-    _common.check_mask(op, mask, exit_index=exit_index)
-    _common.check_output(op, "residual", residual, out_shape, x.dtype)
-    _common.check_output(op, "out", out, out_shape, x.dtype)
-    _common.check_exit_out(op, exit_index, out)
+    act, out = _epilogue.check(
+        op, epilogue, channels=n, out_shape=out_shape, dtype=x.dtype, mask=mask, out=out, activations=_ACTIVATIONS
+    )
     k_steps = linear_max_split_k(k)
     forced_split = _split.check_split_k(op, split_k, k_steps, "linear_max_split_k(K)")
-    _split.check_workspace(op, workspace, x=x, weight=weight, bias=bias, out=out, residual=residual)
+    residual = epilogue.residual
+    _split.check_workspace(
+        op, workspace, x=x, weight=weight, scale=epilogue.scale, shift=epilogue.shift, out=out, residual=residual
+    )
     _common.check_device(
         op,
         "linear_ref",
         x=x,
         weight=weight,
-        bias=bias,
+        scale=epilogue.scale,
+        shift=epilogue.shift,
         residual=residual,
         out=out,
         mask=mask,
@@ -248,29 +250,18 @@ def linear(
                 f"{op}: out overlaps x or weight: tiles of the inputs are read after other tiles of the "
                 f"output are written; use another output buffer"
             )
-        if residual is not None and _common.overlaps(out, residual) and out.data_ptr() != residual.data_ptr():
-            raise ValueError(f"{op}: out partially overlaps residual: pass the same tensor (in place) or disjoint ones")
     else:
         out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
     if k == 0:
         raise ValueError(f"{op}: K = 0 (empty reduction) is not supported")
-    epilogue = {"HAS_BIAS": bias is not None, "ACT": act, "HAS_RES": residual is not None}
-    # bias is the reduction's shift: fused_epilogue's switches for act(acc + bias) (+ residual)
-    reduce_epilogue = {
-        **_split.NO_EPILOGUE,
-        "HAS_SHIFT": bias is not None,
-        "ACT": act,
-        "HAS_RES": residual is not None,
-    }
+    switches = _epilogue.kernel_switches(epilogue, act)
+    indices = _epilogue.kernel_indices(epilogue)
 
     def launch(split: int, out_t: torch.Tensor, ws: torch.Tensor | None, use_exit: bool) -> None:
-        has_exit = use_exit and exit_index >= 0
-        dummy = out_t  # stands in for absent pointers; the kernels never dereference them (constexpr-disabled)
-        b = bias if bias is not None else dummy
-        res = residual if residual is not None else dummy
-        mask_t = mask if mask is not None else dummy
+        has_exit = use_exit and epilogue.exit_index >= 0
+        ptrs = _epilogue.kernel_tensors(epilogue, out_t, mask)
 
         def grid(meta):
             return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split
@@ -278,12 +269,9 @@ def linear(
         _linear_kernel[grid](
             x2,
             weight,
-            b,
-            out_t,
-            res,
-            mask_t,
+            *ptrs,
             ws if split > 1 else out_t,
-            max(exit_index, 0),
+            *indices,
             m,
             n,
             k,
@@ -293,14 +281,10 @@ def linear(
             HAS_EXIT=has_exit,
             DOT_PRECISION=dot_precision(x.dtype),
             # a split's partial kernel has no epilogue: one compiled variant per shape, whatever the epilogue
-            **(epilogue if split == 1 else _NO_EPILOGUE),
+            **(switches if split == 1 else _epilogue.NO_EPILOGUE),
         )
         if split > 1:
-            # out, residual, scale, shift, scale_skip, shift_skip, mask (fused_epilogue's order)
-            ptrs = (out_t, res, dummy, b, dummy, dummy, mask_t)
-            _split.reduce_partials(
-                ws, split, m, n, ptrs, 0, max(exit_index, 0), has_exit=has_exit, epilogue=reduce_epilogue
-            )
+            _split.reduce_partials(ws, split, m, n, ptrs, *indices, has_exit=has_exit, switches=switches)
 
     _split.run(
         op, forced_split, _split_key(m, k, n, x), m, n, k_steps, launch, out, workspace, "linear_workspace_numel", TILE
@@ -311,13 +295,10 @@ def linear(
 def linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
     *,
-    activation: str = "none",
-    residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    epilogue: Epilogue = PLAIN,
     mask: torch.Tensor | None = None,
-    exit_index: int = -1,
+    out: torch.Tensor | None = None,
     split_k: int | str = "auto",
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -325,16 +306,11 @@ def linear_ref(
     cast to it). Reads the mask with ``.item()`` (a host sync; reference only). ``split_k`` and ``workspace`` are
     accepted and ignored (split-K only changes how the kernel sums K), so both implementations share one signature.
     """
-    if exit_index >= 0 and int(mask[exit_index].item()) == 0:
-        _common.check_exit_out("linear_ref", exit_index, out)
+    if epilogue.in_place:
+        out = epilogue.residual
+    if _epilogue.skipped_ref("linear_ref", epilogue, mask, out):
         return out
-    dt = x.dtype
-    y = x @ weight.to(dt).t()
-    if bias is not None:
-        y = y + bias.to(dt)
-    y = _common.activation_ref(y, activation)
-    if residual is not None:
-        y = y + residual.to(dt)
+    y = _epilogue.apply_ref("linear_ref", epilogue, x @ weight.to(x.dtype).t(), mask)
     if out is not None:
         return out.copy_(y)
     return y

@@ -6,8 +6,8 @@ idle, so its K loop can be cut into ``split`` contiguous shares. The GEMM kernel
 partial sum of tile (m, n) to ``workspace[s, m, n]`` (no atomics: every element has one writer, so the result does
 not depend on the order of the programs), then :func:`reduce_partials` launches ``_split_k_reduce_kernel``, which
 adds the ``split`` partials in fp32 and applies the same fused epilogue as the unsplit kernel
-(``_common.fused_epilogue``: conv's mask-selected scale/shift = folded BN, linear's bias as the shift; activation;
-residual, in place allowed). Both kernels read the early-exit bit first.
+(``epilogue.fused_epilogue``: the mask-selected scale/shift table row = folded BN, or linear's bias as the shift;
+activation; residual, in place allowed). Both kernels read the early-exit bit first.
 
 The choice (``split_k="auto"``), shared by both ops (:func:`run`): never split under the interpreter or off the GPU;
 on a GPU split only where :func:`choose_split_k` finds few output tiles, and then take the fastest of the
@@ -28,22 +28,13 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import fused_epilogue
+from .epilogue import fused_epilogue
 
 SPLIT_K_CHOICES = (1, 2, 4, 8, 16)  # the splits "auto" may choose
 SPLIT_K_STEP = 64
 _MIN_STEPS_PER_SPLIT = 4
 #: (op, shape..., dtype, device) -> the split chosen by timing (GPU only; filled by :func:`run`)
 MEASURED_SPLITS: dict[tuple, int] = {}
-#: the constexprs of ``fused_epilogue`` that switch every step off (a split's partial-sum kernel has no epilogue)
-NO_EPILOGUE = {
-    "HAS_SCALE": False,
-    "HAS_SHIFT": False,
-    "SELECT_NORM": False,
-    "ACT": _common.ACT_NONE,
-    "HAS_RES": False,
-    "RES_RELU": False,
-}
 #: ``launch(split, out, workspace, use_exit)``: one whole GEMM call (the GEMM kernel, then for split > 1 the reduction)
 Launch = Callable[[int, torch.Tensor, torch.Tensor | None, bool], None]
 
@@ -72,17 +63,15 @@ def _split_k_reduce_kernel(
     res_ptr,
     scale_ptr,
     shift_ptr,
-    scale_skip_ptr,
-    shift_skip_ptr,
     mask_ptr,
-    norm_index,
+    select_index,
     exit_index,
     M,
     N,
     SPLIT_K: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
-    SELECT_NORM: tl.constexpr,
+    SELECT_ROW: tl.constexpr,
     HAS_EXIT: tl.constexpr,
     ACT: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -112,13 +101,11 @@ def _split_k_reduce_kernel(
         res_ptr,
         scale_ptr,
         shift_ptr,
-        scale_skip_ptr,
-        shift_skip_ptr,
         mask_ptr,
-        norm_index,
+        select_index,
         HAS_SCALE,
         HAS_SHIFT,
-        SELECT_NORM,
+        SELECT_ROW,
         ACT,
         HAS_RES,
         RES_RELU,
@@ -131,24 +118,24 @@ def reduce_partials(
     m: int,
     n: int,
     pointers: tuple[torch.Tensor, ...],
-    norm_index: int,
+    select_index: int,
     exit_index: int,
     *,
     has_exit: bool,
-    epilogue: dict[str, bool | int],
+    switches: dict[str, bool | int],
 ) -> None:
     """Launch the reduction: ``out = epilogue(sum of the split partials in workspace)``.
 
-    workspace: fp32, holding ``(split, m, n)`` partial sums; ``pointers``: (out, residual, scale, shift, scale_skip,
-    shift_skip, mask), with any tensor standing in for an absent one (constexpr-disabled in ``epilogue``: the
-    ``fused_epilogue`` switches HAS_SCALE, HAS_SHIFT, SELECT_NORM, ACT, HAS_RES, RES_RELU); out and residual:
-    (m, n) row-major. ``has_exit``: return at once when ``mask[exit_index] == 0``."""
+    workspace: fp32, holding ``(split, m, n)`` partial sums; ``pointers``: (out, residual, scale, shift, mask) from
+    ``epilogue.kernel_tensors``, ``select_index``/``exit_index`` from ``epilogue.kernel_indices`` and ``switches``
+    (the ``fused_epilogue`` constexprs) from ``epilogue.kernel_switches``; out and residual: (m, n) row-major.
+    ``has_exit``: return at once when ``mask[exit_index] == 0``."""
 
     def grid(meta):
         return triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"])
 
     _split_k_reduce_kernel[grid](
-        workspace, *pointers, norm_index, exit_index, m, n, SPLIT_K=split, HAS_EXIT=has_exit, **epilogue
+        workspace, *pointers, select_index, exit_index, m, n, SPLIT_K=split, HAS_EXIT=has_exit, **switches
     )
 
 
