@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
 from adaptive_kernels.numerics import relative_error
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: OpenMP threads only add overhead (and spin on a shared 2-core machine).
-    Import it into a test module to use it there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @torch.no_grad()

@@ -9,19 +9,20 @@ import warnings
 
 import pytest
 import torch
-from helpers import one_thread, randomize  # noqa: F401 (one_thread: autouse)
+from helpers import randomize
 from torch import nn
 
 import adaptive_kernels
 from adaptive_kernels import create_model
-from adaptive_kernels.engine import Engine, LoweringError, compile, select_skip
+from adaptive_kernels.engine import Engine, LoweringError, compile, onnx_runtime, select_skip
 from adaptive_kernels.engine import engine as engine_module
-from adaptive_kernels.engine import onnx_runtime
 from adaptive_kernels.engine.engine import _resolve_mechanism
 from adaptive_kernels.engine.graph import capture_streams, conditional_nodes_unavailable
 from adaptive_kernels.engine.lowering import lower
 from adaptive_kernels.engine.runtime import allocate_buffers, execute, reference_kernels
 from adaptive_kernels.models.skip import skip_to_str
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback used without CUDA")
 

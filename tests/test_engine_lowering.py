@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
+from helpers import device_mask, randomize, rel_err
 from torch import nn
 
 import adaptive_kernels
@@ -25,6 +25,8 @@ from adaptive_kernels.epilogue import Epilogue
 from adaptive_kernels.models.skip import subnet_index
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FP32_TOL = 1e-4  # fp32 rounding of folded vs unfolded BN, amplified by calibrated (small-variance) BN layers
 

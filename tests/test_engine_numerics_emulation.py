@@ -14,11 +14,10 @@ import itertools
 
 import pytest
 import torch
-from helpers import (  # noqa: F401 (one_thread: autouse)
+from helpers import (
     FP16_ERROR_FACTOR,
     check_fp16_error,
     device_mask,
-    one_thread,
     randomize,
     rel_err,
     torch_fp16,
@@ -27,6 +26,8 @@ from helpers import (  # noqa: F401 (one_thread: autouse)
 from adaptive_kernels import create_model
 from adaptive_kernels.engine.lowering import lower
 from adaptive_kernels.engine.runtime import KernelSet, allocate_buffers, execute, reference_kernels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fp32_inside(kernel):

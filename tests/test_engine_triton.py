@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import device_mask, one_thread, randomize, rel_err  # noqa: F401 (one_thread: autouse)
+from helpers import device_mask, randomize, rel_err
 
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine.lowering import lower
@@ -19,6 +19,8 @@ from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, ex
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
