@@ -1,10 +1,14 @@
-"""setup.py's install paths without running pip: finding the CUDA toolkit (on fake folders) and installing
-without the extension, with a note naming cause and fix, when compiling fails."""
+"""setup.py's install paths: finding the CUDA toolkit (on fake folders), installing without the extension, with a
+note naming cause and fix, when compiling fails, and the real pip wheel + install of a copy of the checkout."""
 
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
+import sysconfig
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,36 @@ def test_force_keeps_the_compile_error(setup_py, tmp_path, monkeypatch):
     with pytest.raises(Exception, match="broken.c"):  # the compiler's own failure, unchanged
         run_build(setup_py, tmp_path, monkeypatch, force=True)
     assert not (tmp_path / "EXT_SKIPPED").exists()
+
+
+def test_pip_wheel_and_install_as_typed_without_the_extension(tmp_path):
+    """The real pip path (not setup.py's functions): ``pip wheel --no-build-isolation`` of a copy of the
+    checkout with ADN_SKIP_EXT=1 (compiling the extension takes minutes), installed with ``pip install
+    --no-deps --target``: the wheel holds the package and the skip note, and the installed copy imports from its
+    folder and reports why it has no extension."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    env = {**os.environ, "ADN_SKIP_EXT": "1", "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+                   env=env, check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("adaptive_kernels-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"adaptive_kernels/__init__.py", "adaptive_kernels/kernels/conv2d.py", "adaptive_kernels/export/onnx.py",
+            "adaptive_kernels/EXT_SKIPPED"} <= names
+    assert not any(n.endswith(".so") for n in names)
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                   env=env, check=True, capture_output=True, timeout=600)
+    probe = ("import adaptive_kernels as ak, pathlib; "
+             "print(pathlib.Path(ak.__file__).parent); print(ak.HAS_EXT); print(ak.EXT_ERROR)")
+    # -S: no .pth files, so the checkout's own editable install (a path finder of its own) stays out of the way
+    path = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    out = subprocess.run([sys.executable, "-S", "-c", probe], env={**os.environ, "PYTHONPATH": path},
+                         cwd=tmp_path, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
+    assert out[0] == str(target / "adaptive_kernels") and out[1] == "False"
+    assert "was not built at install: ADN_SKIP_EXT=1 is set. Fix: unset ADN_SKIP_EXT" in out[2]
