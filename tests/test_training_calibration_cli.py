@@ -35,6 +35,10 @@ def test_calibrate_command_writes_calibrated_checkpoint(tmp_path, capsys):
         torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
     assert main(["eval", "--checkpoint", str(out), *DATA, "--latency-repeats", "1"]) == 0
     assert "model weights, calibrated)" in capsys.readouterr().out
+    pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+    # export of the calibrated checkpoint: one graph, every calibrated sub-network verified by ONNX Runtime
+    assert main(["export", "--checkpoint", str(out), "--format", "onnx", "--out", str(tmp_path / "c.onnx")]) == 0
+    assert "ok: 8 sub-network(s) within 0.0001" in capsys.readouterr().out
 
 
 def test_calibrate_command_errors(tmp_path, capsys):
