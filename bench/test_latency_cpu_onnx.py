@@ -10,7 +10,9 @@ medians over rounds), so that load on a shared machine hits every provider alike
 Every provider's output is checked against eager first (relative error < 1e-4). Rows: ``latency_cpu_onnx.json``
 plus ``latency_cpu_onnx.md`` (the table with the ratios one_graph / static and engine / eager) in the rows folder.
 
-FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 7 rounds; ``ADN_BENCH_OUT=bench/results/cpu_onnx`` to keep the rows).
+FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 7 rounds; ``ADN_BENCH_OUT=bench/results/cpu_onnx`` to keep the rows),
+with ``OMP_WAIT_POLICY=PASSIVE`` so that torch's idle threads do not spin into the next provider's time (ONNX
+Runtime's sessions do not spin: ``onnxruntime_session``).
 SMOKE mode (default): resnet20_adn (width 4) at 16², batch 1, the base-net only, 1 thread, 2 rounds (its two
 exports take ~15 s of CPU).
 """
@@ -83,7 +85,8 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
     export_s = time.perf_counter() - export_start
     masks = {skip: mask_of(skip).numpy() for skip in configs}
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
-               "rounds": ROUNDS, "bench_mode": "cpu_full" if FULL else "cpu_smoke"}
+               "rounds": ROUNDS, "bench_mode": "cpu_full" if FULL else "cpu_smoke",
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
     for batch in batches:
         x = torch.randn(batch, model.in_chans, size, size)
@@ -106,9 +109,12 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
                 for _ in range(WARMUP):
                     fn()
             load_before = _load()
-            for _ in range(ROUNDS):
+            for r in range(ROUNDS):
+                # the providers take turns in a rotating order: none always follows the same neighbour (whose
+                # threads may still be busy; set OMP_WAIT_POLICY=PASSIVE for torch's, ORT's do not spin)
+                order = PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]
                 for skip in configs:
-                    for provider in PROVIDERS:
+                    for provider in order:
                         samples[provider, skip].append(_time_call(runners[provider, skip]))
             load_after = _load()
         for (provider, skip), times in samples.items():
@@ -128,7 +134,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         "# CPU deployment latency (medians of interleaved rounds, ms)", "",
         f"Machine: {first['cpu']}, {first['cores']} cores, {first['threads']} threads for torch and ONNX Runtime; "
         f"torch {env['torch']}, onnxruntime {first['onnxruntime']}, python {env['python']}, git {env['git_sha'][:10]}"
-        f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds; mode {first['bench_mode']}.",
+        f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds in rotating provider order; "
+        f"OMP_WAIT_POLICY={first.get('omp_wait_policy') or 'unset'}; mode {first['bench_mode']}.",
         "Load: other jobs shared this machine; 1-minute load average before/after each batch's rounds below.", "",
     ]
     by_key = {(r["model"], r["batch"], r["skip"], r["provider"]): r for r in rows}
