@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import sys
 import time
@@ -216,6 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit, progress=not args.no_progress,
     )
     env = init_distributed(args.device)
+    # the folders check_output_dir is about to create, removed again if the run fails before writing into them
+    made = [d for d in (out, *out.parents) if not d.exists()] if env.is_main else []
     try:
         if env.is_main:
             check_output_dir(out, "--out")
@@ -237,6 +240,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"checkpoint: {last}\nlog: {out / 'log.jsonl'}")
             if summary["history"]:
                 print("final: " + json.dumps(summary["history"][-1]))
+    except BaseException:
+        for d in made:  # innermost first; a folder that got files is kept
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     finally:
         shutdown_distributed()
     return 0
