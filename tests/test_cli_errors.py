@@ -250,7 +250,7 @@ def test_cli_errors_in_subprocesses(trained, tmp_path):
                                  stderr=subprocess.PIPE, text=True, env=env)
              for k, (argv, _) in cases.items()}
     for key, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (key, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (key, err)
         assert cases[key][1] in err, (key, err)
