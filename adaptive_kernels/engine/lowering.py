@@ -46,6 +46,7 @@ from ..epilogue import Epilogue
 from ..models.base import ADNModel
 from ..models.mobilenetv2 import ConvNormActivation, InvertedResidual, MobileNetV2ADN
 from ..models.resnet import BasicBlock, Bottleneck, ResNetADN, SkippableStage
+from ..models.skip import stage_bit
 from ..models.swin import PatchMerging, Permute, SwinBlock, SwinStage, SwinTransformerADN, _shift_region
 from ..models.vit import EncoderBlock, VisionTransformerADN
 from .program import (
@@ -247,10 +248,8 @@ class _Builder:
         scale, shift = fold_batchnorm(bn, conv_bias, subnet_rows=2**num_stages)
         if bn_skip is not None:
             scale_skip, shift_skip = fold_batchnorm(bn_skip, conv_bias, subnet_rows=2**num_stages)
-            # subnet_index: stage 0 is the most significant bit, 1 = skipped
-            skipped = ((torch.arange(scale.shape[0], device=scale.device) >> (num_stages - 1 - stage)) & 1).bool()[
-                :, None
-            ]
+            rows = torch.arange(scale.shape[0], device=scale.device)
+            skipped = ((rows & stage_bit(stage, num_stages)) != 0)[:, None]  # the sub-networks that skip ``stage``
             scale, shift = torch.where(skipped, scale_skip, scale), torch.where(skipped, shift_skip, shift)
         return self.vector(scale), self.vector(shift), self.subnet_id_slot
 

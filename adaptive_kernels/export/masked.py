@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..models.base import ADNModel
+from ..models.skip import stage_bit
 
 
 def _run_layers(layers: Sequence[nn.Module], skip_stage: bool, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def _run_layers(layers: Sequence[nn.Module], skip_stage: bool, x: torch.Tensor) 
 def subnet_id(mask: torch.Tensor) -> torch.Tensor:
     """``subnet_index`` of the configuration a mask (int32 (S,), 1 = run) selects, as an int64 scalar tensor."""
     s = mask.shape[0]
-    weights = torch.tensor([1 << (s - 1 - k) for k in range(s)], dtype=torch.int64, device=mask.device)
+    weights = torch.tensor([stage_bit(k, s) for k in range(s)], dtype=torch.int64, device=mask.device)
     return ((1 - mask.to(torch.int64)) * weights).sum()
 
 

@@ -72,11 +72,14 @@ def all_skip_configs(num_stages: int) -> list[SkipConfig]:
     return [tuple(c) for c in itertools.product((False, True), repeat=num_stages)]
 
 
+def stage_bit(stage: int, num_stages: int) -> int:
+    """The bit that is set in ``subnet_index`` when ``stage`` is skipped: stage 0 is the most significant."""
+    return 1 << (num_stages - 1 - stage)
+
+
 def subnet_index(skip: SkipConfig) -> int:
     """The sub-network's position in ``all_skip_configs(len(skip))``: stage 0 is the most significant bit
     (``(False, False, False)`` -> 0, the super-net; ``(True, True, True)`` -> 7, the base-net). It indexes the
-    per-sub-network norm tables of a calibrated model (``models/calibration.py``)."""
-    index = 0
-    for flag in skip:
-        index = (index << 1) | bool(flag)
-    return index
+    per-sub-network norm tables of a calibrated model (``models/calibration.py``); the engine's lowering and the
+    one-graph export compute the same index with ``stage_bit``."""
+    return sum(stage_bit(k, len(skip)) for k, flag in enumerate(skip) if flag)
