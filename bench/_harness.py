@@ -71,7 +71,7 @@ ENGINE_MECHANISM = {"engine_conditional": "conditional", "engine_early_exit": "e
 _ENV_ROW_KEYS = (*ENV_KEYS, "git_dirty", "autotune")
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -303,13 +303,13 @@ def measure(
     samples are ours (CUDA events on a GPU).
     """
     if warmup is None:
-        warmup = _env_int("ADN_BENCH_WARMUP", 1 if SMOKE else 10)
+        warmup = env_int("ADN_BENCH_WARMUP", 1 if SMOKE else 10)
     timer = _CallTimer()
     sync()
     estimate = [timer(fn) for _ in range(max(1, warmup))]
     if rounds is None:
         auto = 3 if SMOKE else int(min(200, max(20, target_s * 1e6 / max(statistics.median(estimate), 1.0))))
-        rounds = _env_int("ADN_BENCH_ROUNDS", auto)
+        rounds = env_int("ADN_BENCH_ROUNDS", auto)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     samples: list[float] = []

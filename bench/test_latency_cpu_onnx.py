@@ -10,7 +10,13 @@ medians over rounds), so that load on a shared machine hits every provider alike
 Every provider's output is checked against eager first (relative error < 1e-4). Rows: ``latency_cpu_onnx.json``
 plus ``latency_cpu_onnx.md`` (the table with the ratios one_graph / static and engine / eager) in the rows folder.
 
-FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 7 rounds; ``ADN_BENCH_OUT=bench/results/cpu_onnx`` to keep the rows),
+The ratios are paired: in each round the providers of one sub-network run back to back, so the ratio of their two
+times in that round sees the same load; a row's ratio is the median over rounds of those per-round ratios
+(``paired_ratio`` in the one-graph and engine rows). On a shared machine this is steadier than the ratio of two
+medians, whose load may differ by the minutes between rounds.
+
+FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 15 rounds, ``ADN_BENCH_ROUNDS`` to change; ``ADN_BENCH_OUT=bench/results/cpu_onnx``
+to keep the rows),
 with ``OMP_WAIT_POLICY=PASSIVE`` so that torch's idle threads do not spin into the next provider's time (ONNX
 Runtime's sessions do not spin: ``onnxruntime_session``).
 SMOKE mode (default): resnet20_adn (width 4) at 16², batch 1, the base-net only, 1 thread, 2 rounds (its two
@@ -21,13 +27,14 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench._harness import Timing, environment, make_row
+from bench._harness import Timing, env_int, environment, make_row
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
 PROVIDERS = ("eager", "onnx_static", "onnx_one_graph", "cpu_engine")
@@ -37,7 +44,8 @@ CASES = (
     else [("resnet20_adn", {"width": 4}, 16, (1,))]
 )
 THREADS = 2 if FULL else 1
-ROUNDS, WARMUP = (7, 2) if FULL else (2, 1)
+ROUNDS, WARMUP = (env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1)
+PAIRS = {"onnx_one_graph": "onnx_static", "cpu_engine": "eager"}  # provider -> the one its paired ratio divides by
 TOLERANCE = 1e-4
 
 
@@ -120,35 +128,60 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
         for (provider, skip), times in samples.items():
             timing = Timing(times)
             assert 0 < timing.p20_us <= timing.median_us <= timing.p80_us
+            extra = {}
+            if provider in PAIRS:
+                extra["paired_ratio"] = round(paired_ratio(times, samples[PAIRS[provider], skip]), 4)
             rows.add(make_row(provider=provider, model=name, skip=skip, batch=batch, dtype=torch.float32,
                               timing=timing, macs=model.macs(skip, (size, size)), image_size=size, export_s=export_s,
-                              load_avg_1min_before=load_before, load_avg_1min_after=load_after, **machine))
+                              load_avg_1min_before=load_before, load_avg_1min_after=load_after, **machine, **extra))
     write_table(rows.rows, rows_dir / "latency_cpu_onnx.md")
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``times[r] / reference[r]`` (both lists: one sample per round, in round order)."""
+    if len(times) != len(reference) or not times:
+        raise ValueError(f"paired samples need one time per round each, got {len(times)} and {len(reference)}")
+    return statistics.median(t / ref for t, ref in zip(times, reference, strict=True))
+
+
 def write_table(rows: list[dict], path: Path) -> None:
-    """Markdown: per model and batch, each sub-network's median per provider (ms) and the two ratios."""
+    """Markdown: per model and batch, each sub-network's median per provider (ms) and the two paired ratios, then
+    their range over the sub-networks."""
     env = environment()
     first = rows[0]
     lines = [
         "# CPU deployment latency (medians of interleaved rounds, ms)", "",
-        f"Machine: {first['cpu']}, {first['cores']} cores, {first['threads']} threads for torch and ONNX Runtime; "
+        (f"Machine: {first['cpu']}, {first['cores']} cores, {first['threads']} threads for torch and ONNX Runtime; "
         f"torch {env['torch']}, onnxruntime {first['onnxruntime']}, python {env['python']}, git {env['git_sha'][:10]}"
         f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds in rotating provider order; "
-        f"OMP_WAIT_POLICY={first.get('omp_wait_policy') or 'unset'}; mode {first['bench_mode']}.",
+        f"OMP_WAIT_POLICY={first.get('omp_wait_policy') or 'unset'}; mode {first['bench_mode']}."),
+        "Ratios are paired: the median over rounds of the two providers' times in the same round.",
         "Load: other jobs shared this machine; 1-minute load average before/after each batch's rounds below.", "",
     ]
     by_key = {(r["model"], r["batch"], r["skip"], r["provider"]): r for r in rows}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         group = [r for r in rows if r["model"] == model and r["batch"] == batch]
-        lines += [f"## {model}, batch {batch} (load {group[0]['load_avg_1min_before']} -> "
-                  f"{group[0]['load_avg_1min_after']})", "",
+        lines += [(f"## {model}, batch {batch} (load {group[0]['load_avg_1min_before']} -> "
+                  f"{group[0]['load_avg_1min_after']})"), "",
                   "| skip | MMACs | " + " | ".join(PROVIDERS) + " | one_graph / static | engine / eager |",
                   "|---|---|" + "---|" * (len(PROVIDERS) + 2)]
+        ratios: dict[str, list[float]] = {provider: [] for provider in PAIRS}
         for skip in dict.fromkeys(r["skip"] for r in group):
             ms = {p: by_key[model, batch, skip, p]["median_us"] / 1e3 for p in PROVIDERS}
             macs = by_key[model, batch, skip, "eager"]["macs"] / 1e6
+            paired = {p: by_key[model, batch, skip, p]["paired_ratio"] for p in PAIRS}
+            for p, ratio in paired.items():
+                ratios[p].append(ratio)
             lines.append(f"| {skip} | {macs:.0f} | " + " | ".join(f"{ms[p]:.2f}" for p in PROVIDERS)
-                         + f" | {ms['onnx_one_graph'] / ms['onnx_static']:.3f} | {ms['cpu_engine'] / ms['eager']:.3f} |")
-        lines.append("")
+                         + "".join(f" | {paired[p]:.3f}" for p in PAIRS) + " |")
+        lines += ["", "Over the sub-networks: " + "; ".join(
+            f"{p} / {PAIRS[p]} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
+            for p, r in ratios.items()) + ".", ""]
     path.write_text("\n".join(lines))
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # rounds 1..3: ratios 2, 1, 3 -> median 2 (the ratio of the two medians would be 4 / 3)
+    assert paired_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
+    with pytest.raises(ValueError, match="one time per round each, got 2 and 3"):
+        paired_ratio([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -22,12 +22,16 @@ def test_parse_skip_spellings():
         ("TFXZ", "unknown letter"),
         ([True, False], "2 entries but this model has 4"),
         ([True, False, 2, False], r"skip\[2\]=2 is not a bool"),
-        (3.5, "got float"),
     ],
 )
 def test_parse_skip_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_skip(bad, 4)
+
+
+def test_parse_skip_wrong_type():
+    with pytest.raises(TypeError, match="skip must be None, 'super', 'base', a T/F string or a sequence of bools, got float"):
+        parse_skip(3.5, 4)
 
 
 def test_all_skip_configs_order():

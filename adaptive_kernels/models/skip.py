@@ -44,7 +44,7 @@ def parse_skip(skip: SkipLike, num_stages: int) -> SkipConfig:
     if hasattr(skip, "tolist") and not isinstance(skip, (list, tuple)):
         skip = skip.tolist()  # numpy arrays and tensors
     if not isinstance(skip, Sequence):
-        raise ValueError(
+        raise TypeError(
             f"skip must be None, 'super', 'base', a T/F string or a sequence of bools, "
             f"got {type(skip).__name__}"
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class StageOutputs:
         self._outputs: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> StageOutputs:
+    def __enter__(self) -> Self:
         for i, stage in enumerate(self.stages):
             for block in stage.children():
                 self._handles.append(block.register_forward_hook(self._recorder(i)))
