@@ -8,6 +8,7 @@ from helpers import randomize
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.__main__ import main
 from adaptive_kernels.training import build_data, load_checkpoint, save_checkpoint
+from adaptive_kernels.training.calibration_cli import calibration_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +40,17 @@ def test_calibrate_command_writes_calibrated_checkpoint(tmp_path, capsys):
     # export of the calibrated checkpoint: one graph, every calibrated sub-network verified by ONNX Runtime
     assert main(["export", "--checkpoint", str(out), "--format", "onnx", "--out", str(tmp_path / "c.onnx")]) == 0
     assert "ok: 8 sub-network(s) within 0.0001" in capsys.readouterr().out
+
+
+def test_calibration_batches_keep_a_last_partial_batch():
+    # 37 images in batches of 16: 16 + 16 + 5, the first 37 of epoch 0's order; a single leftover is not used.
+    data = build_data("synthetic", image_size=8, augment=False, train_subset=37)
+    order = torch.cat([x for x, _ in data.train_batches(0, batch_size=37, seed=0)])
+    got = list(calibration_batches(data, 4096, 16))
+    assert [len(b) for b in got] == [16, 16, 5]
+    torch.testing.assert_close(torch.cat(got), order, rtol=0, atol=0)
+    assert [len(b) for b in calibration_batches(data.subset(num_train=33), 4096, 16)] == [16, 16]
+    assert [len(b) for b in calibration_batches(data, 20, 16)] == [16, 4]
 
 
 def test_calibrate_command_errors(tmp_path, capsys):

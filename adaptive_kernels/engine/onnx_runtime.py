@@ -1,9 +1,10 @@
 """The CPU engine: every sub-network from one ONNX graph on ONNX Runtime (``compile`` picks it for a CPU input
 when ``onnxruntime`` is installed: ``pip install adaptive_kernels[onnx]``).
 
-The graph is ``export_onnx(model, ...)`` with ``skip=None``: an ``If`` per stage on an int32 mask input. The
-engine owns that mask as a NumPy array fed with every run, so ``set_skip`` writes S integers and rebuilds
-nothing, like the GPU engine's device mask.
+The graph is ``export_onnx(model, ...)`` with ``skip=None``: an ``If`` per stage on an int32 mask input, served
+as ONNX Runtime optimises it for this CPU with the blocked layout kept across the stage boundaries
+(``onnx_layout.machine_layout``). The engine owns that mask as a NumPy array fed with every run, so ``set_skip``
+writes S integers and rebuilds nothing, like the GPU engine's device mask.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..export.onnx import INPUT, MASK, OUTPUT, export_onnx, onnxruntime_session
 from ..models.base import ADNModel
 from ..models.skip import SkipLike
 from .engine import Engine
+from .onnx_layout import machine_layout
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install adaptive_kernels[onnx] (ONNX Runtime) for a faster CPU engine"
@@ -38,7 +40,7 @@ class OnnxRuntimeEngine(Engine):
     Same interface as :class:`Engine`: ``engine(x, skip=None)``, ``set_skip``, ``skip``, ``profile()``
     (wall-clock medians, ready for ``select_skip``); ``mechanism == "onnxruntime"``. ``set_mask(mask)`` takes
     the raw mask instead (int32 (S,), 1 = run the stage's skippable sub-path). ``onnx_model`` holds the
-    serialised graph (``Path("m.onnx").write_bytes(engine.onnx_model)`` serves it elsewhere). ORT runs with
+    portable one graph as exported (``Path("m.onnx").write_bytes(engine.onnx_model)`` serves it elsewhere). ORT runs with
     torch's thread count at build time. Outputs are float32 tensors; inputs are converted to float32.
     """
 
@@ -57,7 +59,7 @@ class OnnxRuntimeEngine(Engine):
             logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
                         time.perf_counter() - start)
         self.onnx_model = onnx_model
-        self._session = onnxruntime_session(onnx_model)
+        self._session = onnxruntime_session(machine_layout(onnx_model))
         mask = next((i for i in self._session.get_inputs() if i.name == MASK), None)
         if mask is None or mask.shape != [model.num_skippable_stages]:
             raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "

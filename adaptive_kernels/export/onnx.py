@@ -158,7 +158,8 @@ def export_onnx(
     return path
 
 
-def _graphs_of(node) -> Iterator:
+def graphs_of(node) -> Iterator:
+    """The sub-graphs of an ONNX node (an ``If``'s two branches, a ``Loop``'s body; none for most ops)."""
     import onnx
 
     for a in node.attribute:
@@ -170,7 +171,7 @@ def _graphs_of(node) -> Iterator:
 def _names_used(graph, names: set[str]) -> set[str]:
     for node in graph.node:
         names.update(node.input)
-        for g in _graphs_of(node):
+        for g in graphs_of(node):
             _names_used(g, names)
     return names
 
@@ -192,7 +193,7 @@ def _move_branch_weights(path: Path) -> int:
     for node in graph.node:
         for name in weights.intersection(node.input):
             users.setdefault(name, []).append(None)
-        for branch in _graphs_of(node):
+        for branch in graphs_of(node):
             for name in _names_used(branch, set()) & weights:
                 users.setdefault(name, []).append(branch)
     kept, moved = [], 0

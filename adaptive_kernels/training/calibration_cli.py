@@ -30,7 +30,8 @@ def calibration_batches(
     data: DataSource, num_images: int = DEFAULT_IMAGES, batch_size: int = DEFAULT_BATCH, seed: int = 0
 ) -> Iterator[torch.Tensor]:
     """The first ``num_images`` training images of epoch 0's shuffled order (``seed``), un-augmented, in batches
-    of ``batch_size`` (normalised as for training); fewer when the training set has fewer whole batches.
+    of ``batch_size`` (normalised as for training; the last one may be smaller); fewer when the training set has
+    fewer images (a single image left over is not used: batch statistics need 2).
     Raises at once on bad arguments."""
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -41,8 +42,7 @@ def calibration_batches(
 
     def batches() -> Iterator[torch.Tensor]:
         left = min(num_images, data.num_train)
-        # train_batches drops a last partial batch: never ask for more than the images wanted.
-        for x, _ in data.train_batches(0, batch_size=min(batch_size, left), seed=seed):
+        for x, _ in data.train_batches(0, batch_size=min(batch_size, left), seed=seed, drop_last=False):
             take = min(left, len(x))
             if take < 2:
                 break

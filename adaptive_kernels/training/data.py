@@ -57,11 +57,12 @@ class DataSource(ABC):
     @abstractmethod
     def train_batches(
         self, epoch: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", drop_last: bool = True,
     ) -> Iterator[Batch]:
         """This rank's share of each global training batch of ``epoch``, from step ``start_step`` on.
 
-        The order and augmentation depend only on (seed, epoch): a resumed epoch repeats them.
+        The order and augmentation depend only on (seed, epoch): a resumed epoch repeats them. A last partial
+        batch is dropped (training steps all have the full batch) unless ``drop_last=False``.
         """
 
     @abstractmethod
@@ -146,7 +147,8 @@ class InMemoryImages(DataSource):
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float().div_(255.0) - self.mean) / self.std
 
-    def train_batches(self, epoch, *, batch_size, seed, rank=0, world_size=1, start_step=0, device="cpu"):
+    def train_batches(self, epoch, *, batch_size, seed, rank=0, world_size=1, start_step=0, device="cpu",
+                      drop_last=True):
         per_rank = _per_rank_batch(batch_size, world_size)
         indices = _epoch_indices(self.num_train, epoch, seed, rank, world_size)
         if self.augment:
@@ -155,7 +157,8 @@ class InMemoryImages(DataSource):
             g = torch.Generator().manual_seed(_mix_seed(seed, epoch))
             shifts = torch.randint(0, 2 * self.pad + 1, (self.num_train, 2), generator=g)
             flips = torch.rand(self.num_train, generator=g) < 0.5
-        for step in range(start_step, len(indices) // per_rank):
+        steps = len(indices) // per_rank if drop_last else -(-len(indices) // per_rank)
+        for step in range(start_step, steps):
             idx = indices[step * per_rank:(step + 1) * per_rank]
             x = self.train_images[idx]
             if self.augment:
@@ -360,14 +363,15 @@ class ImageFolderData(DataSource):
         # Recorded for the record only: the batches do not depend on it (see _SeededTransform).
         return {**super().describe(), "num_workers": self.num_workers}
 
-    def train_batches(self, epoch, *, batch_size, seed, rank=0, world_size=1, start_step=0, device="cpu"):
+    def train_batches(self, epoch, *, batch_size, seed, rank=0, world_size=1, start_step=0, device="cpu",
+                      drop_last=True):
         per_rank = _per_rank_batch(batch_size, world_size)
         indices = _epoch_indices(self.num_train, epoch, seed, rank, world_size).tolist()[start_step * per_rank:]
         dataset = _SeededTransform(self.train_set, self.train_transform, seed, epoch)
         # The loader draws its workers' base seed from this generator, not from the global RNG (which dropout
         # uses and checkpoints restore): a resume must not shift it.
         g = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank))
-        for x, y in self._loader(dataset, indices, per_rank, generator=g, drop_last=True):
+        for x, y in self._loader(dataset, indices, per_rank, generator=g, drop_last=drop_last):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def test_batches(self, *, batch_size, rank=0, world_size=1, device="cpu"):

@@ -1,0 +1,130 @@
+"""The CPU engine's graph for this machine: ONNX Runtime's optimised one graph, with the blocked layout kept
+across the ``If`` boundaries between stages.
+
+ONNX Runtime's CPU layout pass (NCHWc: channels blocked by the vector width, conv + add + activation fused) runs
+on each graph on its own, so every ``If`` branch of the one graph converts its input into the blocked layout
+(``ReorderInput``) and its output back (``ReorderOutput``): two copies of the activation per stage boundary that a
+static file of one sub-network does not make. :func:`machine_layout` has ONNX Runtime optimise the file (its
+``optimized_model_filepath``: the graph as it will run here, blocked ops included) and then drops each such pair
+where a value is produced in the blocked layout (by every branch of an ``If``, or by a ``ReorderOutput`` of the
+main graph) and every use of it converts it straight back: the blocked tensor crosses the boundary as it is.
+Within one graph ONNX Runtime chains blocked ops in exactly this way; the channels a block pads with are never
+read into a real channel (their weights are zero), and the last ``ReorderOutput`` drops them.
+
+The result depends on this CPU's vector width (ONNX Runtime says so when it writes the file): it is built where it
+runs, at ``compile`` time, and never saved as the portable file (``OnnxRuntimeEngine.onnx_model`` stays the export).
+A CPU without the blocked layout (no NCHWc ops in the optimised graph) keeps the portable file as it is.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..export.onnx import graphs_of
+
+NCHWC = "com.microsoft.nchwc"
+
+
+def _attr(node, name: str, default=None):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _is_reorder(node, op_type: str) -> bool:
+    """A blocked <-> NCHW reorder (not one to channels-last, which is another layout)."""
+    return node.domain == NCHWC and node.op_type == op_type and _attr(node, "channels_last", 0) == 0
+
+
+def _uses(graph, name: str, found: list) -> list:
+    """Every (graph, node) that reads ``name`` in ``graph`` or in a sub-graph of it (outer-scope reads)."""
+    for node in graph.node:
+        if name in node.input:
+            found.append((graph, node))
+        for sub in graphs_of(node):
+            _uses(sub, name, found)
+    return found
+
+
+def _rename_uses(graph, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, value in enumerate(node.input):
+            if value == old:
+                node.input[i] = new
+        for sub in graphs_of(node):
+            _rename_uses(sub, old, new)
+
+
+def _blocked_sources(node, index: int) -> list | None:
+    """The ``ReorderOutput`` nodes that make output ``index`` of ``node`` (one per ``If`` branch, or ``node``
+    itself), as (graph or None for the main graph, reorder node); None when it is not made in the blocked layout."""
+    if _is_reorder(node, "ReorderOutput"):
+        return [(None, node)]
+    if node.domain != "" or node.op_type != "If":
+        return None
+    sources = []
+    for branch in graphs_of(node):
+        out = branch.output[index].name
+        maker = next((n for n in branch.node if out in n.output), None)
+        if maker is None or not _is_reorder(maker, "ReorderOutput"):
+            return None
+        sources.append((branch, maker))
+    return sources
+
+
+def keep_blocked_across_ifs(model) -> int:
+    """Drop the reorder pairs at ``If`` boundaries of ``model`` (an ``onnx.ModelProto`` as ONNX Runtime optimised
+    it), in place; returns how many reorder nodes were removed."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    removed = 0
+    for node in list(graph.node):
+        for index, value in enumerate(node.output):
+            if value in outputs:
+                continue
+            uses = _uses(graph, value, [])
+            if not uses or not all(_is_reorder(user, "ReorderInput") for _, user in uses):
+                continue
+            sources = _blocked_sources(node, index)
+            if sources is None:
+                continue
+            if sources[0][0] is None:  # a ReorderOutput of the main graph: its blocked input takes its place
+                blocked = node.input[0]
+                graph.node.remove(node)
+            else:  # every branch returns its blocked tensor instead (its shape: the padded channels)
+                blocked = value
+                for branch, reorder in sources:
+                    branch.output[index].name = reorder.input[0]
+                    branch.output[index].type.tensor_type.ClearField("shape")
+                    branch.node.remove(reorder)
+            removed += len(sources)
+            for where, user in uses:
+                where.node.remove(user)
+                _rename_uses(where, user.output[0], blocked)
+                removed += 1
+            for info in [v for v in graph.value_info if v.name == value]:
+                graph.value_info.remove(info)
+    return removed
+
+
+def machine_layout(onnx_model: bytes) -> bytes:
+    """``onnx_model`` as ONNX Runtime optimises it on this CPU, blocked across ``If`` boundaries (see the module
+    docstring); ``onnx_model`` itself when this CPU has no blocked layout or the graph has no such boundary."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # it only optimises the graph
+    options.log_severity_level = 3  # not the warning that the file is for this machine only: it is meant to be
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
+        onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        optimised = onnx.load(options.optimized_model_filepath)
+    if keep_blocked_across_ifs(optimised) == 0:
+        return onnx_model
+    return optimised.SerializeToString()
