@@ -13,6 +13,7 @@ from adaptive_kernels import create_model, export_onnx
 from adaptive_kernels.engine.onnx_layout import NCHWC, keep_blocked_across_ifs, machine_layout
 from adaptive_kernels.export.onnx import graphs_of, mask_of, onnxruntime_session
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
+from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.numerics import relative_error
 
 onnx = pytest.importorskip("onnx", reason="pip install adaptive_kernels[onnx]")
@@ -23,20 +24,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 C = 24  # not a multiple of the 8 or 16 channels of a block: the blocked tensor is padded
 
 
-def _branch(tag: str, source: str) -> onnx.GraphProto:
-    """ReorderInput(source) -> ReorderOutput: the identity, through the blocked layout."""
-    nodes = [helper.make_node("ReorderInput", [source], [f"{tag}_blocked"], domain=NCHWC),
-             helper.make_node("ReorderOutput", [f"{tag}_blocked"], [f"{tag}_out"], domain=NCHWC, channels=C)]
+def _branch(tag: str, source: str, blocked: str | None = None) -> onnx.GraphProto:
+    """ReorderInput(source) -> ReorderOutput: the identity, through the blocked layout (its tensor: ``blocked``)."""
+    blocked = blocked or f"{tag}_blocked"
+    nodes = [helper.make_node("ReorderInput", [source], [blocked], domain=NCHWC),
+             helper.make_node("ReorderOutput", [blocked], [f"{tag}_out"], domain=NCHWC, channels=C)]
     return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_out", TensorProto.FLOAT,
                                                                             [1, C, 5, 5])])
 
 
-def _two_ifs(second_reads_plainly: bool) -> onnx.ModelProto:
+def _two_ifs(second_reads_plainly: bool, reused_name: str | None = None) -> onnx.ModelProto:
     """x -> If -> y1 -> If -> y2 (each branch the identity through the blocked layout); optionally y1 also feeds
-    a Relu of the main graph, which needs y1 in NCHW."""
-    nodes = [helper.make_node("If", ["c"], ["y1"], then_branch=_branch("t1", "x"), else_branch=_branch("e1", "x")),
-             helper.make_node("If", ["c"], ["y2"], then_branch=_branch("t2", "y1"), else_branch=_branch("e2", "y1"))]
+    a Relu of the main graph, which needs y1 in NCHW; optionally every branch's blocked tensor and the main
+    graph's Relu of x share one name, as in the files ONNX Runtime writes."""
+    b = reused_name
+    nodes = [helper.make_node("If", ["c"], ["y1"], then_branch=_branch("t1", "x", b), else_branch=_branch("e1", "x", b)),
+             helper.make_node("If", ["c"], ["y2"], then_branch=_branch("t2", "y1", b),
+                              else_branch=_branch("e2", "y1", b))]
     outputs = [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, C, 5, 5])]
+    if reused_name:
+        nodes.append(helper.make_node("Relu", ["x"], [reused_name]))
+        outputs.append(helper.make_tensor_value_info(reused_name, TensorProto.FLOAT, [1, C, 5, 5]))
     if second_reads_plainly:
         nodes.append(helper.make_node("Relu", ["y1"], ["r"]))
         outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, C, 5, 5]))
@@ -72,6 +80,20 @@ def test_the_pair_at_an_if_boundary_goes_and_the_graph_stays_the_identity():
         np.testing.assert_array_equal(_run_unoptimised(model, {"x": x, "c": np.array(c)})[0], x)
 
 
+def test_names_reused_across_scopes_are_made_unique():
+    # ONNX Runtime refuses a graph whose branches define a name the main graph has (single static assignment
+    # counts the outer scopes); its own optimised ResNet-50 file is one. The rewrite renames them apart.
+    model = _two_ifs(second_reads_plainly=False, reused_name="tmp")
+    x = np.random.default_rng(2).standard_normal((1, C, 5, 5)).astype(np.float32)
+    with pytest.raises(Exception, match="static assignment"):
+        _run_unoptimised(model, {"x": x, "c": np.array(True)})
+    assert keep_blocked_across_ifs(model) == 4
+    for c in (True, False):
+        y2, r = _run_unoptimised(model, {"x": x, "c": np.array(c)})
+        np.testing.assert_array_equal(y2, x)
+        np.testing.assert_array_equal(r, np.maximum(x, 0))
+
+
 def test_a_value_also_read_in_nchw_keeps_its_reorders():
     model = _two_ifs(second_reads_plainly=True)
     before = model.SerializeToString()
@@ -83,8 +105,12 @@ def test_a_value_also_read_in_nchw_keeps_its_reorders():
     np.testing.assert_array_equal(r, np.maximum(x, 0))
 
 
-def _has_blocked_layout(served: bytes) -> bool:
-    return any(_reorders(onnx.load_from_string(served).graph))
+def _cpu_has_blocked_layout(portable: bytes, folder) -> bool:
+    """Whether ONNX Runtime lays ``portable`` out blocked on this CPU (its own optimised graph has reorders)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimised.onnx")
+    ort.InferenceSession(portable, options, providers=["CPUExecutionProvider"])
+    return any(_reorders(onnx.load(options.optimized_model_filepath).graph))
 
 
 def _blocked_boundary(first, second) -> bool:
@@ -100,18 +126,22 @@ def _blocked_boundary(first, second) -> bool:
 
 # Boundaries that cross blocked when the CPU has the blocked layout: every one of MobileNetV2's; ResNet-20's
 # first stage returns an NCHW Relu (its first block adds the stem's output, read in NCHW from the outer graph, so
-# ONNX Runtime leaves that add and ReLU unfused), its second boundary is blocked.
-CASES = {"mobilenet_v2": ((0, 1, 2, 3), 32), "resnet20": ((1,), 16)}
+# ONNX Runtime leaves that add and ReLU unfused), its second boundary is blocked; a narrow ResNet-50's first
+# three (its optimised file reuses names across scopes, which the rewrite must undo to load at all).
+CASES = {"mobilenet_v2": ((0, 1, 2, 3), 32), "resnet20": ((1,), 16), "resnet50_narrow": ((0, 1, 2), 16)}
+MODELS = {"mobilenet_v2": lambda: MobileNetV2ADN(num_classes=10, width_mult=0.5),
+          "resnet20": lambda: create_model("resnet20_adn"),
+          "resnet50_narrow": lambda: ResNetADN(Bottleneck, [3, 4, 6, 3], num_classes=10, width=8, small_input=True)}
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_served_graph_is_exact_for_every_subnetwork(tmp_path, name):
     blocked, size = CASES[name]
-    model = MobileNetV2ADN(num_classes=10, width_mult=0.5) if name == "mobilenet_v2" else create_model("resnet20_adn")
+    model = MODELS[name]()
     model = randomize(model, calibrate=(4, 3, size, size))
     portable = export_onnx(model, tmp_path / "one.onnx", torch.randn(1, 3, size, size)).read_bytes()
     served = machine_layout(portable)
-    if not _has_blocked_layout(served):
+    if not _cpu_has_blocked_layout(portable, tmp_path):
         assert served == portable  # a CPU without ONNX Runtime's blocked layout serves the portable file
     else:
         ifs = [n for n in onnx.load_from_string(served).graph.node if n.op_type == "If"]
@@ -122,3 +152,18 @@ def test_served_graph_is_exact_for_every_subnetwork(tmp_path, name):
         for skip in model.skip_configs():
             got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
             assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, skip
+
+
+def test_engine_serves_the_exported_graph_when_the_laid_out_one_does_not_load(tmp_path, monkeypatch, caplog):
+    from adaptive_kernels.engine import OnnxRuntimeEngine, onnx_runtime
+
+    model = randomize(create_model("resnet20_adn", width=4), calibrate=(4, 3, 16, 16))
+    example = torch.randn(2, 3, 16, 16)
+    portable = export_onnx(model, tmp_path / "one.onnx", example).read_bytes()
+    monkeypatch.setattr(onnx_runtime, "machine_layout", lambda onnx_model: b"not a model")
+    with caplog.at_level("WARNING", logger=onnx_runtime.__name__):
+        engine = OnnxRuntimeEngine(model, example, dynamic_batch=True, onnx_model=portable)
+    assert "did not load in ONNX Runtime" in caplog.text and "serving it as exported" in caplog.text
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            assert relative_error(engine(example, skip), model(example, skip)) < 1e-4, skip

@@ -4,7 +4,8 @@
 the most accurate sub-network within a latency budget. Pieces, one job per module: ``lowering`` (model ->
 program, BatchNorm folding), ``program`` (the ops), ``runtime`` (kernel sets, buffers, execution),
 ``graph`` (capture, CUDA IF nodes), ``engine`` (the module), ``select`` (budgeted choice), ``onnx_runtime`` (the
-CPU engine: the one-graph ONNX export on ONNX Runtime).
+CPU engine: the one-graph ONNX export on ONNX Runtime), ``onnx_layout`` (that graph optimised for this CPU, its
+blocked layout kept across the ``If`` boundaries).
 """
 
 from .engine import Engine, compile

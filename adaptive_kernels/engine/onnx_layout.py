@@ -18,6 +18,7 @@ A CPU without the blocked layout (no NCHWc ops in the optimised graph) keeps the
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -40,23 +41,40 @@ def _is_reorder(node, op_type: str) -> bool:
     return node.domain == NCHWC and node.op_type == op_type and _attr(node, "channels_last", 0) == 0
 
 
+def _defines(graph, name: str) -> bool:
+    """Whether ``graph`` has a value ``name`` of its own (which hides an outer-scope value of that name)."""
+    return (any(name in node.output for node in graph.node) or any(v.name == name for v in graph.input)
+            or any(t.name == name for t in graph.initializer))
+
+
 def _uses(graph, name: str, found: list) -> list:
-    """Every (graph, node) that reads ``name`` in ``graph`` or in a sub-graph of it (outer-scope reads)."""
+    """Every (graph, node) that reads ``name`` of ``graph``'s scope: in ``graph``, or in a sub-graph of it that has
+    no value of that name of its own (ONNX Runtime's optimised graphs reuse names across scopes)."""
     for node in graph.node:
         if name in node.input:
             found.append((graph, node))
         for sub in graphs_of(node):
-            _uses(sub, name, found)
+            if not _defines(sub, name):
+                _uses(sub, name, found)
     return found
 
 
 def _rename_uses(graph, old: str, new: str) -> None:
-    for node in graph.node:
+    """Rename the reads of ``old`` (of ``graph``'s scope, as :func:`_uses` finds them) to ``new``."""
+    for graph_, node in _uses(graph, old, []):
         for i, value in enumerate(node.input):
             if value == old:
                 node.input[i] = new
+
+
+def _all_names(graph, names: set) -> set:
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
         for sub in graphs_of(node):
-            _rename_uses(sub, old, new)
+            _all_names(sub, names)
+    names.update(v.name for v in (*graph.input, *graph.output, *graph.initializer))
+    return names
 
 
 def _blocked_sources(node, index: int) -> list | None:
@@ -76,11 +94,44 @@ def _blocked_sources(node, index: int) -> list | None:
     return sources
 
 
+def _make_names_unique(graph, seen: set, fresh) -> None:
+    """Rename each value that ``graph`` or a sub-graph defines under a name defined before (in any scope) to a
+    ``fresh()`` one, definitions and reads alike. ONNX Runtime writes its optimised file with names reused across
+    scopes (a branch's reordered weights named like a value of the main graph), which it refuses to load again
+    (single static assignment counts the outer scopes), and values about to cross scopes must not be hidden."""
+    defined = [*(v.name for v in graph.input), *(t.name for t in graph.initializer),
+               *(o for node in graph.node for o in node.output if o)]
+    for name in defined:
+        if name not in seen:
+            seen.add(name)
+            continue
+        new = fresh()
+        _rename_uses(graph, name, new)
+        for node in graph.node:
+            node.output[:] = [new if o == name else o for o in node.output]
+        for v in (*graph.input, *graph.initializer, *graph.output, *graph.value_info):
+            if v.name == name:
+                v.name = new
+    for node in graph.node:
+        for sub in graphs_of(node):
+            _make_names_unique(sub, seen, fresh)
+
+
 def keep_blocked_across_ifs(model) -> int:
     """Drop the reorder pairs at ``If`` boundaries of ``model`` (an ``onnx.ModelProto`` as ONNX Runtime optimised
     it), in place; returns how many reorder nodes were removed."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
+    names = _all_names(graph, set())
+    counter = itertools.count()
+
+    def fresh() -> str:
+        name = next(f"adn_{k}" for k in counter if f"adn_{k}" not in names)
+        names.add(name)
+        return name
+
+    _make_names_unique(graph, set(), fresh)
+
     removed = 0
     for node in list(graph.node):
         for index, value in enumerate(node.output):
@@ -92,11 +143,19 @@ def keep_blocked_across_ifs(model) -> int:
             sources = _blocked_sources(node, index)
             if sources is None:
                 continue
+            blocked = fresh()
             if sources[0][0] is None:  # a ReorderOutput of the main graph: its blocked input takes its place
-                blocked = node.input[0]
+                old = node.input[0]
+                producer = next((n for n in graph.node if old in n.output), None)
+                if producer is None:
+                    continue
+                _rename_uses(graph, old, blocked)
+                producer.output[list(producer.output).index(old)] = blocked
+                for info in [v for v in graph.value_info if v.name == old]:
+                    info.name = blocked
                 graph.node.remove(node)
             else:  # every branch returns its blocked tensor instead (its shape: the padded channels)
-                blocked = value
+                node.output[index] = blocked
                 for branch, reorder in sources:
                     branch.output[index].name = reorder.input[0]
                     branch.output[index].type.tensor_type.ClearField("shape")

@@ -59,7 +59,15 @@ class OnnxRuntimeEngine(Engine):
             logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
                         time.perf_counter() - start)
         self.onnx_model = onnx_model
-        self._session = onnxruntime_session(machine_layout(onnx_model))
+        served = machine_layout(onnx_model)
+        try:
+            self._session = onnxruntime_session(served)
+        except Exception as error:  # our rewrite failed, not the model: serve the file as exported
+            if served is onnx_model:
+                raise
+            logger.warning("the one graph laid out for this CPU did not load in ONNX Runtime (%s); serving it as "
+                           "exported (correct, a few %% slower)", str(error).splitlines()[0])
+            self._session = onnxruntime_session(onnx_model)
         mask = next((i for i in self._session.get_inputs() if i.name == MASK), None)
         if mask is None or mask.shape != [model.num_skippable_stages]:
             raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "
