@@ -202,3 +202,14 @@ def test_bad_paths_and_inputs(tmp_path, resnet20):
     with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
         export_onnx(resnet20, tmp_path / "m.onnx", x, dynamic_batch="yes")
     assert not list(tmp_path.glob("*.onnx"))  # nothing left behind by the checks
+
+
+def test_mask_of_takes_a_parsed_skip_configuration():
+    from adaptive_kernels.export.onnx import mask_of
+
+    # True = skip the stage -> 0 = do not run its skippable sub-path
+    assert mask_of((False, True, False)).tolist() == [1, 0, 1] and mask_of((False,)).dtype == torch.int32
+    for bad in ("super", "TFT", (1, 0, 1), None):
+        # a string is a sequence too: "super" would silently read as five skipped stages
+        with pytest.raises(TypeError, match="parse_skip"):
+            mask_of(bad)

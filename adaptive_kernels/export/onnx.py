@@ -52,7 +52,11 @@ def masked_forward(model: ADNModel) -> MaskedForward:
 
 
 def mask_of(skip: SkipConfig) -> torch.Tensor:
-    """The mask input for a skip configuration: int32 (S,), 1 = run the stage's skippable sub-path."""
+    """The mask input for a parsed skip configuration (a tuple of bools, True = skip the stage, as
+    ``parse_skip`` and ``model.skip_configs()`` give): int32 (S,), 1 = run the stage's skippable sub-path."""
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, bool) for s in skip):
+        raise TypeError(f"mask_of takes a parsed skip configuration (a tuple of bools): got {skip!r}; "
+                        f"parse a name or string first with adaptive_kernels.parse_skip(skip, num_stages)")
     return torch.tensor([0 if s else 1 for s in skip], dtype=torch.int32)
 
 
