@@ -8,11 +8,12 @@ medians over rounds), so that load on a shared machine hits every provider alike
   cpu_engine      adaptive_kernels' CPU engine on that graph (``compile(model, x_cpu)``: torch tensors in and out)
 
 Every provider's output is checked against eager first (relative error < 1e-4). Rows: ``latency_cpu_onnx.json``
-plus ``latency_cpu_onnx.md`` (the table with the ratios one_graph / static and engine / eager) in the rows folder.
+plus ``latency_cpu_onnx.md`` (the table with the ratios one_graph / static, engine / eager and engine / static) in
+the rows folder.
 
 The ratios are paired: in each round the providers of one sub-network run back to back, so the ratio of their two
 times in that round sees the same load; a row's ratio is the median over rounds of those per-round ratios
-(``paired_ratio`` in the one-graph and engine rows). On a shared machine this is steadier than the ratio of two
+(``paired_ratio_<reference>`` in the one-graph and engine rows). On a shared machine this is steadier than the ratio of two
 medians, whose load may differ by the minutes between rounds.
 
 FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 15 rounds, ``ADN_BENCH_ROUNDS`` to change; ``ADN_BENCH_OUT=bench/results/cpu_onnx``
@@ -45,7 +46,9 @@ CASES = (
 )
 THREADS = 2 if FULL else 1
 ROUNDS, WARMUP = (env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1)
-PAIRS = {"onnx_one_graph": "onnx_static", "cpu_engine": "eager"}  # provider -> the one its paired ratio divides by
+# (provider, reference): the paired ratios reported. engine / static: what the engine's machine layout
+# (onnx_layout.py) leaves of the one graph's cost over the static files.
+PAIRS = (("onnx_one_graph", "onnx_static"), ("cpu_engine", "eager"), ("cpu_engine", "onnx_static"))
 TOLERANCE = 1e-4
 
 
@@ -128,9 +131,8 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
         for (provider, skip), times in samples.items():
             timing = Timing(times)
             assert 0 < timing.p20_us <= timing.median_us <= timing.p80_us
-            extra = {}
-            if provider in PAIRS:
-                extra["paired_ratio"] = round(paired_ratio(times, samples[PAIRS[provider], skip]), 4)
+            extra = {f"paired_ratio_{reference}": round(paired_ratio(times, samples[reference, skip]), 4)
+                     for p, reference in PAIRS if p == provider}
             rows.add(make_row(provider=provider, model=name, skip=skip, batch=batch, dtype=torch.float32,
                               timing=timing, macs=model.macs(skip, (size, size)), image_size=size, export_s=export_s,
                               load_avg_1min_before=load_before, load_avg_1min_after=load_after, **machine, **extra))
@@ -145,7 +147,7 @@ def paired_ratio(times: list[float], reference: list[float]) -> float:
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    """Markdown: per model and batch, each sub-network's median per provider (ms) and the two paired ratios, then
+    """Markdown: per model and batch, each sub-network's median per provider (ms) and the paired ratios, then
     their range over the sub-networks."""
     env = environment()
     first = rows[0]
@@ -163,21 +165,26 @@ def write_table(rows: list[dict], path: Path) -> None:
         group = [r for r in rows if r["model"] == model and r["batch"] == batch]
         lines += [(f"## {model}, batch {batch} (load {group[0]['load_avg_1min_before']} -> "
                   f"{group[0]['load_avg_1min_after']})"), "",
-                  "| skip | MMACs | " + " | ".join(PROVIDERS) + " | one_graph / static | engine / eager |",
-                  "|---|---|" + "---|" * (len(PROVIDERS) + 2)]
-        ratios: dict[str, list[float]] = {provider: [] for provider in PAIRS}
+                  "| skip | MMACs | " + " | ".join(PROVIDERS) + " | "
+                  + " | ".join(f"{_short(p)} / {_short(ref)}" for p, ref in PAIRS) + " |",
+                  "|---|---|" + "---|" * (len(PROVIDERS) + len(PAIRS))]
+        ratios: dict[tuple[str, str], list[float]] = {pair: [] for pair in PAIRS}
         for skip in dict.fromkeys(r["skip"] for r in group):
             ms = {p: by_key[model, batch, skip, p]["median_us"] / 1e3 for p in PROVIDERS}
             macs = by_key[model, batch, skip, "eager"]["macs"] / 1e6
-            paired = {p: by_key[model, batch, skip, p]["paired_ratio"] for p in PAIRS}
-            for p, ratio in paired.items():
-                ratios[p].append(ratio)
+            paired = {(p, ref): by_key[model, batch, skip, p][f"paired_ratio_{ref}"] for p, ref in PAIRS}
+            for pair, ratio in paired.items():
+                ratios[pair].append(ratio)
             lines.append(f"| {skip} | {macs:.0f} | " + " | ".join(f"{ms[p]:.2f}" for p in PROVIDERS)
-                         + "".join(f" | {paired[p]:.3f}" for p in PAIRS) + " |")
+                         + "".join(f" | {paired[pair]:.3f}" for pair in PAIRS) + " |")
         lines += ["", "Over the sub-networks: " + "; ".join(
-            f"{p} / {PAIRS[p]} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
-            for p, r in ratios.items()) + ".", ""]
+            f"{p} / {ref} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
+            for (p, ref), r in ratios.items()) + ".", ""]
     path.write_text("\n".join(lines))
+
+
+def _short(provider: str) -> str:
+    return {"onnx_one_graph": "one_graph", "onnx_static": "static", "cpu_engine": "engine"}.get(provider, provider)
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
