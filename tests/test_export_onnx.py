@@ -65,7 +65,15 @@ def test_one_graph_has_the_mask_contract_and_one_if_per_stage(exported):
     assert inputs["mask"].elem_type == onnx.TensorProto.INT32
     assert [d.dim_value for d in inputs["mask"].shape.dim] == [model.num_skippable_stages]
     assert inputs["input"].shape.dim[0].dim_param  # symbolic batch
-    assert sum(n.op_type == "If" for n in graph.node) == model.num_skippable_stages
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    assert len(ifs) == model.num_skippable_stages
+    # every If's condition is output k of one Split of the mask cast to bool (no mask ops per stage)
+    producer = {out: n for n in graph.node for out in n.output}
+    split = producer[ifs[0].input[0]]
+    assert split.op_type == "Split" and [n.input[0] for n in ifs] == list(split.output)
+    cast = producer[split.input[0]]
+    assert cast.op_type == "Cast" and list(cast.input) == ["mask"]
+    assert [a.i for a in cast.attribute if a.name == "to"] == [onnx.TensorProto.BOOL]
     # a weight that one branch alone uses lives in that branch (ONNX Runtime's blocked-layout pass needs it there)
     top = {t.name for t in graph.initializer}
     main_uses = {name for node in graph.node for name in node.input}

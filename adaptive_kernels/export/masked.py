@@ -79,10 +79,16 @@ class MaskedForward(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.model.is_calibrated:
             return self._calibrated_forward(x, mask)
+        return self._stages(x, mask)
+
+    def _stages(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # One Cast and one Split give every If its condition (a one-element bool). A Gather, Equal and Not per
+        # stage (``mask[k] != 0``) cost MobileNetV2-ADN's base-net 1.5 % at batch 1 on ONNX Runtime, 2 cores:
+        # one graph / static 1.097 -> 1.082 (super-net 1.057 -> 1.052), 120-150 paired rounds.
+        runs = mask.to(torch.bool).split(1)
         x = self.prologue(x)
         for stage, layers in self.groups:
-            x = torch.cond(mask[stage] != 0, partial(_run_layers, layers, False), partial(_run_layers, layers, True),
-                           (x,))
+            x = torch.cond(runs[stage], partial(_run_layers, layers, False), partial(_run_layers, layers, True), (x,))
         return self.epilogue(x)
 
     def _calibrated_forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,11 +97,7 @@ class MaskedForward(nn.Module):
         try:
             # The branches read the id from the selection (a free variable of theirs, lifted by torch.cond).
             selection.index = subnet_id(mask)
-            x = self.prologue(x)
-            for stage, layers in self.groups:
-                x = torch.cond(mask[stage] != 0, partial(_run_layers, layers, False),
-                               partial(_run_layers, layers, True), (x,))
-            return self.epilogue(x)
+            return self._stages(x, mask)
         finally:
             selection.index = eager_index  # the eager model's selection is an int again
 
