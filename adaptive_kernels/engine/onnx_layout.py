@@ -61,7 +61,7 @@ def _uses(graph, name: str, found: list) -> list:
 
 def _rename_uses(graph, old: str, new: str) -> None:
     """Rename the reads of ``old`` (of ``graph``'s scope, as :func:`_uses` finds them) to ``new``."""
-    for graph_, node in _uses(graph, old, []):
+    for _, node in _uses(graph, old, []):
         for i, value in enumerate(node.input):
             if value == old:
                 node.input[i] = new
