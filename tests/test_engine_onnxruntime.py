@@ -76,6 +76,62 @@ def test_set_mask_and_its_checks(engine, resnet20):
         engine.set_skip("TFTF")
 
 
+def test_inputs_the_lean_path_does_not_take_as_they_are_are_converted_or_rejected(resnet20):
+    # forward passes a float32 CPU tensor of the compiled shape to ONNX Runtime as a NumPy view; every other input
+    # goes through Engine's checks: converted when it is fine, rejected with the message naming the compiled input
+    engine = compile(resnet20, torch.randn(2, 3, 16, 16))  # dynamic_batch=False
+    x = torch.randn(3, 2, 16, 16).permute(1, 0, 2, 3)  # not contiguous
+    with torch.no_grad():
+        want = resnet20(x, "FTF")
+    assert relative_error(engine(x, "FTF"), want) < 1e-4
+    wants_grad = x.clone().requires_grad_()
+    got = engine(wants_grad)
+    assert relative_error(got, want) < 1e-4 and not got.requires_grad
+    compiled = r"\(2, 3, 16, 16\) torch.float32"
+    for bad, error, match in [
+        ("image", TypeError, "must be a torch.Tensor"),
+        (np.zeros((2, 3, 16, 16), np.float32), TypeError, "must be a torch.Tensor"),
+        (torch.randn(2, 3, 16, 16, dtype=torch.float64), TypeError, f"has dtype torch.float64; .* for {compiled}"),
+        (torch.randn(2, 3, 16, 16, dtype=torch.bfloat16), TypeError, "has dtype torch.bfloat16"),
+        (torch.randn(2, 3, 32, 32), ValueError, r"has shape \(2, 3, 32, 32\); this engine was compiled for"),
+        (torch.randn(3, 16, 16), ValueError, r"has shape \(3, 16, 16\)"),
+        (torch.randn(3, 3, 16, 16), ValueError, "has batch 3; .* compile with dynamic_batch=True"),
+        (torch.empty(2, 3, 16, 16, device="meta"), ValueError, "is on meta; this engine was compiled for"),
+    ]:
+        with pytest.raises(error, match=match):
+            engine(bad, "TTT")
+    assert engine.skip == (False, True, False)  # rejected inputs change nothing
+    dynamic = compile(resnet20, torch.randn(2, 3, 16, 16), dynamic_batch=True)
+    with pytest.raises(ValueError, match="empty batch"):
+        dynamic(torch.randn(0, 3, 16, 16))
+    # a float64 example: float64 inputs are converted to the graph's float32, float32 ones are rejected
+    doubles = compile(resnet20, torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert relative_error(doubles(x.double(), "FTF"), want) < 1e-4
+    with pytest.raises(TypeError, match="has dtype torch.float32; this engine was compiled for .* torch.float64"):
+        doubles(x)
+
+
+def test_skip_arguments_seen_before_select_what_they_say(engine, resnet20):
+    # forward(x, skip) does not parse an immutable argument it has seen (the same object) again; what it selects
+    # must still be what the argument says, after any other switch, and mutable or bad arguments are parsed
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = {s: resnet20(x, s) for s in ("TFT", "FFT", "TTF")}
+    tft, bits = "TFT", [False, False, True]
+    for _ in range(2):
+        assert relative_error(engine(x, tft), want["TFT"]) < 1e-4
+        engine.set_mask(torch.tensor([0, 0, 1], dtype=torch.int32))  # TTF
+        assert relative_error(engine(x), want["TTF"]) < 1e-4
+        assert relative_error(engine(x, bits), want["FFT"]) < 1e-4 and engine.skip == (False, False, True)
+        bits[0] = True  # the same list, now TFT
+        assert relative_error(engine(x, bits), want["TFT"]) < 1e-4
+        bits[0] = False
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"skip\[0\]=0.5 is not a bool"):
+            engine(x, (0.5, False, True))
+    assert engine.skip == (True, False, True) and engine._mask.tolist() == [0, 1, 0]  # a rejected skip changes nothing
+
+
 def test_profile_feeds_select_skip(engine, resnet20):
     engine.set_skip("FTF")
     table = engine.profile(iters=2, warmup=1)

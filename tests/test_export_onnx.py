@@ -115,6 +115,34 @@ def test_static_subnetwork_and_pt2(resnet20, tmp_path):
     assert resnet20.training is False
 
 
+def _batch_dim(path):
+    return onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+
+
+def test_the_batch_is_what_was_asked_after_other_exports_in_the_process(resnet20, tmp_path):
+    # torch.cond keeps what it compiled for a trace: a dynamic-batch export after a fixed-batch one of the same
+    # architecture came out with the earlier batch fixed, silently (export_onnx drops that cache before a trace)
+    x = torch.randn(2, 3, 16, 16)
+    fixed = export_onnx(resnet20, tmp_path / "fixed.onnx", x, dynamic_batch=False)
+    dynamic = export_onnx(copy.deepcopy(resnet20), tmp_path / "dynamic.onnx", x[:1])
+    fixed_again = export_onnx(resnet20, tmp_path / "fixed_again.onnx", x, dynamic_batch=False)
+    assert _batch_dim(fixed).dim_value == 2 == _batch_dim(fixed_again).dim_value
+    assert _batch_dim(dynamic).dim_param and not _batch_dim(dynamic).dim_value
+    assert max(verify_onnx(dynamic, resnet20, torch.randn(3, 3, 16, 16)).values()) < 1e-4
+
+
+def test_a_stale_trace_is_refused_not_saved(resnet20, tmp_path, monkeypatch):
+    # without the cache drop, the same two exports give a graph whose batch is not the one asked for: refused
+    from adaptive_kernels.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "forget_cond_compilations", lambda: None)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ExportError, match=r"gave a graph whose batch is (fixed at 2|dynamic) although dynamic_batch="):
+        export_onnx(resnet20, tmp_path / "fixed.onnx", x, dynamic_batch=False)
+        export_onnx(resnet20, tmp_path / "dynamic.onnx", x[:1])
+    assert not (tmp_path / "dynamic.onnx").exists()
+
+
 def test_cli_exports_verifies_and_reports_each_config(tmp_path, capsys):
     out = tmp_path / "r20.onnx"
     assert main(["export", "--model", "resnet20_adn", "--model-arg", "width=4", "--format", "onnx", "--skip",

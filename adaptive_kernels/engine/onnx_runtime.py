@@ -20,7 +20,7 @@ import torch
 
 from ..export.onnx import INPUT, MASK, OUTPUT, export_onnx, onnxruntime_session
 from ..models.base import ADNModel
-from ..models.skip import SkipLike
+from ..models.skip import SkipConfig, SkipLike, parse_skip
 from .engine import Engine
 from .onnx_layout import machine_layout
 
@@ -72,11 +72,25 @@ class OnnxRuntimeEngine(Engine):
         if mask is None or mask.shape != [model.num_skippable_stages]:
             raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "
                              f"{MASK!r} of shape [{model.num_skippable_stages}] (export_onnx with skip=None)")
-        self._mask = np.ones(model.num_skippable_stages, dtype=np.int32)
+        self._mask = np.ones(model.num_skippable_stages, dtype=np.int32)  # fed with every run
+        self._known_skips: dict[int, tuple[SkipLike, SkipConfig, np.ndarray]] = {}
+        self._output_names = [OUTPUT]
+        # what forward's lean path accepts as it is (anything else goes through Engine._check_input)
+        self._float32_input = self._input_dtype == torch.float32
+        self._image_shape = self._input_shape[1:]
 
     def set_skip(self, skip: SkipLike) -> None:
-        super().set_skip(skip)
-        self._mask[:] = [0 if s else 1 for s in self._skip]  # mask contract: 1 = run
+        """Select the sub-network for the following calls (see :meth:`Engine.set_skip`): its mask is fed with
+        every run, nothing is rebuilt."""
+        known = self._known_skips.get(id(skip))
+        if known is None or known[0] is not skip:
+            config = parse_skip(skip, self.num_skippable_stages)
+            known = (skip, config, np.array([0 if s else 1 for s in config], dtype=np.int32))  # 1 = run
+            if (skip is None or isinstance(skip, (str, tuple))) and len(self._known_skips) < 4096:
+                # held, so its id stays its own; immutable, so the same object is the same sub-network: not
+                # parsed again when forward(x, skip) gets it back (parsing costs ~60 us right after a run)
+                self._known_skips[id(skip)] = known
+        _, self._skip, self._mask = known
 
     def set_mask(self, mask: torch.Tensor | np.ndarray) -> None:
         """Select the sub-network by its mask: int32 (S,), 1 = run stage k's skippable sub-path, 0 = skip it."""
@@ -94,9 +108,28 @@ class OnnxRuntimeEngine(Engine):
             raise ValueError(f"mask holds {values.tolist()}: use 1 (run the skippable sub-path) or 0 (skip it)")
         self.set_skip([v == 0 for v in values.tolist()])
 
-    def _run_without_graph(self, x: torch.Tensor) -> torch.Tensor:
-        feed = {INPUT: x.detach().float().contiguous().numpy(), MASK: self._mask}
-        return torch.from_numpy(self._session.run([OUTPUT], feed)[0])
+    def forward(self, x: torch.Tensor, skip: SkipLike = None) -> torch.Tensor:
+        """x: (N, C, H, W) like the example input -> float32 logits (N, num_classes), a new tensor."""
+        # Lean on purpose: right after a run the caches hold the model, and every torch call costs tens of us.
+        # Measured on 2 cores, a call around a no-op session right after a MobileNetV2-ADN run: Engine.forward's
+        # checks and conversions 290 us (360 us switching sub-network), this path 160 us (175 us); of a 4.5 ms
+        # base-net. A float32 CPU tensor of the right shape goes through as a NumPy view; anything else gets
+        # Engine's checks (their errors) and conversions.
+        try:
+            array = x.numpy()  # raises for another device, a tensor that needs grad, a dtype NumPy lacks
+        except (AttributeError, RuntimeError, TypeError):
+            array = None
+        if (array is None or not self._float32_input or array.dtype != np.float32
+                or array.shape[1:] != self._image_shape or array.shape[0] < 1
+                or (array.shape[0] != self._input_shape[0] and not self.dynamic_batch)):
+            self._check_input(x)
+            array = x.detach().float().numpy()
+        if skip is not None:
+            self.set_skip(skip)
+        return torch.from_numpy(self._session.run(self._output_names, {INPUT: array, MASK: self._mask})[0])
+
+    def _run_without_graph(self, x: torch.Tensor) -> torch.Tensor:  # profile() times this
+        return self.forward(x)
 
     def extra_repr(self) -> str:
         return (f"{self._model_name}, mechanism=onnxruntime, input={self._input_shape} {self._input_dtype} on cpu, "

@@ -21,7 +21,9 @@ The eager models are untouched: this module only reads them. One subclass per fa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import types
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
@@ -29,6 +31,28 @@ from torch import nn
 
 from ..models.base import ADNModel
 from ..models.skip import stage_bit
+
+
+def forget_cond_compilations() -> None:
+    """Drop what ``torch.cond`` compiled in earlier exports of this process; call before each trace.
+
+    Outside ``torch.compile`` (here: export's tracing), torch.cond compiles one wrapper function of its own and
+    keeps the result: the next export of the same architecture reused it with the earlier trace's batch size
+    baked in (an export with ``dynamic_batch=False``, then one with ``True``: a file with a fixed batch). Only
+    that wrapper's cache is dropped; if this torch no longer has it, every compile cache is
+    (``torch.compiler.reset()``: the process's compiled functions compile again on their next call)."""
+    def codes(code: types.CodeType) -> Iterator[types.CodeType]:
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                yield const
+                yield from codes(const)
+
+    cond = sys.modules[torch.cond.__module__].cond
+    wrappers = [c for c in codes(cond.__code__) if c.co_name == "_cond_op_wrapper"]
+    if not wrappers:
+        torch.compiler.reset()
+    for code in wrappers:
+        torch._dynamo.reset_code(code)
 
 
 def _run_layers(layers: Sequence[nn.Module], skip_stage: bool, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from ..models.swin import SwinTransformerADN
 from ..models.vit import VisionTransformerADN
 from ..numerics import relative_error
-from .masked import MaskedForward, StaticForward
+from .masked import MaskedForward, StaticForward, forget_cond_compilations
 from .mobilenetv2 import MobileNetV2MaskedForward
 from .resnet import ResNetMaskedForward
 from .swin import SwinMaskedForward
@@ -148,6 +148,7 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; say so before tracing)
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install adaptive_kernels[onnx]") from e
+    forget_cond_compilations()
     with _inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
         try:
@@ -156,6 +157,11 @@ def export_onnx(
         except Exception as e:  # the exporter raises many types; name the model and the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"could not export {type(model).__name__} to ONNX: {first}") from e
+    batch = program.model.graph.inputs[0].shape[0]
+    if isinstance(batch, int) == dynamic_batch:  # never a file that serves other batch sizes than it says
+        raise ExportError(f"exporting {type(model).__name__} gave a graph whose batch is "
+                          f"{'fixed at ' + str(batch) if dynamic_batch else 'dynamic'} although dynamic_batch="
+                          f"{dynamic_batch}: please report this with your torch version ({torch.__version__})")
     program.save(str(path))
     if skip is None:
         _move_branch_weights(path)
