@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -120,11 +121,16 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
                 for _ in range(WARMUP):
                     fn()
             load_before = _load()
-            for r in range(ROUNDS):
-                # the providers take turns in a rotating order: none always follows the same neighbour (whose
-                # threads may still be busy; set OMP_WAIT_POLICY=PASSIVE for torch's, ORT's do not spin)
-                order = PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]
+            shuffle = random.Random(batch)
+            for _ in range(ROUNDS):
                 for skip in configs:
+                    # the providers take turns in a shuffled order, so that none always follows the same one: a
+                    # call right after another provider's run finds the caches holding that run (each call's own
+                    # Python and torch work costs several times what it does warm), or its threads still busy
+                    # (OMP_WAIT_POLICY=PASSIVE for torch's; ORT's do not spin). A rotating order kept the cycle:
+                    # the engine followed the one-graph session in three rounds of four.
+                    order = list(PROVIDERS)
+                    shuffle.shuffle(order)
                     for provider in order:
                         samples[provider, skip].append(_time_call(runners[provider, skip]))
             load_after = _load()
@@ -155,7 +161,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         "# CPU deployment latency (medians of interleaved rounds, ms)", "",
         (f"Machine: {first['cpu']}, {first['cores']} cores, {first['threads']} threads for torch and ONNX Runtime; "
         f"torch {env['torch']}, onnxruntime {first['onnxruntime']}, python {env['python']}, git {env['git_sha'][:10]}"
-        f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds in rotating provider order; "
+        f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds, providers in shuffled order; "
         f"OMP_WAIT_POLICY={first.get('omp_wait_policy') or 'unset'}; mode {first['bench_mode']}."),
         "Ratios are paired: the median over rounds of the two providers' times in the same round.",
         "Load: other jobs shared this machine; 1-minute load average before/after each batch's rounds below.", "",
