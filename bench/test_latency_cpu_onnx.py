@@ -4,7 +4,8 @@ medians over rounds), so that load on a shared machine hits every provider alike
 
   eager           the model, sub-network chosen by python skip flags (torch, CPU)
   onnx_static     ONNX Runtime on a static export of that sub-network alone (one file per sub-network)
-  onnx_one_graph  ONNX Runtime on the one graph of every sub-network (an If per stage), mask fed as an input
+  onnx_one_graph  ONNX Runtime on the one graph of every sub-network (an If per stage or pair of
+                  small stages), mask fed as an input
   cpu_engine      adaptive_kernels' CPU engine on that graph (``compile(model, x_cpu)``: torch tensors in and out)
 
 Every provider's output is checked against eager first (relative error < 1e-4). Rows: ``latency_cpu_onnx.json``

@@ -6,8 +6,8 @@ on each graph on its own, so every ``If`` branch of the one graph converts its i
 (``ReorderInput``) and its output back (``ReorderOutput``): two copies of the activation per stage boundary that a
 static file of one sub-network does not make. :func:`machine_layout` has ONNX Runtime optimise the file (its
 ``optimized_model_filepath``: the graph as it will run here, blocked ops included) and then drops each such pair
-where a value is produced in the blocked layout (by every branch of an ``If``, or by a ``ReorderOutput`` of the
-main graph) and every use of it converts it straight back: the blocked tensor crosses the boundary as it is.
+where a value is produced in the blocked layout (by every branch of an ``If``, nested ``If``s' branches included,
+or by a ``ReorderOutput`` of the main graph) and every use of it converts it straight back: the blocked tensor crosses the boundary as it is.
 Within one graph ONNX Runtime chains blocked ops in exactly this way; the channels a block pads with are never
 read into a real channel (their weights are zero), and the last ``ReorderOutput`` drops them.
 
@@ -78,19 +78,25 @@ def _all_names(graph, names: set) -> set:
 
 
 def _blocked_sources(node, index: int) -> list | None:
-    """The ``ReorderOutput`` nodes that make output ``index`` of ``node`` (one per ``If`` branch, or ``node``
-    itself), as (graph or None for the main graph, reorder node); None when it is not made in the blocked layout."""
+    """Where output ``index`` of ``node`` is made in the blocked layout: [(None, node, index)] for a
+    ``ReorderOutput`` of the main graph; for an ``If``, per branch (branch, its ReorderOutput, index), or
+    (branch, None, index) for a branch that returns a nested ``If``'s output, followed by that ``If``'s own
+    sources; None when some branch makes it in NCHW."""
     if _is_reorder(node, "ReorderOutput"):
-        return [(None, node)]
+        return [(None, node, index)]
     if node.domain != "" or node.op_type != "If":
         return None
     sources = []
     for branch in graphs_of(node):
         out = branch.output[index].name
         maker = next((n for n in branch.node if out in n.output), None)
-        if maker is None or not _is_reorder(maker, "ReorderOutput"):
+        if maker is not None and _is_reorder(maker, "ReorderOutput"):
+            sources.append((branch, maker, index))
+            continue
+        inner = None if maker is None or maker.op_type != "If" else _blocked_sources(maker, list(maker.output).index(out))
+        if inner is None:
             return None
-        sources.append((branch, maker))
+        sources += [(branch, None, index), *inner]
     return sources
 
 
@@ -154,13 +160,18 @@ def keep_blocked_across_ifs(model) -> int:
                 for info in [v for v in graph.value_info if v.name == old]:
                     info.name = blocked
                 graph.node.remove(node)
+                removed += 1
             else:  # every branch returns its blocked tensor instead (its shape: the padded channels)
                 node.output[index] = blocked
-                for branch, reorder in sources:
-                    branch.output[index].name = reorder.input[0]
-                    branch.output[index].type.tensor_type.ClearField("shape")
-                    branch.node.remove(reorder)
-            removed += len(sources)
+                for branch, reorder, i in sources:
+                    if reorder is not None:
+                        branch.output[i].name = reorder.input[0]
+                        branch.node.remove(reorder)
+                        removed += 1
+                    else:  # a nested If's output, blocked now: its NCHW shape no longer holds
+                        for info in [v for v in branch.value_info if v.name == branch.output[i].name]:
+                            branch.value_info.remove(info)
+                    branch.output[i].type.tensor_type.ClearField("shape")
             for where, user in uses:
                 where.node.remove(user)
                 _rename_uses(where, user.output[0], blocked)

@@ -15,6 +15,17 @@ most significant bit, a skipped stage a 1) and every calibrated norm gathers its
 so one graph still serves every calibrated sub-network (those norms stay unfolded: ONNX Runtime cannot fold
 statistics known only at run time).
 
+Where two consecutive stages hold little of the model's weights (at most :data:`PAIR_SHARE` together: the small
+early stages of MobileNetV2, ResNet-50 and Swin-T), they share one nested ``If``: an ``If`` on the first bit whose
+branches are each an ``If`` on the second bit, with both stages in every inner branch (four sub-graphs). Every
+``If`` an input runs through costs ONNX Runtime a fixed price per call (its sub-graph's execution frame, and on a
+CPU with the blocked layout a reorder of the activation in and out), which a static file does not pay and which
+shows on a fast network: MobileNetV2-ADN at batch 1 (~5 ms on 2 cores), one graph / static 1.033 -> 1.023
+(super-net) and 1.062 -> 1.046 (base-net) with its five stages in three ``If``s (150 paired rounds; README). The
+price of a pair is that ONNX Runtime folds its norms into each of the four inner branches' convolutions: a session
+holds the pair's convs four times instead of twice, hence the bound on the pair's share. torch's ONNX export does
+not trace a third level.
+
 The eager models are untouched: this module only reads them. One subclass per family (``export/resnet.py``,
 ``mobilenetv2.py``, ``vit.py``, ``swin.py``) names its prologue, its stage layers and its epilogue.
 """
@@ -68,9 +79,47 @@ def subnet_id(mask: torch.Tensor) -> torch.Tensor:
     return ((1 - mask.to(torch.int64)) * weights).sum()
 
 
-def group_by_stage(layers: Sequence[nn.Module]) -> list[tuple[int, list[nn.Module]]]:
+PAIR_SHARE = 0.2  # the largest share of the model's parameters two stages may hold to share one nested If
+
+Group = tuple[int, list[nn.Module]]
+
+
+def _parameter_count(layers: Sequence[nn.Module]) -> int:
+    return sum(p.numel() for layer in layers for p in layer.parameters())
+
+
+def pair_small_stages(groups: Sequence[Group], total_parameters: int) -> list[list[Group]]:
+    """The stage groups in blocks of one ``If`` each, in order: two consecutive groups form a block (one nested
+    ``If``) when they hold at most ``PAIR_SHARE`` of ``total_parameters`` together; pairs are taken from the first
+    stage on."""
+    blocks: list[list[Group]] = []
+    k = 0
+    while k < len(groups):
+        pair = groups[k:k + 2]
+        if len(pair) == 2 and _parameter_count(pair[0][1] + pair[1][1]) <= PAIR_SHARE * total_parameters:
+            blocks.append(list(pair))
+            k += 2
+        else:
+            blocks.append([groups[k]])
+            k += 1
+    return blocks
+
+
+def _run_block(runs: Sequence[torch.Tensor], block: Sequence[Group], skips: tuple[bool, ...],
+               x: torch.Tensor) -> torch.Tensor:
+    """The stages of ``block`` with the skip flags chosen so far (``skips``), each further flag an ``If``."""
+    if len(skips) == len(block):
+        for (_, layers), skip_stage in zip(block, skips):
+            x = _run_layers(layers, skip_stage, x)
+        return x
+    bit = runs[block[len(skips)][0]]
+    return torch.cond(bit, partial(_run_block, runs, block, (*skips, False)),
+                      partial(_run_block, runs, block, (*skips, True)), (x,))
+
+
+def group_by_stage(layers: Sequence[nn.Module]) -> list[Group]:
     """Consecutive layers that follow the same skip flag (``layer.stage``), in order: one ``If`` each."""
-    groups: list[tuple[int, list[nn.Module]]] = []
+    groups: list[Group] = []
     for layer in layers:
         if groups and groups[-1][0] == layer.stage:
             groups[-1][1].append(layer)
@@ -90,6 +139,7 @@ class MaskedForward(nn.Module):
         super().__init__()
         self.model = model
         self.groups = group_by_stage(self.stage_layers())
+        self.blocks = pair_small_stages(self.groups, sum(p.numel() for p in model.parameters()))
 
     def prologue(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -111,8 +161,8 @@ class MaskedForward(nn.Module):
         # one graph / static 1.097 -> 1.082 (super-net 1.057 -> 1.052), 120-150 paired rounds.
         runs = mask.to(torch.bool).split(1)
         x = self.prologue(x)
-        for stage, layers in self.groups:
-            x = torch.cond(runs[stage], partial(_run_layers, layers, False), partial(_run_layers, layers, True), (x,))
+        for block in self.blocks:
+            x = _run_block(runs, block, (), x)
         return self.epilogue(x)
 
     def _calibrated_forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
