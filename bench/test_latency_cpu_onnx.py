@@ -17,8 +17,9 @@ times in that round sees the same load; a row's ratio is the median over rounds 
 (``paired_ratio_<reference>`` in the one-graph and engine rows). On a shared machine this is steadier than the ratio of two
 medians, whose load may differ by the minutes between rounds.
 
-FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, 15 rounds, ``ADN_BENCH_ROUNDS`` to change; ``ADN_BENCH_OUT=bench/results/cpu_onnx``
-to keep the rows),
+FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, at least 15 rounds and more where a round is short, up to about 2 minutes
+per model and batch: ``ADN_BENCH_ROUNDS`` and ``ADN_BENCH_ROUNDS_BUDGET_S`` to change; ``ADN_BENCH_OUT=bench/results/cpu_onnx``
+to keep the rows; ~27 minutes in all),
 with ``OMP_WAIT_POLICY=PASSIVE`` so that torch's idle threads do not spin into the next provider's time (ONNX
 Runtime's sessions do not spin: ``onnxruntime_session``).
 SMOKE mode (default): resnet20_adn (width 4) at 16², batch 1, the base-net only, 1 thread, 2 rounds (its two
@@ -48,6 +49,10 @@ CASES = (
 )
 THREADS = 2 if FULL else 1
 ROUNDS, WARMUP = (env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1)
+# More rounds where a round is short, up to about this long per model and batch: a paired ratio of 15 rounds of
+# 5 ms calls spread by +-4 % between the sub-networks of one run (MobileNetV2 b1); 15 rounds of ResNet-50 b8 take
+# 8 minutes and stay at 15.
+ROUNDS_BUDGET_S = env_int("ADN_BENCH_ROUNDS_BUDGET_S", 120) if FULL else 0
 # (provider, reference): the paired ratios reported. engine / static: what the engine's machine layout
 # (onnx_layout.py) leaves of the one graph's cost over the static files.
 PAIRS = (("onnx_one_graph", "onnx_static"), ("cpu_engine", "eager"), ("cpu_engine", "onnx_static"))
@@ -98,7 +103,7 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
     export_s = time.perf_counter() - export_start
     masks = {skip: mask_of(skip).numpy() for skip in configs}
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
-               "rounds": ROUNDS, "bench_mode": "cpu_full" if FULL else "cpu_smoke",
+               "bench_mode": "cpu_full" if FULL else "cpu_smoke",
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
     for batch in batches:
@@ -118,12 +123,14 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
                 for provider in PROVIDERS[1:]:
                     error = relative_error(torch.as_tensor(runners[provider, skip]()), want)
                     assert error < TOLERANCE, f"{provider} {ak.skip_to_str(skip)} batch {batch}: relative error {error}"
+            warm_start = time.perf_counter()
             for fn in runners.values():
                 for _ in range(WARMUP):
                     fn()
+            rounds = rounds_within(ROUNDS_BUDGET_S, (time.perf_counter() - warm_start) / WARMUP, ROUNDS)
             load_before = _load()
             shuffle = random.Random(batch)
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 for skip in configs:
                     # the providers take turns in a shuffled order, so that none always follows the same one: a
                     # call right after another provider's run finds the caches holding that run (each call's own
@@ -142,8 +149,14 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
                      for p, reference in PAIRS if p == provider}
             rows.add(make_row(provider=provider, model=name, skip=skip, batch=batch, dtype=torch.float32,
                               timing=timing, macs=model.macs(skip, (size, size)), image_size=size, export_s=export_s,
-                              load_avg_1min_before=load_before, load_avg_1min_after=load_after, **machine, **extra))
+                              load_avg_1min_before=load_before, load_avg_1min_after=load_after, rounds=rounds,
+                              **machine, **extra))
     write_table(rows.rows, rows_dir / "latency_cpu_onnx.md")
+
+
+def rounds_within(budget_s: float, round_s: float, minimum: int) -> int:
+    """How many rounds of ``round_s`` seconds fit in ``budget_s``, at least ``minimum``."""
+    return max(minimum, int(budget_s / round_s) if round_s > 0 else minimum)
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
@@ -162,7 +175,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         "# CPU deployment latency (medians of interleaved rounds, ms)", "",
         (f"Machine: {first['cpu']}, {first['cores']} cores, {first['threads']} threads for torch and ONNX Runtime; "
         f"torch {env['torch']}, onnxruntime {first['onnxruntime']}, python {env['python']}, git {env['git_sha'][:10]}"
-        f"{' (dirty)' if env['git_dirty'] else ''}; {first['rounds']} rounds, providers in shuffled order; "
+        f"{' (dirty)' if env['git_dirty'] else ''}; interleaved rounds (how many: per section), providers in "
+        f"shuffled order; "
         f"OMP_WAIT_POLICY={first.get('omp_wait_policy') or 'unset'}; mode {first['bench_mode']}."),
         "Ratios are paired: the median over rounds of the two providers' times in the same round.",
         "Load: other jobs shared this machine; 1-minute load average before/after each batch's rounds below.", "",
@@ -170,8 +184,8 @@ def write_table(rows: list[dict], path: Path) -> None:
     by_key = {(r["model"], r["batch"], r["skip"], r["provider"]): r for r in rows}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         group = [r for r in rows if r["model"] == model and r["batch"] == batch]
-        lines += [(f"## {model}, batch {batch} (load {group[0]['load_avg_1min_before']} -> "
-                  f"{group[0]['load_avg_1min_after']})"), "",
+        lines += [(f"## {model}, batch {batch} ({group[0]['rounds']} rounds, load {group[0]['load_avg_1min_before']} "
+                  f"-> {group[0]['load_avg_1min_after']})"), "",
                   "| skip | MMACs | " + " | ".join(PROVIDERS) + " | "
                   + " | ".join(f"{_short(p)} / {_short(ref)}" for p, ref in PAIRS) + " |",
                   "|---|---|" + "---|" * (len(PROVIDERS) + len(PAIRS))]
@@ -192,6 +206,12 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 def _short(provider: str) -> str:
     return {"onnx_one_graph": "one_graph", "onnx_static": "static", "cpu_engine": "engine"}.get(provider, provider)
+
+
+def test_rounds_fill_the_budget_but_never_fall_below_the_minimum():
+    assert rounds_within(120, 1.6, 15) == 75  # MobileNetV2 b1: 1.6 s a round
+    assert rounds_within(120, 32.0, 15) == 15  # ResNet-50 b8: 32 s a round
+    assert rounds_within(0, 0.01, 2) == 2  # smoke mode: no budget
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
