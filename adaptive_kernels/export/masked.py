@@ -118,7 +118,8 @@ def _run_block(runs: Sequence[torch.Tensor], block: Sequence[Group], skips: tupl
 
 
 def group_by_stage(layers: Sequence[nn.Module]) -> list[Group]:
-    """Consecutive layers that follow the same skip flag (``layer.stage``), in order: one ``If`` each."""
+    """Consecutive layers that follow the same skip flag (``layer.stage``), in order: one ``If`` each, or one
+    nested ``If`` for a pair (:func:`pair_small_stages`)."""
     groups: list[Group] = []
     for layer in layers:
         if groups and groups[-1][0] == layer.stage:
