@@ -18,8 +18,8 @@ times in that round sees the same load; a row's ratio is the median over rounds 
 medians, whose load may differ by the minutes between rounds.
 
 FULL mode: ``ADN_BENCH_CPU=1`` (2 threads, at least 15 rounds and more where a round is short, up to about 2 minutes
-per model and batch: ``ADN_BENCH_ROUNDS`` and ``ADN_BENCH_ROUNDS_BUDGET_S`` to change; ``ADN_BENCH_OUT=bench/results/cpu_onnx``
-to keep the rows; ~27 minutes in all),
+per model and batch: ``ADN_BENCH_ROUNDS`` and ``ADN_BENCH_ROUNDS_BUDGET_S`` to change;
+``ADN_BENCH_OUT=bench/results/cpu_onnx`` to keep the rows; ~20-27 minutes in all),
 with ``OMP_WAIT_POLICY=PASSIVE`` so that torch's idle threads do not spin into the next provider's time (ONNX
 Runtime's sessions do not spin: ``onnxruntime_session``).
 SMOKE mode (default): resnet20_adn (width 4) at 16², batch 1, the base-net only, 1 thread, 2 rounds (its two

@@ -139,8 +139,9 @@ def _makers(if_node, index: int = 0) -> list:
     """The nodes that make output ``index`` of ``if_node`` in its branches, through nested ``If``s."""
     found = []
     for branch in graphs_of(if_node):
-        maker = next(n for n in branch.node if branch.output[index].name in n.output)
-        found += _makers(maker, list(maker.output).index(branch.output[index].name)) if maker.op_type == "If" else [maker]
+        out = branch.output[index].name
+        maker = next(n for n in branch.node if out in n.output)
+        found += _makers(maker, list(maker.output).index(out)) if maker.op_type == "If" else [maker]
     return found
 
 

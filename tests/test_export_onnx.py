@@ -16,6 +16,7 @@ from torch import nn
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.__main__ import main
 from adaptive_kernels.export import ExportError, export_onnx, export_pt2, masked_forward, verify_onnx
+from adaptive_kernels.export.onnx import graphs_of
 from adaptive_kernels.models.base import ADNModel
 from adaptive_kernels.models.calibration import subnet_norms
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
@@ -57,16 +58,12 @@ def test_one_graph_matches_the_model_for_every_subnetwork(exported):
     assert (super_net - base_net).abs().max() > 1e-2 * super_net.abs().max()
 
 
-def _subgraphs(node) -> list:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-
-
 def _reads(graph) -> set[str]:
     """Every name ``graph`` or its sub-graphs read."""
     names = set()
     for node in graph.node:
         names.update(node.input)
-        for sub in _subgraphs(node):
+        for sub in graphs_of(node):
             names |= _reads(sub)
     return names
 
@@ -91,12 +88,12 @@ def test_one_graph_has_the_mask_contract_and_an_if_per_stage_bit(exported):
     bits = []
     for node in top_ifs:
         bits.append(node.input[0])
-        branches = _subgraphs(node)
+        branches = list(graphs_of(node))
         inner = [b.node[0] for b in branches if len(b.node) == 1 and b.node[0].op_type == "If"]
         if inner:
             assert len(inner) == 2 and inner[0].input[0] == inner[1].input[0], "both branches nest the same bit"
             bits.append(inner[0].input[0])
-            assert not any(n.op_type == "If" for b in _subgraphs(inner[0]) + _subgraphs(inner[1]) for n in b.node)
+            assert not any(n.op_type == "If" for b in [*graphs_of(inner[0]), *graphs_of(inner[1])] for n in b.node)
         else:
             assert not any(n.op_type == "If" for b in branches for n in b.node)
     assert bits == list(split.output)
@@ -106,14 +103,14 @@ def test_one_graph_has_the_mask_contract_and_an_if_per_stage_bit(exported):
         weights = {t.name for t in g.initializer}
         direct = {name for node in g.node for name in node.input}
         for node in g.node:
-            for sub in _subgraphs(node):
+            for sub in graphs_of(node):
                 check(sub, f"{where}/{node.name}")
-        by_sub = [_reads(sub) for node in g.node for sub in _subgraphs(node)]
+        by_sub = [_reads(sub) for node in g.node for sub in graphs_of(node)]
         for name in weights - direct:
             users = sum(name in reads for reads in by_sub)
             assert users != 1, f"{name} in {where} is read by one sub-graph only: it belongs there"
     check(graph, "main")
-    branch_weights = sum(len(sub.initializer) for n in top_ifs for sub in _subgraphs(n))
+    branch_weights = sum(len(sub.initializer) for n in top_ifs for sub in graphs_of(n))
     assert branch_weights, "the skippable sub-paths' weights are in the branches"
 
 

@@ -7,7 +7,8 @@ on each graph on its own, so every ``If`` branch of the one graph converts its i
 static file of one sub-network does not make. :func:`machine_layout` has ONNX Runtime optimise the file (its
 ``optimized_model_filepath``: the graph as it will run here, blocked ops included) and then drops each such pair
 where a value is produced in the blocked layout (by every branch of an ``If``, nested ``If``s' branches included,
-or by a ``ReorderOutput`` of the main graph) and every use of it converts it straight back: the blocked tensor crosses the boundary as it is.
+or by a ``ReorderOutput`` of the main graph) and every use of it converts it straight back: the blocked tensor
+crosses the boundary as it is.
 Within one graph ONNX Runtime chains blocked ops in exactly this way; the channels a block pads with are never
 read into a real channel (their weights are zero), and the last ``ReorderOutput`` drops them.
 
@@ -93,7 +94,8 @@ def _blocked_sources(node, index: int) -> list | None:
         if maker is not None and _is_reorder(maker, "ReorderOutput"):
             sources.append((branch, maker, index))
             continue
-        inner = None if maker is None or maker.op_type != "If" else _blocked_sources(maker, list(maker.output).index(out))
+        nested = maker is not None and maker.domain == "" and maker.op_type == "If"
+        inner = _blocked_sources(maker, list(maker.output).index(out)) if nested else None
         if inner is None:
             return None
         sources += [(branch, None, index), *inner]
