@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from adaptive_kernels.models.skip import skip_to_mask
 from adaptive_kernels.numerics import relative_error
 
 
@@ -91,4 +92,4 @@ def check_fp16_error(got: torch.Tensor, want: torch.Tensor, torch_half: torch.Te
 
 def device_mask(skip: tuple[bool, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """The kernels' mask for a skip configuration: int32, 1 = run the stage's skippable sub-path."""
-    return torch.tensor([0 if s else 1 for s in skip], dtype=torch.int32, device=device)
+    return torch.tensor(skip_to_mask(skip), dtype=torch.int32, device=device)

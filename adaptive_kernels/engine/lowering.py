@@ -47,7 +47,7 @@ from ..models.base import ADNModel
 from ..models.mobilenetv2 import ConvNormActivation, InvertedResidual, MobileNetV2ADN
 from ..models.resnet import BasicBlock, Bottleneck, ResNetADN, SkippableStage
 from ..models.skip import stage_bit
-from ..models.swin import PatchMerging, Permute, SwinBlock, SwinStage, SwinTransformerADN, _shift_region
+from ..models.swin import PatchMerging, Permute, SwinBlock, SwinStage, SwinTransformerADN, shift_region
 from ..models.vit import EncoderBlock, VisionTransformerADN
 from .program import (
     Attention,
@@ -597,7 +597,7 @@ def _window_bias(attn: nn.Module, hh: int, ww: int, shift_h: int, shift_w: int, 
     if shift_h == 0 and shift_w == 0:
         return bias.contiguous()
     device = table.device
-    rows, cols = _shift_region(hh, ws, shift_h, device), _shift_region(ww, ws, shift_w, device)
+    rows, cols = shift_region(hh, ws, shift_h, device), shift_region(ww, ws, shift_w, device)
     gh, gw = hh // ws, ww // ws
     region = (rows[:, None] * 3 + cols[None, :]).view(gh, ws, gw, ws).permute(0, 2, 1, 3).reshape(gh * gw, length)
     mask = (region[:, None, :] != region[:, :, None]).to(dtype) * -100.0
@@ -627,7 +627,7 @@ def _lower_swin_block(b: _Builder, block: nn.Module, tokens: Value, name: str) -
     if fc1.in_features != d or fc1.out_features != fc2.in_features or fc2.out_features != d:
         raise LoweringError(f"{name}.mlp: shapes {fc1} -> {fc2} do not map {d} features back to {d}")
     # the model's rule: no shift along a side that one window covers
-    _, _, shift_h, shift_w = attn._padded(hh, ww)
+    _, _, shift_h, shift_w = attn.padded_size(hh, ww)
     order = _window_order(hh, ww, ws, shift_h, shift_w)
     in_order = torch.equal(order, torch.arange(order.numel()))
     length = ws * ws

@@ -3,6 +3,32 @@ ONNX or ``torch.export`` files of one sub-network, and their check against the m
 One module per model family (``resnet``, ``mobilenetv2``, ``vit``, ``swin``) builds the tensor-mask forward
 from the model's own submodules (``masked``); ``onnx`` holds the public functions; ``cli`` the command."""
 
-from .onnx import FORMATS, ExportError, export_onnx, export_pt2, masked_forward, verify_onnx
+from .onnx import (
+    FORMATS,
+    INPUT,
+    MASK,
+    OUTPUT,
+    ExportError,
+    export_onnx,
+    export_pt2,
+    graphs_of,
+    mask_of,
+    masked_forward,
+    onnxruntime_session,
+    verify_onnx,
+)
 
-__all__ = ["FORMATS", "ExportError", "export_onnx", "export_pt2", "masked_forward", "verify_onnx"]
+__all__ = [
+    "FORMATS",
+    "INPUT",
+    "MASK",
+    "OUTPUT",
+    "ExportError",
+    "export_onnx",
+    "export_pt2",
+    "graphs_of",
+    "mask_of",
+    "masked_forward",
+    "onnxruntime_session",
+    "verify_onnx",
+]

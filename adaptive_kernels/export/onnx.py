@@ -16,7 +16,7 @@ from torch import nn
 from ..models.base import ADNModel
 from ..models.mobilenetv2 import MobileNetV2ADN
 from ..models.resnet import ResNetADN
-from ..models.skip import SkipConfig, SkipLike, skip_to_str
+from ..models.skip import SkipConfig, SkipLike, skip_to_mask, skip_to_str
 from ..models.swin import SwinTransformerADN
 from ..models.vit import VisionTransformerADN
 from ..numerics import relative_error
@@ -54,10 +54,7 @@ def masked_forward(model: ADNModel) -> MaskedForward:
 def mask_of(skip: SkipConfig) -> torch.Tensor:
     """The mask input for a parsed skip configuration (a tuple of bools, True = skip the stage, as
     ``parse_skip`` and ``model.skip_configs()`` give): int32 (S,), 1 = run the stage's skippable sub-path."""
-    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, bool) for s in skip):
-        raise TypeError(f"mask_of takes a parsed skip configuration (a tuple of bools): got {skip!r}; "
-                        f"parse a name or string first with adaptive_kernels.parse_skip(skip, num_stages)")
-    return torch.tensor([0 if s else 1 for s in skip], dtype=torch.int32)
+    return torch.tensor(skip_to_mask(skip), dtype=torch.int32)
 
 
 def _check_arguments(model: object, path: str | os.PathLike, example_input: object) -> Path:

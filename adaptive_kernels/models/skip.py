@@ -72,6 +72,15 @@ def all_skip_configs(num_stages: int) -> list[SkipConfig]:
     return [tuple(c) for c in itertools.product((False, True), repeat=num_stages)]
 
 
+def skip_to_mask(skip: SkipConfig) -> list[int]:
+    """THE mask contract of the engines, the kernels and the one-graph export: one int per skippable stage,
+    1 = run the stage's skippable sub-path, 0 = skip it. ``skip`` is parsed (a tuple of bools, True = skip)."""
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, bool) for s in skip):
+        raise TypeError(f"skip_to_mask takes a parsed skip configuration (a tuple of bools): got {skip!r}; "
+                        f"parse a name or string first with adaptive_kernels.parse_skip(skip, num_stages)")
+    return [0 if s else 1 for s in skip]
+
+
 def stage_bit(stage: int, num_stages: int) -> int:
     """The bit that is set in ``subnet_index`` when ``stage`` is skipped: stage 0 is the most significant."""
     return 1 << (num_stages - 1 - stage)

@@ -59,7 +59,7 @@ class Permute(nn.Module):
         return x.permute(*self.dims)
 
 
-def _shift_region(size: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+def shift_region(size: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Region id (0, 1, 2) of each row of a padded, cyclically shifted map; rows from different regions
     were not neighbours before the shift and must not attend to each other. One region if unshifted."""
     idx = torch.arange(size, device=device)
@@ -101,7 +101,7 @@ class ShiftedWindowAttention(nn.Module):
         d_col = col[:, None] - col[None, :] + window_size - 1
         self.register_buffer("relative_position_index", (d_row * (2 * window_size - 1) + d_col).flatten())
 
-    def _padded(self, h: int, w: int) -> tuple[int, int, int, int]:
+    def padded_size(self, h: int, w: int) -> tuple[int, int, int, int]:
         """Padded size and effective shifts: no shift along a dimension that fits in one window."""
         ws = self.window_size
         pad_h, pad_w = -(-h // ws) * ws, -(-w // ws) * ws
@@ -112,14 +112,14 @@ class ShiftedWindowAttention(nn.Module):
     def attention_macs(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
         """MACs of QK^T and AV: per window 2 * (w*w)^2 * C (heads split C)."""
         n, h, w, c = inputs[0].shape
-        pad_h, pad_w, _, _ = self._padded(h, w)
+        pad_h, pad_w, _, _ = self.padded_size(h, w)
         num_windows = (pad_h // self.window_size) * (pad_w // self.window_size)
         return 2 * n * num_windows * self.window_size**4 * c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape
         ws, heads = self.window_size, self.num_heads
-        pad_h, pad_w, shift_h, shift_w = self._padded(h, w)
+        pad_h, pad_w, shift_h, shift_w = self.padded_size(h, w)
         x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
         shifted = shift_h > 0 or shift_w > 0
         if shifted:
@@ -133,7 +133,7 @@ class ShiftedWindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index]
         attn = attn + bias.view(ws * ws, ws * ws, heads).permute(2, 0, 1)
         if shifted:
-            rows, cols = _shift_region(pad_h, ws, shift_h, x.device), _shift_region(pad_w, ws, shift_w, x.device)
+            rows, cols = shift_region(pad_h, ws, shift_h, x.device), shift_region(pad_w, ws, shift_w, x.device)
             region = (rows[:, None] * 3 + cols[None, :]).view(gh, ws, gw, ws).permute(0, 2, 1, 3).reshape(gh * gw, -1)
             # -100 (not -inf), as upstream: exp(-100) vanishes next to the unmasked logits
             mask = (region[:, None, :] != region[:, :, None]).to(attn.dtype) * -100.0
