@@ -29,8 +29,8 @@ from reproduce_fashion_mnist import git_sha
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.models.skip import skip_to_str
 from adaptive_kernels.training import accuracy, build_data, load_checkpoint
-from adaptive_kernels.training.calibration_cli import calibration_batches
 from adaptive_kernels.training.checkpoint import load_model_state
+from adaptive_kernels.training.data import calibration_batches
 
 OUT = Path(__file__).resolve().parent / "results" / "calibration"
 IMAGES = (256, 1024, 4096)

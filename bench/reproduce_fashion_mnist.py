@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from adaptive_kernels import create_model
+from adaptive_kernels.cli.eval import latency_source
 from adaptive_kernels.training import (
     TrainConfig,
     Trainer,
@@ -96,8 +97,9 @@ def run_seed(seed: int, data, args) -> dict:
     plain, t_plain = train("plain", data, args, seed)
     single, t_single = train("single", data, args, seed, skip="base")
     eval_kw = {"batch_size": 500, "latency_batch": 1, "latency_repeats": 20}
-    adn_subnets = evaluate_subnets(adn, data, **eval_kw)
-    plain_subnets = evaluate_subnets(plain, data, **eval_kw)
+    shape = (eval_kw["latency_batch"], data.in_chans, *data.image_size)  # timed as eval does (latency_source)
+    adn_subnets = evaluate_subnets(adn, data, latency_model=latency_source(adn, shape, "cpu"), **eval_kw)
+    plain_subnets = evaluate_subnets(plain, data, latency_model=latency_source(plain, shape, "cpu"), **eval_kw)
     by_skip = {"adn": {r.skip: r for r in adn_subnets}, "plain": {r.skip: r for r in plain_subnets}}
     base = "T" * adn.num_skippable_stages
     sup = "F" * adn.num_skippable_stages

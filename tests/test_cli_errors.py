@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_kernels import cli_checks
-from adaptive_kernels.__main__ import build_parser, main
+from adaptive_kernels.cli import build_parser, checks, main
 from adaptive_kernels.training import load_checkpoint, save_checkpoint
 
 TRAIN = ["train", "--model", "resnet20_adn", "--model-arg", "width=2", "--data", "synthetic", "--image-size", "8",
@@ -59,7 +58,7 @@ def test_every_numeric_flag_is_range_checked():
         for action in sub._actions:
             if action.type in (int, float):
                 pytest.fail(f"{name} {action.option_strings[0]} uses a bare {action.type.__name__}")
-            if action.type is not None and action.type is not cli_checks.device_name:
+            if action.type is not None and action.type is not checks.device_name:
                 with pytest.raises(argparse.ArgumentTypeError, match=r"must be .*(>=|>|in [\[(]).*got 'nan'"):
                     action.type("nan")
 

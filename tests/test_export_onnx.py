@@ -14,7 +14,7 @@ from helpers import randomize
 from torch import nn
 
 from adaptive_kernels import calibrate, create_model
-from adaptive_kernels.__main__ import main
+from adaptive_kernels.cli import main
 from adaptive_kernels.export import ExportError, export_onnx, export_pt2, masked_forward, verify_onnx
 from adaptive_kernels.export.onnx import graphs_of
 from adaptive_kernels.models.base import ADNModel

@@ -6,9 +6,9 @@ import torch
 from helpers import randomize
 
 from adaptive_kernels import calibrate, create_model
-from adaptive_kernels.__main__ import main
+from adaptive_kernels.cli import main
 from adaptive_kernels.training import build_data, load_checkpoint, save_checkpoint
-from adaptive_kernels.training.calibration_cli import calibration_batches
+from adaptive_kernels.training.data import calibration_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

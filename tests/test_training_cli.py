@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from adaptive_kernels import create_model
-from adaptive_kernels.__main__ import main
+from adaptive_kernels.cli import main
 from adaptive_kernels.training import accuracy, load_checkpoint, make_synthetic
 
 TRAIN = ["train", "--model", "resnet20_adn", "--model-arg", "width=2", "--data", "synthetic", "--image-size", "8",

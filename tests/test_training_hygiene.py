@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from adaptive_kernels import create_model, select_skip
+from adaptive_kernels.cli.demo import budget_choices
 from adaptive_kernels.training import TrainConfig, Trainer, make_synthetic, measure_latencies_us, seed_everything
 from adaptive_kernels.training.checkpoint import save_checkpoint
-from adaptive_kernels.training.demo import budget_choices
 from adaptive_kernels.training.evaluate import SubnetResult
 from adaptive_kernels.training.trainer import PlainProgress
 

@@ -4,7 +4,7 @@ Every source yields ``(images, labels)`` batches: images (N, C, H, W) float32 no
 Training batches come from ``torch.utils.data.DistributedSampler`` (also with one process), so a
 ``world_size``-process run sees, step by step, exactly the global batches of a one-process run with the
 same global batch size: rank r takes the positions ≡ r (mod world_size) of each global batch.
-Nothing is ever downloaded.
+Nothing is ever downloaded. ``calibration_batches``: the un-augmented training images a norm calibration runs on.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("fashion-mnist", "imagefolder", "synthetic")
+# What ``calibration_batches`` (and ``python -m adaptive_kernels calibrate``) take by default.
+DEFAULT_CALIBRATION_IMAGES = 4096
+DEFAULT_CALIBRATION_BATCH = 256
 
 
 class DataSource(ABC):
@@ -413,3 +416,32 @@ def build_data(
         data = data.subset(train_subset, test_subset)
     data.augment = augment
     return data
+
+
+def calibration_batches(
+    data: DataSource,
+    num_images: int = DEFAULT_CALIBRATION_IMAGES,
+    batch_size: int = DEFAULT_CALIBRATION_BATCH,
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The first ``num_images`` training images of epoch 0's shuffled order (``seed``), un-augmented, in batches
+    of ``batch_size`` (normalised as for training; the last one may be smaller); fewer when the training set has
+    fewer images (a single image left over is not used: batch statistics need 2).
+    Raises at once on bad arguments."""
+    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"calibration {name} must be an int >= 2 (batch statistics need 2 images), got {value!r}")
+    if getattr(data, "augment", False):
+        raise ValueError(f"{data.name}: calibrate on un-augmented images (build the data with augment=False): "
+                         f"statistics of random crops are not those of the images the model will see")
+
+    def batches() -> Iterator[torch.Tensor]:
+        left = min(num_images, data.num_train)
+        for x, _ in data.train_batches(0, batch_size=min(batch_size, left), seed=seed, drop_last=False):
+            take = min(left, len(x))
+            if take < 2:
+                break
+            yield x[:take]
+            left -= take
+
+    return batches()

@@ -13,8 +13,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..engine import compile
-from ..engine.onnx_runtime import onnxruntime_unavailable
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
@@ -23,9 +21,9 @@ from .distributed import DistEnv, all_reduce_sum
 @dataclass(frozen=True)
 class SubnetResult:
     """One sub-network: ``skip`` as T/F letters, top-1 ``accuracy`` in percent, ``macs`` per image,
-    ``latency_us`` = median wall-clock time of one forward at the measured batch size (of the CPU engine on ONNX
-    Runtime when installed, see ``latency_source``), and the 20th/80th percentiles of those times (their distance is
-    the measurement's spread)."""
+    ``latency_us`` = median wall-clock time of one forward at the measured batch size (of what ``evaluate_subnets``
+    timed: its ``latency_model``), and the 20th/80th percentiles of those times (their distance is the measurement's
+    spread)."""
 
     skip: str
     accuracy: float
@@ -133,15 +131,6 @@ def measure_latency_us(
     return measure_latencies_us(model, [skip], input_shape, device=device, warmup=warmup, rounds=repeats)[0].median_us
 
 
-def latency_source(model: nn.Module, input_shape: tuple[int, int, int, int], device: torch.device | str) -> nn.Module:
-    """What the latency column times, called like the model: on the CPU the CPU engine (the one ONNX graph on ONNX
-    Runtime, what a deployment runs, so ``select_skip`` picks from real latencies) when onnxruntime is installed,
-    else the eager model (also on CUDA)."""
-    if torch.device(device).type != "cpu" or onnxruntime_unavailable() is not None:
-        return model
-    return compile(model, torch.zeros(input_shape), mechanism="onnxruntime")
-
-
 def evaluate_subnets(
     model: nn.Module,
     data: DataSource,
@@ -151,13 +140,16 @@ def evaluate_subnets(
     batch_size: int = 500,
     latency_batch: int = 1,
     latency_repeats: int = 30,
+    latency_model: nn.Module | None = None,
     env: DistEnv | None = None,
 ) -> list[SubnetResult]:
     """Accuracy, MACs and latency (``latency_repeats`` interleaved rounds, see ``measure_latencies_us``) of every
-    sub-network (``skips``: default all 2^S, super-net first)."""
+    sub-network (``skips``: default all 2^S, super-net first). The latency is that of ``latency_model``, called like
+    the model (``(x, skip=...)``; e.g. an engine compiled from it); None: the model itself."""
     configs: list[SkipConfig] = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
     shape = (latency_batch, data.in_chans, *data.image_size)
-    latencies = measure_latencies_us(latency_source(model, shape, device), configs, shape, device=device, rounds=latency_repeats)
+    timed = model if latency_model is None else latency_model
+    latencies = measure_latencies_us(timed, configs, shape, device=device, rounds=latency_repeats)
     return [
         SubnetResult(
             skip=skip_to_str(skip),

@@ -10,46 +10,22 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from adaptive_kernels.cli_checks import positive_int
-
 from ..models.calibration import CalibrationResult, calibrate
-from .checkpoint import model_from_checkpoint, save_checkpoint
-from .data import DataSource, build_data
-from .distributed import resolve_device
-
-DEFAULT_IMAGES = 4096
-DEFAULT_BATCH = 256
-
-
-def calibration_batches(
-    data: DataSource, num_images: int = DEFAULT_IMAGES, batch_size: int = DEFAULT_BATCH, seed: int = 0
-) -> Iterator[torch.Tensor]:
-    """The first ``num_images`` training images of epoch 0's shuffled order (``seed``), un-augmented, in batches
-    of ``batch_size`` (normalised as for training; the last one may be smaller); fewer when the training set has
-    fewer images (a single image left over is not used: batch statistics need 2).
-    Raises at once on bad arguments."""
-    for name, value in (("num_images", num_images), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"calibration {name} must be an int >= 2 (batch statistics need 2 images), got {value!r}")
-    if getattr(data, "augment", False):
-        raise ValueError(f"{data.name}: calibrate on un-augmented images (build the data with augment=False): "
-                         f"statistics of random crops are not those of the images the model will see")
-
-    def batches() -> Iterator[torch.Tensor]:
-        left = min(num_images, data.num_train)
-        for x, _ in data.train_batches(0, batch_size=min(batch_size, left), seed=seed, drop_last=False):
-            take = min(left, len(x))
-            if take < 2:
-                break
-            yield x[:take]
-            left -= take
-
-    return batches()
+from ..training.checkpoint import model_from_checkpoint, save_checkpoint
+from ..training.data import (
+    DEFAULT_CALIBRATION_BATCH,
+    DEFAULT_CALIBRATION_IMAGES,
+    DataSource,
+    build_data,
+    calibration_batches,
+)
+from ..training.distributed import resolve_device
+from .checks import add_data_args, positive_int
 
 
 def calibrate_checkpoint(
@@ -57,8 +33,8 @@ def calibrate_checkpoint(
     data: DataSource,
     out: str | os.PathLike,
     *,
-    num_images: int = DEFAULT_IMAGES,
-    batch_size: int = DEFAULT_BATCH,
+    num_images: int = DEFAULT_CALIBRATION_IMAGES,
+    batch_size: int = DEFAULT_CALIBRATION_BATCH,
     weights: str = "auto",
     device: str | torch.device = "cpu",
     echo: Callable[[str], None] = print,
@@ -91,22 +67,23 @@ def calibrate_checkpoint(
     return result
 
 
-def add_calibrate_command(sub: argparse._SubParsersAction, add_data_args: Callable) -> None:
-    """Register the ``calibrate`` sub-command (``add_data_args``: the CLI's shared --data/--data-dir/... flags)."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``calibrate`` sub-command."""
     c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint")
     c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
     add_data_args(c)
-    c.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES,
-                   help=f"un-augmented training images to calibrate on (default {DEFAULT_IMAGES})")
-    c.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}")
+    c.add_argument("--images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES,
+                   help=f"un-augmented training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
+    c.add_argument("--batch-size", type=positive_int, default=DEFAULT_CALIBRATION_BATCH,
+                   help=f"default {DEFAULT_CALIBRATION_BATCH}")
     c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="auto: the EMA weights when the checkpoint has them")
     c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
-    c.set_defaults(func=cmd_calibrate)
+    c.set_defaults(func=run)
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'calib.pt'}")
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,

@@ -4,26 +4,24 @@ and check it against the model, sub-network by sub-network, before reporting suc
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from adaptive_kernels.cli_checks import positive_int
-
+from ..export import FORMATS, export_onnx, export_pt2, verify_onnx
 from ..models import create_model, list_models
 from ..models.base import ADNModel
 from ..models.skip import skip_to_str
 from ..numerics import relative_error
 from ..training.checkpoint import model_from_checkpoint
-from .onnx import FORMATS, export_onnx, export_pt2, verify_onnx
+from .checks import parse_model_args, positive_int
 
 #: fp32 through ONNX Runtime or torch.export reorders a few sums, nothing more
 TOLERANCE = 1e-4
 
 
-def add_export_parser(sub: argparse._SubParsersAction, model_args: Callable[[list[str]], dict]) -> None:
-    """Register ``export`` on the CLI's sub-parsers; ``model_args`` parses ``--model-arg KEY=VALUE`` pairs."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``export`` on the CLI's sub-parsers."""
     p = sub.add_parser("export", help="export to ONNX (every sub-network in one graph) or torch.export, verified")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=f"registered model with fresh weights ({', '.join(list_models())})")
@@ -39,12 +37,12 @@ def add_export_parser(sub: argparse._SubParsersAction, model_args: Callable[[lis
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch of the example input (the batch stays dynamic)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx / model.pt2")
-    p.set_defaults(func=lambda args: cmd_export(args, model_args))
+    p.set_defaults(func=run)
 
 
-def _load(args: argparse.Namespace, model_args: Callable[[list[str]], dict]) -> tuple[ADNModel, int | None]:
+def _load(args: argparse.Namespace) -> tuple[ADNModel, int | None]:
     if args.model:
-        return create_model(args.model, **model_args(args.model_arg)), None
+        return create_model(args.model, **parse_model_args(args.model_arg)), None
     if args.model_arg:
         raise ValueError("--model-arg goes with --model; a checkpoint records its own model arguments")
     model, state, _ = model_from_checkpoint(args.checkpoint)
@@ -52,9 +50,9 @@ def _load(args: argparse.Namespace, model_args: Callable[[list[str]], dict]) -> 
     return model, (size[0] if size else None)
 
 
-def cmd_export(args: argparse.Namespace, model_args: Callable[[list[str]], dict]) -> int:
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    model, trained_size = _load(args, model_args)
+    model, trained_size = _load(args)
     model.eval()
     size = args.image_size or getattr(model, "image_size", None) or trained_size or 224
     if size < 1 or args.batch_size < 1:

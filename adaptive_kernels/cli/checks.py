@@ -1,5 +1,6 @@
 """Checks the command line runs before any work starts: numeric flags (as argparse ``type=`` functions that
-name the allowed range), output paths, devices, model arguments, and the help formatter.
+name the allowed range), output paths, devices, model arguments, and the help formatter; and the flags several
+commands share (``add_data_args``: --data, --data-dir, ...; ``parse_model_args``: --model-arg KEY=VALUE).
 
 A ``type=`` function raises ``argparse.ArgumentTypeError``; argparse then prints
 ``adaptive-kernels train: error: argument --batch-size: must be an integer >= 1, got '0'`` and exits 2.
@@ -9,6 +10,7 @@ The other checks raise ``ValueError`` with the flag's name, which ``main`` print
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import math
 import os
@@ -20,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .models.registry import create_model, get_builder
+from ..models.registry import create_model, get_builder
+from ..training.data import DATASETS
 
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -111,6 +114,33 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{flag} {path} exists and is not writable; choose another {flag}")
     return path
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The data flags of every command that reads a dataset (``default``: --data's default; None: required)."""
+    p.add_argument("--data", choices=DATASETS, default=default, required=default is None, help="dataset")
+    p.add_argument("--data-dir", help="dataset folder (fashion-mnist: the IDX files, default "
+                   "/usr/share/datasets/fashion-mnist; imagefolder: ROOT with train/ and val/)")
+    p.add_argument("--test-subset", type=positive_int, help="score on a fixed random subset of N test images")
+    p.add_argument("--image-size", type=positive_int,
+                   help="imagefolder crop size (default 224) / synthetic size (16)")
+    p.add_argument("--workers", type=non_negative_int, default=4,
+                   help="imagefolder DataLoader worker processes (0: load in the main process)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+
+
+def parse_model_args(pairs: list[str]) -> dict:
+    """``--model-arg KEY=VALUE`` pairs as builder keyword arguments (VALUE a Python literal, else the string)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg {pair!r}: write KEY=VALUE, e.g. --model-arg width=16")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
