@@ -548,7 +548,7 @@ def engine_unavailable(provider: str) -> str | None:
         return "adaptive_kernels.compile (the engine issue) is not there yet"
     if CUDA and ENGINE_MECHANISM[provider] == "conditional":
         try:
-            from adaptive_kernels.engine.graph import conditional_nodes_unavailable
+            from adaptive_kernels.engine.cuda.capture import conditional_nodes_unavailable
         except ImportError:  # an engine without that helper: the extension is what it needs
             why = None if ak.HAS_EXT else ak.EXT_ERROR
         else:

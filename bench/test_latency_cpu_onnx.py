@@ -54,7 +54,7 @@ ROUNDS, WARMUP = (env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1)
 # 8 minutes and stay at 15.
 ROUNDS_BUDGET_S = env_int("ADN_BENCH_ROUNDS_BUDGET_S", 120) if FULL else 0
 # (provider, reference): the paired ratios reported. engine / static: what the engine's machine layout
-# (onnx_layout.py) leaves of the one graph's cost over the static files.
+# (engine/ort/layout.py) leaves of the one graph's cost over the static files.
 PAIRS = (("onnx_one_graph", "onnx_static"), ("cpu_engine", "eager"), ("cpu_engine", "onnx_static"))
 TOLERANCE = 1e-4
 

@@ -14,12 +14,13 @@ from torch import nn
 
 import adaptive_kernels
 from adaptive_kernels import create_model
-from adaptive_kernels.engine import Engine, LoweringError, compile, onnx_runtime, select_skip
-from adaptive_kernels.engine import engine as engine_module
-from adaptive_kernels.engine.engine import _resolve_mechanism
-from adaptive_kernels.engine.graph import capture_streams, conditional_nodes_unavailable
-from adaptive_kernels.engine.lowering import lower
-from adaptive_kernels.engine.runtime import allocate_buffers, execute, reference_kernels
+from adaptive_kernels.engine import Engine, LoweringError, compile, dispatch, select_skip
+from adaptive_kernels.engine.cuda import engine as engine_module
+from adaptive_kernels.engine.cuda.capture import capture_streams, conditional_nodes_unavailable
+from adaptive_kernels.engine.cuda.engine import CudaGraphEngine, resolve_mechanism
+from adaptive_kernels.engine.cuda.lowering import lower
+from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
+from adaptive_kernels.kernels import reference_kernels
 from adaptive_kernels.models.skip import skip_to_str
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +32,7 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the 
 def no_onnxruntime(monkeypatch):
     """These tests are about the reference fallback and the generic API: run them as on a machine without
     onnxruntime (test_engine_onnxruntime.py tests the CPU engine)."""
-    monkeypatch.setattr(onnx_runtime, "onnxruntime_unavailable", lambda: "onnxruntime not installed")
+    monkeypatch.setattr(dispatch, "onnxruntime_unavailable", lambda: "onnxruntime not installed")
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +173,14 @@ def test_dynamic_batch_accepts_other_batch_sizes(resnet20):
 
 # ---- mechanisms ----------------------------------------------------------------------------------------
 def test_mechanism_resolution():
-    assert _resolve_mechanism("early_exit") == "early_exit"
+    assert resolve_mechanism("early_exit") == "early_exit"
     why = conditional_nodes_unavailable()
     if why is None:
-        assert _resolve_mechanism("auto") == _resolve_mechanism("conditional") == "conditional"
+        assert resolve_mechanism("auto") == resolve_mechanism("conditional") == "conditional"
     else:
-        assert _resolve_mechanism("auto") == "early_exit"
+        assert resolve_mechanism("auto") == "early_exit"
         with pytest.raises(ValueError, match="mechanism='conditional' is unavailable: .*Use mechanism='early_exit'"):
-            _resolve_mechanism("conditional")
+            resolve_mechanism("conditional")
 
 
 # ---- profile and select_skip ---------------------------------------------------------------------------
@@ -259,15 +260,15 @@ class _EagerCapture:
 
     def replay(self, x):
         self.input.copy_(x)
-        return execute(self.program, self.tensors, self.mask, mechanism="early_exit")
+        return execute(self.program, self.tensors, self.mask, bodies="early_exit")
 
 
 def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resnet20, caplog):
-    caplog.set_level("INFO", logger="adaptive_kernels.engine.engine")
+    caplog.set_level("INFO", logger="adaptive_kernels.engine.cuda.engine")
     monkeypatch.setattr(engine_module, "CapturedGraph", _EagerCapture)
     x = torch.randn(2, 3, 16, 16)
     program = lower(resnet20, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
-    engine = Engine(program=program, mechanism="early_exit", num_stages=3, example_input=x, dynamic_batch=True)
+    engine = CudaGraphEngine(program, x, mechanism="early_exit", dynamic_batch=True)
     assert engine.capture_count == 1
     configs = resnet20.skip_configs() * 2
     random.Random(0).shuffle(configs)

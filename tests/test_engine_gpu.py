@@ -16,7 +16,7 @@ from helpers import check_fp16_error, randomize, rel_err, torch_fp16
 
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine import compile, select_skip
-from adaptive_kernels.engine.graph import IfNodeSplicer, capture_streams, conditional_nodes_unavailable
+from adaptive_kernels.engine.cuda.capture import IfNodeSplicer, capture_streams, conditional_nodes_unavailable
 
 pytestmark = pytest.mark.gpu
 
@@ -145,7 +145,7 @@ def test_calibrated_model_every_subnetwork_from_one_capture(mechanism):
 
 
 def test_dynamic_batch_captures_once_per_batch_size(caplog):
-    caplog.set_level("INFO", logger="adaptive_kernels.engine.engine")
+    caplog.set_level("INFO", logger="adaptive_kernels.engine.cuda.engine")
     torch.manual_seed(2)
     model = randomize(create_model("resnet20_adn").cuda(), calibrate=(8, 3, 32, 32))
     engine = compile(model, torch.randn(2, 3, 32, 32, device="cuda"), dynamic_batch=True)

@@ -17,11 +17,13 @@ from torch import nn
 
 import adaptive_kernels
 from adaptive_kernels import create_model, list_models
-from adaptive_kernels.engine.engine import Engine
-from adaptive_kernels.engine.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
-from adaptive_kernels.engine.program import Attention, Body, Conv, Gather, MaxPool, Program, Value, validate
-from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels
-from adaptive_kernels.epilogue import Epilogue
+from adaptive_kernels.engine.cuda.engine import CudaGraphEngine
+from adaptive_kernels.engine.cuda.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
+from adaptive_kernels.engine.cuda.ops import Attention, Conv, Gather, MaxPool
+from adaptive_kernels.engine.cuda.program import Body, Program, Value, validate
+from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
+from adaptive_kernels.kernels import Epilogue, reference_kernels
+from adaptive_kernels.kernels.backend import STRUCTURE_ONLY
 from adaptive_kernels.models.skip import subnet_index
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
@@ -79,7 +81,7 @@ def test_program_equals_model_for_every_skip_config(name):
             want = model(x, skip)
             for mechanism in ("host", "early_exit"):
                 tensors[program.input].copy_(x)
-                got = execute(program, tensors, device_mask(skip), mechanism=mechanism, skip=skip).clone()
+                got = execute(program, tensors, device_mask(skip), bodies=mechanism, skip=skip).clone()
                 assert rel_err(got, want) < FP32_TOL, (name, skip, mechanism, rel_err(got, want))
             outputs[skip] = want
     # every two sub-networks differ by far more than the tolerance (so a program that ran the wrong one, or the
@@ -104,7 +106,7 @@ def test_program_float64_is_exact_to_rounding(build, shape):
     with torch.no_grad():
         for skip in model.skip_configs():
             tensors[program.input].copy_(x)
-            got = execute(program, tensors, device_mask(skip), mechanism="early_exit")
+            got = execute(program, tensors, device_mask(skip), bodies="early_exit")
             assert rel_err(got, model(x, skip)) < 1e-12
 
 
@@ -228,22 +230,22 @@ def test_conditional_mechanism_wiring_with_a_host_splicer():
     with torch.no_grad():
         for skip in model.skip_configs():
             tensors[program.input].copy_(x)
-            got = execute(program, tensors, device_mask(skip), mechanism="conditional", splicer=splicer)
+            got = execute(program, tensors, device_mask(skip), bodies="conditional", splicer=splicer)
             assert splicer.created[1] == [0, 1, 2]
             assert rel_err(got, model(x, skip)) < FP32_TOL
 
 
-def test_execute_rejects_bad_mechanism_arguments():
+def test_execute_rejects_bad_body_mode_arguments():
     model = create_model("resnet20_adn").eval()
     program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
     tensors = allocate_buffers(program, 1, "cpu", torch.float32)
     mask = device_mask((False,) * 3)
-    with pytest.raises(ValueError, match="mechanism='host' needs skip"):
-        execute(program, tensors, mask, mechanism="host")
+    with pytest.raises(ValueError, match="bodies=.host. needs skip"):
+        execute(program, tensors, mask, bodies="host")
     with pytest.raises(ValueError, match="needs an IfNodeSplicer"):
-        execute(program, tensors, mask, mechanism="conditional")
+        execute(program, tensors, mask, bodies="conditional")
     with pytest.raises(ValueError, match="use one of"):
-        execute(program, tensors, mask, mechanism="sometimes")
+        execute(program, tensors, mask, bodies="sometimes")
 
 
 # ---- invariants --------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def _conv(x: Value, out: Value, residual: Value | None = None) -> Conv:
     w = torch.zeros(4, 4, 1, 1)
     one = torch.ones(4)
     epilogue = Epilogue(scale=one, shift=one, residual=residual, in_place=residual is not None)
-    return Conv(x, out, w, (1, 1), (1, 1), (0, 0), 1, epilogue)
+    return Conv(x, out, w, epilogue, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), groups=1)
 
 
 def _program(items, inp, out) -> Program:
@@ -353,7 +355,7 @@ def test_calibrated_program_equals_model_for_every_skip_config(name):
             assert rel_err(plain(x, skip), want) > 1e-2  # calibration changed this sub-network's output
             for mechanism in ("host", "early_exit"):
                 tensors[program.input].copy_(x)
-                got = execute(program, tensors, program_mask(program, skip), mechanism=mechanism, skip=skip)
+                got = execute(program, tensors, program_mask(program, skip), bodies=mechanism, skip=skip)
                 assert rel_err(got, want) < FP32_TOL, (name, skip, mechanism, rel_err(got, want))
     # the CPU fallback's structure check (meta device, no kernels) lowers it too
     meta = lower(model, shape[1:], kernels=STRUCTURE_ONLY, dtype=torch.float16, device="meta")
@@ -369,17 +371,17 @@ def test_calibrated_program_rejects_a_mask_without_the_id_slot():
     program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
     tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
     with pytest.raises(ValueError, match=r"mask must be int32 \(4,\): 3 stage bits and the sub-network id"):
-        execute(program, tensors, device_mask((False,) * 3), mechanism="early_exit")
+        execute(program, tensors, device_mask((False,) * 3), bodies="early_exit")
 
 
 def test_set_skip_writes_the_subnet_id(monkeypatch):
     # the engine's mask without a GPU: the capture is stubbed out; set_skip must write the stage bits AND the id,
     # and that mask must drive the program to the calibrated model's sub-network
-    monkeypatch.setattr(Engine, "_capture", lambda self, shape: None)
+    monkeypatch.setattr(CudaGraphEngine, "_capture", lambda self, shape: None)
     model, _, shape = calibrated("resnet20_adn")
     program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
     x = torch.randn(shape)
-    engine = Engine(num_stages=3, example_input=x, mechanism="early_exit", dynamic_batch=False, program=program)
+    engine = CudaGraphEngine(program, x, mechanism="early_exit", dynamic_batch=False)
     assert engine._mask.tolist() == [1, 1, 1, 0]  # the super-net: every stage runs, id 0
     tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
     mask = engine._mask
@@ -393,5 +395,5 @@ def test_set_skip_writes_the_subnet_id(monkeypatch):
         assert engine._mask is mask and mask.tolist() == want_mask  # one buffer, rewritten in place
         tensors[program.input].copy_(x)
         with torch.no_grad():
-            got = execute(program, tensors, engine._mask, mechanism="early_exit")
+            got = execute(program, tensors, engine._mask, bodies="early_exit")
             assert rel_err(got, model(x, skip)) < FP32_TOL

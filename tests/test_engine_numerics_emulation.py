@@ -11,6 +11,7 @@ ViT-B/16 and DeiT-S at image_size=32 (4 patches + class token), Swin-T's depths 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,8 +25,10 @@ from helpers import (
 )
 
 from adaptive_kernels import create_model
-from adaptive_kernels.engine.lowering import lower
-from adaptive_kernels.engine.runtime import KernelSet, allocate_buffers, execute, reference_kernels
+from adaptive_kernels.engine.cuda.lowering import lower
+from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
+from adaptive_kernels.kernels import reference_kernels
+from adaptive_kernels.kernels.backend import OPS, KernelSet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,8 +50,7 @@ def _fp32_inside(kernel):
 
 def _emulation() -> KernelSet:
     ref = reference_kernels()
-    ops = (ref.conv2d, ref.linear, ref.layer_norm, ref.attention, ref.gather_rows)
-    return KernelSet("fp16-storage emulation", *map(_fp32_inside, ops), ref.prepare_conv_weight)
+    return replace(ref, name="fp16-storage emulation", **{op: _fp32_inside(getattr(ref, op)) for op in OPS})
 
 
 FAMILIES = {  # name: (model, input size, calibrate BatchNorm statistics)
@@ -74,7 +76,7 @@ def test_numerics_emulation_every_subnetwork_meets_the_gpu_fp16_rule(name):
     with torch.no_grad():
         for skip in model.skip_configs():
             tensors[program.input].copy_(x)
-            got = execute(program, tensors, device_mask(skip), mechanism="early_exit")
+            got = execute(program, tensors, device_mask(skip), bodies="early_exit")
             assert got.dtype == torch.float16
             wants[skip] = model(x, skip)
             yardsticks.append(check_fp16_error(got, wants[skip], half(x.half(), skip), (name, skip)))

@@ -1,4 +1,4 @@
-"""The CPU engine's machine layout (``engine/onnx_layout.py``): ONNX Runtime's optimised one graph with the
+"""The CPU engine's machine layout (``engine/ort/layout.py``): ONNX Runtime's optimised one graph with the
 blocked layout kept across ``If`` boundaries. Hand-built graphs check the rewrite against the identity (a reorder
 in and out is one), real models check every sub-network of the served graph against the eager model."""
 
@@ -10,7 +10,7 @@ import torch
 from helpers import randomize
 
 from adaptive_kernels import create_model, export_onnx
-from adaptive_kernels.engine.onnx_layout import NCHWC, keep_blocked_across_ifs, machine_layout
+from adaptive_kernels.engine.ort.layout import NCHWC, keep_blocked_across_ifs, machine_layout
 from adaptive_kernels.export.onnx import graphs_of, mask_of, onnxruntime_session
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
@@ -196,13 +196,14 @@ def test_served_graph_is_exact_for_every_subnetwork(tmp_path, name):
 
 
 def test_engine_serves_the_exported_graph_when_the_laid_out_one_does_not_load(tmp_path, monkeypatch, caplog):
-    from adaptive_kernels.engine import OnnxRuntimeEngine, onnx_runtime
+    from adaptive_kernels.engine import OnnxRuntimeEngine
+    from adaptive_kernels.engine.ort import engine as ort_engine
 
     model = randomize(create_model("resnet20_adn", width=4), calibrate=(4, 3, 16, 16))
     example = torch.randn(2, 3, 16, 16)
     portable = export_onnx(model, tmp_path / "one.onnx", example).read_bytes()
-    monkeypatch.setattr(onnx_runtime, "machine_layout", lambda onnx_model: b"not a model")
-    with caplog.at_level("WARNING", logger=onnx_runtime.__name__):
+    monkeypatch.setattr(ort_engine, "machine_layout", lambda onnx_model: b"not a model")
+    with caplog.at_level("WARNING", logger=ort_engine.__name__):
         engine = OnnxRuntimeEngine(model, example, dynamic_batch=True, onnx_model=portable)
     assert "did not load in ONNX Runtime" in caplog.text and "serving it as exported" in caplog.text
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 from helpers import randomize
 
 from adaptive_kernels import create_model
-from adaptive_kernels.engine import Engine, compile, onnx_runtime, select_skip
+from adaptive_kernels.engine import Engine, compile, dispatch, select_skip
 from adaptive_kernels.models.skip import skip_to_str
 from adaptive_kernels.numerics import relative_error
 
@@ -143,7 +143,7 @@ def test_profile_feeds_select_skip(engine, resnet20):
 
 
 def test_without_onnxruntime_compile_falls_back_and_says_how_to_get_it(monkeypatch, resnet20):
-    monkeypatch.setattr(onnx_runtime, "onnxruntime_unavailable", lambda: "onnxruntime not installed")
+    monkeypatch.setattr(dispatch, "onnxruntime_unavailable", lambda: "onnxruntime not installed")
     x = torch.randn(1, 3, 16, 16)
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match=r"running the reference model .*pip install adaptive_kernels\[onnx\]"):

@@ -13,9 +13,11 @@ import torch
 from helpers import device_mask, randomize, rel_err
 
 from adaptive_kernels import calibrate, create_model
-from adaptive_kernels.engine.lowering import lower
-from adaptive_kernels.engine.program import Conv, Linear
-from adaptive_kernels.engine.runtime import STRUCTURE_ONLY, allocate_buffers, execute, reference_kernels, triton_kernels
+from adaptive_kernels.engine.cuda.lowering import lower
+from adaptive_kernels.engine.cuda.ops import Conv, Linear
+from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
+from adaptive_kernels.kernels import reference_kernels, triton_kernels
+from adaptive_kernels.kernels.backend import STRUCTURE_ONLY
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.models.swin import SwinTransformerADN
 from adaptive_kernels.models.vit import VisionTransformerADN
@@ -68,7 +70,7 @@ def test_triton_program_equals_model(name):
             want = model(x, skip)
             for mechanism in ("host", "early_exit"):
                 tensors[program.input].copy_(x)
-                got = execute(program, tensors, device_mask(skip, DEVICE), mechanism=mechanism, skip=skip)
+                got = execute(program, tensors, device_mask(skip, DEVICE), bodies=mechanism, skip=skip)
                 assert rel_err(got, want) < 1e-4, (name, skip, mechanism, rel_err(got, want))
 
 
@@ -83,7 +85,7 @@ def test_triton_program_equals_model_mobilenet_v2():
     skip = (False, True, False, True, False)
     tensors[program.input].copy_(x)
     with torch.no_grad():
-        got = execute(program, tensors, device_mask(skip, DEVICE), mechanism="early_exit")
+        got = execute(program, tensors, device_mask(skip, DEVICE), bodies="early_exit")
         assert rel_err(got, model(x, skip)) < 1e-4
 
 
@@ -125,7 +127,7 @@ def test_triton_program_forced_split_k_equals_model(name):
             want = model(x, skip)
             for mechanism in ("host", "early_exit"):
                 tensors[program.input].copy_(x)
-                got = execute(program, tensors, device_mask(skip, DEVICE), mechanism=mechanism, skip=skip)
+                got = execute(program, tensors, device_mask(skip, DEVICE), bodies=mechanism, skip=skip)
                 assert rel_err(got, want) < 1e-4, (skip, mechanism, rel_err(got, want))
     assert not torch.isnan(workspace).all()
 
@@ -178,5 +180,5 @@ def test_triton_calibrated_program_equals_model(name):
             assert rel_err(plain(x, skip), want) > 1e-2  # calibration changed this sub-network's output
             mask = torch.tensor(program.mask_values(skip), dtype=torch.int32, device=DEVICE)
             tensors[program.input].copy_(x)
-            got = execute(program, tensors, mask, mechanism="early_exit")
+            got = execute(program, tensors, mask, bodies="early_exit")
             assert rel_err(got, want) < 1e-4, (name, skip, rel_err(got, want))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from adaptive_kernels import create_model
-from adaptive_kernels.engine.lowering import lower
-from adaptive_kernels.engine.program import Conv, Linear
-from adaptive_kernels.engine.runtime import STRUCTURE_ONLY
+from adaptive_kernels.engine.cuda.lowering import lower
+from adaptive_kernels.engine.cuda.ops import Conv, Linear
+from adaptive_kernels.kernels.backend import STRUCTURE_ONLY
 from adaptive_kernels.kernels.split_k import choose_split_k
 
 conv2d_module = importlib.import_module("adaptive_kernels.kernels.conv2d")

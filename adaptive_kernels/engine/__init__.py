@@ -1,16 +1,29 @@
-"""Inference engine: lower an ADN model to fused Triton kernels and run every sub-network from one CUDA graph.
+"""Inference engines: every sub-network of an ADN model from one graph, switched by a mask.
 
-``compile(model, example_input)`` -> :class:`Engine`; ``select_skip(latency, accuracy, budget_us)`` picks
-the most accurate sub-network within a latency budget. Pieces, one job per module: ``lowering`` (model ->
-program, BatchNorm folding), ``program`` (the ops), ``runtime`` (kernel sets, buffers, execution),
-``graph`` (capture, CUDA IF nodes), ``engine`` (the module), ``select`` (budgeted choice), ``onnx_runtime`` (the
-CPU engine: the one-graph ONNX export on ONNX Runtime), ``onnx_layout`` (that graph optimised for this CPU, its
-blocked layout kept across the ``If`` boundaries).
+``compile(model, example_input)`` -> an :class:`Engine`; ``select_skip(latency, accuracy, budget_us)`` picks the most
+accurate sub-network within a latency budget. One place per concern: ``dispatch`` (``compile``: argument checks and
+the choice of runtime), ``base`` (the runtime-neutral :class:`Engine`: skip state, ``set_skip``, ``profile``, input checks),
+``select`` (budgeted choice), and one runtime each: ``cuda/`` (lowering to fused Triton ops, one CUDA graph with IF
+nodes or early exit), ``ort/`` (the CPU engine: the one-graph ONNX export on ONNX Runtime, laid out for this CPU),
+``reference`` (the eager model). A new runtime is a folder beside ``cuda/`` and ``ort/`` and one branch in
+``compile``.
 """
 
-from .engine import Engine, compile
-from .lowering import LoweringError, NotLoweredError
-from .onnx_runtime import OnnxRuntimeEngine
+from .base import Engine
+from .cuda.engine import CudaGraphEngine
+from .cuda.program import LoweringError, NotLoweredError
+from .dispatch import compile
+from .ort.engine import OnnxRuntimeEngine
+from .reference import ReferenceEngine
 from .select import select_skip
 
-__all__ = ["Engine", "LoweringError", "NotLoweredError", "OnnxRuntimeEngine", "compile", "select_skip"]
+__all__ = [
+    "CudaGraphEngine",
+    "Engine",
+    "LoweringError",
+    "NotLoweredError",
+    "OnnxRuntimeEngine",
+    "ReferenceEngine",
+    "compile",
+    "select_skip",
+]

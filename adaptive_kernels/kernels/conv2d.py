@@ -27,11 +27,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..epilogue import Epilogue
 from . import _common
 from . import epilogue as _epilogue
 from . import split_k as _split
 from ._common import dot_precision
+from .backend import Epilogue
 from .epilogue import PLAIN, fused_epilogue
 
 _ACTIVATIONS = ("none", "relu", "relu6")

@@ -1,5 +1,5 @@
-"""The fused epilogue of the GEMM-like kernels: the checks of an :class:`~adaptive_kernels.epilogue.Epilogue` (the
-value, defined without Triton so that the engine's lowering imports where Triton cannot), its kernel arguments, its
+"""The fused epilogue of the GEMM-like kernels: the checks of an :class:`~.backend.Epilogue` (the value, defined in
+``backend.py`` without Triton so that the engine's lowering imports where Triton cannot), its kernel arguments, its
 torch reference and the ``@triton.jit`` function that applies it to an accumulator tile.
 
 ``y = act(acc * scale[row] + shift[row]) (+ residual) (then ReLU if residual_relu)`` where ``scale`` and ``shift``
@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..epilogue import Epilogue
 from . import _common
 from ._common import apply_activation
+from .backend import Epilogue
 
 #: the epilogue that stores the accumulator as it is (the ops' default)
 PLAIN = Epilogue()

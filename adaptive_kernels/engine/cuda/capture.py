@@ -29,7 +29,7 @@ MIN_CONDITIONAL_CUDA = 12040
 
 def conditional_nodes_unavailable() -> str | None:
     """None when the conditional mechanism can run here, else why not (for errors and warnings)."""
-    from .. import _ext
+    from ... import _ext
 
     if not _ext.HAS_EXT:
         return _ext.EXT_ERROR or "adaptive_kernels._C is not available"
@@ -80,7 +80,7 @@ class IfNodeSplicer:
     """
 
     def __init__(self, body_stream: torch.cuda.Stream) -> None:
-        from .. import _ext
+        from ... import _ext
 
         why = conditional_nodes_unavailable()
         if why is not None:
@@ -141,7 +141,7 @@ class CapturedGraph:
             splicer = IfNodeSplicer(streams.body)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=None if streams is None else streams.capture):
-            execute(program, self.tensors, mask, mechanism=mechanism, splicer=splicer)
+            execute(program, self.tensors, mask, bodies=mechanism, splicer=splicer)
 
     def _warm_up(self, program: Program, mask: torch.Tensor, mechanism: str) -> None:
         """Run every kernel variant the capture will launch, outside the capture, on a side stream.
@@ -155,9 +155,9 @@ class CapturedGraph:
         side.wait_stream(torch.cuda.current_stream(mask.device))
         with torch.cuda.stream(side):
             if mechanism == "early_exit":
-                execute(program, self.tensors, run_all, mechanism="early_exit")
+                execute(program, self.tensors, run_all, bodies="early_exit")
             else:
-                execute(program, self.tensors, run_all, mechanism="host", skip=(False,) * program.num_stages)
+                execute(program, self.tensors, run_all, bodies="host", skip=(False,) * program.num_stages)
         torch.cuda.current_stream(mask.device).wait_stream(side)
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:

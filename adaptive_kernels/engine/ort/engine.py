@@ -3,7 +3,7 @@ when ``onnxruntime`` is installed: ``pip install adaptive_kernels[onnx]``).
 
 The graph is ``export_onnx(model, ...)`` with ``skip=None``: an ``If`` per stage on an int32 mask input, served
 as ONNX Runtime optimises it for this CPU with the blocked layout kept across the stage boundaries
-(``onnx_layout.machine_layout``). The engine owns that mask as a NumPy array fed with every run, so ``set_skip``
+(``layout.machine_layout``). The engine owns that mask as a NumPy array fed with every run, so ``set_skip``
 writes S integers and rebuilds nothing, like the GPU engine's device mask.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.onnx import INPUT, MASK, OUTPUT, export_onnx, onnxruntime_session
-from ..models.base import ADNModel
-from ..models.skip import SkipConfig, SkipLike, parse_skip
-from .engine import Engine
-from .onnx_layout import machine_layout
+from ...export import INPUT, MASK, OUTPUT, export_onnx, onnxruntime_session
+from ...models.base import ADNModel
+from ...models.skip import SkipConfig, SkipLike, parse_skip, skip_to_mask
+from ..base import Engine
+from .layout import machine_layout
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install adaptive_kernels[onnx] (ONNX Runtime) for a faster CPU engine"
@@ -37,7 +37,7 @@ def onnxruntime_unavailable() -> str | None:
 class OnnxRuntimeEngine(Engine):
     """An ADN model on ONNX Runtime (CPU), one graph for all 2^S sub-networks; build it with ``compile``.
 
-    Same interface as :class:`Engine`: ``engine(x, skip=None)``, ``set_skip``, ``skip``, ``profile()``
+    The :class:`~..base.Engine` interface: ``engine(x, skip=None)``, ``set_skip``, ``skip``, ``profile()``
     (wall-clock medians, ready for ``select_skip``); ``mechanism == "onnxruntime"``. ``set_mask(mask)`` takes
     the raw mask instead (int32 (S,), 1 = run the stage's skippable sub-path). ``onnx_model`` holds the
     portable one graph as exported (``Path("m.onnx").write_bytes(engine.onnx_model)`` serves it elsewhere). ORT runs with
@@ -80,12 +80,12 @@ class OnnxRuntimeEngine(Engine):
         self._image_shape = self._input_shape[1:]
 
     def set_skip(self, skip: SkipLike) -> None:
-        """Select the sub-network for the following calls (see :meth:`Engine.set_skip`): its mask is fed with
-        every run, nothing is rebuilt."""
+        """Select the sub-network for the following calls (see :meth:`~..base.Engine.set_skip`): its mask is fed
+        with every run, nothing is rebuilt."""
         known = self._known_skips.get(id(skip))
         if known is None or known[0] is not skip:
             config = parse_skip(skip, self.num_skippable_stages)
-            known = (skip, config, np.array([0 if s else 1 for s in config], dtype=np.int32))  # 1 = run
+            known = (skip, config, np.array(skip_to_mask(config), dtype=np.int32))
             if (skip is None or isinstance(skip, (str, tuple))) and len(self._known_skips) < 4096:
                 # held, so its id stays its own; immutable, so the same object is the same sub-network: not
                 # parsed again when forward(x, skip) gets it back (parsing costs ~60 us right after a run)
@@ -128,9 +128,5 @@ class OnnxRuntimeEngine(Engine):
             self.set_skip(skip)
         return torch.from_numpy(self._session.run(self._output_names, {INPUT: array, MASK: self._mask})[0])
 
-    def _run_without_graph(self, x: torch.Tensor) -> torch.Tensor:  # profile() times this
-        return self.forward(x)
-
-    def extra_repr(self) -> str:
-        return (f"{self._model_name}, mechanism=onnxruntime, input={self._input_shape} {self._input_dtype} on cpu, "
-                f"dynamic_batch={self.dynamic_batch}")
+    def _describe(self) -> str:
+        return self._model_name

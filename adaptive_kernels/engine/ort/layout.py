@@ -23,7 +23,7 @@ import itertools
 import tempfile
 from pathlib import Path
 
-from ..export.onnx import graphs_of
+from ...export import graphs_of
 
 NCHWC = "com.microsoft.nchwc"
 

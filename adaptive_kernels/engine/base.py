@@ -1,0 +1,147 @@
+"""The runtime-neutral engine: what every runtime's engine shares (the skip state, ``set_skip``, ``profile``, the input
+checks). A runtime (``cuda/``, ``ort/``, ``reference.py``) subclasses :class:`Engine` with how it selects a
+sub-network (``_select``), runs one (``forward``) and, when it has a better clock than the wall, times one
+(``_time_runs``)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ..models.skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, skip_to_str
+
+
+class Engine(nn.Module):
+    """An ADN model compiled for inference; build one with :func:`adaptive_kernels.compile`.
+
+    ``engine(x, skip=None)`` runs the sub-network ``skip`` (None keeps the one set last, initially the super-net) and
+    returns the logits (N, num_classes) as a new tensor. ``engine.set_skip(skip)`` switches sub-network without
+    rebuilding anything; ``engine.skip`` is the current one, ``skip_configs()`` all 2^S; ``profile()`` times each.
+    ``mechanism`` names how the engine runs: ``"conditional"`` / ``"early_exit"`` (one CUDA graph),
+    ``"onnxruntime"`` (one ONNX graph on the CPU) or ``"reference"`` (the eager model). ``capture_count`` counts CUDA
+    graph captures (0 for a runtime without graphs). Inputs must match the example input given to ``compile`` in
+    C, H, W, dtype and device, and in batch size too unless ``dynamic_batch``.
+    """
+
+    capture_count: int = 0
+
+    def __init__(self, *, num_stages: int, example_input: torch.Tensor, mechanism: str, dynamic_batch: bool) -> None:
+        super().__init__()
+        self.num_skippable_stages = num_stages
+        self.mechanism = mechanism
+        self.dynamic_batch = dynamic_batch
+        self._input_shape = tuple(example_input.shape)
+        self._input_dtype = example_input.dtype
+        self._device = example_input.device
+        self._example = example_input.detach().clone()
+        self._skip: SkipConfig = (False,) * num_stages
+
+    # ---- skip configuration ----------------------------------------------------------------------
+    @property
+    def skip(self) -> SkipConfig:
+        """The sub-network the next call runs (True = skip that stage's skippable sub-path)."""
+        return self._skip
+
+    def skip_configs(self) -> list[SkipConfig]:
+        """All 2^S configurations, super-net first, base-net last."""
+        return all_skip_configs(self.num_skippable_stages)
+
+    def set_skip(self, skip: SkipLike) -> None:
+        """Select the sub-network for the following calls: None/"super", "base", "TFFT" or a bool sequence."""
+        config = parse_skip(skip, self.num_skippable_stages)
+        if config != self._skip:
+            self._select(config)
+            self._skip = config
+
+    def _select(self, skip: SkipConfig) -> None:
+        """Make the runtime run ``skip`` from the next call on (a runtime whose forward reads ``self._skip`` has
+        nothing to do)."""
+
+    # ---- running ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, skip: SkipLike = None) -> torch.Tensor:
+        """x: (N, C, H, W) like the example input -> logits (N, num_classes)."""
+        raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = f"{tuple(self._input_shape)} {self._input_dtype} on {self._device}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"engine input must be a torch.Tensor like the example input {expected}, got {type(x).__name__}"
+            )
+        if x.dtype != self._input_dtype:
+            raise TypeError(
+                f"engine input has dtype {x.dtype}; this engine was compiled for {expected}: convert "
+                f"with x.to({self._input_dtype})"
+            )
+        if x.device != self._device:
+            raise ValueError(
+                f"engine input is on {x.device}; this engine was compiled for {expected}: move it with "
+                f"x.to({str(self._device)!r})"
+            )
+        if x.dim() != 4 or tuple(x.shape[1:]) != self._input_shape[1:]:
+            raise ValueError(
+                f"engine input has shape {tuple(x.shape)}; this engine was compiled for {expected} "
+                f"(N, C, H, W must match; compile again for another image size)"
+            )
+        if x.shape[0] < 1:
+            raise ValueError(f"engine input has an empty batch, shape {tuple(x.shape)}")
+        if x.shape[0] != self._input_shape[0] and not self.dynamic_batch:
+            raise ValueError(
+                f"engine input has batch {x.shape[0]}; this engine was captured for {expected}: pass "
+                f"that batch size, or compile with dynamic_batch=True (one more capture per batch size)"
+            )
+
+    # ---- measuring -------------------------------------------------------------------------------
+    def profile(self, iters: int = 50, warmup: int = 5) -> dict[str, float]:
+        """Median latency in microseconds of every sub-network on the compile-time example input.
+
+        The CUDA-graph engine times one graph replay with CUDA events; the others the wall clock of a call
+        (synchronised on CUDA). Returns ``{"FFFF": us, ..., "TTTT": us}`` (super-net first), ready for
+        :func:`~adaptive_kernels.select_skip`. The current sub-network is restored afterwards.
+        """
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters must be a positive int, got {iters!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        previous = self._skip
+        table: dict[str, float] = {}
+        try:
+            for skip in self.skip_configs():
+                self.set_skip(skip)
+                table[skip_to_str(skip)] = statistics.median(self._time_runs(iters, warmup))
+        finally:
+            self.set_skip(previous)
+        return table
+
+    def _time_runs(self, iters: int, warmup: int) -> list[float]:
+        """Microseconds of ``iters`` calls on the example input after ``warmup`` untimed ones (wall clock)."""
+        cuda = self._device.type == "cuda"
+        with torch.no_grad():
+            for _ in range(warmup):
+                self(self._example)
+            times = []
+            for _ in range(iters):
+                if cuda:
+                    torch.cuda.synchronize(self._device)
+                t0 = time.perf_counter()
+                self(self._example)
+                if cuda:
+                    torch.cuda.synchronize(self._device)
+                times.append((time.perf_counter() - t0) * 1e6)
+        return times
+
+    def __repr__(self) -> str:  # a submodule's repr would drown the summary
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self._describe()}, mechanism={self.mechanism}, input={self._input_shape} {self._input_dtype} on "
+            f"{self._device}, dynamic_batch={self.dynamic_batch}, captures={self.capture_count}"
+        )
+
+    def _describe(self) -> str:
+        """What the engine serves, for its repr."""
+        raise NotImplementedError
