@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..engine import compile
-from ..engine.onnx_runtime import onnxruntime_unavailable
+from ..engine.ort.engine import onnxruntime_unavailable
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
