@@ -86,7 +86,7 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
 
     import adaptive_kernels as ak
     from adaptive_kernels.engine import OnnxRuntimeEngine
-    from adaptive_kernels.export.onnx import INPUT, MASK, OUTPUT, mask_of, onnxruntime_session
+    from adaptive_kernels.export import INPUT, MASK, OUTPUT, mask_of, onnxruntime_session
     from adaptive_kernels.numerics import relative_error
 
     torch.set_num_threads(THREADS)  # the conftest fixture restores the count afterwards

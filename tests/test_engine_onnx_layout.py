@@ -11,7 +11,7 @@ from helpers import randomize
 
 from adaptive_kernels import create_model, export_onnx
 from adaptive_kernels.engine.ort.layout import NCHWC, keep_blocked_across_ifs, machine_layout
-from adaptive_kernels.export.onnx import graphs_of, mask_of, onnxruntime_session
+from adaptive_kernels.export import graphs_of, mask_of, onnxruntime_session
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.numerics import relative_error

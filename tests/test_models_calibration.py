@@ -10,7 +10,7 @@ from helpers import randomize, rel_err
 from torch import nn
 
 from adaptive_kernels import calibrate, create_model
-from adaptive_kernels.models.calibration import SubnetBatchNorm2d
+from adaptive_kernels.models.norms import SubnetBatchNorm2d
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.models.skip import all_skip_configs, subnet_index
 from adaptive_kernels.training.checkpoint import load_model_state

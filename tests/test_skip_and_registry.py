@@ -1,8 +1,12 @@
 """Skip-configuration parsing and the model registry (no model building needed)."""
 
+import sys
+
 import pytest
 
 import adaptive_kernels as ak
+from adaptive_kernels import models
+from adaptive_kernels.models import registry
 from adaptive_kernels.models.skip import all_skip_configs, parse_skip, skip_to_str
 
 
@@ -56,3 +60,26 @@ def test_registry_has_every_model_of_the_issue():
     }
     assert expected <= set(ak.list_models())
     assert ak.list_models("resnet5*") == ["resnet50_adn", "resnet56_adn"]
+
+
+def test_every_family_module_is_imported_and_registers_its_models():
+    builders = {registry.get_builder(name).__module__ for name in ak.list_models()}
+    assert {f"adaptive_kernels.models.{family}" for family in ("resnet", "mobilenetv2", "vit", "swin")} <= builders
+    for pattern in ("resnet*_adn", "mobilenet_v2_adn", "vit_*_adn", "deit_*_adn", "swin_t_adn"):
+        assert ak.list_models(pattern), pattern
+
+
+def test_a_new_family_file_is_all_a_new_family_needs(tmp_path, monkeypatch):
+    # models/__init__.py finds family files by discovery: a module next to the others registers its builders
+    (tmp_path / "newfamily.py").write_text(
+        "from adaptive_kernels.models.registry import register_model\n\n\n"
+        "@register_model\ndef newfamily_adn():\n    return None\n"
+    )
+    monkeypatch.setattr(models, "__path__", [*models.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    try:
+        models._import_families()
+        assert "newfamily_adn" in ak.list_models()
+    finally:
+        sys.modules.pop("adaptive_kernels.models.newfamily", None)
+        vars(models).pop("newfamily", None)

@@ -1,23 +1,20 @@
 """Export: every sub-network of an ADN model in one ONNX graph (an ``If`` per stage on a mask input), static
 ONNX or ``torch.export`` files of one sub-network, and their check against the model with ONNX Runtime.
-One module per model family (``resnet``, ``mobilenetv2``, ``vit``, ``swin``) builds the tensor-mask forward
-from the model's own submodules (``masked``); ``onnx`` holds the public functions (the command is
-``adaptive_kernels.cli.export``)."""
 
-from .onnx import (
-    FORMATS,
-    INPUT,
-    MASK,
-    OUTPUT,
-    ExportError,
-    export_onnx,
-    export_pt2,
-    graphs_of,
-    mask_of,
-    masked_forward,
-    onnxruntime_session,
-    verify_onnx,
-)
+``masked`` builds the tensor-mask forward from the model's own submodules; ``onnx`` holds the public export
+functions, ``graph`` the ONNX graph helpers, ``session`` the ONNX Runtime session and ``verify`` the check (the
+command is ``adaptive_kernels.cli.export``). Every other module of the package is a family file (``resnet``,
+``mobilenetv2``, ``vit``, ``swin``), imported here so that its ``@register_masked_forward`` class registers:
+adding ``export/<family>.py`` is the only edit a new family needs."""
+
+import importlib
+import pkgutil
+
+from .graph import graphs_of
+from .masked import ExportError, masked_forward
+from .onnx import FORMATS, INPUT, MASK, OUTPUT, export_onnx, export_pt2, mask_of
+from .session import onnxruntime_session
+from .verify import verify_onnx
 
 __all__ = [
     "FORMATS",
@@ -33,3 +30,14 @@ __all__ = [
     "onnxruntime_session",
     "verify_onnx",
 ]
+
+_SHARED = {"graph", "masked", "onnx", "session", "verify"}
+
+
+def _import_families() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _SHARED:
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()

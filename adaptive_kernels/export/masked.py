@@ -27,14 +27,15 @@ holds the pair's convs four times instead of twice, hence the bound on the pair'
 not trace a third level.
 
 The eager models are untouched: this module only reads them. One subclass per family (``export/resnet.py``,
-``mobilenetv2.py``, ``vit.py``, ``swin.py``) names its prologue, its stage layers and its epilogue.
+``mobilenetv2.py``, ``vit.py``, ``swin.py``) names its prologue, its stage layers and its epilogue, and registers
+itself for its model class with :func:`register_masked_forward`; :func:`masked_forward` finds it from the model.
 """
 
 from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -42,6 +43,10 @@ from torch import nn
 
 from ..models.base import ADNModel
 from ..models.skip import stage_bit
+
+
+class ExportError(ValueError):
+    """The model (or this input) cannot be exported; the message says why."""
 
 
 def forget_cond_compilations() -> None:
@@ -175,6 +180,32 @@ class MaskedForward(nn.Module):
             return self._stages(x, mask)
         finally:
             selection.index = eager_index  # the eager model's selection is an int again
+
+
+_MASKED_FORWARDS: dict[type[ADNModel], type[MaskedForward]] = {}
+
+
+def register_masked_forward(family: type[ADNModel]) -> Callable[[type[MaskedForward]], type[MaskedForward]]:
+    """Class decorator: the decorated ``MaskedForward`` subclass is the tensor-mask forward of ``family`` and of
+    its subclasses (``@register_masked_forward(ResNetADN)`` in ``export/resnet.py``)."""
+    def register(wrapper: type[MaskedForward]) -> type[MaskedForward]:
+        if family in _MASKED_FORWARDS:
+            raise RuntimeError(f"a masked forward for {family.__name__} registered twice")
+        _MASKED_FORWARDS[family] = wrapper
+        return wrapper
+    return register
+
+
+def masked_forward(model: ADNModel) -> MaskedForward:
+    """The tensor-mask forward of ``model`` (``forward(x, mask)``): the one registered for the nearest class in
+    ``type(model).__mro__``, so a subclass of a family is exported as that family."""
+    for family in type(model).__mro__:
+        if family in _MASKED_FORWARDS:
+            return _MASKED_FORWARDS[family](model)
+    raise ExportError(
+        f"{type(model).__name__} cannot be exported: export knows {', '.join(f.__name__ for f in _MASKED_FORWARDS)} "
+        f"and their subclasses (models from adaptive_kernels.create_model)"
+    )
 
 
 class StaticForward(nn.Module):

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from ..models.mobilenetv2 import MobileNetV2ADN
-from .masked import MaskedForward
+from .masked import MaskedForward, register_masked_forward
 
 
+@register_masked_forward(MobileNetV2ADN)
 class MobileNetV2MaskedForward(MaskedForward):
     model: MobileNetV2ADN
 

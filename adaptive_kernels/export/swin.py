@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..models.swin import SwinTransformerADN
-from .masked import MaskedForward
+from .masked import MaskedForward, register_masked_forward
 
 
+@register_masked_forward(SwinTransformerADN)
 class SwinMaskedForward(MaskedForward):
     model: SwinTransformerADN
 

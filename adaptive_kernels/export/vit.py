@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..models.vit import VisionTransformerADN
-from .masked import MaskedForward
+from .masked import MaskedForward, register_masked_forward
 
 
+@register_masked_forward(VisionTransformerADN)
 class ViTMaskedForward(MaskedForward):
     model: VisionTransformerADN
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .calibration import attach_selection, subnet_norms
+from .norms import attach_selection, subnet_norms
 from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, subnet_index
 
 
@@ -33,7 +33,7 @@ class ADNModel(nn.Module):
     Normalisation layers whose module name ends in ``_skip`` are the skip-aware twins of the layer
     with the same name minus ``_skip``. Models with BatchNorm build it as ``SubnetBatchNorm2d``, call
     ``self.attach_subnet_selection()`` at the end of ``__init__`` and ``self.select_subnet(skip)`` in
-    ``forward`` (see ``models/calibration.py``).
+    ``forward`` (see ``models/norms.py``).
     """
 
     num_skippable_stages: int
@@ -70,7 +70,7 @@ class ADNModel(nn.Module):
                 + (" (build the model with in_chans=... to change the channel count)" if x.dim() == 4 else "")
             )
 
-    # ---- per-sub-network norm calibration (models/calibration.py) -------------------------
+    # ---- per-sub-network norm statistics (models/norms.py) --------------------------------
     def attach_subnet_selection(self) -> None:
         """Share one sub-network selection between this model and all its calibratable norms."""
         self.subnet_selection = attach_selection(self, self.num_skippable_stages)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .base import ADNModel, check_positive_int, check_probability
-from .calibration import SubnetBatchNorm2d
+from .norms import SubnetBatchNorm2d
 from .registry import register_model
 from .resnet import SkippableStage
 from .skip import SkipLike

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .base import ADNModel, check_positive_int
-from .calibration import SubnetBatchNorm2d
+from .norms import SubnetBatchNorm2d
 from .registry import register_model
 from .skip import SkipLike
 

@@ -89,6 +89,6 @@ def stage_bit(stage: int, num_stages: int) -> int:
 def subnet_index(skip: SkipConfig) -> int:
     """The sub-network's position in ``all_skip_configs(len(skip))``: stage 0 is the most significant bit
     (``(False, False, False)`` -> 0, the super-net; ``(True, True, True)`` -> 7, the base-net). It indexes the
-    per-sub-network norm tables of a calibrated model (``models/calibration.py``); the engine's lowering and the
+    per-sub-network norm tables of a calibrated model (``models/norms.py``); the engine's lowering and the
     one-graph export compute the same index with ``stage_bit``."""
     return sum(stage_bit(k, len(skip)) for k, flag in enumerate(skip) if flag)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..models import create_model
-from ..models.calibration import prepare_for_state_dict
+from ..models.norms import prepare_for_state_dict
 
 FORMAT = "adaptive_kernels.checkpoint"
 VERSION = 1
