@@ -100,7 +100,7 @@ def env_subset(name: str, choices: tuple, parse: Callable[[str], object] = str) 
 class ModelSpec:
     """A benchmarked model: registry name, builder kwargs, input size and skippable stage count.
 
-    ``num_stages`` comes from PAPER.md (not from the model), so the parametrisation is known at collection time
+    ``num_stages`` comes from docs/method.md (not from the model), so the parametrisation is known at collection time
     and a model that deviates from the paper fails loudly in ``parse_skip`` instead of being benchmarked.
     ``optional_kwargs``: builder kwargs the model may not support yet (the test skips, naming them).
     """
@@ -629,7 +629,7 @@ def run_latency_case(
 ) -> dict:
     """Time one sub-network with one provider, check its output against eager, write the row and return it.
     ``get_benchmark()``: the pytest-benchmark fixture or None (conftest's ``benchmark_or_none``)."""
-    skip = ctx.model.parse_skip(skip)  # a model that deviates from PAPER.md's stage count fails here
+    skip = ctx.model.parse_skip(skip)  # a model that deviates from docs/method.md's stage count fails here
     with torch.inference_mode():
         ref = ctx.model(ctx.input(batch), skip=skip).clone()
         runner = make_runner(provider, ctx, batch, skip)

@@ -7,7 +7,7 @@ Reads the checkpoints of bench/train_calibration_checkpoints.py (MODE_seedSEED.p
 ``adaptive_kernels.calibrate`` on the first 256 / 1024 / 4096 un-augmented images of its training subset (nested:
 epoch 0's order with seed 0), each from the uncalibrated weights. ``single`` (trained as the base-net alone) is
 scored as the base-net only. Writes bench/results/calibration/MODE.json, one object per (seed, skip); a checkpoint
-already there is not measured again. ``--report`` prints the README table and the goals, and draws the plot.
+already there is not measured again. ``--report`` prints the docs/training.md table and the goals, and draws the plot.
     python bench/measure_calibration.py --runs /work/calib_runs
 """
 
@@ -78,7 +78,7 @@ def mean(values: list[float]) -> float:
 
 
 def report(out: Path) -> None:
-    """README table (mean over seeds), the goals, the plot."""
+    """docs/training.md table (mean over seeds), the goals, the plot."""
     adn, plain, single = (load_rows(out, m) for m in MODES)
     if not adn:
         print("no ADN rows yet")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-subset", type=int, help="score on N test images (smoke runs; default all 10000)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which checkpoints to measure")
-    p.add_argument("--report", action="store_true", help="print the README table and goals, draw the plot")
+    p.add_argument("--report", action="store_true", help="print the docs/training.md table and goals, draw the plot")
     args = p.parse_args(argv)
     out = args.out
     if args.report:

@@ -1,4 +1,4 @@
-"""Small-scale reproduction of Adaptive Depth Networks on Fashion-MNIST (PAPER.md, last section).
+"""Small-scale reproduction of Adaptive Depth Networks on Fashion-MNIST (docs/method.md, "What the paper reports").
 
 Per seed, three ResNet-20-ADN runs with the same data, schedule and initial weights:
   adn     self-distillation (super-net CE + base-net KD)       -> adn_super, adn_base, all 8 sub-networks

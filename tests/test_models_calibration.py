@@ -1,6 +1,6 @@
 """Per-sub-network norm calibration: the table rows against statistics computed independently (float64 by hand
 from the inputs captured in a train-mode pass, and PyTorch's own ``BatchNorm(momentum=None)`` accumulation),
-the contract of CALIB_FORMAT.md, state-dict round trips and errors."""
+the contract of docs/method.md ("Per-sub-network calibration"), state-dict round trips and errors."""
 
 import copy
 

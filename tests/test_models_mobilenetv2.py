@@ -18,7 +18,7 @@ BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 
 
 def reference_forward(model: nn.Module, x: torch.Tensor, skip) -> torch.Tensor:
-    """The flag rules of PAPER.md written out by hand over the authors' layout: stem and features.1 follow
+    """The flag rules of docs/method.md written out by hand over the authors' layout: stem and features.1 follow
     skip[0], features.{2+k} follows skip[k] (its blocks i >= (n+1)//2 dropped when skipped), features.7 and
     the last conv follow skip[4]; a followed flag that is True selects ``norm_skip``."""
 

@@ -13,7 +13,7 @@ from adaptive_kernels import create_model
 
 torchvision = pytest.importorskip("torchvision")
 
-# (mandatory, skippable) blocks per stage, as in PAPER.md / the authors' release.
+# (mandatory, skippable) blocks per stage, as in docs/method.md / the authors' release.
 SPLITS = {
     "resnet18_adn": [(1, 1)] * 4,
     "resnet34_adn": [(2, 1), (2, 2), (3, 3), (2, 1)],

@@ -1,4 +1,4 @@
-"""The self-distillation step against hand-written float64 references of the paper's loss (PAPER.md)."""
+"""The self-distillation step against hand-written float64 references of the paper's loss (docs/method.md)."""
 
 import copy
 

@@ -21,7 +21,7 @@ branches are each an ``If`` on the second bit, with both stages in every inner b
 ``If`` an input runs through costs ONNX Runtime a fixed price per call (its sub-graph's execution frame, and on a
 CPU with the blocked layout a reorder of the activation in and out), which a static file does not pay and which
 shows on a fast network: MobileNetV2-ADN at batch 1 (~5 ms on 2 cores), one graph / static 1.033 -> 1.023
-(super-net) and 1.062 -> 1.046 (base-net) with its five stages in three ``If``s (150 paired rounds; README). The
+(super-net) and 1.062 -> 1.046 (base-net) with its five stages in three ``If``s (150 paired rounds; docs/export.md). The
 price of a pair is that ONNX Runtime folds its norms into each of the four inner branches' convolutions: a session
 holds the pair's convs four times instead of twice, hence the bound on the pair's share. torch's ONNX export does
 not trace a third level.

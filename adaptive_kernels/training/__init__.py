@@ -1,4 +1,4 @@
-"""Self-distillation training of ADN models (PAPER.md, "Training step"): losses, the two-pass step, the
+"""Self-distillation training of ADN models (docs/method.md, "Training step"): losses, the two-pass step, the
 trainer (single process or DDP under torchrun), trustworthy checkpoints, offline data and evaluation."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -1,4 +1,4 @@
-"""Losses of the ADN self-distillation step (PAPER.md, "Training step").
+"""Losses of the ADN self-distillation step (docs/method.md, "Training step").
 
 * ``classification_loss``: cross-entropy of the super-net against hard labels (optionally label-smoothed)
   or soft targets (mixup).

@@ -1,6 +1,6 @@
 """One training iteration: the paper's two-pass self-distillation step and the two baselines.
 
-``adn`` (PAPER.md, "Training step"), on one batch:
+``adn`` (docs/method.md, "Training step"), on one batch:
   1. zero grads;
   2. super-net forward, ``α·CE(out_super, y)``, backward;
   3. base-net forward, ``(1−α)·[T²·KL(base ‖ detached super) (+ β·feature KL)]``, backward;
