@@ -16,7 +16,8 @@
 #   # through a tool that brings back only a few files (the device tool: at most 8 from its $OUT):
 #   ADN_GPU_CHECK_PACK=$OUT OUT=/tmp/gpu_check ADN_GIT_SHA=<sha> bash bench/gpu_check.sh --call 1
 #   bash bench/gpu_check.sh --smoke --call 1   # CPU dry run (also ADN_GPU_CHECK_DRY_RUN=1): no build, no GPU tests,
-#                                          # suites in smoke mode; checks this script itself (bench/test_gpu_check.py)
+#                                          # suites in smoke mode; checks this script itself
+#                                          # (tests/bench/test_bench_gpu_check.py)
 # Without --call both calls run, one after the other (each with its own budget; build and env only once).
 # Knobs: PYTHON (default .venv/bin/python if present, else python3); ADN_GPU_CHECK_BUDGET_S (seconds per call);
 #   ADN_GPU_CHECK_SECTIONS=build,env,... (run only these sections of the selected calls; --plan lists them);
@@ -219,11 +220,12 @@ gpu_tests() {
   local names=(kernels engine_resnet50 engine_vit engine_other) pids=() rc=0 i
   group() { local name=$1; shift
     "$PYTHON" -m pytest -v -rfEs -p no:cacheprovider -m gpu "$@" >"$LOGS/gpu_tests_$name.log" 2>&1; }
-  group kernels tests/test_kernels_conv2d.py tests/test_kernels_linear.py tests/test_kernels_layer_norm.py \
-    tests/test_kernels_attention.py tests/test_kernels_gather.py & pids+=($!)
-  group engine_resnet50 tests/test_engine_gpu.py -k resnet50 & pids+=($!)
-  group engine_vit tests/test_engine_gpu.py -k vit_b_16 & pids+=($!)
-  group engine_other tests/test_engine_gpu.py -k "not resnet50 and not vit_b_16" & pids+=($!)
+  group kernels tests/kernels/test_kernels_conv2d.py tests/kernels/test_kernels_linear.py \
+    tests/kernels/test_kernels_layer_norm.py tests/kernels/test_kernels_attention.py \
+    tests/kernels/test_kernels_gather.py & pids+=($!)
+  group engine_resnet50 tests/engine/test_engine_gpu.py -k resnet50 & pids+=($!)
+  group engine_vit tests/engine/test_engine_gpu.py -k vit_b_16 & pids+=($!)
+  group engine_other tests/engine/test_engine_gpu.py -k "not resnet50 and not vit_b_16" & pids+=($!)
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { echo "gpu_tests group ${names[$i]}: FAILED (exit $?)"; rc=1; }
   done

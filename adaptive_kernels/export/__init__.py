@@ -7,9 +7,7 @@ command is ``adaptive_kernels.cli.export``). Every other module of the package i
 ``mobilenetv2``, ``vit``, ``swin``), imported here so that its ``@register_masked_forward`` class registers:
 adding ``export/<family>.py`` is the only edit a new family needs."""
 
-import importlib
-import pkgutil
-
+from .._discovery import import_family_files
 from .graph import graphs_of
 from .masked import ExportError, masked_forward
 from .onnx import FORMATS, INPUT, MASK, OUTPUT, export_onnx, export_pt2, mask_of
@@ -31,13 +29,4 @@ __all__ = [
     "verify_onnx",
 ]
 
-_SHARED = {"graph", "masked", "onnx", "session", "verify"}
-
-
-def _import_families() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name not in _SHARED:
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-_import_families()
+import_family_files(__name__, __path__, shared={"graph", "masked", "onnx", "session", "verify"})

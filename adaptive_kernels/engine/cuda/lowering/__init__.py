@@ -8,20 +8,16 @@ found by listing this package, so a new family is one new file and nothing else 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import torch
 from torch import nn
 
+from ...._discovery import import_family_files
 from ....kernels.backend import KernelSet
 from ....models.base import ADNModel
 from ..program import LoweringError, NotLoweredError, Program, validate
 from .builder import LOWERINGS, Builder, fold_batchnorm, register_lowering
 
-for _family in pkgutil.iter_modules(__path__):
-    if _family.name != "builder":
-        importlib.import_module(f"{__name__}.{_family.name}")
+import_family_files(__name__, __path__, shared={"builder"})
 
 __all__ = ["LoweringError", "NotLoweredError", "fold_batchnorm", "lower", "register_lowering"]
 

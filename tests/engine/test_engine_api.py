@@ -1,9 +1,10 @@
 """The engine's public API on the CPU: compile's argument checks, the reference fallback (one warning, same
-outputs as the model), input checks naming the compiled shape, profile(), and select_skip."""
+outputs as the model), input checks naming the compiled shape, profile(), and the graph-mode engine with its
+capture replaced by eager execution. select_skip: test_engine_select.py; the capture's streams:
+test_engine_capture.py."""
 
 from __future__ import annotations
 
-import itertools
 import random
 import warnings
 
@@ -16,7 +17,7 @@ import adaptive_kernels
 from adaptive_kernels import create_model
 from adaptive_kernels.engine import Engine, LoweringError, compile, dispatch, select_skip
 from adaptive_kernels.engine.cuda import engine as engine_module
-from adaptive_kernels.engine.cuda.capture import capture_streams, conditional_nodes_unavailable
+from adaptive_kernels.engine.cuda.capture import conditional_nodes_unavailable
 from adaptive_kernels.engine.cuda.engine import CudaGraphEngine, resolve_mechanism
 from adaptive_kernels.engine.cuda.lowering import lower
 from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
@@ -183,7 +184,7 @@ def test_mechanism_resolution():
             resolve_mechanism("conditional")
 
 
-# ---- profile and select_skip ---------------------------------------------------------------------------
+# ---- profile ---------------------------------------------------------------------------------------------
 @needs_no_cuda
 def test_profile_times_every_subnetwork_and_restores_the_skip(resnet20):
     engine = _engine(resnet20, torch.randn(1, 3, 16, 16))
@@ -197,54 +198,6 @@ def test_profile_times_every_subnetwork_and_restores_the_skip(resnet20):
     assert select_skip(table, accuracy, budget) == (False, False, False)
     with pytest.raises(ValueError, match="iters must be a positive int"):
         engine.profile(iters=0)
-
-
-def test_select_skip_picks_the_most_accurate_within_budget():
-    latency = {"FF": 400.0, "FT": 300.0, "TF": 250.0, "TT": 150.0}
-    accuracy = {"FF": 77.6, "FT": 77.1, "TF": 76.9, "TT": 76.1}
-    assert select_skip(latency, accuracy, 1000) == (False, False)
-    assert select_skip(latency, accuracy, 399.9) == (False, True)
-    assert select_skip(latency, accuracy, 260) == (True, False)
-    assert select_skip(latency, accuracy, 150) == (True, True)
-    # ties in accuracy go to the faster sub-network
-    assert select_skip(latency, {**accuracy, "TF": 77.1}, 350) == (True, False)
-    # eval --json records, and bool tuples as keys
-    records = [{"skip": k, "accuracy": v, "macs": 1} for k, v in accuracy.items()]
-    tuples = {(k[0] == "T", k[1] == "T"): v for k, v in latency.items()}
-    assert select_skip(tuples, records, 300) == (False, True)
-
-
-def test_select_skip_agrees_with_brute_force():
-    rng = random.Random(0)
-    configs = ["".join(c) for c in itertools.product("FT", repeat=4)]
-    for _ in range(50):
-        latency = {c: rng.uniform(100, 500) for c in configs}
-        accuracy = {c: rng.uniform(70, 80) for c in configs}
-        budget = rng.uniform(100, 500)
-        fitting = [c for c in configs if latency[c] <= budget]
-        if not fitting:
-            continue
-        best = max(fitting, key=lambda c: accuracy[c])
-        assert skip_to_str(select_skip(latency, accuracy, budget)) == best
-
-
-def test_select_skip_errors():
-    latency = {"FF": 400.0, "TT": 150.0}
-    accuracy = {"FF": 77.6, "TT": 76.1}
-    with pytest.raises(ValueError, match="no sub-network runs within 100 us: the fastest, TT, takes 150.0 us"):
-        select_skip(latency, accuracy, 100)
-    with pytest.raises(ValueError, match="budget_us must be a positive number"):
-        select_skip(latency, accuracy, -5)
-    with pytest.raises(ValueError, match="share no skip configuration"):
-        select_skip({"FT": 1.0}, accuracy, 100)
-    with pytest.raises(ValueError, match="must all have one length"):
-        select_skip({"FT": 1.0, "TTT": 2.0}, accuracy, 100)
-    with pytest.raises(ValueError, match=r"latency_table\[FF\] = nan is not a finite number"):
-        select_skip({"FF": float("nan")}, accuracy, 100)
-    with pytest.raises(ValueError, match="must be a mapping with keys 'skip' and 'accuracy'"):
-        select_skip(latency, [{"skip": "FF"}], 100)
-    with pytest.raises(TypeError, match="must be a mapping"):
-        select_skip(latency, 3.0, 100)
 
 
 # ---- the graph-mode engine logic, with the CUDA graph replaced by eager execution ------------------------
@@ -288,38 +241,3 @@ def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resne
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["captured ResNetADN"] * 2
 
 
-class _StreamPool:
-    """Stands in for torch.cuda.Stream(): a pool of 32 streams per device handed out round robin, as torch does."""
-
-    class Stream:
-        def __init__(self, handle):
-            self.cuda_stream = handle
-
-    def __init__(self, size=32):
-        self.size, self.created = size, 0
-
-    def __call__(self):
-        self.created += 1
-        return self.Stream(0x1000 + (self.created - 1) % self.size)
-
-
-def test_capture_and_body_streams_differ_whenever_they_are_drawn():
-    # what the engine did before: torch.cuda.graph's default capture stream is made once, the body stream later
-    pool = _StreamPool()
-    default_capture = pool()
-    later = [pool() for _ in range(40)]
-    assert any(s.cuda_stream == default_capture.cuda_stream for s in later)  # so a body stream could equal it
-    for before in range(41):  # any number of streams made elsewhere first
-        pool = _StreamPool()
-        for _ in range(before):
-            pool()
-        streams = capture_streams(pool)
-        assert streams.capture.cuda_stream != streams.body.cuda_stream, before
-
-
-def test_capture_streams_draw_again_and_fail_clearly():
-    handles = iter([7, 7, 7, 9])
-    streams = capture_streams(lambda: _StreamPool.Stream(next(handles)))
-    assert (streams.capture.cuda_stream, streams.body.cuda_stream) == (7, 9)
-    with pytest.raises(RuntimeError, match="the stream pool has a single stream.*use mechanism='early_exit'"):
-        capture_streams(_StreamPool(size=1))

@@ -15,7 +15,7 @@ import pytest
 from setuptools import Distribution, Extension
 from setuptools.command.build_ext import build_ext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from adaptive_kernels.training import load_checkpoint, save_checkpoint
 TRAIN = ["train", "--model", "resnet20_adn", "--model-arg", "width=2", "--data", "synthetic", "--image-size", "8",
          "--batch-size", "64", "--no-progress", "--epochs", "1", "--train-subset", "128"]
 EVAL = ["--data", "synthetic", "--image-size", "8", "--latency-repeats", "2"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,6 +1,6 @@
 """The CUDA extension adaptive_kernels._C is built wherever it can be (a CUDA build of torch + nvcc; no GPU
 needed), loads, matches the running torch, and rejects bad arguments with clear messages before touching
-CUDA. Running the IF-node splice needs a GPU: see test_engine_gpu.py."""
+CUDA. Running the IF-node splice needs a GPU: see tests/engine/test_engine_gpu.py."""
 
 from __future__ import annotations
 

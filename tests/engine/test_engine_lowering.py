@@ -1,14 +1,13 @@
 """Lowering is exact: the lowered program, executed with the kernels' torch references in fp32, equals the
 model for EVERY skip configuration — BatchNorm folded, both norm sets chosen by the device mask, skippable
 bodies run on the host's word ("host", what a CUDA IF node does) or by early exit on the mask bit.
-Also: the program invariants, buffer reuse, the conditional mechanism's wiring with a stand-in splicer, and the
-Swin input sizes that are not lowered (the model pads)."""
+Also: BatchNorm folding, the models and Swin input sizes that are not lowered (the model pads), and calibrated models.
+The program's invariants are in test_engine_program.py, the runtime (buffers, the conditional wiring) in
+test_engine_runtime.py."""
 
 from __future__ import annotations
 
 import copy
-import itertools
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,10 +18,10 @@ import adaptive_kernels
 from adaptive_kernels import create_model, list_models
 from adaptive_kernels.engine.cuda.engine import CudaGraphEngine
 from adaptive_kernels.engine.cuda.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
-from adaptive_kernels.engine.cuda.ops import Attention, Conv, Gather, MaxPool
-from adaptive_kernels.engine.cuda.program import Body, Program, Value, validate
+from adaptive_kernels.engine.cuda.ops import Attention, Conv, Gather
+from adaptive_kernels.engine.cuda.program import Program
 from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
-from adaptive_kernels.kernels import Epilogue, reference_kernels
+from adaptive_kernels.kernels import reference_kernels
 from adaptive_kernels.kernels.backend import STRUCTURE_ONLY
 from adaptive_kernels.models.skip import subnet_index
 from adaptive_kernels.models.swin import SwinTransformerADN
@@ -175,113 +174,7 @@ def test_fold_batchnorm_matches_eval_batchnorm():
     torch.testing.assert_close(y * scale[:, None, None] + shift[:, None, None], want, rtol=1e-12, atol=1e-12)
 
 
-def test_buffers_are_reused_and_residual_stream_is_updated_in_place():
-    model = create_model("resnet50_adn", num_classes=10).eval()
-    program = lower(model, (3, 32, 32), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
-    tensors = allocate_buffers(program, 1, "cpu", torch.float32)
-    storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
-    assert len(storages) < len(tensors) / 2
-    for body in program.bodies():
-        # the last conv of every skippable block writes the block input's buffer
-        residual_writes = [op for op in body.ops if isinstance(op, Conv) and op.epilogue.residual is not None]
-        assert residual_writes and all(op.out is op.epilogue.residual for op in residual_writes)
-    # no two values alive at the same time share memory: check along the execution order
-    order = list(program.flat_ops())
-    span = {}
-    for i, (op, _) in enumerate(order):
-        for v in (*op.reads(), op.writes()):
-            span[v] = (span.get(v, (i, i))[0], i)
-    by_storage = {}
-    for v, t in tensors.items():
-        if v in span:
-            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(span[v])
-    for spans in by_storage.values():
-        spans.sort()
-        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
-
-
-class _HostSplicer:
-    """Stands in for the CUDA IF-node splicer on the CPU: a body whose condition is 0 is rolled back (every
-    buffer restored on exit), which is what an IF node that launches nothing amounts to."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-        self.created = None
-
-    def create_conditions(self, mask, stages):
-        self.created = (mask, list(stages))
-
-    @contextmanager
-    def body(self, index):
-        mask, stages = self.created
-        saved = {v: t.clone() for v, t in self.tensors.items()}
-        yield
-        if int(mask[stages[index]]) == 0:
-            for v, t in saved.items():
-                self.tensors[v].copy_(t)
-
-
-def test_conditional_mechanism_wiring_with_a_host_splicer():
-    model = randomize(create_model("resnet20_adn"))
-    x = torch.randn(1, 3, 8, 8)
-    program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
-    tensors = allocate_buffers(program, 1, "cpu", torch.float32)
-    splicer = _HostSplicer(tensors)
-    with torch.no_grad():
-        for skip in model.skip_configs():
-            tensors[program.input].copy_(x)
-            got = execute(program, tensors, device_mask(skip), bodies="conditional", splicer=splicer)
-            assert splicer.created[1] == [0, 1, 2]
-            assert rel_err(got, model(x, skip)) < FP32_TOL
-
-
-def test_execute_rejects_bad_body_mode_arguments():
-    model = create_model("resnet20_adn").eval()
-    program = lower(model, (3, 8, 8), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
-    tensors = allocate_buffers(program, 1, "cpu", torch.float32)
-    mask = device_mask((False,) * 3)
-    with pytest.raises(ValueError, match="bodies=.host. needs skip"):
-        execute(program, tensors, mask, bodies="host")
-    with pytest.raises(ValueError, match="needs an IfNodeSplicer"):
-        execute(program, tensors, mask, bodies="conditional")
-    with pytest.raises(ValueError, match="use one of"):
-        execute(program, tensors, mask, bodies="sometimes")
-
-
-# ---- invariants --------------------------------------------------------------------------------------
-def _conv(x: Value, out: Value, residual: Value | None = None) -> Conv:
-    w = torch.zeros(4, 4, 1, 1)
-    one = torch.ones(4)
-    epilogue = Epilogue(scale=one, shift=one, residual=residual, in_place=residual is not None)
-    return Conv(x, out, w, epilogue, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), groups=1)
-
-
-def _program(items, inp, out) -> Program:
-    return Program(items, inp, out, 1, reference_kernels(), torch.float32, "toy")
-
-
-def test_validate_accepts_in_place_bodies_and_rejects_leaks():
-    inp, a, scratch = Value("in", (2, 2, 4)), Value("a", (2, 2, 4)), Value("s", (2, 2, 4))
-    out = Value("out", (2, 2, 4))
-    ok = _program([_conv(inp, a), Body(0, [_conv(a, scratch), _conv(scratch, a, residual=a)]), _conv(a, out)], inp, out)
-    validate(ok)
-    leak = _program([_conv(inp, a), Body(0, [_conv(a, scratch)]), _conv(scratch, out)], inp, out)
-    with pytest.raises(LoweringError, match="defined inside the skippable body of stage 0"):
-        validate(leak)
-    pooled = Value("p", (1, 1, 4))
-    alloc = _program([_conv(inp, a), Body(0, [MaxPool(a, pooled, 2, 2, 0)]), _conv(a, out)], inp, out)
-    with pytest.raises(LoweringError, match="allocates a temporary inside the skippable body"):
-        validate(alloc)
-    undefined = _program([_conv(a, out)], inp, out)
-    with pytest.raises(LoweringError, match="before any op writes it"):
-        validate(undefined)
-    not_in_place = _conv(a, out, residual=a)  # out must be the residual Value when in place
-    with pytest.raises(LoweringError, match="in_place=True but out is not its residual"):
-        validate(_program([_conv(inp, a), not_in_place], inp, out))
-    selects = _conv(inp, out)
-    selects.epilogue = Epilogue(scale=torch.ones(2, 4), select_index=1)  # mask slot 1 of a 1-stage program
-    with pytest.raises(LoweringError, match="selects its norm row with mask slot 1, but the program's mask has 1"):
-        validate(_program([selects], inp, out))
+# ---- what is not lowered ------------------------------------------------------------------------------
 
 
 def test_lowering_rejects_models_outside_its_families():

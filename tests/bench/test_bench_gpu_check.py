@@ -13,7 +13,7 @@ import pytest
 from bench import _harness as harness
 from bench._harness import ROW_KEYS
 
-SCRIPT = Path(__file__).resolve().parent / "gpu_check.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.sh"
 
 
 def run_script(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,8 @@ sub-network of ResNet-50-ADN and ViT-B/16-ADN (fp16, batch 1 and 64, both mechan
 all of them in any order, stream-ordered switching, a calibrated model (per-sub-network BN tables), dynamic batch,
 profile + select_skip.
 fp16 outputs are held to helpers.check_fp16_error (within a small multiple of torch's own fp16 error), the rule
-tests/test_engine_numerics_emulation.py checks for every family on the CPU. Skipped without CUDA (conftest.py)."""
+tests/engine/test_engine_numerics_emulation.py checks for every family on the CPU. Skipped without CUDA
+(conftest.py)."""
 
 from __future__ import annotations
 

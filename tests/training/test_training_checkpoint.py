@@ -22,7 +22,7 @@ from adaptive_kernels.training.checkpoint import (
     save_checkpoint,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
