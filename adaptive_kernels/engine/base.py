@@ -95,8 +95,9 @@ class Engine(nn.Module):
             )
 
     # ---- measuring -------------------------------------------------------------------------------
-    def profile(self, iters: int = 50, warmup: int = 5) -> dict[str, float]:
-        """Median latency in microseconds of every sub-network on the compile-time example input.
+    def profile(self, iters: int = 50, warmup: int = 5, *, batch_size: int | None = None) -> dict[str, float]:
+        """Median latency in microseconds of every sub-network on the compile-time example input, or on a batch of
+        ``batch_size`` copies of its first image (another batch size than the example's needs ``dynamic_batch``).
 
         The CUDA-graph engine times one graph replay with CUDA events; the others the wall clock of a call
         (synchronised on CUDA). Returns ``{"FFFF": us, ..., "TTTT": us}`` (super-net first), ready for
@@ -106,28 +107,41 @@ class Engine(nn.Module):
             raise ValueError(f"iters must be a positive int, got {iters!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        x = self._profile_input(batch_size)
         previous = self._skip
         table: dict[str, float] = {}
         try:
             for skip in self.skip_configs():
                 self.set_skip(skip)
-                table[skip_to_str(skip)] = statistics.median(self._time_runs(iters, warmup))
+                table[skip_to_str(skip)] = statistics.median(self._time_runs(x, iters, warmup))
         finally:
             self.set_skip(previous)
         return table
 
-    def _time_runs(self, iters: int, warmup: int) -> list[float]:
-        """Microseconds of ``iters`` calls on the example input after ``warmup`` untimed ones (wall clock)."""
+    def _profile_input(self, batch_size: int | None) -> torch.Tensor:
+        if batch_size is None or batch_size == self._input_shape[0]:
+            return self._example
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int or None (the example's batch), got {batch_size!r}")
+        if not self.dynamic_batch:
+            raise ValueError(
+                f"profile(batch_size={batch_size}): this engine runs batch {self._input_shape[0]} only; compile "
+                f"with dynamic_batch=True to profile other batch sizes"
+            )
+        return self._example[:1].expand(batch_size, *self._input_shape[1:]).contiguous()
+
+    def _time_runs(self, x: torch.Tensor, iters: int, warmup: int) -> list[float]:
+        """Microseconds of ``iters`` calls on ``x`` after ``warmup`` untimed ones (wall clock)."""
         cuda = self._device.type == "cuda"
         with torch.no_grad():
             for _ in range(warmup):
-                self(self._example)
+                self(x)
             times = []
             for _ in range(iters):
                 if cuda:
                     torch.cuda.synchronize(self._device)
                 t0 = time.perf_counter()
-                self(self._example)
+                self(x)
                 if cuda:
                     torch.cuda.synchronize(self._device)
                 times.append((time.perf_counter() - t0) * 1e6)

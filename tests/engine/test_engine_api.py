@@ -198,6 +198,24 @@ def test_profile_times_every_subnetwork_and_restores_the_skip(resnet20):
     assert select_skip(table, accuracy, budget) == (False, False, False)
     with pytest.raises(ValueError, match="iters must be a positive int"):
         engine.profile(iters=0)
+    with pytest.raises(ValueError, match=r"profile\(batch_size=4\): this engine runs batch 1 only; compile with dyn"):
+        engine.profile(batch_size=4)
+
+
+@needs_no_cuda
+def test_profile_at_another_batch_size_runs_that_batch(monkeypatch, resnet20):
+    engine = _engine(resnet20, torch.randn(2, 3, 16, 16), dynamic_batch=True)
+    seen = []
+    run = type(engine).forward
+    monkeypatch.setattr(type(engine), "forward", lambda self, x, skip=None: seen.append(tuple(x.shape)) or run(self, x))
+    table = engine.profile(iters=2, warmup=0, batch_size=5)
+    assert len(table) == 8 and set(seen) == {(5, 3, 16, 16)} and len(seen) == 16
+    seen.clear()
+    engine.profile(iters=1, warmup=0)  # None: the example's batch
+    assert set(seen) == {(2, 3, 16, 16)}
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
+            engine.profile(batch_size=bad)
 
 
 # ---- the graph-mode engine logic, with the CUDA graph replaced by eager execution ------------------------

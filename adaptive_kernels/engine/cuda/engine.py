@@ -109,11 +109,11 @@ class CudaGraphEngine(Engine):
         )
         return capture
 
-    def _time_runs(self, iters: int, warmup: int) -> list[float]:
-        """One graph replay per run, timed with CUDA events."""
+    def _time_runs(self, x: torch.Tensor, iters: int, warmup: int) -> list[float]:
+        """One graph replay per run, timed with CUDA events (a batch size not captured yet is captured first)."""
         with torch.no_grad():
-            capture = self._captures[self._input_shape[0]]
-            capture.input.copy_(self._example)
+            capture = self._captures.get(x.shape[0]) or self._capture(tuple(x.shape))
+            capture.input.copy_(x)
             for _ in range(warmup):
                 capture.graph.replay()
             times = []
