@@ -8,4 +8,6 @@ from .registry import create_model, list_models, register_model
 
 __all__ = ["ADNModel", "create_model", "list_models", "register_model"]
 
-import_family_files(__name__, __path__, shared={"base", "calibration", "norms", "registry", "skip"})
+#: the package's shared machinery; every other module here is a family file
+SHARED_MODULES = frozenset({"base", "calibration", "norms", "registry", "skip"})
+import_family_files(__name__, __path__, shared=SHARED_MODULES)

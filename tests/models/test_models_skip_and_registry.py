@@ -6,6 +6,7 @@ import pytest
 
 import adaptive_kernels as ak
 from adaptive_kernels import models
+from adaptive_kernels._discovery import import_family_files
 from adaptive_kernels.models import registry
 from adaptive_kernels.models.skip import all_skip_configs, parse_skip, skip_to_str
 
@@ -78,7 +79,7 @@ def test_a_new_family_file_is_all_a_new_family_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "__path__", [*models.__path__, str(tmp_path)])
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
     try:
-        models._import_families()
+        import_family_files(models.__name__, models.__path__, shared=models.SHARED_MODULES)
         assert "newfamily_adn" in ak.list_models()
     finally:
         sys.modules.pop("adaptive_kernels.models.newfamily", None)
