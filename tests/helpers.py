@@ -1,12 +1,19 @@
-"""Shared test helpers: models with randomised norms, the relative error, the fp16 error rule, the device mask."""
+"""Shared test helpers: models with randomised norms, the relative error, the fp16 error rule, the device mask, calls
+from many threads, the CUDA graph replaced by eager execution."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+import random
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
+from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
 from adaptive_kernels.models.skip import skip_to_mask
 from adaptive_kernels.numerics import relative_error
 
@@ -93,3 +100,51 @@ def check_fp16_error(got: torch.Tensor, want: torch.Tensor, torch_half: torch.Te
 def device_mask(skip: tuple[bool, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """The kernels' mask for a skip configuration: int32, 1 = run the stage's skippable sub-path."""
     return torch.tensor(skip_to_mask(skip), dtype=torch.int32, device=device)
+
+
+def wrong_outputs_from_threads(
+    call: Callable[[torch.Tensor, tuple[bool, ...]], torch.Tensor],
+    x: torch.Tensor,
+    want: Mapping[tuple[bool, ...], torch.Tensor],
+    *,
+    threads: int = 8,
+    calls: int = 25,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> int:
+    """How many of ``threads`` x ``calls`` outputs of ``call(x, skip)``, called from ``threads`` threads at once, are
+    not their own sub-network's: each call draws its ``skip`` at random (seeded per thread) from ``want``
+    ({skip: that sub-network's output, run alone}) and is wrong when its relative error exceeds ``tolerance``.
+
+    Every two outputs in ``want`` must differ by more than ``tolerance`` (asserted first): a call that ran another
+    sub-network then counts as wrong."""
+    for (a, ya), (b, yb) in itertools.combinations(want.items(), 2):
+        assert rel_err(ya, yb) > 10 * tolerance, f"sub-networks {a} and {b} are too alike to tell apart"
+    configs = list(want)
+    start = threading.Barrier(threads)
+
+    def run(thread: int) -> int:
+        rng = random.Random(seed * threads + thread)
+        start.wait()
+        picks = [rng.choice(configs) for _ in range(calls)]
+        with torch.no_grad():  # grad mode is per thread
+            return sum(rel_err(call(x, skip), want[skip]) > tolerance for skip in picks)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(run, range(threads)))  # a thread's exception is raised here
+
+
+class EagerCapture:
+    """Stands in for ``CapturedGraph`` on the CPU (monkeypatch ``engine.cuda.engine.CapturedGraph``): "replay"
+    executes the program eagerly with early exit, reading the engine's device mask exactly as the captured kernels
+    would."""
+
+    def __init__(self, program, input_shape, input_dtype, device, mask, mechanism, streams=None):
+        assert mechanism == "early_exit" and streams is None
+        self.program, self.mask = program, mask
+        self.tensors = allocate_buffers(program, input_shape[0], device, input_dtype)
+        self.input = self.tensors[program.input]
+
+    def replay(self, x):
+        self.input.copy_(x)
+        return execute(self.program, self.tensors, self.mask, bodies="early_exit")

@@ -1,7 +1,11 @@
-"""The runtime-neutral engine: what every runtime's engine shares (the skip state, ``set_skip``, ``profile``, the input
-checks). A runtime (``cuda/``, ``ort/``, ``reference.py``) subclasses :class:`Engine` with how it selects a
-sub-network (``_select``), runs one (``forward``) and, when it has a better clock than the wall, times one
-(``_time_runs``)."""
+"""The runtime-neutral engine: what every runtime's engine shares (the default sub-network, ``set_skip``, ``profile``,
+the input checks). A runtime (``cuda/``, ``ort/``, ``reference.py``) subclasses :class:`Engine` with how it runs one
+sub-network for one call (``_run``) and, when it has a better clock than the wall, times one (``_time_runs``).
+
+Threads (docs/engine.md, "Threads"): one engine serves calls from many threads. A call runs the sub-network it
+resolved when it started (its ``skip``, else the default) whatever other threads do; what a call needs is passed
+down, not stored on the engine, and a runtime with state shared by every call (the CUDA engine's static buffers and
+mask) makes its ``_run`` atomic."""
 
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from ..models.skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, sk
 class Engine(nn.Module):
     """An ADN model compiled for inference; build one with :func:`adaptive_kernels.compile`.
 
-    ``engine(x, skip=None)`` runs the sub-network ``skip`` (None keeps the one set last, initially the super-net) and
-    returns the logits (N, num_classes) as a new tensor. ``engine.set_skip(skip)`` switches sub-network without
-    rebuilding anything; ``engine.skip`` is the current one, ``skip_configs()`` all 2^S; ``profile()`` times each.
+    ``engine(x, skip=None)`` runs the sub-network ``skip`` (None: the default, the one set last, initially the
+    super-net; a ``skip`` becomes the default) and returns the logits (N, num_classes) as a new tensor.
+    ``engine.set_skip(skip)`` sets the default without rebuilding anything; ``engine.skip`` is the default,
+    ``skip_configs()`` all 2^S; ``profile()`` times each. Safe to call from many threads: a call with ``skip`` runs
+    exactly that sub-network.
     ``mechanism`` names how the engine runs: ``"conditional"`` / ``"early_exit"`` (one CUDA graph),
     ``"onnxruntime"`` (one ONNX graph on the CPU) or ``"reference"`` (the eager model). ``capture_count`` counts CUDA
     graph captures (0 for a runtime without graphs). Inputs must match the example input given to ``compile`` in
@@ -42,7 +48,7 @@ class Engine(nn.Module):
     # ---- skip configuration ----------------------------------------------------------------------
     @property
     def skip(self) -> SkipConfig:
-        """The sub-network the next call runs (True = skip that stage's skippable sub-path)."""
+        """The default sub-network, which calls without ``skip`` run (True = skip that stage's skippable sub-path)."""
         return self._skip
 
     def skip_configs(self) -> list[SkipConfig]:
@@ -50,19 +56,26 @@ class Engine(nn.Module):
         return all_skip_configs(self.num_skippable_stages)
 
     def set_skip(self, skip: SkipLike) -> None:
-        """Select the sub-network for the following calls: None/"super", "base", "TFFT" or a bool sequence."""
-        config = parse_skip(skip, self.num_skippable_stages)
-        if config != self._skip:
-            self._select(config)
-            self._skip = config
+        """Set the default sub-network, run by the following calls without ``skip``: None/"super", "base", "TFFT" or
+        a bool sequence. Calls already running (in other threads) keep theirs."""
+        self._skip = parse_skip(skip, self.num_skippable_stages)
 
-    def _select(self, skip: SkipConfig) -> None:
-        """Make the runtime run ``skip`` from the next call on (a runtime whose forward reads ``self._skip`` has
-        nothing to do)."""
+    def _call_skip(self, skip: SkipLike) -> SkipConfig:
+        """The sub-network a call with ``skip`` runs: the default for None, else ``skip``, which becomes the default."""
+        if skip is None:
+            return self._skip
+        config = parse_skip(skip, self.num_skippable_stages)
+        self._skip = config
+        return config
 
     # ---- running ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, skip: SkipLike = None) -> torch.Tensor:
         """x: (N, C, H, W) like the example input -> logits (N, num_classes)."""
+        self._check_input(x)
+        return self._run(x, self._call_skip(skip))
+
+    def _run(self, x: torch.Tensor, skip: SkipConfig) -> torch.Tensor:
+        """Sub-network ``skip`` on a checked input, whatever other threads run meanwhile; the default is not read."""
         raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -101,22 +114,16 @@ class Engine(nn.Module):
 
         The CUDA-graph engine times one graph replay with CUDA events; the others the wall clock of a call
         (synchronised on CUDA). Returns ``{"FFFF": us, ..., "TTTT": us}`` (super-net first), ready for
-        :func:`~adaptive_kernels.select_skip`. The current sub-network is restored afterwards.
+        :func:`~adaptive_kernels.select_skip`. Each run names its sub-network: the default is untouched, and calls
+        from other threads meanwhile run theirs (and, sharing the machine, slow the timings down).
         """
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"iters must be a positive int, got {iters!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
         x = self._profile_input(batch_size)
-        previous = self._skip
-        table: dict[str, float] = {}
-        try:
-            for skip in self.skip_configs():
-                self.set_skip(skip)
-                table[skip_to_str(skip)] = statistics.median(self._time_runs(x, iters, warmup))
-        finally:
-            self.set_skip(previous)
-        return table
+        return {skip_to_str(skip): statistics.median(self._time_runs(x, skip, iters, warmup))
+                for skip in self.skip_configs()}
 
     def _profile_input(self, batch_size: int | None) -> torch.Tensor:
         if batch_size is None or batch_size == self._input_shape[0]:
@@ -130,18 +137,18 @@ class Engine(nn.Module):
             )
         return self._example[:1].expand(batch_size, *self._input_shape[1:]).contiguous()
 
-    def _time_runs(self, x: torch.Tensor, iters: int, warmup: int) -> list[float]:
-        """Microseconds of ``iters`` calls on ``x`` after ``warmup`` untimed ones (wall clock)."""
+    def _time_runs(self, x: torch.Tensor, skip: SkipConfig, iters: int, warmup: int) -> list[float]:
+        """Microseconds of ``iters`` runs of sub-network ``skip`` on ``x`` after ``warmup`` untimed ones (wall clock)."""
         cuda = self._device.type == "cuda"
         with torch.no_grad():
             for _ in range(warmup):
-                self(x)
+                self._run(x, skip)
             times = []
             for _ in range(iters):
                 if cuda:
                     torch.cuda.synchronize(self._device)
                 t0 = time.perf_counter()
-                self(x)
+                self._run(x, skip)
                 if cuda:
                     torch.cuda.synchronize(self._device)
                 times.append((time.perf_counter() - t0) * 1e6)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..models.base import ADNModel
-from ..models.skip import SkipLike
+from ..models.skip import SkipConfig
 from .base import Engine
 
 
@@ -23,13 +23,10 @@ class ReferenceEngine(Engine):
         self._reference: nn.Module = copy.deepcopy(model).to(example_input.device).eval().requires_grad_(False)
         self._reference_dtype = next((p.dtype for p in self._reference.parameters()), example_input.dtype)
 
-    def forward(self, x: torch.Tensor, skip: SkipLike = None) -> torch.Tensor:
-        """x: (N, C, H, W) like the example input -> logits (N, num_classes) in the model's dtype."""
-        self._check_input(x)
-        if skip is not None:
-            self.set_skip(skip)
+    def _run(self, x: torch.Tensor, skip: SkipConfig) -> torch.Tensor:
+        """Logits (N, num_classes) in the model's dtype. The model takes its sub-network per call: no lock."""
         with torch.no_grad():
-            return self._reference(x.to(self._reference_dtype), self._skip)
+            return self._reference(x.to(self._reference_dtype), skip)
 
     def _describe(self) -> str:
         return type(self._reference).__name__

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..models.base import ADNModel
+from ..models.norms import running_subnet
 from ..models.skip import stage_bit
 
 
@@ -172,14 +173,10 @@ class MaskedForward(nn.Module):
         return self.epilogue(x)
 
     def _calibrated_forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        selection = self.model.subnet_selection
-        eager_index = selection.index
-        try:
-            # The branches read the id from the selection (a free variable of theirs, lifted by torch.cond).
-            selection.index = subnet_id(mask)
+        # The norms in the branches read the id from the running sub-network (a free variable of theirs, lifted by
+        # torch.cond); it is this trace's alone and reset on exit.
+        with running_subnet(subnet_id(mask)):
             return self._stages(x, mask)
-        finally:
-            selection.index = eager_index  # the eager model's selection is an int again
 
 
 _MASKED_FORWARDS: dict[type[ADNModel], type[MaskedForward]] = {}

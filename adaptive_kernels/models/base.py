@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
-from .norms import attach_selection, subnet_norms
+from .norms import attach_subnet_norms, running_subnet, subnet_norms
 from .skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, subnet_index
 
 
@@ -32,8 +33,8 @@ class ADNModel(nn.Module):
     upstream (torchvision) weights, ``_upstream_key(key)``.
     Normalisation layers whose module name ends in ``_skip`` are the skip-aware twins of the layer
     with the same name minus ``_skip``. Models with BatchNorm build it as ``SubnetBatchNorm2d``, call
-    ``self.attach_subnet_selection()`` at the end of ``__init__`` and ``self.select_subnet(skip)`` in
-    ``forward`` (see ``models/norms.py``).
+    ``self.attach_subnet_norms()`` at the end of ``__init__`` and run ``forward``'s layers inside
+    ``with self.running_subnet(skip):`` (see ``models/norms.py``).
     """
 
     num_skippable_stages: int
@@ -71,13 +72,15 @@ class ADNModel(nn.Module):
             )
 
     # ---- per-sub-network norm statistics (models/norms.py) --------------------------------
-    def attach_subnet_selection(self) -> None:
-        """Share one sub-network selection between this model and all its calibratable norms."""
-        self.subnet_selection = attach_selection(self, self.num_skippable_stages)
+    def attach_subnet_norms(self) -> None:
+        """Tell every calibratable norm how many sub-networks this model has (the rows of its table)."""
+        attach_subnet_norms(self, self.num_skippable_stages)
 
-    def select_subnet(self, skip: SkipConfig) -> None:
-        """Tell the norms which sub-network runs (a calibrated norm reads its table row from it)."""
-        self.subnet_selection.index = subnet_index(skip)
+    def running_subnet(self, skip: SkipConfig) -> AbstractContextManager[None]:
+        """``with model.running_subnet(skip):`` the calibrated norms this thread runs inside the block read the
+        table row of sub-network ``skip``. Per call and per thread, not stored on the model: threads sharing one
+        model each get their own sub-network."""
+        return running_subnet(subnet_index(skip))
 
     @property
     def is_calibrated(self) -> bool:

@@ -122,7 +122,7 @@ def calibrate(
     cfgs = _parse_configs(model, configs)
     batches = _batches(images, batch_size)
     p = next(model.parameters())
-    num_subnets = norms[0].selection.num_subnets
+    num_subnets = norms[0].num_subnets
     stats = {norm: _Statistics(num_subnets, norm) for norm in norms}
     modes = {m: m.training for m in model.modules()}
     done = 0

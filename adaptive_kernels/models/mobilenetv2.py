@@ -189,7 +189,7 @@ class MobileNetV2ADN(ADNModel):
         features.append(ConvNormActivation(channels, last_channels, 1, stage=last, skippable=False))
         self.features = SkipAwareFeatures(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_channels, num_classes))
-        self.attach_subnet_selection()
+        self.attach_subnet_norms()
 
         # torchvision's initialisation.
         for m in self.modules():
@@ -223,8 +223,8 @@ class MobileNetV2ADN(ADNModel):
         """x: (N, in_chans, H, W) -> logits (N, num_classes). ``skip``: None/"super", "base", "TFTFT", bools."""
         self.check_input(x)
         skip = self.parse_skip(skip)
-        self.select_subnet(skip)
-        x = self.features(x, skip)
+        with self.running_subnet(skip):
+            x = self.features(x, skip)
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 

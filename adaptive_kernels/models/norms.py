@@ -1,4 +1,4 @@
-"""Skip-aware BatchNorm: the per-sub-network statistics tables a calibrated model normalises with, and the shared
+"""Skip-aware BatchNorm: the per-sub-network statistics tables a calibrated model normalises with, and the per-call
 selection of the sub-network that picks a table row. ``calibrate`` (``models/calibration.py``) fills the tables;
 this docstring is their format, shared with the engine's lowering and the one-graph export:
 
@@ -9,27 +9,43 @@ this docstring is their format, shared with the engine's lowering and the one-gr
   eps unchanged); in train mode it is a plain BatchNorm. An uncalibrated norm is a plain BatchNorm (its
   table buffers are ``None``: its state dict has exactly BatchNorm's keys).
 
-The model tells its norms which sub-network runs through one small shared ``SubnetSelection`` object that
-its ``forward`` updates (one integer store per call, not one per norm).
+The model's ``forward`` tells its norms which sub-network runs through :func:`running_subnet`, a thread-local value
+set for the duration of the call (one store per call, not one per norm): threads sharing one model each normalise
+with their own call's row, and nothing per call is stored on the modules. (Thread-local rather than a
+``contextvars.ContextVar``: ``torch.compile(fullgraph=True)`` traces the one, not the other; a forward never awaits,
+so asyncio tasks cannot interleave inside it.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+# ``.index``: ``subnet_index`` of the sub-network this thread's running forward computes (unset, i.e. 0, the super-net,
+# outside one). While the one-graph export traces, a scalar int64 tensor computed from the mask input.
+_RUNNING = threading.local()
 
-@dataclass(slots=True)
-class SubnetSelection:
-    """The sub-network a model runs now (``index`` = ``subnet_index(skip)``), shared by the model and its norms.
-    While the one-graph export traces, ``index`` is a scalar int64 tensor computed from the mask input."""
 
-    index: int | torch.Tensor
-    num_subnets: int
+def _running_index() -> int | torch.Tensor:
+    return getattr(_RUNNING, "index", 0)
+
+
+@contextmanager
+def running_subnet(index: int | torch.Tensor) -> Iterator[None]:
+    """Calibrated norms run by this thread inside the ``with`` block normalise with row ``index`` of their tables
+    (``subnet_index(skip)``, or a scalar int64 tensor while the one-graph export traces); restored on exit."""
+    previous = _running_index()
+    _RUNNING.index = index
+    try:
+        yield
+    finally:
+        _RUNNING.index = previous
 
 
 class BatchStatistics(Protocol):
@@ -41,24 +57,24 @@ class BatchStatistics(Protocol):
 
 class SubnetBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that, once calibrated, normalises in eval mode with the statistics of the running
-    sub-network (row ``selection.index`` of ``subnet_mean`` / ``subnet_var``). x: (N, C, H, W) -> same."""
+    sub-network (row :func:`running_subnet` of ``subnet_mean`` / ``subnet_var``). x: (N, C, H, W) -> same."""
 
     def __init__(self, num_features: int, **kwargs: Any) -> None:
         super().__init__(num_features, **kwargs)
         # None buffers are left out of the state dict: an uncalibrated norm saves and loads as BatchNorm.
         self.register_buffer("subnet_mean", None)
         self.register_buffer("subnet_var", None)
-        self.selection: SubnetSelection | None = None  # set by the owning ADN model
+        self.num_subnets: int | None = None  # the table's rows (2^S), set by the owning ADN model
         self.statistics: BatchStatistics | None = None  # set while ``calibrate`` runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.statistics is not None:
             # Calibration: train-mode normalisation with the batch's own statistics (what the norm computes
             # in training), but the running statistics stay untouched.
-            return self.statistics.normalize(self, self.selection.index, x)
+            return self.statistics.normalize(self, _running_index(), x)
         if self.subnet_mean is None or self.training:
             return super().forward(x)
-        j = self.selection.index
+        j = _running_index()
         if isinstance(j, torch.Tensor):  # one-graph export: the id is a graph value (index_select: a static shape)
             mean, var = (t.index_select(0, j.reshape(1)).squeeze(0) for t in (self.subnet_mean, self.subnet_var))
         else:
@@ -67,11 +83,10 @@ class SubnetBatchNorm2d(nn.BatchNorm2d):
 
     def allocate_subnet_table(self) -> None:
         """Create the (2^S, C) table buffers, every row a copy of the running statistics."""
-        if self.selection is None:
-            raise RuntimeError("this norm belongs to no ADN model (no sub-network selection): it cannot be calibrated")
-        rows = self.selection.num_subnets
-        self.subnet_mean = self.running_mean.detach().expand(rows, -1).clone()
-        self.subnet_var = self.running_var.detach().expand(rows, -1).clone()
+        if self.num_subnets is None:
+            raise RuntimeError("this norm belongs to no ADN model (no count of sub-networks): it cannot be calibrated")
+        self.subnet_mean = self.running_mean.detach().expand(self.num_subnets, -1).clone()
+        self.subnet_var = self.running_var.detach().expand(self.num_subnets, -1).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A calibrated state dict loads into a fresh (uncalibrated) model: make room for its tables first.
@@ -85,12 +100,10 @@ def subnet_norms(model: nn.Module) -> list[SubnetBatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, SubnetBatchNorm2d)]
 
 
-def attach_selection(model: nn.Module, num_stages: int) -> SubnetSelection:
-    """Give ``model`` and all its ``SubnetBatchNorm2d`` one shared selection (super-net selected)."""
-    selection = SubnetSelection(index=0, num_subnets=2**num_stages)
+def attach_subnet_norms(model: nn.Module, num_stages: int) -> None:
+    """Tell every ``SubnetBatchNorm2d`` of ``model`` how many sub-networks it has (the rows of a table)."""
     for norm in subnet_norms(model):
-        norm.selection = selection
-    return selection
+        norm.num_subnets = 2**num_stages
 
 
 def prepare_for_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

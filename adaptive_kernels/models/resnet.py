@@ -204,7 +204,7 @@ class ResNetADN(ADNModel):
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        self.attach_subnet_selection()
+        self.attach_subnet_norms()
 
         # torchvision's initialisation (the Linear keeps PyTorch's default).
         for m in self.modules():
@@ -223,10 +223,10 @@ class ResNetADN(ADNModel):
         """x: (N, in_chans, H, W) -> logits (N, num_classes). ``skip``: None/"super", "base", "TFFT", bools."""
         self.check_input(x)
         skip = self.parse_skip(skip)
-        self.select_subnet(skip)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage, skip_stage in zip(self.stages, skip):
-            x = stage(x, skip_stage)
+        with self.running_subnet(skip):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            for stage, skip_stage in zip(self.stages, skip):
+                x = stage(x, skip_stage)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 

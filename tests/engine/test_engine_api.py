@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import EagerCapture, randomize
 from torch import nn
 
 import adaptive_kernels
@@ -20,7 +20,6 @@ from adaptive_kernels.engine.cuda import engine as engine_module
 from adaptive_kernels.engine.cuda.capture import conditional_nodes_unavailable
 from adaptive_kernels.engine.cuda.engine import CudaGraphEngine, resolve_mechanism
 from adaptive_kernels.engine.cuda.lowering import lower
-from adaptive_kernels.engine.cuda.runtime import allocate_buffers, execute
 from adaptive_kernels.kernels import reference_kernels
 from adaptive_kernels.models.skip import skip_to_str
 
@@ -186,7 +185,7 @@ def test_mechanism_resolution():
 
 # ---- profile ---------------------------------------------------------------------------------------------
 @needs_no_cuda
-def test_profile_times_every_subnetwork_and_restores_the_skip(resnet20):
+def test_profile_times_every_subnetwork_and_keeps_the_default(resnet20):
     engine = _engine(resnet20, torch.randn(1, 3, 16, 16))
     engine.set_skip("FTF")
     table = engine.profile(iters=2, warmup=1)
@@ -206,8 +205,8 @@ def test_profile_times_every_subnetwork_and_restores_the_skip(resnet20):
 def test_profile_at_another_batch_size_runs_that_batch(monkeypatch, resnet20):
     engine = _engine(resnet20, torch.randn(2, 3, 16, 16), dynamic_batch=True)
     seen = []
-    run = type(engine).forward
-    monkeypatch.setattr(type(engine), "forward", lambda self, x, skip=None: seen.append(tuple(x.shape)) or run(self, x))
+    run = type(engine)._run
+    monkeypatch.setattr(type(engine), "_run", lambda self, x, skip: seen.append(tuple(x.shape)) or run(self, x, skip))
     table = engine.profile(iters=2, warmup=0, batch_size=5)
     assert len(table) == 8 and set(seen) == {(5, 3, 16, 16)} and len(seen) == 16
     seen.clear()
@@ -219,24 +218,9 @@ def test_profile_at_another_batch_size_runs_that_batch(monkeypatch, resnet20):
 
 
 # ---- the graph-mode engine logic, with the CUDA graph replaced by eager execution ------------------------
-class _EagerCapture:
-    """Stands in for CapturedGraph on the CPU: "replay" executes the program eagerly with early exit, reading
-    the engine's device mask exactly as the captured kernels would."""
-
-    def __init__(self, program, input_shape, input_dtype, device, mask, mechanism, streams=None):
-        assert mechanism == "early_exit" and streams is None
-        self.program, self.mask = program, mask
-        self.tensors = allocate_buffers(program, input_shape[0], device, input_dtype)
-        self.input = self.tensors[program.input]
-
-    def replay(self, x):
-        self.input.copy_(x)
-        return execute(self.program, self.tensors, self.mask, bodies="early_exit")
-
-
 def test_graph_mode_engine_follows_set_skip_and_captures_once(monkeypatch, resnet20, caplog):
     caplog.set_level("INFO", logger="adaptive_kernels.engine.cuda.engine")
-    monkeypatch.setattr(engine_module, "CapturedGraph", _EagerCapture)
+    monkeypatch.setattr(engine_module, "CapturedGraph", EagerCapture)
     x = torch.randn(2, 3, 16, 16)
     program = lower(resnet20, (3, 16, 16), kernels=reference_kernels(), dtype=torch.float32, device="cpu")
     engine = CudaGraphEngine(program, x, mechanism="early_exit", dynamic_batch=True)

@@ -1,19 +1,22 @@
 """On a GPU: the IF-node splice itself, then the engine against the fp32 reference model for every
 sub-network of ResNet-50-ADN and ViT-B/16-ADN (fp16, batch 1 and 64, both mechanisms), one capture for
 all of them in any order, stream-ordered switching, a calibrated model (per-sub-network BN tables), dynamic batch,
-profile + select_skip.
+profile + select_skip, one engine called from many threads and streams at once.
 fp16 outputs are held to helpers.check_fp16_error (within a small multiple of torch's own fp16 error), the rule
 tests/engine/test_engine_numerics_emulation.py checks for every family on the CPU. Skipped without CUDA
 (conftest.py)."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import check_fp16_error, randomize, rel_err, torch_fp16
+from helpers import check_fp16_error, randomize, rel_err, torch_fp16, wrong_outputs_from_threads
 
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine import compile, select_skip
@@ -143,6 +146,37 @@ def test_calibrated_model_every_subnetwork_from_one_capture(mechanism):
         for skip, got in zip(picks, outs):
             assert rel_err(got, want[skip]) < 1e-4, (mechanism, skip, rel_err(got, want[skip]))
     assert engine.capture_count == 1
+
+
+@pytest.mark.parametrize("mechanism", ["conditional", "early_exit"])
+def test_threads_on_their_own_streams_each_get_their_own_subnetwork(mechanism):
+    # one engine, 8 threads at once (every other one on a CUDA stream of its own) while profile() runs in another:
+    # the lock and the stream ordering keep each call's mask, input and output its own (docs/engine.md, "Threads")
+    _needs_conditional(mechanism)
+    torch.manual_seed(5)
+    model = randomize(create_model("resnet20_adn").cuda(), calibrate=(8, 3, 32, 32))
+    calibrate(model, 3 * torch.randn(16, 3, 32, 32, device="cuda") + 1)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    engine = compile(model, x, dtype=torch.float32, mechanism=mechanism)
+    with torch.no_grad():
+        want = {skip: model(x, skip) for skip in model.skip_configs()}
+    torch.cuda.synchronize()
+    own, threads = threading.local(), itertools.count()
+
+    def call(x, skip):
+        if not hasattr(own, "stream"):
+            own.stream = torch.cuda.Stream() if next(threads) % 2 else torch.cuda.current_stream()
+        with torch.cuda.stream(own.stream):
+            out = engine(x, skip)
+        own.stream.synchronize()
+        return out
+
+    with ThreadPoolExecutor(1) as pool:
+        profiling = pool.submit(engine.profile, iters=5, warmup=1)
+        wrong = wrong_outputs_from_threads(call, x, want)
+        table = profiling.result()
+    assert wrong == 0, f"{mechanism}: {wrong} of 200 outputs were not their own sub-network's"
+    assert len(table) == 8 and engine.capture_count == 1
 
 
 def test_dynamic_batch_captures_once_per_batch_size(caplog):

@@ -11,11 +11,12 @@ import copy
 
 import pytest
 import torch
-from helpers import device_mask, randomize, rel_err
+from helpers import EagerCapture, device_mask, randomize, rel_err
 from torch import nn
 
 import adaptive_kernels
 from adaptive_kernels import create_model, list_models
+from adaptive_kernels.engine.cuda import engine as engine_module
 from adaptive_kernels.engine.cuda.engine import CudaGraphEngine
 from adaptive_kernels.engine.cuda.lowering import LoweringError, NotLoweredError, fold_batchnorm, lower
 from adaptive_kernels.engine.cuda.ops import Attention, Conv, Gather
@@ -157,9 +158,10 @@ def test_fold_batchnorm_tables_match_each_subnetwork_of_a_calibrated_norm():
     scale, shift = fold_batchnorm(bn.double(), bias, subnet_rows=8)
     y = torch.randn(2, bn.num_features, 3, 3, dtype=torch.float64)
     for skip in model.skip_configs():
-        model.select_subnet(skip)
+        with model.running_subnet(skip):
+            want = bn(y + bias[:, None, None])
         j = subnet_index(skip)
-        torch.testing.assert_close(y * scale[j, :, None, None] + shift[j, :, None, None], bn(y + bias[:, None, None]))
+        torch.testing.assert_close(y * scale[j, :, None, None] + shift[j, :, None, None], want)
     with pytest.raises(LoweringError, match=r"calibration tables have shape \(8, 32\), expected \(4, 32\)"):
         fold_batchnorm(bn, subnet_rows=4)
 
@@ -267,26 +269,26 @@ def test_calibrated_program_rejects_a_mask_without_the_id_slot():
         execute(program, tensors, device_mask((False,) * 3), bodies="early_exit")
 
 
-def test_set_skip_writes_the_subnet_id(monkeypatch):
-    # the engine's mask without a GPU: the capture is stubbed out; set_skip must write the stage bits AND the id,
-    # and that mask must drive the program to the calibrated model's sub-network
-    monkeypatch.setattr(CudaGraphEngine, "_capture", lambda self, shape: None)
+def test_a_call_writes_the_stage_bits_and_the_subnet_id(monkeypatch):
+    # the engine's mask without a GPU: the capture executes eagerly; a call must write the stage bits AND the id,
+    # and that mask must drive the program to the calibrated model's sub-network. set_skip alone writes nothing.
+    monkeypatch.setattr(engine_module, "CapturedGraph", EagerCapture)
     model, _, shape = calibrated("resnet20_adn")
     program = lower(model, shape[1:], kernels=reference_kernels(), dtype=torch.float32, device="cpu")
     x = torch.randn(shape)
     engine = CudaGraphEngine(program, x, mechanism="early_exit", dynamic_batch=False)
-    assert engine._mask.tolist() == [1, 1, 1, 0]  # the super-net: every stage runs, id 0
-    tensors = allocate_buffers(program, shape[0], "cpu", torch.float32)
     mask = engine._mask
+    assert mask.tolist() == [1, 1, 1, 0]  # the super-net: every stage runs, id 0
     for skip, want_mask in [
         ("TFT", [0, 1, 0, 5]),
         ("base", [0, 0, 0, 7]),
         ("FTF", [1, 0, 1, 2]),
         ("super", [1] * 3 + [0]),
     ]:
+        before = mask.tolist()
         engine.set_skip(skip)
-        assert engine._mask is mask and mask.tolist() == want_mask  # one buffer, rewritten in place
-        tensors[program.input].copy_(x)
+        assert mask.tolist() == before
         with torch.no_grad():
-            got = execute(program, tensors, engine._mask, bodies="early_exit")
+            got = engine(x)
+            assert engine._mask is mask and mask.tolist() == want_mask  # one buffer, rewritten in place
             assert rel_err(got, model(x, skip)) < FP32_TOL

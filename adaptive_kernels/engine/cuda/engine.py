@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 
 from ...kernels import triton_kernels
 from ...models.base import ADNModel
-from ...models.skip import SkipConfig, SkipLike
+from ...models.skip import SkipConfig
 from ..base import Engine
 from .capture import CapturedGraph, capture_streams, conditional_nodes_unavailable
 from .lowering import lower
@@ -50,9 +51,14 @@ class CudaGraphEngine(Engine):
     sub-network; ``mechanism`` is ``"conditional"`` (skipped sub-paths are CUDA IF nodes that launch nothing) or
     ``"early_exit"`` (their kernels return at once).
 
-    ``set_skip`` is one tiny device-to-device copy into the skip mask, ordered on the current CUDA stream before the
-    next replay: no host sync, no re-capture. Outputs are in the engine's compute dtype. The engine keeps working
-    copies of the weights: later changes to the model are not seen.
+    A call that runs another sub-network than the call before writes the skip mask (one tiny device-to-device copy,
+    ordered on the current CUDA stream before its replay: no host sync, no re-capture); ``set_skip`` only sets the
+    default. Outputs are in the engine's compute dtype. The engine keeps working copies of the weights: later changes
+    to the model are not seen.
+
+    Threads: the graph's static input, output and mask are shared by every call, so a call (mask write, copy in,
+    replay, copy out) is enqueued under a lock, and a call on another CUDA stream than the call before first waits
+    for that stream: on the device too, calls run one after another, each with its own sub-network.
     """
 
     def __init__(self, program: Program, example_input: torch.Tensor, *, mechanism: str, dynamic_batch: bool) -> None:
@@ -63,30 +69,42 @@ class CudaGraphEngine(Engine):
         self._captures: dict[int, CapturedGraph] = {}
         # the stage bits, then (calibrated model) the sub-network id; set_skip rewrites them together
         self._mask = torch.tensor(program.mask_values(self._skip), dtype=torch.int32, device=self._device)
+        self._mask_skip = self._skip  # the sub-network the mask holds once the calls enqueued so far have run
         self._device_masks: dict[SkipConfig, torch.Tensor] = {self._skip: self._mask.clone()}
         self._streams = None  # conditional: the capture and IF-body streams of every capture, drawn together
         if mechanism == "conditional":
             self._streams = capture_streams(lambda: torch.cuda.Stream(self._device))
+        # held while a call is enqueued: the static buffers, the mask and the captures are every call's
+        self._lock = threading.Lock()
         self._capture(self._input_shape)
+        self._last_stream = self._current_stream()  # the stream of the call enqueued last
 
-    def _select(self, skip: SkipConfig) -> None:
-        cached = self._device_masks.get(skip)
-        if cached is None:
-            # 1 = run the skippable sub-path; a calibrated program appends the sub-network id (its BN table row)
-            with torch.inference_mode(False):
-                cached = torch.tensor(self._program.mask_values(skip), dtype=torch.int32, device=self._device)
-            self._device_masks[skip] = cached
-        with torch.no_grad():
+    def _run(self, x: torch.Tensor, skip: SkipConfig) -> torch.Tensor:
+        """Logits (N, num_classes) in the compute dtype, a new tensor."""
+        with self._lock, torch.no_grad():
+            return self._prepare(x, skip).replay(x).clone()
+
+    def _prepare(self, x: torch.Tensor, skip: SkipConfig) -> CapturedGraph:
+        """With the lock held: order this call after the one before, point the mask at ``skip`` and return the
+        graph of x's batch size (captured first if new)."""
+        stream = self._current_stream()
+        if stream != self._last_stream:
+            # the call before may still be reading or writing the static buffers on its stream
+            stream.wait_stream(self._last_stream)
+            self._last_stream = stream
+        if skip != self._mask_skip:
+            cached = self._device_masks.get(skip)
+            if cached is None:
+                # 1 = run the skippable sub-path; a calibrated program appends the sub-network id (its BN table row)
+                with torch.inference_mode(False):
+                    cached = torch.tensor(self._program.mask_values(skip), dtype=torch.int32, device=self._device)
+                self._device_masks[skip] = cached
             self._mask.copy_(cached)
+            self._mask_skip = skip
+        return self._captures.get(x.shape[0]) or self._capture(tuple(x.shape))
 
-    def forward(self, x: torch.Tensor, skip: SkipLike = None) -> torch.Tensor:
-        """x: (N, C, H, W) like the example input -> logits (N, num_classes) in the compute dtype, a new tensor."""
-        self._check_input(x)
-        if skip is not None:
-            self.set_skip(skip)
-        with torch.no_grad():
-            capture = self._captures.get(x.shape[0]) or self._capture(tuple(x.shape))
-            return capture.replay(x).clone()
+    def _current_stream(self) -> torch.Stream:
+        return torch.get_device_module(self._device).current_stream(self._device)
 
     def _capture(self, shape: tuple[int, ...]) -> CapturedGraph:
         if self._captures:
@@ -109,22 +127,22 @@ class CudaGraphEngine(Engine):
         )
         return capture
 
-    def _time_runs(self, x: torch.Tensor, iters: int, warmup: int) -> list[float]:
-        """One graph replay per run, timed with CUDA events (a batch size not captured yet is captured first)."""
-        with torch.no_grad():
-            capture = self._captures.get(x.shape[0]) or self._capture(tuple(x.shape))
-            capture.input.copy_(x)
-            for _ in range(warmup):
-                capture.graph.replay()
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def _time_runs(self, x: torch.Tensor, skip: SkipConfig, iters: int, warmup: int) -> list[float]:
+        """One graph replay per run, timed with CUDA events (a batch size not captured yet is captured first). The
+        lock is taken per run: calls from other threads go on between runs, not between a run's events."""
+        times = []
+        for run in range(warmup + iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with self._lock, torch.no_grad():
+                capture = self._prepare(x, skip)
+                capture.input.copy_(x)
                 start.record()
                 capture.graph.replay()
                 end.record()
-                end.synchronize()
+            end.synchronize()
+            if run >= warmup:
                 times.append(start.elapsed_time(end) * 1000.0)
-            return times
+        return times
 
     def _describe(self) -> str:
         return repr(self._program)

@@ -3,8 +3,9 @@ when ``onnxruntime`` is installed: ``pip install adaptive_kernels[onnx]``).
 
 The graph is ``export_onnx(model, ...)`` with ``skip=None``: an ``If`` per stage on an int32 mask input, served
 as ONNX Runtime optimises it for this CPU with the blocked layout kept across the stage boundaries
-(``layout.machine_layout``). The engine owns that mask as a NumPy array fed with every run, so ``set_skip``
-writes S integers and rebuilds nothing, like the GPU engine's device mask.
+(``layout.machine_layout``). The engine keeps the default sub-network's mask as a NumPy array, so ``set_skip``
+rebuilds nothing, and each call feeds ONNX Runtime the mask of its own sub-network: the session is the only
+state calls share, and ``InferenceSession.run`` may be called from many threads at once.
 """
 
 from __future__ import annotations
@@ -80,8 +81,18 @@ class OnnxRuntimeEngine(Engine):
         self._image_shape = self._input_shape[1:]
 
     def set_skip(self, skip: SkipLike) -> None:
-        """Select the sub-network for the following calls (see :meth:`~..base.Engine.set_skip`): its mask is fed
-        with every run, nothing is rebuilt."""
+        """Set the default sub-network (see :meth:`~..base.Engine.set_skip`): its mask is fed with every call
+        without ``skip``, nothing is rebuilt."""
+        self._set_default(skip)
+
+    def _set_default(self, skip: SkipLike) -> np.ndarray:
+        """Make ``skip`` the default and return its mask."""
+        _, self._skip, mask = self._known(skip)
+        self._mask = mask
+        return mask
+
+    def _known(self, skip: SkipLike) -> tuple[SkipLike, SkipConfig, np.ndarray]:
+        """(skip, its configuration, its mask), parsed once per immutable ``skip`` object."""
         known = self._known_skips.get(id(skip))
         if known is None or known[0] is not skip:
             config = parse_skip(skip, self.num_skippable_stages)
@@ -90,7 +101,7 @@ class OnnxRuntimeEngine(Engine):
                 # held, so its id stays its own; immutable, so the same object is the same sub-network: not
                 # parsed again when forward(x, skip) gets it back (parsing costs ~60 us right after a run)
                 self._known_skips[id(skip)] = known
-        _, self._skip, self._mask = known
+        return known
 
     def set_mask(self, mask: torch.Tensor | np.ndarray) -> None:
         """Select the sub-network by its mask: int32 (S,), 1 = run stage k's skippable sub-path, 0 = skip it."""
@@ -110,6 +121,19 @@ class OnnxRuntimeEngine(Engine):
 
     def forward(self, x: torch.Tensor, skip: SkipLike = None) -> torch.Tensor:
         """x: (N, C, H, W) like the example input -> float32 logits (N, num_classes), a new tensor."""
+        array = self._input_array(x)
+        # the mask read once: another thread's set_skip between here and the run does not change this call's
+        mask = self._mask if skip is None else self._set_default(skip)
+        return self._infer(array, mask)
+
+    def _run(self, x: torch.Tensor, skip: SkipConfig) -> torch.Tensor:
+        return self._infer(self._input_array(x), self._known(skip)[2])
+
+    def _infer(self, array: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self._session.run(self._output_names, {INPUT: array, MASK: mask})[0])
+
+    def _input_array(self, x: torch.Tensor) -> np.ndarray:
+        """x as the float32 array ONNX Runtime takes (checked)."""
         # Lean on purpose: right after a run the caches hold the model, and every torch call costs tens of us.
         # Measured on 2 cores, a call around a no-op session right after a MobileNetV2-ADN run: Engine.forward's
         # checks and conversions 290 us (360 us switching sub-network), this path 160 us (175 us); of a 4.5 ms
@@ -124,9 +148,7 @@ class OnnxRuntimeEngine(Engine):
                 or (array.shape[0] != self._input_shape[0] and not self.dynamic_batch)):
             self._check_input(x)
             array = x.detach().float().numpy()
-        if skip is not None:
-            self.set_skip(skip)
-        return torch.from_numpy(self._session.run(self._output_names, {INPUT: array, MASK: self._mask})[0])
+        return array
 
     def _describe(self) -> str:
         return self._model_name
