@@ -11,10 +11,10 @@ import argparse
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from .._files import check_output_file
 from ..models.calibration import CalibrationResult, calibrate
 from ..training.checkpoint import model_from_checkpoint, save_checkpoint
 from ..training.data import (
@@ -84,8 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'calib.pt'}")
+    check_output_file(args.out, "--out")
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       num_workers=args.workers, augment=False)
     calibrate_checkpoint(args.checkpoint, data, args.out, num_images=args.images, batch_size=args.batch_size,

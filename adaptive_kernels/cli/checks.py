@@ -105,17 +105,6 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> Path:
-    """Like ``check_output_dir`` for a file the command writes at its end (e.g. ``eval --json``)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
-    check_output_dir(path.parent, flag)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} exists and is not writable; choose another {flag}")
-    return path
-
-
 def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """The data flags of every command that reads a dataset (``default``: --data's default; None: required)."""
     p.add_argument("--data", choices=DATASETS, default=default, required=default is None, help="dataset")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._files import write_text
 from ..engine import select_skip
 from ..models import create_model
 from ..models.calibration import calibrate
@@ -233,7 +234,7 @@ def run_demo(
     table = format_table(results, latency_batch=LATENCY_BATCH, as_trained=as_trained)
     echo(table)
     rows = [{**r.to_dict(), "accuracy_as_trained": as_trained[r.skip]} for r in results]
-    (out_dir / "subnets.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(out_dir / "subnets.json", json.dumps(rows, indent=1) + "\n")
     selections = budget_choices(results)
     for c in selections:
         echo(f"[demo] latency budget {c['budget_us']:.0f} us (batch {LATENCY_BATCH}) -> select_skip picks "
@@ -256,7 +257,7 @@ def run_demo(
         "total_seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "latency_batch": LATENCY_BATCH, "selections": selections,
     }
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text(out_dir / "summary.json", json.dumps(result, indent=1) + "\n")
     echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
     for name in ("last.pt", "calibrated.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
         echo(f"  {out_dir / name}")

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._files import check_output_file, write_text
 from ..engine import compile
 from ..engine.ort.engine import onnxruntime_unavailable
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
 from ..training.evaluate import evaluate_subnets, format_table
-from .checks import HelpFormatter, add_data_args, check_output_file, device_name, positive_int
+from .checks import HelpFormatter, add_data_args, device_name, positive_int
 
 
 def latency_source(model: nn.Module, input_shape: tuple[int, int, int, int], device: torch.device | str) -> nn.Module:
@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
           f"({data.num_test} images), {device}, {torch.get_num_threads()} threads")
     print(format_table(results, latency_batch=args.latency_batch))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+        write_text(args.json, json.dumps([r.to_dict() for r in results], indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -4,10 +4,10 @@ and check it against the model, sub-network by sub-network, before reporting suc
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
+from .._files import atomic_path, check_output_file
 from ..export import FORMATS, export_onnx, export_pt2, verify_onnx
 from ..models import create_model, list_models
 from ..models.base import ADNModel
@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace) -> tuple[ADNModel, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = check_output_file(args.out, "--out")
     model, trained_size = _load(args)
     model.eval()
     size = args.image_size or getattr(model, "image_size", None) or trained_size or 224
@@ -60,27 +60,29 @@ def run(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
     # the check runs another batch size than the traced one, so a batch baked into the graph would show
     check = torch.randn(args.batch_size + 1, model.in_chans, size, size, generator=torch.Generator().manual_seed(1))
-    if args.format == "onnx":
-        export_onnx(model, out, x, skip=args.skip)
-        skips = None if args.skip is None else [args.skip]
-        errors = verify_onnx(out, model, check, skips)
-        checked_by = "ONNX Runtime"
-    else:
-        skip = model.parse_skip(args.skip)
-        export_pt2(model, out, x, skip=skip)
-        with torch.no_grad():
-            got = torch.export.load(str(out)).module()(check)
-            errors = {skip_to_str(skip): relative_error(got, model(check, skip))}
-        checked_by = "torch.export.load"
-    what = "every sub-network in one graph" if args.format == "onnx" and args.skip is None else "one sub-network"
-    print(f"{type(model).__name__} ({what}), input (N, {model.in_chans}, {size}, {size}) -> {out} "
-          f"({out.stat().st_size / 1e6:.1f} MB)")
-    print(f"relative error, {checked_by} vs the model (batch {check.shape[0]}, fp32):")
-    for config, error in errors.items():
-        print(f"  {config}  {error:.2e}{'' if error < TOLERANCE else '  FAILED'}")
-    bad = [c for c, e in errors.items() if not e < TOLERANCE]
-    if bad:
-        raise ValueError(f"{out} does not match the model for {', '.join(bad)} (tolerance {TOLERANCE:g}); "
-                         f"please report this with the model name")
+    # Written beside --out and checked there: a file that fails the check never replaces a good one.
+    with atomic_path(out) as tmp:
+        if args.format == "onnx":
+            export_onnx(model, tmp, x, skip=args.skip)
+            skips = None if args.skip is None else [args.skip]
+            errors = verify_onnx(tmp, model, check, skips)
+            checked_by = "ONNX Runtime"
+        else:
+            skip = model.parse_skip(args.skip)
+            export_pt2(model, tmp, x, skip=skip)
+            with torch.no_grad():
+                got = torch.export.load(str(tmp)).module()(check)
+                errors = {skip_to_str(skip): relative_error(got, model(check, skip))}
+            checked_by = "torch.export.load"
+        what = "every sub-network in one graph" if args.format == "onnx" and args.skip is None else "one sub-network"
+        print(f"{type(model).__name__} ({what}), input (N, {model.in_chans}, {size}, {size}) -> {out} "
+              f"({tmp.stat().st_size / 1e6:.1f} MB)")
+        print(f"relative error, {checked_by} vs the model (batch {check.shape[0]}, fp32):")
+        for config, error in errors.items():
+            print(f"  {config}  {error:.2e}{'' if error < TOLERANCE else '  FAILED'}")
+        bad = [c for c, e in errors.items() if not e < TOLERANCE]
+        if bad:
+            raise ValueError(f"the export does not match the model for {', '.join(bad)} (tolerance {TOLERANCE:g}); "
+                             f"{out} was not written: please report this with the model name")
     print(f"ok: {len(errors)} sub-network(s) within {TOLERANCE:g}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._files import atomic_path, check_output_file
 from ..models.base import ADNModel
 from ..models.skip import SkipConfig, SkipLike, skip_to_mask
 from .graph import finish_file
@@ -37,24 +38,7 @@ def _check_arguments(model: object, path: str | os.PathLike, example_input: obje
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor (N, C, H, W), got {type(example_input).__name__}")
     model.check_input(example_input)
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'model.onnx'}")
-    folder = path.parent
-    if not folder.exists():
-        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist (create it first)")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: {folder} is not a folder")
-    # Open it for appending, as the export will write it: os.access says yes to root even where writes fail.
-    existed = path.exists()
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as e:
-        raise ExportError(f"cannot write {path}: {e.strerror}; choose another path") from e
-    if not existed:
-        path.unlink()
-    return path
+    return check_output_file(path)
 
 
 @contextlib.contextmanager
@@ -130,8 +114,9 @@ def export_onnx(
         raise ExportError(f"exporting {type(model).__name__} gave a graph whose batch is "
                           f"{'fixed at ' + str(batch) if dynamic_batch else 'dynamic'} although dynamic_batch="
                           f"{dynamic_batch}: please report this with your torch version ({torch.__version__})")
-    program.save(str(path))
-    finish_file(path, one_graph=skip is None)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
+        finish_file(tmp, one_graph=skip is None)
     return path
 
 
@@ -150,5 +135,6 @@ def export_pt2(model: ADNModel, path: str | os.PathLike, example_input: torch.Te
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"could not torch.export {type(model).__name__}: {first}") from e
-    torch.export.save(program, str(path))
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
     return path

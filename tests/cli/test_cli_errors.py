@@ -140,14 +140,44 @@ def test_train_and_demo_out_read_only(tmp_path, capsys):
     assert not folder.exists()
 
 
-def test_eval_json_checked_before_evaluating(trained, tmp_path, capsys):
+def _output_commands(trained: Path) -> dict[str, list[str]]:
+    """Each command that writes a file, with its output flag last."""
+    ckpt = str(trained / "last.pt")
+    return {"eval": ["eval", "--checkpoint", ckpt, *EVAL, "--json"],
+            "calibrate": ["calibrate", "--checkpoint", ckpt, "--data", "synthetic", "--image-size", "8", "--out"],
+            "export": ["export", "--checkpoint", ckpt, "--format", "onnx", "--out"]}
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate", "export"])
+def test_output_files_are_checked_the_same_way_before_any_work(command, trained, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for target, expected in ((blocker / "r.json", "is a file, not a folder"), (tmp_path, "is a folder; give a file"),
-                             (_read_only_dir(tmp_path) / "r.json", "is not writable")):
-        _, line = run_main(["eval", "--checkpoint", str(trained / "last.pt"), *EVAL, "--json", str(target)], capsys)
-        assert "--json" in line and expected in line
-    assert capsys.readouterr().out == ""  # no table: nothing was evaluated
+    argv = _output_commands(trained)[command]
+    for target, expected in ((blocker / "r.out", f"{blocker} is not a folder"),
+                             (tmp_path / "missing" / "r.out", f"the folder {tmp_path / 'missing'} does not exist (create it first)"),
+                             (tmp_path, "it is a folder; give a file name"),
+                             (_read_only_dir(tmp_path) / "r.out", "the folder is not writable")):
+        _, line = run_main(argv + [str(target)], capsys)
+        assert f"{argv[-1]} {target}: {expected}" in line
+    assert capsys.readouterr().out == ""  # nothing was evaluated, calibrated or exported
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate", "export"])
+def test_a_failed_write_keeps_the_previous_file(command, trained, tmp_path, capsys, monkeypatch):
+    """A full disk at the end of the work: one error line, the previous file intact, no temporary file left."""
+    target = tmp_path / "result"
+    target.write_text("previous")
+    stale = tmp_path / ".result.k1ll3d.tmp"  # left by a run killed before its rename: the next run removes it
+    stale.write_text("")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    _, line = run_main(_output_commands(trained)[command] + [str(target)], capsys)
+    assert "No space left on device" in line
+    assert target.read_text() == "previous" and os.listdir(tmp_path) == ["result"]
 
 
 # ---- class 4: no traceback for a user's mistake -------------------------------------------------------------
