@@ -8,16 +8,13 @@ import argparse
 import torch
 
 from .._files import atomic_path, check_output_file
-from ..export import FORMATS, export_onnx, export_pt2, verify_onnx
+from ..export import FORMATS, TOLERANCE, export_onnx, export_pt2, verify_onnx
 from ..models import create_model, list_models
 from ..models.base import ADNModel
 from ..models.skip import skip_to_str
 from ..numerics import relative_error
 from ..training.checkpoint import model_from_checkpoint
 from .checks import parse_model_args, positive_int
-
-#: fp32 through ONNX Runtime or torch.export reorders a few sums, nothing more
-TOLERANCE = 1e-4
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

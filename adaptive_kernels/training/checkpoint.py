@@ -142,6 +142,13 @@ def model_from_checkpoint(
     if state.get(weights) is None:
         other = "model" if weights == "ema" else "ema"
         raise CheckpointError(f"checkpoint {path} holds no {weights.replace('ema', 'EMA')} weights: use --weights {other}")
+    broken = [k for k, v in state[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # such a model still gives plausible-looking accuracies (a constant class)
+        raise CheckpointError(
+            f"checkpoint {path}: {len(broken)} tensor(s) of its {weights} weights hold NaN or infinite values "
+            f"({', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}): the run diverged; use an earlier checkpoint"
+            f"{' or --weights ' + ('model' if weights == 'ema' else 'ema') if state.get('ema') is not None else ''}"
+        )
     model = create_model(spec["name"], **kwargs)
     load_model_state(model, state[weights], path)
     return model, state, weights

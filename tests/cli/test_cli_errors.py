@@ -219,6 +219,19 @@ def test_eval_refuses_other_data(trained, capsys):
         assert "trained on data name 'synthetic' but --data gives 'fashion-mnist'" in line
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensors(trained, tmp_path, capsys):
+    state = load_checkpoint(trained / "last.pt")
+    for weights in ("model", "ema"):
+        if state.get(weights) is not None:
+            state[weights]["fc.weight"][0, 0] = float("nan")
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, tmp_path / "nan.pt")
+    for argv in (["eval", "--checkpoint", str(tmp_path / "nan.pt"), *EVAL],
+                 ["export", "--checkpoint", str(tmp_path / "nan.pt"), "--format", "onnx", "--out",
+                  str(tmp_path / "m.onnx")]):
+        _, line = run_main(argv, capsys)
+        assert "1 tensor(s) of its" in line and "hold NaN or infinite values (fc.weight): the run diverged" in line
+
+
 def test_resume_warns_about_another_world_size(trained, tmp_path, capsys):
     state = load_checkpoint(trained / "last.pt")
     state["world_size"] = 2

@@ -318,3 +318,12 @@ def test_mask_of_takes_a_parsed_skip_configuration():
         # a string is a sequence too: "super" would silently read as five skipped stages
         with pytest.raises(TypeError, match="parse_skip"):
             mask_of(bad)
+
+
+def test_a_truncated_file_is_one_error_naming_it(tmp_path, resnet20):
+    x = torch.randn(2, 3, 16, 16)
+    path = export_onnx(resnet20, tmp_path / "m.onnx", x, skip="base")
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{path} cannot be loaded by ONNX Runtime: it is missing, truncated") as e:
+        verify_onnx(path, resnet20, x)
+    assert "\n" not in str(e.value)
