@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError) as e:  # CheckpointError is a ValueError; OSError: disk full, ...
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # CheckpointError is a ValueError; OSError:
+        # disk full, ...; FloatingPointError: a training run that diverged
         print_error(e)
         return 2
     except KeyboardInterrupt:

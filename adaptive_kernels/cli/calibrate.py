@@ -16,6 +16,7 @@ import torch
 
 from .._files import check_output_file
 from ..models.calibration import CalibrationResult, calibrate
+from ..models.footprint import check_fits, memory_needed
 from ..training.checkpoint import model_from_checkpoint, save_checkpoint
 from ..training.data import (
     DEFAULT_CALIBRATION_BATCH,
@@ -25,7 +26,7 @@ from ..training.data import (
     calibration_batches,
 )
 from ..training.distributed import resolve_device
-from .checks import add_data_args, positive_int
+from .checks import add_data_args, device_name, positive_int
 
 
 def calibrate_checkpoint(
@@ -45,8 +46,12 @@ def calibrate_checkpoint(
     batches = calibration_batches(data, num_images, batch_size)
     model, state, weights = model_from_checkpoint(checkpoint, weights=weights, data=data, purpose="calibrate")
     spec = state["model_spec"]
-    model.to(device)
     total = min(num_images, data.num_train)
+    batch = min(batch_size, total)
+    check_fits(memory_needed(spec["name"], spec["kwargs"], (batch, data.in_chans, *data.image_size)),
+               f"calibrating {spec['name']} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
+               "lower --batch-size")
+    model.to(device)
     configs = len(model.skip_configs())
     echo(f"calibrating {configs} sub-networks of {spec['name']} ({weights} weights) on {total} un-augmented "
          f"{data.name} training images, batches of {batch_size} ...")
@@ -78,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"default {DEFAULT_CALIBRATION_BATCH}")
     c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="auto: the EMA weights when the checkpoint has them")
-    c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    c.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
     c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
     c.set_defaults(func=run)
 

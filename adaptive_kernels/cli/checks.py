@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..models.footprint import check_fits, memory_needed
 from ..models.registry import create_model, get_builder
 from ..training.data import DATASETS
 
@@ -70,6 +71,8 @@ def float_range(low: float, high: float | None = None, *, low_open: bool = False
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 seed_int = int_range(0, 2**63 - 1)  # numpy's SeedSequence takes non-negative seeds only
+#: more threads than a few per core only slow torch down (100000 of them hang it): a typo, refused
+thread_count = int_range(1, 4 * (os.cpu_count() or 1))
 positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 
@@ -115,7 +118,7 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> Non
                    help="imagefolder crop size (default 224) / synthetic size (16)")
     p.add_argument("--workers", type=non_negative_int, default=4,
                    help="imagefolder DataLoader worker processes (0: load in the main process)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
 
 
 def parse_model_args(pairs: list[str]) -> dict:
@@ -147,8 +150,10 @@ def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     """``create_model`` for ``--model-arg`` values a user typed: what the constructor rejects with a TypeError
     (a key a ``**kwargs`` builder passes on, a string where a number belongs) becomes a ValueError naming the
-    flag."""
+    flag; a model larger than the machine's memory is refused before it is allocated."""
     try:
+        check_fits(memory_needed(spec["name"], spec["kwargs"]), f"{spec['name']} {spec['kwargs']}",
+                   "check --model-arg")
         return create_model(spec["name"], **spec["kwargs"])
     except TypeError as e:
         raise ValueError(f"--model-arg: {spec['name']} rejects {spec['kwargs']}: {e}") from None

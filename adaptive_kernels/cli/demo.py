@@ -22,7 +22,6 @@ import torch
 
 from .._files import write_text
 from ..engine import select_skip
-from ..models import create_model
 from ..models.calibration import calibrate
 from ..models.skip import skip_to_str
 from ..training.data import DataSource, InMemoryImages, build_data, calibration_batches
@@ -37,7 +36,7 @@ from ..training.evaluate import (
 )
 from ..training.step import StepConfig, train_step
 from ..training.trainer import TrainConfig, Trainer, build_optimizer, seed_everything
-from .checks import HelpFormatter, add_data_args, check_output_dir, positive_float, positive_int, seed_int
+from .checks import HelpFormatter, add_data_args, build_model, check_output_dir, positive_float, positive_int, seed_int
 from .eval import latency_source
 
 DEMO_MODEL = "resnet20_adn"
@@ -175,7 +174,7 @@ def run_demo(
     (out_dir / "log.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     seed_everything(seed)
     spec = {"name": DEMO_MODEL, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans, "width": width}}
-    model = create_model(spec["name"], **spec["kwargs"])
+    model = build_model(spec)
     base_config = {
         "batch_size": batch_size, "lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "mode": "adn",
         "seed": seed, "eval_every_epochs": 0, "progress": progress, "log_every_steps": 10, "warmup_epochs": 0.1,

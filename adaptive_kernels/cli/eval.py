@@ -12,6 +12,7 @@ from torch import nn
 from .._files import check_output_file, write_text
 from ..engine import compile
 from ..engine.ort.engine import onnxruntime_unavailable
+from ..models.footprint import check_fits, memory_needed
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
                       num_workers=args.workers)
     model, state, weights = model_from_checkpoint(args.checkpoint, state=state, weights=args.weights, data=data)
     spec, kwargs = state["model_spec"], state["model_spec"]["kwargs"]
+    batch = max(min(args.batch_size, data.num_test), args.latency_batch)
+    check_fits(memory_needed(spec["name"], kwargs, (batch, data.in_chans, *data.image_size)),
+               f"evaluating {spec['name']} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
+               "lower --batch-size / --latency-batch")
     model.to(device)
     timed = latency_source(model, (args.latency_batch, data.in_chans, *data.image_size), device)
     results = evaluate_subnets(model, data, device=device, batch_size=args.batch_size,

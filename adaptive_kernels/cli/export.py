@@ -9,12 +9,13 @@ import torch
 
 from .._files import atomic_path, check_output_file
 from ..export import FORMATS, TOLERANCE, export_onnx, export_pt2, verify_onnx
-from ..models import create_model, list_models
+from ..models import list_models
 from ..models.base import ADNModel
+from ..models.footprint import check_fits, memory_needed
 from ..models.skip import skip_to_str
 from ..numerics import relative_error
 from ..training.checkpoint import model_from_checkpoint
-from .checks import parse_model_args, positive_int
+from .checks import build_model, check_model_args, parse_model_args, positive_int, thread_count
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,28 +33,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                   "default: onnx every sub-network in one graph, pt2 the super-net")
     p.add_argument("--image-size", type=positive_int, help="input height = width (default: the checkpoint's, or 224)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="batch of the example input (the batch stays dynamic)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx / model.pt2")
     p.set_defaults(func=run)
 
 
-def _load(args: argparse.Namespace) -> tuple[ADNModel, int | None]:
+def _load(args: argparse.Namespace) -> tuple[ADNModel, dict, int | None]:
+    """The model, its spec and the image size it was trained at (None: unknown)."""
     if args.model:
-        return create_model(args.model, **parse_model_args(args.model_arg)), None
+        spec = {"name": args.model, "kwargs": parse_model_args(args.model_arg)}
+        check_model_args(args.model, spec["kwargs"])
+        return build_model(spec), spec, None
     if args.model_arg:
         raise ValueError("--model-arg goes with --model; a checkpoint records its own model arguments")
     model, state, _ = model_from_checkpoint(args.checkpoint)
     size = state.get("data", {}).get("image_size")
-    return model, (size[0] if size else None)
+    return model, state["model_spec"], (size[0] if size else None)
 
 
 def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out")
-    model, trained_size = _load(args)
+    model, spec, trained_size = _load(args)
     model.eval()
     size = args.image_size or getattr(model, "image_size", None) or trained_size or 224
-    if size < 1 or args.batch_size < 1:
-        raise ValueError(f"--image-size and --batch-size must be positive, got {size} and {args.batch_size}")
+    check_fits(memory_needed(spec["name"], spec["kwargs"], (args.batch_size + 1, model.in_chans, size, size)),
+               f"exporting {spec['name']} at batch {args.batch_size + 1} (the check's) and {size}x{size} images",
+               "lower --image-size / --batch-size")
     x = torch.randn(args.batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
     # the check runs another batch size than the traced one, so a batch baked into the graph would show
     check = torch.randn(args.batch_size + 1, model.in_chans, size, size, generator=torch.Generator().manual_seed(1))

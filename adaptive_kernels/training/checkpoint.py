@@ -19,6 +19,7 @@ import torch
 
 from .._files import atomic_path
 from ..models import create_model
+from ..models.footprint import check_fits, memory_needed
 from ..models.norms import prepare_for_state_dict
 
 FORMAT = "adaptive_kernels.checkpoint"
@@ -149,6 +150,8 @@ def model_from_checkpoint(
             f"({', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}): the run diverged; use an earlier checkpoint"
             f"{' or --weights ' + ('model' if weights == 'ema' else 'ema') if state.get('ema') is not None else ''}"
         )
+    check_fits(memory_needed(spec["name"], kwargs), f"the model of {path} ({spec['name']} {kwargs})",
+               "its model_spec is not a model this machine can hold (a corrupt or foreign checkpoint?)")
     model = create_model(spec["name"], **kwargs)
     load_model_state(model, state[weights], path)
     return model, state, weights

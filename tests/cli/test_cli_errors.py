@@ -79,10 +79,13 @@ def test_every_numeric_flag_is_range_checked():
     (TRAIN + ["--out", "o", "--time-limit", "0"], "--time-limit", "> 0"),
     (["demo", "--budget-seconds", "0"], "--budget-seconds", "> 0"),
     (["demo", "--width", "two"], "--width", ">= 1"),
+    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--threads", "100000"], "--threads", "in [1, "),
+    (["calibrate", "--checkpoint", "x.pt", "--data", "synthetic", "--out", "c.pt", "--device", "bogus"], "--device",
+     "is not a device"),
 ])
 def test_bad_numbers_name_the_flag_and_range(argv, flag, allowed, capsys):
     rc, line = run_main(argv, capsys)
-    assert rc == 2 and f"argument {flag}: must be" in line and allowed in line
+    assert rc == 2 and f"argument {flag}: " in line and allowed in line
 
 
 def test_zero_means_what_help_says(capsys):
@@ -192,6 +195,44 @@ def test_model_and_device_mistakes(extra, expected, tmp_path, capsys):
     _, line = run_main(TRAIN + ["--out", str(tmp_path / "run")] + extra, capsys)
     assert expected in line
     assert not (tmp_path / "run").exists()  # nothing left behind, not even the folder made to test --out
+
+
+def test_export_model_arg_mistakes(tmp_path, capsys):
+    export = ["export", "--model", "resnet20_adn", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    _, line = run_main(export + ["--model-arg", "bogus=1"], capsys)
+    assert "--model-arg bogus: resnet20_adn takes no such argument (it takes: width)" in line
+    _, line = run_main(["export", "--model", "deit_tiny_adn", "--model-arg", "bogus=1", "--format", "onnx",
+                        "--out", str(tmp_path / "m.onnx")], capsys)
+    assert "--model-arg: deit_tiny_adn rejects" in line
+
+
+def test_a_diverging_run_is_one_line(tmp_path, capsys):
+    _, line = run_main(TRAIN + ["--out", str(tmp_path / "run"), "--lr", "1e30"], capsys)
+    assert "loss is nan: lower the learning rate or enable --clip-grad" in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (TRAIN + ["--out", "{tmp}/run", "--image-size", "100000"], "synthetic data of 100000x100000 images needs"),
+    (TRAIN + ["--out", "{tmp}/run", "--model-arg", "width=128", "--train-subset", "512", "--batch-size", "512",
+                "--image-size", "256"],
+     "training resnet20_adn on batches of 512 256x256 images needs at least"),
+    (["export", "--model", "resnet20_adn", "--format", "onnx", "--image-size", "100000", "--out", "{tmp}/m.onnx"],
+     "exporting resnet20_adn at batch 2 (the check's) and 100000x100000 images needs at least"),
+    (["export", "--model", "resnet20_adn", "--model-arg", "width=100000000", "--format", "onnx",
+      "--out", "{tmp}/m.onnx"], "resnet20_adn {{'width': 100000000}} needs at least"),
+    (["eval", "--checkpoint", "{run}/last.pt", *EVAL, "--latency-batch", "100000000000"],
+     "evaluating resnet20_adn on batches of 100000000000 8x8 images needs at least"),
+    (["eval", "--checkpoint", "{tmp}/huge.pt", *EVAL], "the model of {tmp}/huge.pt (resnet20_adn"),
+    (["demo", "--data", "synthetic", "--width", "100000000", "--out", "{tmp}/demo"], "resnet20_adn {{'num_classes"),
+])
+def test_requests_beyond_the_machines_memory_are_refused_before_allocating(argv, expected, trained, tmp_path,
+                                                                            capsys):
+    state = load_checkpoint(trained / "last.pt")
+    state["model_spec"]["kwargs"]["width"] = 10**8  # a spec that does not describe the weights, enormous
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, tmp_path / "huge.pt")
+    fill = {"tmp": tmp_path, "run": trained}
+    _, line = run_main([a.format(**fill) for a in argv], capsys)
+    assert expected.format(**fill) in line and "GiB of memory, more than this machine's" in line
 
 
 def test_model_arg_of_a_kwargs_builder(tmp_path, capsys):
