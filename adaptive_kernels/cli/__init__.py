@@ -1,4 +1,5 @@
-"""Adaptive Depth Networks: python -m adaptive_kernels {demo,train,eval} (also the adaptive-kernels script).
+"""Adaptive Depth Networks: python -m adaptive_kernels {demo,train,eval,calibrate,export} (also the adaptive-kernels
+script).
 
   demo   train a small ResNet-ADN on Fashion-MNIST within a time budget (default 7 minutes on 2 CPU cores),
          evaluate every sub-network, print the table, save checkpoint, JSON and plot

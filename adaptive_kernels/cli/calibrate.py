@@ -17,7 +17,7 @@ import torch
 from .._files import check_output_file
 from ..models.calibration import CalibrationResult, calibrate
 from ..models.footprint import check_fits, memory_needed
-from ..training.checkpoint import model_from_checkpoint, save_checkpoint
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..training.data import (
     DEFAULT_CALIBRATION_BATCH,
     DEFAULT_CALIBRATION_IMAGES,
@@ -26,7 +26,7 @@ from ..training.data import (
     calibration_batches,
 )
 from ..training.distributed import resolve_device
-from .checks import add_data_args, device_name, positive_int
+from .checks import HelpFormatter, add_data_args, checkpoint_data, device_name, positive_int
 
 
 def calibrate_checkpoint(
@@ -74,9 +74,12 @@ def calibrate_checkpoint(
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``calibrate`` sub-command."""
-    c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint")
+    c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint",
+                       formatter_class=HelpFormatter, description="Per-sub-network norm statistics of a checkpoint, measured on N un-augmented training images (the "
+                       "first N of epoch 0's order), written to --out with everything else kept; eval, export and "
+                       "training resume then use them.")
     c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
-    add_data_args(c)
+    add_data_args(c, from_checkpoint=True)
     c.add_argument("--images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"un-augmented training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
     c.add_argument("--batch-size", type=positive_int, default=DEFAULT_CALIBRATION_BATCH,
@@ -90,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
+    checkpoint_data(args, load_checkpoint(args.checkpoint))
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       num_workers=args.workers, augment=False)
     calibrate_checkpoint(args.checkpoint, data, args.out, num_images=args.images, batch_size=args.batch_size,

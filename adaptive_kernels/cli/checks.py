@@ -108,9 +108,11 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    """The data flags of every command that reads a dataset (``default``: --data's default; None: required)."""
-    p.add_argument("--data", choices=DATASETS, default=default, required=default is None, help="dataset")
+def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, from_checkpoint: bool = False) -> None:
+    """The data flags of every command that reads a dataset (``default``: --data's default; None: required, unless
+    ``from_checkpoint``: the command reads a checkpoint, whose dataset is the default, see ``checkpoint_data``)."""
+    p.add_argument("--data", choices=DATASETS, default=default, required=default is None and not from_checkpoint,
+                   help="dataset" + (" (default: the one the checkpoint was trained on)" if from_checkpoint else ""))
     p.add_argument("--data-dir", help="dataset folder (fashion-mnist: the IDX files, default "
                    "/usr/share/datasets/fashion-mnist; imagefolder: ROOT with train/ and val/)")
     p.add_argument("--test-subset", type=positive_int, help="score on a fixed random subset of N test images")
@@ -119,6 +121,18 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> Non
     p.add_argument("--workers", type=non_negative_int, default=4,
                    help="imagefolder DataLoader worker processes (0: load in the main process)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
+
+
+def checkpoint_data(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """Without ``--data``, the dataset (and ``--image-size``) the checkpoint ``state`` was trained on."""
+    if args.data is not None:
+        return
+    saved = state.get("data") or {}
+    if saved.get("name") not in DATASETS:
+        raise ValueError(f"{args.checkpoint} does not record its dataset: give --data ({', '.join(DATASETS)})")
+    args.data = saved["name"]
+    if args.image_size is None and saved.get("image_size"):
+        args.image_size = saved["image_size"][0]
 
 
 def parse_model_args(pairs: list[str]) -> dict:

@@ -12,6 +12,8 @@ import argparse
 import copy
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -180,10 +182,10 @@ def run_demo(
         "seed": seed, "eval_every_epochs": 0, "progress": progress, "log_every_steps": 10, "warmup_epochs": 0.1,
     }
 
-    echo(f"[demo] measuring this machine ({torch.get_num_threads()} threads): {DEMO_MODEL} width {width}, "
+    threads = torch.get_num_threads()
+    echo(f"[demo] measuring this machine ({threads} thread{'s' * (threads != 1)}): {DEMO_MODEL} width {width}, "
          f"batch {batch_size}, two forward + two backward passes per step ...")
     img_per_s = measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
-    threads = torch.get_num_threads()
     if choose_threads and threads > 1:
         # Small convolutions gain little from threads, and on a busy machine OpenMP barriers make several
         # threads far slower than one: keep whichever is faster here.
@@ -260,7 +262,7 @@ def run_demo(
     echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
     for name in ("last.pt", "calibrated.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
         echo(f"  {out_dir / name}")
-    echo(f"  evaluate again (same thread count): python -m adaptive_kernels eval --checkpoint {out_dir / 'calibrated.pt'} "
+    echo(f"  evaluate again (same thread count): {shlex.quote(sys.executable)} -m adaptive_kernels eval --checkpoint {out_dir / 'calibrated.pt'} "
          f"--data {data.name} --threads {torch.get_num_threads()}")
     return result
 

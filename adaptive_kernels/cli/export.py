@@ -15,12 +15,14 @@ from ..models.footprint import check_fits, memory_needed
 from ..models.skip import skip_to_str
 from ..numerics import relative_error
 from ..training.checkpoint import model_from_checkpoint
-from .checks import build_model, check_model_args, parse_model_args, positive_int, thread_count
+from .checks import HelpFormatter, build_model, check_model_args, parse_model_args, positive_int, thread_count
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``export`` on the CLI's sub-parsers."""
-    p = sub.add_parser("export", help="export to ONNX (every sub-network in one graph) or torch.export, verified")
+    p = sub.add_parser("export", help="export to ONNX (every sub-network in one graph) or torch.export, verified",
+                       formatter_class=HelpFormatter, description="Write an ONNX file (every sub-network in one graph, or --skip's alone) or a torch.export file, "
+                       "and check it against the model, sub-network by sub-network, before it replaces --out.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=f"registered model with fresh weights ({', '.join(list_models())})")
     source.add_argument("--checkpoint", help="a last.pt written by train or demo (its EMA weights when it has them)")
