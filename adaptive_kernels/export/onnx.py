@@ -17,7 +17,7 @@ from .._files import atomic_path, check_output_file
 from ..models.base import ADNModel
 from ..models.skip import SkipConfig, SkipLike, skip_to_mask
 from .graph import finish_file
-from .masked import ExportError, StaticForward, forget_cond_compilations, masked_forward
+from .masked import ExportError, StaticForward, masked_forward, own_cond_compilations
 
 INPUT, MASK, OUTPUT = "input", "mask", "logits"
 FORMATS = ("onnx", "pt2")
@@ -100,8 +100,8 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; say so before tracing)
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install adaptive_kernels[onnx]") from e
-    forget_cond_compilations()
-    with inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with (inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+          own_cond_compilations()):
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
         try:
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=[OUTPUT],
@@ -129,7 +129,7 @@ def export_pt2(model: ADNModel, path: str | os.PathLike, example_input: torch.Te
     wrapper = StaticForward(model, model.parse_skip(skip))
     x = _traced_input(example_input.detach(), dynamic_batch)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with inference_only(model), torch.no_grad():
+    with inference_only(model), torch.no_grad(), own_cond_compilations():
         try:
             program = torch.export.export(wrapper, (x,), dynamic_shapes=dynamic_shapes)
         except Exception as e:
