@@ -1,4 +1,5 @@
-"""Adaptive Depth Networks: python -m adaptive_kernels {demo,train,eval} (also the adaptive-kernels script).
+"""Adaptive Depth Networks: python -m adaptive_kernels {demo,train,eval,calibrate,export} (also the adaptive-kernels
+script).
 
   demo   train a small ResNet-ADN on Fashion-MNIST within a time budget (default 7 minutes on 2 CPU cores),
          evaluate every sub-network, print the table, save checkpoint, JSON and plot
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError) as e:  # CheckpointError is a ValueError; OSError: disk full, ...
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # CheckpointError is a ValueError; OSError:
+        # disk full, ...; FloatingPointError: a training run that diverged
         print_error(e)
         return 2
     except KeyboardInterrupt:

@@ -11,12 +11,13 @@ import argparse
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from .._files import check_output_file
 from ..models.calibration import CalibrationResult, calibrate
-from ..training.checkpoint import model_from_checkpoint, save_checkpoint
+from ..models.footprint import check_fits, memory_needed
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..training.data import (
     DEFAULT_CALIBRATION_BATCH,
     DEFAULT_CALIBRATION_IMAGES,
@@ -25,7 +26,7 @@ from ..training.data import (
     calibration_batches,
 )
 from ..training.distributed import resolve_device
-from .checks import add_data_args, positive_int
+from .checks import HelpFormatter, add_data_args, checkpoint_data, device_name, positive_int
 
 
 def calibrate_checkpoint(
@@ -45,8 +46,12 @@ def calibrate_checkpoint(
     batches = calibration_batches(data, num_images, batch_size)
     model, state, weights = model_from_checkpoint(checkpoint, weights=weights, data=data, purpose="calibrate")
     spec = state["model_spec"]
-    model.to(device)
     total = min(num_images, data.num_train)
+    batch = min(batch_size, total)
+    check_fits(memory_needed(spec["name"], spec["kwargs"], (batch, data.in_chans, *data.image_size)),
+               f"calibrating {spec['name']} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
+               "lower --batch-size")
+    model.to(device)
     configs = len(model.skip_configs())
     echo(f"calibrating {configs} sub-networks of {spec['name']} ({weights} weights) on {total} un-augmented "
          f"{data.name} training images, batches of {batch_size} ...")
@@ -69,23 +74,26 @@ def calibrate_checkpoint(
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``calibrate`` sub-command."""
-    c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint")
+    c = sub.add_parser("calibrate", help="per-sub-network BatchNorm calibration of a checkpoint",
+                       formatter_class=HelpFormatter, description="Per-sub-network norm statistics of a checkpoint, measured on N un-augmented training images (the "
+                       "first N of epoch 0's order), written to --out with everything else kept; eval, export and "
+                       "training resume then use them.")
     c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
-    add_data_args(c)
+    add_data_args(c, from_checkpoint=True)
     c.add_argument("--images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"un-augmented training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
     c.add_argument("--batch-size", type=positive_int, default=DEFAULT_CALIBRATION_BATCH,
                    help=f"default {DEFAULT_CALIBRATION_BATCH}")
     c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="auto: the EMA weights when the checkpoint has them")
-    c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    c.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
     c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
     c.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder: give the file to write, e.g. {Path(args.out) / 'calib.pt'}")
+    check_output_file(args.out, "--out")
+    checkpoint_data(args, load_checkpoint(args.checkpoint))
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       num_workers=args.workers, augment=False)
     calibrate_checkpoint(args.checkpoint, data, args.out, num_images=args.images, batch_size=args.batch_size,

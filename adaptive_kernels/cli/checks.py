@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..models.footprint import check_fits, memory_needed
 from ..models.registry import create_model, get_builder
 from ..training.data import DATASETS
 
@@ -70,6 +71,8 @@ def float_range(low: float, high: float | None = None, *, low_open: bool = False
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 seed_int = int_range(0, 2**63 - 1)  # numpy's SeedSequence takes non-negative seeds only
+#: more threads than a few per core only slow torch down (100000 of them hang it): a typo, refused
+thread_count = int_range(1, 4 * (os.cpu_count() or 1))
 positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 
@@ -105,20 +108,11 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> Path:
-    """Like ``check_output_dir`` for a file the command writes at its end (e.g. ``eval --json``)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
-    check_output_dir(path.parent, flag)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} exists and is not writable; choose another {flag}")
-    return path
-
-
-def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    """The data flags of every command that reads a dataset (``default``: --data's default; None: required)."""
-    p.add_argument("--data", choices=DATASETS, default=default, required=default is None, help="dataset")
+def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, from_checkpoint: bool = False) -> None:
+    """The data flags of every command that reads a dataset (``default``: --data's default; None: required, unless
+    ``from_checkpoint``: the command reads a checkpoint, whose dataset is the default, see ``checkpoint_data``)."""
+    p.add_argument("--data", choices=DATASETS, default=default, required=default is None and not from_checkpoint,
+                   help="dataset" + (" (default: the one the checkpoint was trained on)" if from_checkpoint else ""))
     p.add_argument("--data-dir", help="dataset folder (fashion-mnist: the IDX files, default "
                    "/usr/share/datasets/fashion-mnist; imagefolder: ROOT with train/ and val/)")
     p.add_argument("--test-subset", type=positive_int, help="score on a fixed random subset of N test images")
@@ -126,7 +120,19 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> Non
                    help="imagefolder crop size (default 224) / synthetic size (16)")
     p.add_argument("--workers", type=non_negative_int, default=4,
                    help="imagefolder DataLoader worker processes (0: load in the main process)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
+
+
+def checkpoint_data(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """Without ``--data``, the dataset (and ``--image-size``) the checkpoint ``state`` was trained on."""
+    if args.data is not None:
+        return
+    saved = state.get("data") or {}
+    if saved.get("name") not in DATASETS:
+        raise ValueError(f"{args.checkpoint} does not record its dataset: give --data ({', '.join(DATASETS)})")
+    args.data = saved["name"]
+    if args.image_size is None and saved.get("image_size"):
+        args.image_size = saved["image_size"][0]
 
 
 def parse_model_args(pairs: list[str]) -> dict:
@@ -158,8 +164,10 @@ def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     """``create_model`` for ``--model-arg`` values a user typed: what the constructor rejects with a TypeError
     (a key a ``**kwargs`` builder passes on, a string where a number belongs) becomes a ValueError naming the
-    flag."""
+    flag; a model larger than the machine's memory is refused before it is allocated."""
     try:
+        check_fits(memory_needed(spec["name"], spec["kwargs"]), f"{spec['name']} {spec['kwargs']}",
+                   "check --model-arg")
         return create_model(spec["name"], **spec["kwargs"])
     except TypeError as e:
         raise ValueError(f"--model-arg: {spec['name']} rejects {spec['kwargs']}: {e}") from None

@@ -12,6 +12,8 @@ import argparse
 import copy
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,8 +22,8 @@ from typing import Any
 
 import torch
 
+from .._files import write_text
 from ..engine import select_skip
-from ..models import create_model
 from ..models.calibration import calibrate
 from ..models.skip import skip_to_str
 from ..training.data import DataSource, InMemoryImages, build_data, calibration_batches
@@ -36,7 +38,7 @@ from ..training.evaluate import (
 )
 from ..training.step import StepConfig, train_step
 from ..training.trainer import TrainConfig, Trainer, build_optimizer, seed_everything
-from .checks import HelpFormatter, add_data_args, check_output_dir, positive_float, positive_int, seed_int
+from .checks import HelpFormatter, add_data_args, build_model, check_output_dir, positive_float, positive_int, seed_int
 from .eval import latency_source
 
 DEMO_MODEL = "resnet20_adn"
@@ -174,16 +176,16 @@ def run_demo(
     (out_dir / "log.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     seed_everything(seed)
     spec = {"name": DEMO_MODEL, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans, "width": width}}
-    model = create_model(spec["name"], **spec["kwargs"])
+    model = build_model(spec)
     base_config = {
         "batch_size": batch_size, "lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "mode": "adn",
         "seed": seed, "eval_every_epochs": 0, "progress": progress, "log_every_steps": 10, "warmup_epochs": 0.1,
     }
 
-    echo(f"[demo] measuring this machine ({torch.get_num_threads()} threads): {DEMO_MODEL} width {width}, "
+    threads = torch.get_num_threads()
+    echo(f"[demo] measuring this machine ({threads} thread{'s' * (threads != 1)}): {DEMO_MODEL} width {width}, "
          f"batch {batch_size}, two forward + two backward passes per step ...")
     img_per_s = measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
-    threads = torch.get_num_threads()
     if choose_threads and threads > 1:
         # Small convolutions gain little from threads, and on a busy machine OpenMP barriers make several
         # threads far slower than one: keep whichever is faster here.
@@ -233,7 +235,7 @@ def run_demo(
     table = format_table(results, latency_batch=LATENCY_BATCH, as_trained=as_trained)
     echo(table)
     rows = [{**r.to_dict(), "accuracy_as_trained": as_trained[r.skip]} for r in results]
-    (out_dir / "subnets.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(out_dir / "subnets.json", json.dumps(rows, indent=1) + "\n")
     selections = budget_choices(results)
     for c in selections:
         echo(f"[demo] latency budget {c['budget_us']:.0f} us (batch {LATENCY_BATCH}) -> select_skip picks "
@@ -256,11 +258,11 @@ def run_demo(
         "total_seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "latency_batch": LATENCY_BATCH, "selections": selections,
     }
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text(out_dir / "summary.json", json.dumps(result, indent=1) + "\n")
     echo(f"[demo] done in {result['total_seconds']:.0f} s. Outputs in {out_dir.resolve()}:")
     for name in ("last.pt", "calibrated.pt", "subnets.json", "summary.json", plot.name, "log.jsonl"):
         echo(f"  {out_dir / name}")
-    echo(f"  evaluate again (same thread count): python -m adaptive_kernels eval --checkpoint {out_dir / 'calibrated.pt'} "
+    echo(f"  evaluate again (same thread count): {shlex.quote(sys.executable)} -m adaptive_kernels eval --checkpoint {out_dir / 'calibrated.pt'} "
          f"--data {data.name} --threads {torch.get_num_threads()}")
     return result
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..models import list_models
+from ..models.footprint import check_fits, memory_needed
 from ..training.data import build_data
 from ..training.distributed import init_distributed, shutdown_distributed
 from ..training.trainer import AMP_DTYPES, OPTIMIZERS, SCHEDULES, TrainConfig, Trainer, seed_everything
@@ -125,7 +126,11 @@ def run(args: argparse.Namespace) -> int:
                                                **model_args}}
         check_data_fits_model(spec, data.num_classes, data.in_chans, args.data)
         seed_everything(args.seed)  # the same initial weights on every rank and in every rerun
-        model = build_model(spec)
+        model = build_model(spec)  # its parameters checked to fit, then its training:
+        batch = min(args.batch_size, data.num_train)
+        check_fits(memory_needed(args.model, spec["kwargs"], (batch, data.in_chans, *data.image_size), training=True),
+                   f"training {args.model} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
+                   "lower --batch-size (or --image-size, --model-arg)")
         if env.is_main and not args.resume and (out / "log.jsonl").exists():
             (out / "log.jsonl").unlink()
         trainer = Trainer(model, data, config, out_dir=out, env=env, model_spec=spec)

@@ -12,14 +12,16 @@ from .graph import graphs_of
 from .masked import ExportError, masked_forward
 from .onnx import FORMATS, INPUT, MASK, OUTPUT, export_onnx, export_pt2, mask_of
 from .session import onnxruntime_session
-from .verify import verify_onnx
+from .verify import TOLERANCE, check_one_graph, verify_onnx
 
 __all__ = [
     "FORMATS",
     "INPUT",
     "MASK",
     "OUTPUT",
+    "TOLERANCE",
     "ExportError",
+    "check_one_graph",
     "export_onnx",
     "export_pt2",
     "graphs_of",

@@ -1,5 +1,5 @@
-"""ONNX graph helpers of the export: the sub-graphs of a node, and the finishing of a saved export (stack traces
-dropped, weights placed in the deepest sub-graph that uses them)."""
+"""ONNX graph helpers of the export: the sub-graphs of a node and the names a graph reads, and the finishing of a
+saved export (stack traces and unused weights dropped, weights placed in the deepest sub-graph that uses them)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,29 @@ def _place_weights(model) -> int:
     return moved
 
 
+def reads(graph) -> set[str]:
+    """Every name ``graph``'s nodes, its sub-graphs' nodes (outer-scope names included) and its outputs read."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for sub in graphs_of(node):
+            names |= reads(sub)
+    return names
+
+
+def _drop_unused_weights(graph) -> None:
+    """Drop the initializers no node reads (the exporter leaves a few, e.g. a folded-away bias): ONNX Runtime
+    would print a "Removing initializer ... not used" warning for each when the file is loaded."""
+    used = reads(graph)
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    for node in graph.node:
+        for sub in graphs_of(node):
+            _drop_unused_weights(sub)
+
+
 STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
@@ -73,11 +96,13 @@ def _drop_stack_traces(graph) -> None:
 
 
 def finish_file(path: Path, one_graph: bool) -> None:
-    """The saved export as it is served: stack traces dropped and, in a one graph, weights placed in branches."""
+    """The saved export as it is served: stack traces and unused weights dropped and, in a one graph, weights placed
+    in branches."""
     import onnx
 
     model = onnx.load(str(path))
     _drop_stack_traces(model.graph)
+    _drop_unused_weights(model.graph)
     if one_graph:
         _place_weights(model)
     onnx.save(model, str(path))

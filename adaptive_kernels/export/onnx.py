@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._files import atomic_path, check_output_file
 from ..models.base import ADNModel
 from ..models.skip import SkipConfig, SkipLike, skip_to_mask
 from .graph import finish_file
-from .masked import ExportError, StaticForward, forget_cond_compilations, masked_forward
+from .masked import ExportError, StaticForward, masked_forward, own_cond_compilations
 
 INPUT, MASK, OUTPUT = "input", "mask", "logits"
 FORMATS = ("onnx", "pt2")
@@ -37,24 +38,7 @@ def _check_arguments(model: object, path: str | os.PathLike, example_input: obje
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor (N, C, H, W), got {type(example_input).__name__}")
     model.check_input(example_input)
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'model.onnx'}")
-    folder = path.parent
-    if not folder.exists():
-        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist (create it first)")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: {folder} is not a folder")
-    # Open it for appending, as the export will write it: os.access says yes to root even where writes fail.
-    existed = path.exists()
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as e:
-        raise ExportError(f"cannot write {path}: {e.strerror}; choose another path") from e
-    if not existed:
-        path.unlink()
-    return path
+    return check_output_file(path)
 
 
 @contextlib.contextmanager
@@ -116,8 +100,8 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; say so before tracing)
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install adaptive_kernels[onnx]") from e
-    forget_cond_compilations()
-    with inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with (inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+          own_cond_compilations()):
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
         try:
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=[OUTPUT],
@@ -130,8 +114,9 @@ def export_onnx(
         raise ExportError(f"exporting {type(model).__name__} gave a graph whose batch is "
                           f"{'fixed at ' + str(batch) if dynamic_batch else 'dynamic'} although dynamic_batch="
                           f"{dynamic_batch}: please report this with your torch version ({torch.__version__})")
-    program.save(str(path))
-    finish_file(path, one_graph=skip is None)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
+        finish_file(tmp, one_graph=skip is None)
     return path
 
 
@@ -144,11 +129,12 @@ def export_pt2(model: ADNModel, path: str | os.PathLike, example_input: torch.Te
     wrapper = StaticForward(model, model.parse_skip(skip))
     x = _traced_input(example_input.detach(), dynamic_batch)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with inference_only(model), torch.no_grad():
+    with inference_only(model), torch.no_grad(), own_cond_compilations():
         try:
             program = torch.export.export(wrapper, (x,), dynamic_shapes=dynamic_shapes)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"could not torch.export {type(model).__name__}: {first}") from e
-    torch.export.save(program, str(path))
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
     return path

@@ -24,4 +24,10 @@ def onnxruntime_session(path_or_bytes: str | os.PathLike | bytes, threads: int |
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: not the optimizer's notes on initializers it removed
     model = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's Fail/InvalidProtobuf/NoSuchFile...: one line naming the file
+        what = f"the ONNX model given as bytes ({len(model)} bytes)" if isinstance(model, bytes) else model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} cannot be loaded by ONNX Runtime: it is missing, truncated, corrupt or not an "
+                         f"ONNX model ({first[:200]})") from e

@@ -90,12 +90,21 @@ class ADNModel(nn.Module):
 
     # ---- MACs -----------------------------------------------------------------------------
     @torch.no_grad()
-    def macs(self, skip: SkipLike = None, input_size: tuple[int, int] = (224, 224)) -> int:
+    def macs(self, skip: SkipLike = None, input_size: int | tuple[int, int] | None = None) -> int:
         """Multiply-accumulates of one image through the sub-network ``skip`` (the paper's "FLOPs").
 
-        Counts convolutions, linear layers and attention matmuls (the layers that dominate); norms,
-        activations and pooling are not counted, as is customary.
+        input_size: (H, W) or one int for a square image; default the model's own (``input_size``: 32x32 for the
+        CIFAR-style ResNets, the ViTs' ``image_size``, else 224x224). Counts convolutions, linear layers and
+        attention matmuls (the layers that dominate); norms, activations and pooling are not counted, as is
+        customary.
         """
+        if input_size is None:
+            input_size = getattr(self, "input_size", (224, 224))
+        if isinstance(input_size, int) and not isinstance(input_size, bool):
+            input_size = (input_size, input_size)
+        if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_size)):
+            raise TypeError(f"input_size must be a positive int or (H, W), got {input_size!r}")
         p = next(self.parameters())
         x = torch.zeros(1, self.in_chans, *input_size, device=p.device, dtype=p.dtype)
         total = [0]

@@ -139,6 +139,12 @@ def calibrate(
                 model.check_input(x)
                 if x.shape[0] < 2:
                     raise ValueError(f"a calibration batch needs >= 2 images for batch statistics, got {x.shape[0]}")
+                finite = torch.isfinite(x).flatten(1).all(1)
+                if not finite.all():  # one NaN image would poison every sub-network's tables
+                    bad = [done + int(i) for i in (~finite).nonzero().flatten()]
+                    raise ValueError(f"calibration images {', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}"
+                                     f" (counted from 0) hold NaN or infinite values: fix or drop them; no table "
+                                     f"was changed")
                 for cfg in cfgs:
                     model(x, skip=cfg)
                 done += x.shape[0]

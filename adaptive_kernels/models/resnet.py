@@ -175,6 +175,7 @@ class ResNetADN(ADNModel):
             raise ValueError(f"layers must list >= 2 blocks per stage (mandatory + skippable), got {layers!r}")
         self.in_chans = in_chans
         self.num_skippable_stages = len(layers)
+        self.input_size = (32, 32) if small_input else (224, 224)  # what macs() counts at by default
 
         if small_input:
             self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)

@@ -161,6 +161,7 @@ class VisionTransformerADN(ADNModel):
         if num_layers % BLOCKS_PER_STAGE != 0:
             raise ValueError(f"num_layers={num_layers} must be a multiple of {BLOCKS_PER_STAGE} (blocks per stage)")
         self.image_size = image_size
+        self.input_size = (image_size, image_size)  # what macs() counts at by default
         self.patch_size = patch_size
         self.hidden_dim = hidden_dim
         self.in_chans = in_chans
@@ -196,10 +197,6 @@ class VisionTransformerADN(ADNModel):
         x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
         x = self.encoder(x, skip)
         return self.heads(x[:, 0])
-
-    def macs(self, skip: SkipLike = None, input_size: tuple[int, int] | None = None) -> int:
-        """MACs of one image (see ``ADNModel.macs``); ``input_size`` defaults to (image_size, image_size)."""
-        return super().macs(skip, input_size or (self.image_size, self.image_size))
 
     def _upstream_key(self, key: str) -> str:
         # torchvision names, except that old ViT checkpoints call the MLP linears linear_1/linear_2

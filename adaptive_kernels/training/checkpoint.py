@@ -2,17 +2,14 @@
 
 A checkpoint is a dict saved with ``torch.save`` holding only tensors and plain Python values, so it
 loads with ``torch.load(weights_only=True)`` (no arbitrary code runs when a file is opened).
-``save_checkpoint`` writes a temporary file in the target's folder, fsyncs it, ``os.replace``s it over
-the target and fsyncs the folder: a process killed at any moment leaves either the previous complete
-file or the new complete file at ``path``, never a partial one.
+``save_checkpoint`` writes atomically (``_files.atomic_path``): a process killed at any moment leaves either the
+previous complete file or the new complete file at ``path``, never a partial one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._files import atomic_path
 from ..models import create_model
+from ..models.footprint import check_fits, memory_needed
 from ..models.norms import prepare_for_state_dict
 
 FORMAT = "adaptive_kernels.checkpoint"
@@ -42,42 +41,9 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
         raise ValueError("a checkpoint needs a 'model' state dict")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would ignore the user's umask
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: the target is untouched; do not leave the partial temp file behind.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path
-
-
-def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files an interrupted ``save_checkpoint(path)`` left beside ``path`` (a kill -9
-    between creating and renaming one). Call it only while no other process writes that checkpoint."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
-
-
-def _current_umask() -> int:
-    # The only portable way to read the umask is to set it; set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -177,6 +143,15 @@ def model_from_checkpoint(
     if state.get(weights) is None:
         other = "model" if weights == "ema" else "ema"
         raise CheckpointError(f"checkpoint {path} holds no {weights.replace('ema', 'EMA')} weights: use --weights {other}")
+    broken = [k for k, v in state[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # such a model still gives plausible-looking accuracies (a constant class)
+        raise CheckpointError(
+            f"checkpoint {path}: {len(broken)} tensor(s) of its {weights} weights hold NaN or infinite values "
+            f"({', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}): the run diverged; use an earlier checkpoint"
+            f"{' or --weights ' + ('model' if weights == 'ema' else 'ema') if state.get('ema') is not None else ''}"
+        )
+    check_fits(memory_needed(spec["name"], kwargs), f"the model of {path} ({spec['name']} {kwargs})",
+               "its model_spec is not a model this machine can hold (a corrupt or foreign checkpoint?)")
     model = create_model(spec["name"], **kwargs)
     load_model_state(model, state[weights], path)
     return model, state, weights
@@ -213,16 +188,3 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable across a power loss. Not possible on every OS/file system (Windows): skip there.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..models.footprint import check_fits
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -266,6 +268,8 @@ def make_synthetic(
     image_size: int = 16, seed: int = 0,
 ) -> InMemoryImages:
     """A small learnable dataset for tests: each class is a fixed smooth random pattern plus noise."""
+    check_fits(2 * 4 * max(num_train, num_test) * in_chans * image_size**2, f"synthetic data of {image_size}x"
+               f"{image_size} images", "lower --image-size")
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(num_classes, in_chans, 4, 4, generator=g)
     prototypes = F.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -311,6 +315,22 @@ class _SeededTransform(Dataset):
             return self.transform(image), label
 
 
+class UnreadableImageError(ValueError):
+    """An image file of an ImageFolder that cannot be decoded; the message names the file."""
+
+
+def _read_image(path: str):
+    """torchvision's default loader (PIL, RGB), with an error that names the file and the fix."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+        raise UnreadableImageError(f"image {path} cannot be read ({type(e).__name__}: {e}): "
+                                   f"remove or replace the file") from None
+
+
 class ImageFolderData(DataSource):
     """ImageNet-layout folders ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (torchvision).
 
@@ -343,9 +363,9 @@ class ImageFolderData(DataSource):
             train_transform = T.Compose(
                 [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
             )
-        self.train_set = tvd.ImageFolder(root / "train")  # transformed per sample by _SeededTransform
+        self.train_set = tvd.ImageFolder(root / "train", loader=_read_image)  # transformed by _SeededTransform
         self.train_transform = train_transform
-        self.test_set = tvd.ImageFolder(root / "val", test_transform)
+        self.test_set = tvd.ImageFolder(root / "val", test_transform, loader=_read_image)
         if self.train_set.classes != self.test_set.classes:
             raise ValueError(f"{root}: train and val have different class folders")
         self.name = "imagefolder"
@@ -356,11 +376,17 @@ class ImageFolderData(DataSource):
         self.num_workers = num_workers
         self.augment = augment
 
-    def _loader(self, dataset, indices, batch_size, generator=None, drop_last=False) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, indices, batch_size, generator=None, drop_last=False) -> Iterator:
+        loader = DataLoader(
             dataset, batch_size=batch_size, sampler=_IndexSampler(indices), num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=generator,
         )
+        try:
+            yield from loader
+        except UnreadableImageError as e:
+            # From a worker process, the message is "Caught ... Original Traceback ...": keep its last line's text.
+            raise UnreadableImageError(str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
+                                       ) from None
 
     def describe(self) -> dict[str, Any]:
         # Recorded for the record only: the batches do not depend on it (see _SeededTransform).

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .._files import atomic_path
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
@@ -226,7 +227,8 @@ def plot_tradeoff(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

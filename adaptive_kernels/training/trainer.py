@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import remove_stale_temp_files, write_text
 from ..models.skip import parse_skip, skip_to_str
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
     load_model_state,
-    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -180,9 +180,7 @@ class JsonlLog:
                 continue
             if record.get("global_step", 0) <= global_step:
                 kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(kept))
 
 
 class Trainer:

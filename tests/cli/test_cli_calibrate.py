@@ -66,3 +66,17 @@ def test_calibrate_command_errors(tmp_path, capsys):
     assert main(["calibrate", "--checkpoint", str(src), *DATA, "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_calibrate_and_eval_default_to_the_checkpoints_dataset(tmp_path, capsys):
+    model = create_model(SPEC["name"], **SPEC["kwargs"])
+    src, out = tmp_path / "last.pt", tmp_path / "calibrated.pt"
+    save_checkpoint({"model": model.state_dict(), "model_spec": SPEC,
+                     "data": {"name": "synthetic", "image_size": [8, 8]}}, src)
+    assert main(["calibrate", "--checkpoint", str(src), "--images", "32", "--out", str(out)]) == 0
+    assert "32 un-augmented synthetic training images" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(out), "--latency-repeats", "1"]) == 0
+    assert "synthetic test set" in capsys.readouterr().out
+    save_checkpoint({"model": model.state_dict(), "model_spec": SPEC}, src)
+    assert main(["calibrate", "--checkpoint", str(src), "--out", str(out)]) == 2
+    assert f"{src} does not record its dataset: give --data" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """CLI smoke tests on synthetic data: train / resume / eval / demo, and their error messages."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -104,6 +105,9 @@ def test_demo_smoke(tmp_path, capsys):
     for name in ("last.pt", "subnets.json", "tradeoff.png"):
         assert str(out / name) in printed  # the demo says where its outputs went
     assert "TTT" in printed and "calibrated %" in printed  # the table
+    # the closing hint runs with this interpreter (a venv's python, not whatever "python" is on the PATH)
+    assert f"{shlex.quote(sys.executable)} -m adaptive_kernels eval --checkpoint" in printed
+    assert "(1 thread)" in printed and "1 threads" not in printed
     # a sub-network picked for three latency budgets: the most accurate one that fits each
     selections = summary["selections"]
     assert len(selections) == 3 and printed.count("select_skip picks") == 3

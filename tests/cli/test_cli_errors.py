@@ -79,10 +79,13 @@ def test_every_numeric_flag_is_range_checked():
     (TRAIN + ["--out", "o", "--time-limit", "0"], "--time-limit", "> 0"),
     (["demo", "--budget-seconds", "0"], "--budget-seconds", "> 0"),
     (["demo", "--width", "two"], "--width", ">= 1"),
+    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--threads", "100000"], "--threads", "in [1, "),
+    (["calibrate", "--checkpoint", "x.pt", "--data", "synthetic", "--out", "c.pt", "--device", "bogus"], "--device",
+     "is not a device"),
 ])
 def test_bad_numbers_name_the_flag_and_range(argv, flag, allowed, capsys):
     rc, line = run_main(argv, capsys)
-    assert rc == 2 and f"argument {flag}: must be" in line and allowed in line
+    assert rc == 2 and f"argument {flag}: " in line and allowed in line
 
 
 def test_zero_means_what_help_says(capsys):
@@ -140,14 +143,44 @@ def test_train_and_demo_out_read_only(tmp_path, capsys):
     assert not folder.exists()
 
 
-def test_eval_json_checked_before_evaluating(trained, tmp_path, capsys):
+def _output_commands(trained: Path) -> dict[str, list[str]]:
+    """Each command that writes a file, with its output flag last."""
+    ckpt = str(trained / "last.pt")
+    return {"eval": ["eval", "--checkpoint", ckpt, *EVAL, "--json"],
+            "calibrate": ["calibrate", "--checkpoint", ckpt, "--data", "synthetic", "--image-size", "8", "--out"],
+            "export": ["export", "--checkpoint", ckpt, "--format", "onnx", "--out"]}
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate", "export"])
+def test_output_files_are_checked_the_same_way_before_any_work(command, trained, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for target, expected in ((blocker / "r.json", "is a file, not a folder"), (tmp_path, "is a folder; give a file"),
-                             (_read_only_dir(tmp_path) / "r.json", "is not writable")):
-        _, line = run_main(["eval", "--checkpoint", str(trained / "last.pt"), *EVAL, "--json", str(target)], capsys)
-        assert "--json" in line and expected in line
-    assert capsys.readouterr().out == ""  # no table: nothing was evaluated
+    argv = _output_commands(trained)[command]
+    for target, expected in ((blocker / "r.out", f"{blocker} is not a folder"),
+                             (tmp_path / "missing" / "r.out", f"the folder {tmp_path / 'missing'} does not exist (create it first)"),
+                             (tmp_path, "it is a folder; give a file name"),
+                             (_read_only_dir(tmp_path) / "r.out", "the folder is not writable")):
+        _, line = run_main(argv + [str(target)], capsys)
+        assert f"{argv[-1]} {target}: {expected}" in line
+    assert capsys.readouterr().out == ""  # nothing was evaluated, calibrated or exported
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate", "export"])
+def test_a_failed_write_keeps_the_previous_file(command, trained, tmp_path, capsys, monkeypatch):
+    """A full disk at the end of the work: one error line, the previous file intact, no temporary file left."""
+    target = tmp_path / "result"
+    target.write_text("previous")
+    stale = tmp_path / ".result.k1ll3d.tmp"  # left by a run killed before its rename: the next run removes it
+    stale.write_text("")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    _, line = run_main(_output_commands(trained)[command] + [str(target)], capsys)
+    assert "No space left on device" in line
+    assert target.read_text() == "previous" and os.listdir(tmp_path) == ["result"]
 
 
 # ---- class 4: no traceback for a user's mistake -------------------------------------------------------------
@@ -162,6 +195,44 @@ def test_model_and_device_mistakes(extra, expected, tmp_path, capsys):
     _, line = run_main(TRAIN + ["--out", str(tmp_path / "run")] + extra, capsys)
     assert expected in line
     assert not (tmp_path / "run").exists()  # nothing left behind, not even the folder made to test --out
+
+
+def test_export_model_arg_mistakes(tmp_path, capsys):
+    export = ["export", "--model", "resnet20_adn", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    _, line = run_main(export + ["--model-arg", "bogus=1"], capsys)
+    assert "--model-arg bogus: resnet20_adn takes no such argument (it takes: width)" in line
+    _, line = run_main(["export", "--model", "deit_tiny_adn", "--model-arg", "bogus=1", "--format", "onnx",
+                        "--out", str(tmp_path / "m.onnx")], capsys)
+    assert "--model-arg: deit_tiny_adn rejects" in line
+
+
+def test_a_diverging_run_is_one_line(tmp_path, capsys):
+    _, line = run_main(TRAIN + ["--out", str(tmp_path / "run"), "--lr", "1e30"], capsys)
+    assert "loss is nan: lower the learning rate or enable --clip-grad" in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (TRAIN + ["--out", "{tmp}/run", "--image-size", "100000"], "synthetic data of 100000x100000 images needs"),
+    (TRAIN + ["--out", "{tmp}/run", "--model-arg", "width=128", "--train-subset", "512", "--batch-size", "512",
+                "--image-size", "256"],
+     "training resnet20_adn on batches of 512 256x256 images needs at least"),
+    (["export", "--model", "resnet20_adn", "--format", "onnx", "--image-size", "100000", "--out", "{tmp}/m.onnx"],
+     "exporting resnet20_adn at batch 2 (the check's) and 100000x100000 images needs at least"),
+    (["export", "--model", "resnet20_adn", "--model-arg", "width=100000000", "--format", "onnx",
+      "--out", "{tmp}/m.onnx"], "resnet20_adn {{'width': 100000000}} needs at least"),
+    (["eval", "--checkpoint", "{run}/last.pt", *EVAL, "--latency-batch", "100000000000"],
+     "evaluating resnet20_adn on batches of 100000000000 8x8 images needs at least"),
+    (["eval", "--checkpoint", "{tmp}/huge.pt", *EVAL], "the model of {tmp}/huge.pt (resnet20_adn"),
+    (["demo", "--data", "synthetic", "--width", "100000000", "--out", "{tmp}/demo"], "resnet20_adn {{'num_classes"),
+])
+def test_requests_beyond_the_machines_memory_are_refused_before_allocating(argv, expected, trained, tmp_path,
+                                                                            capsys):
+    state = load_checkpoint(trained / "last.pt")
+    state["model_spec"]["kwargs"]["width"] = 10**8  # a spec that does not describe the weights, enormous
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, tmp_path / "huge.pt")
+    fill = {"tmp": tmp_path, "run": trained}
+    _, line = run_main([a.format(**fill) for a in argv], capsys)
+    assert expected.format(**fill) in line and "GiB of memory, more than this machine's" in line
 
 
 def test_model_arg_of_a_kwargs_builder(tmp_path, capsys):
@@ -187,6 +258,19 @@ def test_eval_refuses_other_data(trained, capsys):
     if Path("/usr/share/datasets/fashion-mnist").is_dir():  # 10 classes, 1 channel: only the name differs
         _, line = run_main(["eval", "--checkpoint", ckpt, "--data", "fashion-mnist"], capsys)
         assert "trained on data name 'synthetic' but --data gives 'fashion-mnist'" in line
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensors(trained, tmp_path, capsys):
+    state = load_checkpoint(trained / "last.pt")
+    for weights in ("model", "ema"):
+        if state.get(weights) is not None:
+            state[weights]["fc.weight"][0, 0] = float("nan")
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, tmp_path / "nan.pt")
+    for argv in (["eval", "--checkpoint", str(tmp_path / "nan.pt"), *EVAL],
+                 ["export", "--checkpoint", str(tmp_path / "nan.pt"), "--format", "onnx", "--out",
+                  str(tmp_path / "m.onnx")]):
+        _, line = run_main(argv, capsys)
+        assert "1 tensor(s) of its" in line and "hold NaN or infinite values (fc.weight): the run diverged" in line
 
 
 def test_resume_warns_about_another_world_size(trained, tmp_path, capsys):
@@ -224,6 +308,9 @@ def test_help_is_plain_text_with_defaults():
     assert "--latency-repeats LATENCY_REPEATS timed rounds; each round runs every sub-network once (default: 30)" \
         in flat["eval"]
     assert "(default: None)" not in flat["train"] and "(default: False)" not in flat["train"]
+    assert "{demo,train,eval,calibrate,export}" in flat[""].split("usage:")[1].split("options:")[0]
+    assert "Per-sub-network norm statistics" in flat["calibrate"]
+    assert "Write an ONNX file" in flat["export"]
 
 
 def test_version(capsys):

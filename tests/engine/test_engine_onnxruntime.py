@@ -152,3 +152,24 @@ def test_without_onnxruntime_compile_falls_back_and_says_how_to_get_it(monkeypat
         compile(resnet20, x, mechanism="onnxruntime")
     with pytest.raises(ValueError, match="mechanism='onnxruntime' runs on the CPU, but example_input is on meta"):
         compile(resnet20, torch.empty(1, 3, 16, 16, device="meta"), mechanism="onnxruntime")
+
+
+def test_a_given_onnx_model_is_served_only_when_it_is_this_models(engine, resnet20):
+    """A file of another model (same structure, other weights; other input size) or a corrupt one is refused with
+    one line, before it is served; this model's own file is served."""
+    from adaptive_kernels.engine import OnnxRuntimeEngine
+
+    x = torch.randn(2, 3, 16, 16)
+    served = OnnxRuntimeEngine(resnet20, x, dynamic_batch=True, onnx_model=engine.onnx_model)
+    with torch.no_grad():
+        assert relative_error(served(x, "base"), resnet20(x, "base")) < 1e-4
+    other = randomize(create_model("resnet20_adn"), seed=1, calibrate=(4, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"does not compute this ResNetADN: relative error .* for TTT"):
+        OnnxRuntimeEngine(other, x, dynamic_batch=True, onnx_model=engine.onnx_model)
+    with pytest.raises(ValueError, match=r"not a one-graph export of this ResNetADN: .* needs input \(N, 3, 32, 32\)"):
+        OnnxRuntimeEngine(resnet20, torch.randn(2, 3, 32, 32), dynamic_batch=True, onnx_model=engine.onnx_model)
+    truncated = engine.onnx_model[: len(engine.onnx_model) // 2]
+    with pytest.raises(ValueError, match=r"given as bytes \(\d+ bytes\) cannot be loaded by ONNX Runtime: .*truncated"
+                       ) as error:
+        OnnxRuntimeEngine(resnet20, x, dynamic_batch=True, onnx_model=truncated)
+    assert "\n" not in str(error.value)

@@ -173,6 +173,11 @@ def test_bad_input_is_reported_clearly():
         calibrate(model, [torch.randn(1, *shape)])
     with pytest.raises(TypeError, match="convert with x.float"):
         calibrate(model, torch.zeros(8, *shape, dtype=torch.uint8))
+    images = torch.randn(12, *shape)
+    images[6, 0, 1, 2] = float("nan")
+    images[5] = float("inf")
+    with pytest.raises(ValueError, match=r"calibration images 5, 6 \(counted from 0\) hold NaN or infinite"):
+        calibrate(model, images, batch_size=4)
     assert not model.is_calibrated  # nothing was written by a failed call
     vit = create_model("deit_tiny_adn", num_classes=10, image_size=32)
     with pytest.raises(ValueError, match="LayerNorm, which has no running statistics"):

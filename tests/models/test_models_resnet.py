@@ -219,3 +219,12 @@ def test_bad_arguments():
     # a skippable block is the identity when its stage is skipped
     h = torch.randn(1, 4, 8, 8)
     assert model.layer1[2](h, skip_stage=True) is h
+
+
+def test_macs_count_at_the_models_own_input_size():
+    model = create_model("resnet20_adn")  # a CIFAR-style 32x32 model
+    assert model.macs() == model.macs(None, 32) == model.macs(None, (32, 32)) == pytest.approx(0.041e9, rel=0.02)
+    assert model.macs(None, 224) == pytest.approx(2.0e9, rel=0.02)
+    assert create_model("resnet50_adn").macs() == create_model("resnet50_adn").macs(None, 224)
+    with pytest.raises(TypeError, match=r"input_size must be a positive int or \(H, W\), got '32'"):
+        model.macs(None, "32")

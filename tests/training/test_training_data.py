@@ -184,3 +184,19 @@ def test_image_folder(tmp_path):
     assert [len(y) for _, y in test] == [3, 1] and sorted(torch.cat([y for _, y in test]).tolist()) == [0, 0, 1, 1]
     with pytest.raises(FileNotFoundError, match=r"train/train/<class name>/<images> \(ImageNet layout\)"):
         ImageFolderData(tmp_path / "train")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_one_error_naming_the_file(tmp_path, workers):
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("torchvision")
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+    broken = tmp_path / "val" / "dog" / "1.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    data = build_data("imagefolder", tmp_path, image_size=8, num_workers=workers)
+    with pytest.raises(ValueError, match=f"image {broken} cannot be read .*: remove or replace the file") as e:
+        list(data.test_batches(batch_size=3))
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...export import INPUT, MASK, OUTPUT, export_onnx, onnxruntime_session
+from ...export import INPUT, MASK, OUTPUT, check_one_graph, export_onnx, onnxruntime_session
 from ...models.base import ADNModel
 from ...models.skip import SkipConfig, SkipLike, parse_skip, skip_to_mask
 from ..base import Engine
@@ -48,7 +48,8 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool,
                  onnx_model: bytes | None = None) -> None:
         """``onnx_model``: a one-graph file of this model already exported (``export_onnx(..., skip=None)``),
-        served as it is; default: export it now."""
+        served as it is once its inputs and its output on ``example_input`` agree with the model's (ValueError
+        otherwise); default: export it now."""
         super().__init__(num_stages=model.num_skippable_stages, example_input=example_input,
                          mechanism="onnxruntime", dynamic_batch=dynamic_batch)
         self._model_name = type(model).__name__
@@ -59,6 +60,8 @@ class OnnxRuntimeEngine(Engine):
                 onnx_model = export_onnx(model, path, example_input.float(), dynamic_batch=dynamic_batch).read_bytes()
             logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
                         time.perf_counter() - start)
+        else:
+            check_one_graph(onnx_model, model, example_input.float())
         self.onnx_model = onnx_model
         served = machine_layout(onnx_model)
         try:
