@@ -116,9 +116,11 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    """The data flags of every command that reads a dataset (``default``: --data's default; None: required)."""
-    p.add_argument("--data", choices=DATASETS, default=default, required=default is None, help="dataset")
+def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, optional: bool = False) -> None:
+    """The data flags of every command that reads a dataset (``default``: --data's default; None: required unless
+    ``optional``)."""
+    p.add_argument("--data", choices=DATASETS, default=default, required=default is None and not optional,
+                   help="dataset")
     p.add_argument("--data-dir", help="dataset folder (fashion-mnist: the IDX files, default "
                    "/usr/share/datasets/fashion-mnist; imagefolder: ROOT with train/ and val/)")
     p.add_argument("--test-subset", type=positive_int, help="score on a fixed random subset of N test images")

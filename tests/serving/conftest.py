@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from helpers import randomize
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine.ort.engine import onnxruntime_unavailable
@@ -11,15 +11,8 @@ from adaptive_kernels.engine.ort.engine import onnxruntime_unavailable
 
 @pytest.fixture(scope="session")
 def small_model():
-    """ResNet-20-ADN (width 4, 1 channel, 16x16) whose norms are randomised so that sub-networks differ."""
-    torch.manual_seed(0)
-    model = create_model("resnet20_adn", num_classes=10, in_chans=1, width=4).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    """ResNet-20-ADN (width 4, 1 channel, 16x16) with random norms, so that its sub-networks' outputs differ."""
+    return randomize(create_model("resnet20_adn", num_classes=10, in_chans=1, width=4), calibrate=(8, 1, 16, 16))
 
 
 @pytest.fixture(scope="session")
