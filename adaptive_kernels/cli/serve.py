@@ -17,8 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP, picking the sub-network per batch to meet an SLO",
                        formatter_class=HelpFormatter,
                        description="An SLO-aware HTTP server for a checkpoint (Open Inference Protocol / KServe v2, "
-                                   "Prometheus metrics at /metrics): profiles the engine, prints the plan, serves until "
-                                   "Ctrl-C or SIGTERM, then answers what is queued. Needs the [serve] extra.")
+                                   "Prometheus metrics at /metrics): profiles the engine, prints the plan, serves "
+                                   "until Ctrl-C or SIGTERM, then answers what is queued. Needs the [serve] extra.")
     s.add_argument("--checkpoint", required=True, help="a last.pt / calibrated.pt written by train, demo or calibrate")
     s.add_argument("--slo-ms", type=positive_float, required=True,
                    help="latency objective of a request that sets none (its slo_ms parameter)")

@@ -17,6 +17,7 @@ import asyncio
 import errno
 import json
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -31,6 +32,10 @@ from ..models.skip import skip_to_str
 from .scheduler import Outcome, Refused, Scheduler
 
 INPUT, OUTPUT = "input", "logits"
+#: Python hands the GIL to a waiting thread after this many seconds (default 5 ms). The event loop decoding requests
+#: keeps the GIL busy under load, and the dispatcher thread needs it between engine calls: at 5 ms each hand-over
+#: would eat a millisecond SLO whole. The server sets 0.2 ms while it runs.
+SWITCH_INTERVAL_S = 2e-4
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -60,6 +65,10 @@ class Metrics:
             lambda: _attainment(scheduler))
         Gauge("adn_latency_correction", "measured / profiled latency factor in use", registry=r).set_function(
             lambda: scheduler.latency.factor)
+        Gauge("adn_batches", "engine calls so far", registry=r).set_function(lambda: scheduler.counters.batches)
+        for part in ("policy", "batching", "answering"):
+            Gauge(f"adn_dispatch_{part}_seconds", f"dispatcher time in {part}, summed", registry=r).set_function(
+                lambda part=part: getattr(scheduler.counters, f"{part}_s"))
         scheduler.listeners.append(self.record)
 
     def record(self, outcome: Outcome) -> None:
@@ -87,7 +96,8 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
         raise ProtocolError(f"the request is not v2 JSON ({e})") from None
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise ProtocolError(f"the request needs exactly one input, {INPUT!r} FP32 [N, {', '.join(map(str, image_shape))}]")
+        raise ProtocolError(f"the request needs exactly one input, {INPUT!r} FP32 "
+                            f"[N, {', '.join(map(str, image_shape))}]")
     tensor = inputs[0]
     shape, datatype = tensor.get("shape"), tensor.get("datatype")
     if tensor.get("name") != INPUT or datatype != "FP32":
@@ -143,8 +153,9 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float) -> FastAPI:
         "name": name, "versions": ["1"], "platform": f"adaptive_kernels_{scheduler.engine.mechanism}",
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *scheduler.image_shape]}],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, -1]}],
-        "parameters": {"subnetworks": [skip_to_str(s) for s in scheduler.ranking], "slo_ms": slo_ms,
-                       "max_batch": scheduler.max_batch},
+        "parameters": {"slo_ms": slo_ms, "max_batch": scheduler.max_batch,
+                       "accuracy": {skip_to_str(s): scheduler.accuracy[s] for s in scheduler.ranking},
+                       "latency_us": {str(b): t for b, t in scheduler.latency.table().items()}},
     }
 
     def known(model: str) -> Response | None:
@@ -227,6 +238,7 @@ class HttpServer:
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._server.run(sockets=[self.sock])
 
     def start(self, timeout: float = 30.0) -> HttpServer:

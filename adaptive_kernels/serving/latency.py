@@ -16,6 +16,9 @@ from collections.abc import Mapping
 
 from ..models.skip import SkipConfig, parse_skip, skip_to_str
 
+#: the largest measured / profiled ratio one call may feed into the correction
+MAX_SAMPLE = 10.0
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, ... up to and including ``max_batch`` (``max_batch`` itself when it is not a power of two)."""
@@ -79,11 +82,21 @@ class LatencyModel:
         return self.profiled(skip, batch) * self._factor
 
     def observe(self, skip: SkipConfig, batch: int, seconds: float) -> None:
-        """Fold one measured call into the correction."""
-        sample = seconds / self.profiled(skip, batch)
+        """Fold one measured call into the correction. A sample counts at most ``MAX_SAMPLE`` times the profile: one
+        call stalled by the OS (a preempted process on a shared machine) must not make every prediction miss."""
+        sample = min(seconds / self.profiled(skip, batch), MAX_SAMPLE)
         with self._lock:
             self.deviation += self.beta * (abs(sample - self.ratio) - self.deviation)
             self.ratio += self.alpha * (sample - self.ratio)
+            self._factor = self.ratio + self.margin * self.deviation
+
+    def relax(self) -> None:
+        """Move the correction one step back toward the profile. The scheduler calls it when it refused requests
+        and served none: a refusal is a prediction nothing measures, so without this a correction that grew during
+        a slow spell could refuse every later request and never be measured down again."""
+        with self._lock:
+            self.deviation *= 1 - self.beta
+            self.ratio += self.alpha * (1.0 - self.ratio)
             self._factor = self.ratio + self.margin * self.deviation
 
     @property

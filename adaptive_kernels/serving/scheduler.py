@@ -73,8 +73,11 @@ class Counters:
     in_flight: int = 0
     batches: int = 0
     by_skip: dict[str, int] = field(default_factory=dict)
-    #: seconds the dispatcher spent outside the engine call (policy, batching, answering), summed over batches
-    overhead_s: float = 0.0
+    #: dispatcher seconds outside the engine, summed over dispatches: the policy (``plan_dispatch``), batching (stack,
+    #: pad, move the inputs) and answering (split the output, count, resolve the futures)
+    policy_s: float = 0.0
+    batching_s: float = 0.0
+    answering_s: float = 0.0
 
 
 class Scheduler:
@@ -114,7 +117,8 @@ class Scheduler:
         (one of the servable ones). The future's result is a :class:`Served`; its exception a :class:`Refused`
         (deadline, shutdown) or the engine's error. Bad input raises ValueError here."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"input has shape {tuple(x.shape)}; this model takes (N, {', '.join(map(str, self.image_shape))})")
+            raise ValueError(f"input has shape {tuple(x.shape)}; this model takes "
+                             f"(N, {', '.join(map(str, self.image_shape))})")
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"input has batch {x.shape[0]}; this server takes 1..{self.max_batch} images per request "
                              f"(--max-batch): split it")
@@ -162,12 +166,15 @@ class Scheduler:
                 start = self._clock()
                 decision = plan_dispatch([r.queued for r in self._queue], start, self.latency.predict, self.ranking,
                                          self.max_batch)
+                self.counters.policy_s += self._clock() - start
                 refused, batch = self._take(decision)
+                if refused and not batch:
+                    self.latency.relax()
                 for request in refused:
                     self._finish_refused(request, "its deadline cannot be met even by the fastest sub-network")
                 self.counters.in_flight = len(batch)
             if batch:
-                self._run(batch, decision, start)
+                self._run(batch, decision, self._clock())
 
     def _take(self, decision: Decision) -> tuple[list[_Request], list[_Request]]:
         """Remove the refused and the served requests from the queue (lock held)."""
@@ -189,6 +196,7 @@ class Scheduler:
                 if bucket > decision.batch:
                     x = torch.cat([x, x.new_zeros((bucket - decision.batch, *self.image_shape))])
             called = self._clock()
+            self.counters.batching_s += called - start
             with torch.no_grad():
                 y = self.engine(x, skip=skip)
                 y = y[: decision.batch].float().cpu()  # synchronises a CUDA engine: the time below is the call's
@@ -213,7 +221,7 @@ class Scheduler:
                 outcome = Outcome("served", latency, name, decision.batch, met)
                 self._finish(request, outcome, Served(y[offset:offset + size], name, decision.batch, latency, met))
                 offset += size
-            self.counters.overhead_s += (self._clock() - start) - (returned - called)
+            self.counters.answering_s += self._clock() - returned
 
     def _finish_refused(self, request: _Request, why: str) -> None:
         latency = self._clock() - request.arrival

@@ -43,3 +43,13 @@ def test_tables_need_batch_one_and_every_sub_network():
         LatencyModel({2: TABLES[2]})
     with pytest.raises(ValueError, match="lacks sub-network TT"):
         LatencyModel({1: TABLES[1], 2: {"FF": 1.0}})
+
+
+def test_a_stall_is_bounded_and_refusals_relax_the_correction():
+    model = LatencyModel(TABLES)
+    tt = (True, True)
+    model.observe(tt, 1, 1.0)  # a call stalled for a second (20000x the profile) counts as MAX_SAMPLE
+    assert model.ratio == pytest.approx(1 + 0.125 * 9)
+    for _ in range(100):
+        model.relax()
+    assert model.factor == pytest.approx(1.0, abs=1e-3)
