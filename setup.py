@@ -180,7 +180,10 @@ if __name__ == "__main__":
             "plot": ["matplotlib"],
             # export_onnx and the CPU engine (compile() on a CPU input): the dynamo exporter and ONNX Runtime
             "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
-            "test": ["pytest", "pytest-benchmark", "torchvision>=0.26", "matplotlib"],
+            # the SLO-aware server (adaptive_kernels.serving.http, serving.ray) and its stock client for the tests
+            "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "tritonclient[http]>=2.40",
+                      "ray[serve]>=2.30"],
+            "test": ["pytest", "pytest-benchmark", "pytest-timeout", "torchvision>=0.26", "matplotlib"],
         },
         entry_points={"console_scripts": ["adaptive-kernels=adaptive_kernels.__main__:main"]},
         ext_modules=ext_modules,

@@ -1,13 +1,12 @@
 """adaptive_kernels: Adaptive Depth Networks — models, self-distillation training, fused inference."""
 
 from ._ext import EXT_ERROR, HAS_EXT
+from ._version import __version__
 from .engine import compile, select_skip
 from .export import export_onnx, export_pt2
 from .models import create_model, list_models
 from .models.calibration import CalibrationResult, calibrate
 from .models.skip import all_skip_configs, parse_skip, skip_to_str
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EXT_ERROR",

@@ -1,5 +1,4 @@
-"""Adaptive Depth Networks: python -m adaptive_kernels {demo,train,eval,calibrate,export} (also the adaptive-kernels
-script).
+"""Adaptive Depth Networks: python -m adaptive_kernels COMMAND (also the adaptive-kernels script).
 
   demo   train a small ResNet-ADN on Fashion-MNIST within a time budget (default 7 minutes on 2 CPU cores),
          evaluate every sub-network, print the table, save checkpoint, JSON and plot
@@ -8,6 +7,7 @@ script).
   eval   accuracy, MACs and measured latency of every sub-network of a checkpoint
   calibrate  per-sub-network BatchNorm statistics of a checkpoint (every mixed sub-network usable)
   export ONNX (every sub-network in one graph) or torch.export file, checked against the model
+  serve  an SLO-aware HTTP server (Open Inference Protocol): per batch, the most accurate sub-network in time
 
 Run adaptive-kernels COMMAND --help for a command's options.
 """
@@ -18,9 +18,9 @@ import argparse
 
 import torch
 
-from .. import __version__
 from .._ext import EXT_ERROR, HAS_EXT
-from . import calibrate, demo, export, train
+from .._version import __version__
+from . import calibrate, demo, export, serve, train
 from . import eval as evaluate
 from .checks import ArgumentParser, HelpFormatter, print_error
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {__version__} (torch {torch.__version__}; CUDA extension {extension})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for command in (demo, train, evaluate, export, calibrate):
+    for command in (demo, train, evaluate, calibrate, export, serve):
         command.add_parser(sub)
     return parser
 

@@ -9,5 +9,5 @@ from .registry import create_model, list_models, register_model
 __all__ = ["ADNModel", "create_model", "list_models", "register_model"]
 
 #: the package's shared machinery; every other module here is a family file
-SHARED_MODULES = frozenset({"base", "calibration", "norms", "registry", "skip"})
+SHARED_MODULES = frozenset({"base", "calibration", "footprint", "norms", "registry", "skip"})
 import_family_files(__name__, __path__, shared=SHARED_MODULES)

@@ -308,7 +308,7 @@ def test_help_is_plain_text_with_defaults():
     assert "--latency-repeats LATENCY_REPEATS timed rounds; each round runs every sub-network once (default: 30)" \
         in flat["eval"]
     assert "(default: None)" not in flat["train"] and "(default: False)" not in flat["train"]
-    assert "{demo,train,eval,calibrate,export}" in flat[""].split("usage:")[1].split("options:")[0]
+    assert "{demo,train,eval,calibrate,export,serve}" in flat[""].split("usage:")[1].split("options:")[0]
     assert "Per-sub-network norm statistics" in flat["calibrate"]
     assert "Write an ONNX file" in flat["export"]
 

@@ -1,0 +1,74 @@
+"""``python -m adaptive_kernels serve``: an SLO-aware HTTP server for a checkpoint (the Open Inference Protocol,
+Prometheus metrics); profiles the engine, prints the plan, serves until Ctrl-C / SIGTERM, then answers what is
+queued. Needs the [serve] extra."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
+from ..training.checkpoint import load_checkpoint
+from ..training.data import build_data
+from ..training.distributed import resolve_device
+from .checks import HelpFormatter, add_data_args, checkpoint_data, device_name, int_range, positive_float, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``serve`` sub-command."""
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP, picking the sub-network per batch to meet an SLO",
+                       formatter_class=HelpFormatter,
+                       description="An SLO-aware HTTP server for a checkpoint (Open Inference Protocol / KServe v2, "
+                                   "Prometheus metrics at /metrics): profiles the engine, prints the plan, serves "
+                                   "until Ctrl-C or SIGTERM, then answers what is queued. Needs the [serve] extra.")
+    s.add_argument("--checkpoint", required=True, help="a last.pt / calibrated.pt written by train, demo or calibrate")
+    s.add_argument("--slo-ms", type=positive_float, required=True,
+                   help="latency objective of a request that sets none (its slo_ms parameter)")
+    s.add_argument("--accuracy", help="eval --json output (or {\"TFF\": accuracy, ...}): the sub-networks it lists are "
+                                      "served; default: measure every sub-network on --data now (by default the "
+                                      "checkpoint's dataset)")
+    add_data_args(s, from_checkpoint=True)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (0: any free port)")
+    s.add_argument("--max-batch", type=int_range(1, 1024), default=16, help="the most inputs one engine call takes")
+    s.add_argument("--name", help="model name in the protocol's URLs (default: the checkpoint's model name)")
+    s.add_argument("--device", type=device_name, default="cpu", help="cpu (ONNX Runtime engine) or cuda / cuda:N")
+    s.add_argument("--profile-iters", type=positive_int, default=20, help="timed runs per sub-network and batch size")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ..serving.http import HttpServer, bind_socket, create_app
+    except ImportError as e:
+        raise ImportError(f"serve needs the [serve] extra ({e.name} is not installed): "
+                          f"pip install 'adaptive_kernels[serve]'") from None
+    sock = bind_socket(args.host, args.port)  # a taken port fails now, not after profiling
+    try:
+        model, name, image_shape = checkpoint_model(args.checkpoint)
+        device = str(resolve_device(args.device))
+        accuracy = load_accuracy(args.accuracy, model.num_skippable_stages) if args.accuracy else None
+        data = None
+        if accuracy is None:
+            checkpoint_data(args, load_checkpoint(args.checkpoint))
+            data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
+                              num_workers=args.workers)
+        plan = build_plan(model, args.name or name, image_shape, max_batch=args.max_batch, accuracy=accuracy,
+                          data=data, device=device, profile_iters=args.profile_iters,
+                          progress=lambda line: print(f"[serve] {line}", flush=True))
+        plan.check_slo(args.slo_ms)
+    except BaseException:
+        sock.close()
+        raise
+    print(plan.describe())
+    scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy)
+    server = HttpServer(create_app(scheduler, plan.name, args.slo_ms), sock)
+    print(f"[serve] {plan.name} on http://{args.host}:{server.port}/v2/models/{plan.name} (SLO {args.slo_ms:g} ms, "
+          f"max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops", flush=True)
+    try:
+        server.run()
+    finally:
+        scheduler.close()
+        c = scheduler.stats()
+        print(f"[serve] stopped: {c.submitted} requests, {c.served} served ({c.met} within SLO), {c.refused} "
+              f"refused, {c.failed} failed", flush=True)
+    return 0

@@ -1,0 +1,259 @@
+"""The HTTP server: the Open Inference Protocol (KServe v2, as Triton speaks it, with the binary tensor data
+extension) over the scheduler, on FastAPI + uvicorn, with Prometheus metrics at ``/metrics``. Needs the ``[serve]``
+extra.
+
+Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``, ``/v2/models/{name}/ready``,
+``POST /v2/models/{name}/infer``, ``GET /metrics``. Request parameters: ``slo_ms`` (this request's latency objective,
+default the server's ``--slo-ms``) and ``skip`` (force a sub-network, e.g. "TFF"). The response's parameters say
+which sub-network served the request (``skip``), the ``batch`` it ran in and whether it met its SLO (``slo_met``).
+A request the scheduler refuses gets HTTP 503 with ``{"error": "request refused: ..."}``.
+
+Handlers only decode, enqueue and await: the engine runs on the scheduler's dispatcher thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import socket
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .._version import __version__
+from ..models.skip import skip_to_str
+from .scheduler import Outcome, Refused, Scheduler
+
+INPUT, OUTPUT = "input", "logits"
+#: Python hands the GIL to a waiting thread after this many seconds (default 5 ms). The event loop decoding requests
+#: keeps the GIL busy under load, and the dispatcher thread needs it between engine calls: at 5 ms each hand-over
+#: would eat a millisecond SLO whole. The server sets 0.2 ms while it runs.
+SWITCH_INTERVAL_S = 2e-4
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ProtocolError(ValueError):
+    """A request that breaks the protocol or does not fit the model: HTTP ``status`` with the message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Metrics:
+    """Prometheus metrics of one scheduler, in a registry of their own (several servers in one process stay apart)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("adn_requests", "finished requests by outcome", ["status"], registry=r)
+        self.served = Counter("adn_served", "served requests by sub-network", ["subnet"], registry=r)
+        self.met = Counter("adn_slo_met", "served requests that met their SLO", registry=r)
+        self.latency = Histogram("adn_request_latency_seconds", "submit to answer, served requests", registry=r,
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
+        self.batch = Histogram("adn_request_batch_size", "inputs in the batch that served a request", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        Gauge("adn_queue_depth", "requests waiting", registry=r).set_function(lambda: scheduler.counters.queued)
+        Gauge("adn_slo_attainment", "served within SLO / finished requests", registry=r).set_function(
+            lambda: _attainment(scheduler))
+        Gauge("adn_latency_correction", "measured / profiled latency factor in use", registry=r).set_function(
+            lambda: scheduler.latency.factor)
+        Gauge("adn_batches", "engine calls so far", registry=r).set_function(lambda: scheduler.counters.batches)
+        for part in ("policy", "batching", "answering"):
+            Gauge(f"adn_dispatch_{part}_seconds", f"dispatcher time in {part}, summed", registry=r).set_function(
+                lambda part=part: getattr(scheduler.counters, f"{part}_s"))
+        scheduler.listeners.append(self.record)
+
+    def record(self, outcome: Outcome) -> None:
+        self.requests.labels(outcome.status).inc()
+        if outcome.status == "served":
+            self.served.labels(outcome.skip).inc()
+            self.met.inc(outcome.met)
+            self.latency.observe(outcome.latency_s)
+            self.batch.observe(outcome.batch)
+
+
+def _attainment(scheduler: Scheduler) -> float:
+    c = scheduler.counters
+    finished = c.served + c.refused + c.failed
+    return c.met / finished if finished else 1.0
+
+
+def decode_infer_request(body: bytes, header_length: str | None, image_shape: tuple[int, ...]
+                         ) -> tuple[torch.Tensor, dict[str, Any], bool]:
+    """A v2 infer request -> (input (N, C, H, W) float32, the request's JSON, whether the output goes binary)."""
+    try:
+        json_size = int(header_length) if header_length is not None else len(body)
+        request = json.loads(body[:json_size])
+    except ValueError as e:
+        raise ProtocolError(f"the request is not v2 JSON ({e})") from None
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ProtocolError(f"the request needs exactly one input, {INPUT!r} FP32 "
+                            f"[N, {', '.join(map(str, image_shape))}]")
+    tensor = inputs[0]
+    shape, datatype = tensor.get("shape"), tensor.get("datatype")
+    if tensor.get("name") != INPUT or datatype != "FP32":
+        raise ProtocolError(f"input {tensor.get('name')!r} {datatype}: this model takes {INPUT!r} FP32")
+    if not isinstance(shape, list) or len(shape) != 4 or tuple(shape[1:]) != image_shape:
+        raise ProtocolError(f"input shape {shape}: this model takes [N, {', '.join(map(str, image_shape))}]")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    try:
+        if size is not None:
+            blob = body[json_size:json_size + size]
+            array = np.frombuffer(blob, dtype="<f4").reshape(shape)
+        else:
+            array = np.asarray(tensor.get("data"), dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"input data does not hold shape {shape} FP32 values ({e})") from None
+    parameters = request.get("parameters") or {}
+    binary = bool(parameters.get("binary_data_output", False))
+    for out in request.get("outputs") or []:
+        if out.get("name") != OUTPUT:
+            raise ProtocolError(f"output {out.get('name')!r}: this model has one output, {OUTPUT!r}")
+        binary = bool((out.get("parameters") or {}).get("binary_data", binary))
+    return torch.from_numpy(array.copy()), request, binary
+
+
+def encode_infer_response(name: str, request: dict[str, Any], output: np.ndarray, parameters: dict[str, Any],
+                          binary: bool) -> Response:
+    """The v2 response: JSON, or JSON header + the raw little-endian FP32 output (binary tensor data extension)."""
+    tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "FP32", "shape": list(output.shape)}
+    raw = np.ascontiguousarray(output, dtype="<f4").tobytes() if binary else b""
+    if binary:
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        tensor["data"] = output.reshape(-1).tolist()
+    response = {"model_name": name, "model_version": "1", "outputs": [tensor], "parameters": parameters}
+    if "id" in request:
+        response["id"] = request["id"]
+    header = json.dumps(response).encode()
+    if not binary:
+        return Response(header, media_type="application/json")
+    return Response(header + raw, media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+def _error(message: str, status: int) -> Response:
+    return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
+
+
+def create_app(scheduler: Scheduler, name: str, slo_ms: float) -> FastAPI:
+    """The FastAPI app serving ``scheduler`` as model ``name``; ``slo_ms``: the SLO of requests that set none."""
+    app = FastAPI(title=f"adaptive_kernels: {name}", version=__version__)
+    app.state.metrics = Metrics(scheduler)
+    metadata = {
+        "name": name, "versions": ["1"], "platform": f"adaptive_kernels_{scheduler.engine.mechanism}",
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *scheduler.image_shape]}],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, -1]}],
+        "parameters": {"slo_ms": slo_ms, "max_batch": scheduler.max_batch,
+                       "accuracy": {skip_to_str(s): scheduler.accuracy[s] for s in scheduler.ranking},
+                       "latency_us": {str(b): t for b, t in scheduler.latency.table().items()}},
+    }
+
+    def known(model: str) -> Response | None:
+        return None if model == name else _error(f"unknown model {model!r}; this server serves {name!r}", 404)
+
+    @app.get("/v2")
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "adaptive_kernels", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    @app.get("/v2/models/{model}/ready")
+    def ready(model: str = name) -> Response:
+        return known(model) or Response(json.dumps({"ready": True}), media_type="application/json")
+
+    @app.get("/v2/models/{model}")
+    def model_metadata(model: str) -> Response:
+        return known(model) or Response(json.dumps(metadata), media_type="application/json")
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(model: str, request: Request) -> Response:
+        if (unknown := known(model)) is not None:
+            return unknown
+        try:
+            x, body, binary = decode_infer_request(await request.body(), request.headers.get(HEADER_LENGTH),
+                                                   scheduler.image_shape)
+            parameters = body.get("parameters") or {}
+            slo = parameters.get("slo_ms", slo_ms)
+            if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0:
+                raise ProtocolError(f"parameter slo_ms={slo!r}: give a positive number of milliseconds")
+            future = scheduler.submit(x, slo / 1e3, parameters.get("skip"))
+        except ValueError as e:
+            return _error(str(e), getattr(e, "status", 400))
+        try:
+            served = await asyncio.wrap_future(future)
+        except Refused as e:
+            return _error(str(e), 503)
+        except Exception as e:  # noqa: BLE001 -- the engine failed: the client hears why
+            return _error(f"inference failed: {type(e).__name__}: {e}", 500)
+        result = {"skip": served.skip, "batch": served.batch, "slo_met": served.met, "slo_ms": slo}
+        return encode_infer_response(name, body, served.output.numpy(), result, binary)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free port), or one clear ValueError when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use: stop what listens there or choose another --port") \
+                from None
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --host/--port") from None
+    sock.listen(2048)
+    return sock
+
+
+class HttpServer:
+    """uvicorn serving ``app`` on ``sock``. ``run()`` blocks (Ctrl-C / SIGTERM stop it gracefully: no new
+    connections, open requests answered); ``start()`` runs it on a thread and ``stop()`` ends that (tests,
+    benchmarks). ``port`` is the port bound."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                     timeout_graceful_shutdown=30))
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._server.run(sockets=[self.sock])
+
+    def start(self, timeout: float = 30.0) -> HttpServer:
+        self._thread = threading.Thread(target=self.run, name="adn-http", daemon=True)
+        self._thread.start()
+        for _ in range(int(timeout / 0.01)):
+            if self._server.started:
+                return self
+            if not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        raise RuntimeError(f"the HTTP server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+        self.sock.close()

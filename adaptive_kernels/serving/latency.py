@@ -1,0 +1,109 @@
+"""The scheduler's latency predictions: one ``engine.profile(batch_size=b)`` table per batch bucket, corrected online
+from the latencies the dispatcher measures.
+
+The correction follows TCP's round-trip estimator (Jacobson): an EWMA of the ratio measured / profiled and an EWMA of
+its absolute deviation; a prediction is the profiled latency times ``ratio + margin * deviation``. The ratio follows
+a machine that got slower or faster since the profile (other load, frequency), the deviation keeps the prediction
+above most measurements when latencies scatter (a median alone is exceeded by half of them, and each excess risks
+a deadline).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Mapping
+
+from ..models.skip import SkipConfig, parse_skip, skip_to_str
+
+#: the largest measured / profiled ratio one call may feed into the correction
+MAX_SAMPLE = 10.0
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``max_batch`` (``max_batch`` itself when it is not a power of two)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+    buckets = [1]
+    while buckets[-1] * 2 < max_batch:
+        buckets.append(buckets[-1] * 2)
+    if buckets[-1] != max_batch:
+        buckets.append(max_batch)
+    return buckets
+
+
+class LatencyModel:
+    """Predicted latency in seconds of a sub-network at a batch size.
+
+    tables: ``{batch bucket: {"FFF": µs, ...}}``, each from ``engine.profile(batch_size=bucket)``. padded: the engine
+    runs a batch padded to the next bucket (the GPU engine: one capture per bucket), so a batch of b costs its
+    bucket's latency; otherwise (the CPU engine, dynamic batch) a batch between two buckets is interpolated linearly.
+    alpha, beta: EWMA weights of the ratio and of its deviation; margin: deviations added to the ratio.
+    ``observe`` may be called from the dispatcher thread while another thread reads ``predict``.
+    """
+
+    def __init__(self, tables: Mapping[int, Mapping[str, float]], *, padded: bool = False, alpha: float = 0.125,
+                 beta: float = 0.25, margin: float = 2.0) -> None:
+        if not tables:
+            raise ValueError("tables is empty: profile the engine at batch 1 at least")
+        self.buckets = sorted(tables)
+        if self.buckets[0] != 1:
+            raise ValueError(f"tables must include batch 1 (the refusal rule needs it), got buckets {self.buckets}")
+        first = tables[1]
+        self.num_stages = len(next(iter(first)))
+        self.skips: list[SkipConfig] = [parse_skip(s, self.num_stages) for s in first]
+        self._seconds: dict[SkipConfig, list[float]] = {}
+        for skip in self.skips:
+            name = skip_to_str(skip)
+            missing = [b for b in self.buckets if name not in tables[b]]
+            if missing:
+                raise ValueError(f"the profile at batch {missing[0]} lacks sub-network {name}")
+            self._seconds[skip] = [float(tables[b][name]) * 1e-6 for b in self.buckets]
+        self.padded = padded
+        self.max_batch = self.buckets[-1]
+        self.alpha, self.beta, self.margin = alpha, beta, margin
+        self.ratio, self.deviation = 1.0, 0.0
+        self._factor = 1.0
+        self._lock = threading.Lock()
+
+    def profiled(self, skip: SkipConfig, batch: int) -> float:
+        """The profile's latency (seconds) of ``skip`` at ``batch``, without the online correction."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch {batch} is outside the profiled range 1..{self.max_batch}")
+        row = self._seconds[skip]
+        i = bisect.bisect_left(self.buckets, batch)
+        if self.padded or self.buckets[i] == batch:
+            return row[i]
+        lo, hi = self.buckets[i - 1], self.buckets[i]
+        return row[i - 1] + (row[i] - row[i - 1]) * (batch - lo) / (hi - lo)
+
+    def predict(self, skip: SkipConfig, batch: int) -> float:
+        """Predicted seconds of one call running ``skip`` on ``batch`` inputs (the profile, corrected)."""
+        return self.profiled(skip, batch) * self._factor
+
+    def observe(self, skip: SkipConfig, batch: int, seconds: float) -> None:
+        """Fold one measured call into the correction. A sample counts at most ``MAX_SAMPLE`` times the profile: one
+        call stalled by the OS (a preempted process on a shared machine) must not make every prediction miss."""
+        sample = min(seconds / self.profiled(skip, batch), MAX_SAMPLE)
+        with self._lock:
+            self.deviation += self.beta * (abs(sample - self.ratio) - self.deviation)
+            self.ratio += self.alpha * (sample - self.ratio)
+            self._factor = self.ratio + self.margin * self.deviation
+
+    def relax(self) -> None:
+        """Move the correction one step back toward the profile. The scheduler calls it when it refused requests
+        and served none: a refusal is a prediction nothing measures, so without this a correction that grew during
+        a slow spell could refuse every later request and never be measured down again."""
+        with self._lock:
+            self.deviation *= 1 - self.beta
+            self.ratio += self.alpha * (1.0 - self.ratio)
+            self._factor = self.ratio + self.margin * self.deviation
+
+    @property
+    def factor(self) -> float:
+        """What predictions multiply the profile by now."""
+        return self._factor
+
+    def table(self) -> dict[int, dict[str, float]]:
+        """The profile as given (µs per bucket and sub-network), for printing the plan."""
+        return {b: {skip_to_str(s): self._seconds[s][i] * 1e6 for s in self.skips} for i, b in enumerate(self.buckets)}

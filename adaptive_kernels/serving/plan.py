@@ -1,0 +1,124 @@
+"""What a server needs before its first request: the model of a checkpoint, its engine, the per-bucket latency profile,
+the accuracy of each servable sub-network; and the checks that make a bad start one clear error.
+
+Used alike by ``serve`` (the CLI), the Ray Serve replica and the load benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine import compile
+from ..engine.base import Engine
+from ..models.skip import SkipConfig, parse_skip, skip_to_str
+from ..training.checkpoint import model_from_checkpoint
+from ..training.data import DataSource
+from ..training.evaluate import accuracy as measure_accuracy
+from .latency import LatencyModel, batch_buckets
+from .policy import rank_by_accuracy
+from .scheduler import PADDED_MECHANISMS
+
+
+@dataclass
+class ServingPlan:
+    """A model ready to serve: ``name`` (the protocol's model name), the ``engine`` and the ``example_input`` it was
+    compiled for, the ``latency`` profile, ``accuracy`` of the servable sub-networks and where it came from."""
+
+    name: str
+    engine: Engine
+    example_input: torch.Tensor
+    latency: LatencyModel
+    accuracy: dict[SkipConfig, float]
+    accuracy_source: str
+
+    @property
+    def fastest_batch1_s(self) -> float:
+        """Seconds of the fastest servable sub-network at batch 1 (as profiled): the smallest SLO that can be met."""
+        return min(self.latency.profiled(s, 1) for s in self.accuracy)
+
+    def check_slo(self, slo_ms: float) -> None:
+        """Refuse an SLO no request can meet, with the number that would do."""
+        fastest = self.fastest_batch1_s * 1e3
+        if slo_ms < fastest:
+            raise ValueError(f"--slo-ms {slo_ms:g} is below the fastest sub-network's batch-1 latency on this machine "
+                             f"({fastest:.2f} ms): no request could meet it; raise --slo-ms")
+
+    def describe(self) -> str:
+        """The plan as printed at start: one row per servable sub-network, its accuracy and latency per bucket."""
+        ranking = rank_by_accuracy(self.accuracy, self.latency.predict)
+        buckets = self.latency.buckets
+        lines = [(f"{self.name}: {len(ranking)} sub-networks, accuracy from {self.accuracy_source}, engine "
+                  f"{self.engine.mechanism}, batches {buckets}; latency in ms as profiled"),
+                 f"{'skip':<8} {'accuracy':>8} " + " ".join(f"{'b' + str(b):>8}" for b in buckets)]
+        for skip in ranking:
+            lines.append(f"{skip_to_str(skip):<8} {self.accuracy[skip]:>8.2f} "
+                         + " ".join(f"{self.latency.profiled(skip, b) * 1e3:>8.3f}" for b in buckets))
+        return "\n".join(lines)
+
+
+def load_accuracy(path: str | os.PathLike, num_stages: int) -> dict[SkipConfig, float]:
+    """``{skip: accuracy}`` from ``eval --json`` records (``[{"skip": "TFF", "accuracy": 90.1, ...}, ...]``) or a
+    plain mapping ``{"TFF": 90.1, ...}``; the sub-networks it lists are the ones served."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--accuracy {path}: cannot read it as JSON ({e}); write it with "
+                         f"`python -m adaptive_kernels eval --checkpoint CK --data D --json {path}`") from None
+    if isinstance(table, list):
+        try:
+            table = {r["skip"]: r["accuracy"] for r in table}
+        except (TypeError, KeyError):
+            raise ValueError(f"--accuracy {path}: records need 'skip' and 'accuracy' (eval --json's format)") from None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"--accuracy {path}: expected eval --json records or {{\"TFF\": accuracy, ...}}")
+    try:
+        return {parse_skip(k, num_stages): float(v) for k, v in table.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--accuracy {path}: {e} (the model has {num_stages} skippable stages)") from None
+
+
+def checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, str, tuple[int, ...]]:
+    """The model of a ``train``/``demo`` checkpoint in eval mode, its registered name and its image shape (C, H, W)."""
+    model, state, _ = model_from_checkpoint(path)
+    data = state.get("data") or {}
+    if "image_size" not in data:
+        raise ValueError(f"checkpoint {path} does not record its image size (no 'data' entry): serve a checkpoint "
+                         f"written by train or demo")
+    spec = state["model_spec"]
+    return model.eval(), spec["name"], (spec["kwargs"].get("in_chans", 3), *data["image_size"])
+
+
+def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], *, max_batch: int,
+               accuracy: Mapping[SkipConfig, float] | None = None, data: DataSource | None = None,
+               device: str = "cpu", profile_iters: int = 20,
+               progress: Callable[[str], Any] = lambda line: None) -> ServingPlan:
+    """Compile ``model`` (dynamic batch; on CUDA fp16, one capture per bucket), profile it at every bucket up to
+    ``max_batch``, and take the sub-networks' accuracy from ``accuracy`` or measure it on ``data``'s test split.
+    ``progress`` hears one line per step."""
+    if accuracy is None and data is None:
+        raise ValueError("the policy needs each sub-network's accuracy: give --accuracy EVAL.json (eval --json) or "
+                         "--data to measure it now")
+    example = torch.zeros((1, *image_shape), device=device)
+    progress(f"compiling {name} for {device} ...")
+    engine = compile(model.to(device), example, dynamic_batch=True)
+    if accuracy is None:
+        accuracy = {}
+        for skip in model.skip_configs():
+            accuracy[skip] = measure_accuracy(model, data, skip, device=device)
+            progress(f"accuracy of {skip_to_str(skip)} on {data.name}: {accuracy[skip]:.2f} %")
+        source = f"--data {data.name} (measured now)"
+    else:
+        source = "--accuracy"
+    tables = {}
+    for bucket in batch_buckets(max_batch):
+        progress(f"profiling batch {bucket} ({len(model.skip_configs())} sub-networks, {profile_iters} runs each) ...")
+        tables[bucket] = engine.profile(profile_iters, max(1, profile_iters // 4), batch_size=bucket)
+    padded = engine.mechanism in PADDED_MECHANISMS
+    return ServingPlan(name, engine, example, LatencyModel(tables, padded=padded), dict(accuracy), source)

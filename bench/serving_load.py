@@ -1,0 +1,438 @@
+"""Open-loop load test of the SLO-aware server (``python -m adaptive_kernels serve``) over HTTP on 127.0.0.1.
+
+One server process per scenario; the same bursty trace per mean rate (Gamma inter-arrivals with CV² >= 4, the rate
+varying as a sine over the run) replayed against four ways of serving, all through the same scheduler:
+
+- ``super``: every request forces the super-net (fixed-model serving with dynamic batching),
+- ``base``: every request forces the base-net,
+- ``static``: every request forces ``select_skip(profile at the largest batch, accuracy, SLO / 2)`` (a batch may have
+  to wait for the one before it: half the SLO each), the base-net when nothing fits,
+- ``adaptive``: nothing forced; the policy picks batch and sub-network per dispatch.
+
+Arrivals do not wait for answers (open loop); every request ends as served (HTTP 200), refused (503) or lost (no
+answer within the client's timeout), and the run checks sent = answered + refused. Writes ``<scenario>.json`` (rows,
+machine, versions), ``<scenario>.md`` (the table) and ``<scenario>_timeline.png`` into ``--out``, each atomically.
+
+    python bench/serving_load.py --checkpoint demo_out/calibrated.pt --accuracy demo_out/subnets.json \\
+        --slo-ms 5 --rates 200,500,1000,2000 --seconds 20 --out bench/results/serving --scenario demo
+    python bench/serving_load.py --paper-resnet50 --slo-ms 1500 --rates 1,2,4,6 --seconds 30 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+POLICIES = ("super", "base", "static", "adaptive")
+#: ImageNet top-1 of ResNet-50-ADN as the paper reports it (the authors' README), for the sub-networks it names
+PAPER_RESNET50 = {"FFFF": 77.6, "TFFF": 77.1, "TTFF": 76.5, "TTTT": 76.1}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def bursty_trace(seconds: float, mean_rate: float, cv2: float, seed: int, period_s: float | None = None,
+                 depth: float = 0.5) -> np.ndarray:
+    """Arrival times (s) over ``seconds``: a Gamma renewal process (shape 1/cv2: squared coefficient of variation
+    ``cv2`` of the inter-arrivals) run on a clock whose rate is ``mean_rate * (1 + depth * sin(2 pi t / period))``
+    (time rescaling: the process's own inter-arrivals stay Gamma, the rate varies)."""
+    rng = np.random.default_rng(seed)
+    period_s = period_s or seconds / 2
+    shape = 1.0 / cv2
+    expected = mean_rate * seconds
+    gaps = rng.gamma(shape, 1.0 / shape, size=int(expected * 1.5 + 100))  # unit mean
+    operational = np.cumsum(gaps)
+    grid = np.linspace(0.0, seconds, 20001)
+    cumulative = mean_rate * (grid + depth * period_s / (2 * np.pi) * (1 - np.cos(2 * np.pi * grid / period_s)))
+    operational = operational[operational < cumulative[-1]]
+    return np.interp(operational, cumulative, grid)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and a rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+class Server:
+    """``python -m adaptive_kernels serve`` as a subprocess on 127.0.0.1, a free port; ``stop()`` ends it with
+    SIGINT (graceful: queued requests answered) and returns its output."""
+
+    def __init__(self, argv: list[str], threads: int, start_timeout_s: float = 900.0) -> None:
+        cmd = [sys.executable, "-m", "adaptive_kernels", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--threads", str(threads), *argv]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the server stopped during start-up:\n" + "".join(self.lines))
+            self.lines.append(line)
+            print(f"  | {line.rstrip()}", flush=True)
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)/v2/models/(\S+) ", line)
+            if found:
+                self.port, self.name = int(found.group(1)), found.group(2)
+                return
+        self.proc.kill()
+        raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
+
+    def stop(self) -> str:
+        self.proc.send_signal(2)
+        out, _ = self.proc.communicate(timeout=120)
+        self.lines.append(out)
+        return "".join(self.lines)
+
+
+def request_body(image: np.ndarray, slo_ms: float, skip: str | None) -> tuple[bytes, dict[str, str]]:
+    """A v2 infer request with the image as binary tensor data (as tritonclient.http sends it)."""
+    raw = image.astype("<f4").tobytes()
+    parameters = {"slo_ms": slo_ms, **({"skip": skip} if skip else {})}
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(image.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+                         "parameters": parameters}).encode()
+    return header + raw, {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+async def replay(url: str, arrivals: np.ndarray, body: bytes, headers: dict[str, str], timeout_s: float
+                 ) -> list[dict]:
+    """Send one request per arrival time, whatever the answers (open loop); one record per request."""
+    import aiohttp
+
+    records: list[dict] = [{} for _ in arrivals]
+    loop = asyncio.get_running_loop()
+
+    async def one(session: aiohttp.ClientSession, i: int, start: float) -> None:
+        sent = loop.time()
+        record = records[i]
+        record.update(t=sent - start, lag=sent - start - arrivals[i])
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                payload = await response.read()
+                record["latency"] = loop.time() - sent
+                if response.status == 200:
+                    size = int(response.headers.get(HEADER_LENGTH, len(payload)))
+                    answer = json.loads(payload[:size])["parameters"]
+                    record.update(status="served", skip=answer["skip"], batch=answer["batch"],
+                                  met=answer["slo_met"])
+                else:
+                    record.update(status="refused" if response.status == 503 else f"http {response.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            record.update(status="lost", error=type(e).__name__)
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024), timeout=timeout) as session:
+        start = loop.time() + 0.1
+        tasks = []
+        for i, at in enumerate(arrivals):
+            delay = start + at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, i, start)))
+        await asyncio.gather(*tasks)
+    return records
+
+
+def summarize(records: list[dict], accuracy: dict[str, float], slo_ms: float, seconds: float) -> dict:
+    """One row: counts, SLO attainment (server's deadline and client-measured), accuracy, latency, throughput."""
+    served = [r for r in records if r.get("status") == "served"]
+    latencies = np.array([r["latency"] for r in served]) * 1e3 if served else np.array([np.nan])
+    counts = {s: sum(r.get("status") == s for r in records) for s in ("served", "refused", "lost")}
+    sent = len(records)
+    by_skip: dict[str, int] = {}
+    for r in served:
+        by_skip[r["skip"]] = by_skip.get(r["skip"], 0) + 1
+    return {
+        "sent": sent, **counts, "other_errors": sent - sum(counts.values()),
+        "no_loss": counts["lost"] == 0 and sum(counts.values()) == sent,
+        "slo_attainment": sum(r["met"] for r in served) / sent if sent else 1.0,
+        "slo_attainment_client": sum(r["latency"] * 1e3 <= slo_ms for r in served) / sent if sent else 1.0,
+        "mean_accuracy": float(np.mean([accuracy[r["skip"]] for r in served])) if served else None,
+        "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+        "throughput_per_s": len(served) / seconds,
+        "mean_batch": float(np.mean([r["batch"] for r in served])) if served else None,
+        "max_send_lag_ms": max((r.get("lag", 0.0) for r in records), default=0.0) * 1e3,
+        "served_by_skip": by_skip,
+    }
+
+
+def server_metrics(port: int) -> dict[str, float]:
+    """The scalar series of the server's /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(adn_[a-z_]+) ([0-9.e+-]+)$", text, re.MULTILINE)}
+
+
+def static_pick(latency_us: dict[str, dict[str, float]], accuracy: dict[str, float], slo_ms: float) -> str:
+    """``select_skip`` on the profile at the largest batch with half the SLO; the fastest when nothing fits."""
+    from adaptive_kernels import select_skip, skip_to_str
+
+    table = latency_us[max(latency_us, key=int)]
+    table = {s: t for s, t in table.items() if s in accuracy}
+    try:
+        return skip_to_str(select_skip(table, accuracy, slo_ms * 1e3 / 2))
+    except ValueError:
+        return min(table, key=table.get)
+
+
+def dispatch_cost(latency_us: dict[str, dict[str, float]], accuracy: dict[str, float], shape: list[int],
+                  max_batch: int, repeats: int = 2000) -> dict[str, float]:
+    """Policy and batching in µs per dispatch measured in this process alone (no HTTP server sharing the GIL), for a
+    queue of 1 request and of ``max_batch`` requests: the decision and the stacking of the inputs."""
+    import torch
+
+    from adaptive_kernels.serving import LatencyModel, Queued, plan_dispatch, rank_by_accuracy
+
+    latency = LatencyModel({int(b): t for b, t in latency_us.items()})
+    acc = {s: a for s, a in zip(latency.skips, [accuracy.get(k) for k in latency_us["1"]], strict=True)
+           if a is not None}
+    ranking = rank_by_accuracy(acc, latency.predict)
+    out = {}
+    for n in (1, max_batch):
+        queue = [Queued(1.0 + 1e-3 * i) for i in range(n)]
+        images = [torch.zeros(1, *shape) for _ in range(n)]
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            plan_dispatch(queue, 0.999, latency.predict, ranking, max_batch)
+        t1 = time.perf_counter()
+        for _ in range(repeats):
+            images[0] if n == 1 else torch.cat(images)
+        t2 = time.perf_counter()
+        out[f"policy_queue{n}_us"] = (t1 - t0) / repeats * 1e6
+        out[f"batching_queue{n}_us"] = (t2 - t1) / repeats * 1e6
+    return out
+
+
+def machine() -> dict:
+    """CPU model, cores, load and the versions that decide these numbers."""
+    import importlib.metadata
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    versions = {}
+    for name in ("onnxruntime", "fastapi", "uvicorn", "prometheus-client", "aiohttp", "numpy", "ray"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], check=False, cwd=REPO, capture_output=True, text=True).stdout
+
+    sha, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
+            "python": platform.python_version(), "torch": torch.__version__, **versions,
+            "git": sha.strip() + ("+local changes" if dirty.strip() else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def plot_timeline(traces: dict[str, list[dict]], arrivals: np.ndarray, accuracy: dict[str, float], slo_ms: float,
+                  seconds: float, title: str, path: Path) -> None:
+    """Offered rate, served accuracy and SLO attainment over time, one line per way of serving."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(seconds / 40, 0.25)
+    edges = np.arange(0.0, seconds + width, width)
+    mids = (edges[:-1] + edges[1:]) / 2
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    axes[0].plot(mids, np.histogram(arrivals, edges)[0] / width, color="black")
+    axes[0].set_ylabel("offered (req/s)")
+    for policy, records in traces.items():
+        t = np.array([arrivals[i] for i in range(len(records))])
+        served = np.array([r.get("status") == "served" for r in records])
+        met = np.array([bool(r.get("met")) for r in records])
+        acc = np.array([accuracy[r["skip"]] if r.get("status") == "served" else np.nan for r in records])
+        idx = np.digitize(t, edges) - 1
+        mean_acc = [np.nanmean(acc[(idx == k) & served]) if ((idx == k) & served).any() else np.nan
+                    for k in range(len(mids))]
+        attain = [met[idx == k].mean() if (idx == k).any() else np.nan for k in range(len(mids))]
+        axes[1].plot(mids, mean_acc, label=policy)
+        axes[2].plot(mids, attain, label=policy)
+    axes[1].set_ylabel("mean served accuracy (%)")
+    axes[2].set_ylabel(f"SLO attainment ({slo_ms:g} ms)")
+    axes[2].set_xlabel("time (s)")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[1].legend(loc="lower left", fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def markdown(result: dict) -> str:
+    """The result as a table, one row per (rate, way of serving)."""
+    m = result["machine"]
+    lines = [f"# Serving load test: {result['scenario']}", "",
+             (f"{result['model']} on the CPU engine, SLO {result['slo_ms']:g} ms, max batch {result['max_batch']}, "
+             f"{result['seconds']:g} s per run, Gamma inter-arrivals CV² {result['cv2']:g}, rate x (1 +/- "
+             f"{result['depth']:g}) sine; accuracy: {result['accuracy_source']}; "
+             f"static pick: {result['static_pick']}."),
+             (f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work: load {m['load_avg_at_start'][0]:.1f} "
+             f"at start, so the numbers are noisy), server threads {result['threads']}; torch {m['torch']}, "
+             f"onnxruntime {m['onnxruntime']}, fastapi {m['fastapi']}, uvicorn {m['uvicorn']}; git {m['git']}, "
+             f"{m['date']}."), "",
+             ("| rate (req/s) | serving | sent | served | refused | lost | SLO attainment | (client-measured) | "
+             "mean accuracy | p50 ms | p99 ms | throughput /s | mean batch |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        acc = "-" if row["mean_accuracy"] is None else f"{row['mean_accuracy']:.2f}"
+        batch = "-" if row["mean_batch"] is None else f"{row['mean_batch']:.1f}"
+        lines.append(f"| {row['rate']:g} | {row['policy']} | {row['sent']} | {row['served']} | {row['refused']} | "
+                     f"{row['lost']} | {row['slo_attainment']:.3f} | {row['slo_attainment_client']:.3f} | {acc} | "
+                     f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['throughput_per_s']:.1f} | {batch} |")
+    o, i = result["overhead"], result["overhead"]["isolated"]
+    base, n = o["base_batch1_us"], result["max_batch"]
+    lines += ["", (f"Dispatcher time outside the engine per engine call, in the server under load (shares the GIL with "
+                  f"the HTTP event loop): policy {o['policy_us']:.1f} µs, batching {o['batching_us']:.1f} µs, "
+                  f"answering {o['answering_us']:.1f} µs; policy + batching = "
+                  f"{(o['policy_us'] + o['batching_us']) / base * 100:.1f} % of the base-net's batch-1 latency "
+                  f"({base:.1f} µs)."),
+              (f"Isolated (this process, no server): policy + batching "
+               f"{i['policy_queue1_us'] + i['batching_queue1_us']:.1f}"
+              f" µs for a queue of 1 ({(i['policy_queue1_us'] + i['batching_queue1_us']) / base * 100:.1f} %), "
+              f"{i[f'policy_queue{n}_us'] + i[f'batching_queue{n}_us']:.1f} µs for a queue of {n} "
+              f"({(i[f'policy_queue{n}_us'] + i[f'batching_queue{n}_us']) / base * 100:.1f} %).")]
+    return "\n".join(lines) + "\n"
+
+
+def paper_resnet50_checkpoint(folder: Path) -> tuple[Path, Path]:
+    """A ResNet-50-ADN checkpoint (initial weights: only latency matters here) and the paper's accuracies."""
+    from adaptive_kernels import create_model
+    from adaptive_kernels.training import save_checkpoint
+
+    spec = {"name": "resnet50_adn", "kwargs": {"num_classes": 1000, "in_chans": 3}}
+    path = save_checkpoint({"model": create_model(spec["name"]).state_dict(), "model_spec": spec,
+                            "data": {"name": "imagefolder", "image_size": [224, 224]}}, folder / "resnet50_adn.pt")
+    accuracy = folder / "paper_accuracy.json"
+    accuracy.write_text(json.dumps(PAPER_RESNET50))
+    return path, accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="served checkpoint (e.g. the demo's calibrated.pt)")
+    p.add_argument("--accuracy", help="eval --json / subnets.json of the checkpoint")
+    p.add_argument("--paper-resnet50", action="store_true",
+                   help="serve ResNet-50-ADN restricted to the four sub-networks the paper reports, with its "
+                        "accuracies")
+    p.add_argument("--scenario", default="demo", help="name of the result files")
+    p.add_argument("--slo-ms", type=float, required=True)
+    p.add_argument("--rates", required=True, help="mean request rates per second, comma-separated")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each run (the trace)")
+    p.add_argument("--cv2", type=float, default=4.0, help="squared coefficient of variation of inter-arrivals")
+    p.add_argument("--depth", type=float, default=0.5, help="relative amplitude of the rate's sine")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="server (engine) threads; the client takes the rest")
+    p.add_argument("--profile-iters", type=int, default=20)
+    p.add_argument("--max-requests", type=int, default=100_000, help="a bound on the requests of one run")
+    p.add_argument("--timeline-rate", type=float, help="rate whose runs the timeline plots (default: the highest)")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.cv2 < 4:
+        p.error("--cv2 must be >= 4 (a bursty trace)")
+    rates = [float(r) for r in args.rates.split(",")]
+    policies = args.policies.split(",")
+    with tempfile.TemporaryDirectory() as folder:
+        if args.paper_resnet50:
+            checkpoint, accuracy_file = paper_resnet50_checkpoint(Path(folder))
+            source = "the paper's ImageNet top-1 (not measured here); latencies measured here"
+        else:
+            checkpoint, accuracy_file = Path(args.checkpoint), Path(args.accuracy)
+            source = f"{accuracy_file.name} (the checkpoint's own eval)"
+        print(f"[load] starting the server for {checkpoint.name} ...", flush=True)
+        server = Server(["--checkpoint", str(checkpoint), "--accuracy", str(accuracy_file), "--slo-ms",
+                         str(args.slo_ms), "--max-batch", str(args.max_batch), "--profile-iters",
+                         str(args.profile_iters)], args.threads)
+        try:
+            result = run_sweep(server, args, rates, policies, source)
+        finally:
+            log = server.stop()
+    result["server_log_tail"] = log.splitlines()[-3:]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(args.out / f"{args.scenario}.md", markdown(result))
+    print(markdown(result))
+    lost = sum(r["lost"] + r["other_errors"] for r in result["rows"])
+    print(f"[load] wrote {args.out}/{args.scenario}.{{json,md}} and the timeline; requests lost: {lost}")
+    return 0 if lost == 0 else 1
+
+
+def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], policies: list[str], source: str) -> dict:
+    import urllib.request
+
+    meta = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v2/models/{server.name}",
+                                             timeout=30).read())
+    accuracy, latency_us = meta["parameters"]["accuracy"], meta["parameters"]["latency_us"]
+    shape = meta["inputs"][0]["shape"][1:]
+    ranking = sorted(accuracy, key=accuracy.get, reverse=True)
+    forced = {"super": ranking[0], "base": min(accuracy, key=lambda s: latency_us["1"][s]),
+              "static": static_pick(latency_us, accuracy, args.slo_ms), "adaptive": None}
+    image = np.random.default_rng(args.seed).standard_normal((1, *shape)).astype(np.float32)
+    url = f"http://127.0.0.1:{server.port}/v2/models/{server.name}/infer"
+    timeline_rate = args.timeline_rate or max(rates)
+    rows, traces = [], {}
+    before = server_metrics(server.port)
+    for rate in rates:
+        arrivals = bursty_trace(args.seconds, rate, args.cv2, args.seed, depth=args.depth)[: args.max_requests]
+        for policy in policies:
+            body, headers = request_body(image, args.slo_ms, forced[policy])
+            t0 = time.perf_counter()
+            records = asyncio.run(replay(url, arrivals, body, headers, timeout_s=args.slo_ms / 1e3 * 20 + 30))
+            row = {"rate": rate, "policy": policy, "forced": forced[policy],
+                   **summarize(records, accuracy, args.slo_ms, args.seconds)}
+            rows.append(row)
+            if rate == timeline_rate:
+                traces[policy] = records
+            print(f"[load] rate {rate:g}/s {policy:>8}: sent {row['sent']}, served {row['served']}, refused "
+                  f"{row['refused']}, lost {row['lost']}; SLO {row['slo_attainment']:.3f}, accuracy "
+                  f"{row['mean_accuracy'] if row['mean_accuracy'] is None else round(row['mean_accuracy'], 2)}, "
+                  f"p99 {row['p99_ms']:.1f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+            time.sleep(0.5)
+    after = server_metrics(server.port)
+    batches = max(after["adn_batches"] - before["adn_batches"], 1.0)
+    overhead = {f"{part}_us": (after[f"adn_dispatch_{part}_seconds"] - before[f"adn_dispatch_{part}_seconds"])
+                / batches * 1e6 for part in ("policy", "batching", "answering")}
+    overhead.update(batches=batches, base_batch1_us=latency_us["1"][forced["base"]],
+                    isolated=dispatch_cost(latency_us, accuracy, shape, args.max_batch))
+    timeline = args.out / f"{args.scenario}_timeline.png"
+    args.out.mkdir(parents=True, exist_ok=True)
+    arrivals = bursty_trace(args.seconds, timeline_rate, args.cv2, args.seed, depth=args.depth)[: args.max_requests]
+    plot_timeline(traces, arrivals, accuracy, args.slo_ms, args.seconds,
+                  f"{server.name}, mean {timeline_rate:g} req/s, SLO {args.slo_ms:g} ms", timeline)
+    return {"scenario": args.scenario, "model": server.name, "slo_ms": args.slo_ms, "max_batch": args.max_batch,
+            "seconds": args.seconds, "cv2": args.cv2, "depth": args.depth, "threads": args.threads,
+            "accuracy": accuracy, "accuracy_source": source, "latency_us": latency_us,
+            "static_pick": forced["static"], "forced": forced, "overhead": overhead, "machine": machine(),
+            "rows": rows}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

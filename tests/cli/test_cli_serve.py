@@ -1,0 +1,68 @@
+"""``serve``'s start-up errors: one line each, before anything is served (a bad checkpoint, a port in use, an SLO no
+sub-network can meet, no accuracies)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from adaptive_kernels import create_model
+from adaptive_kernels.cli import main
+from adaptive_kernels.training import save_checkpoint
+
+pytest.importorskip("fastapi", reason="needs fastapi (the [serve] extra)")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
+    model = create_model(spec["name"], **spec["kwargs"])
+    path = save_checkpoint({"model": model.state_dict(), "model_spec": spec,
+                            "data": {"name": "synthetic", "image_size": [8, 8]}}, folder / "last.pt")
+    accuracy = folder / "eval.json"
+    accuracy.write_text(json.dumps([{"skip": "FFF", "accuracy": 90.0}, {"skip": "TTT", "accuracy": 89.0}]))
+    return path, accuracy
+
+
+def serve_error(argv, capsys) -> str:
+    assert main(["serve", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_serve_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "cannot be read" in serve_error(["--checkpoint", str(bad), "--slo-ms", "10"], capsys)
+
+
+def test_serve_port_in_use(checkpoint, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = serve_error(["--checkpoint", str(checkpoint[0]), "--slo-ms", "10", "--port", str(port)], capsys)
+    assert f"port {port} on 127.0.0.1 is in use" in line
+
+
+def test_serve_needs_accuracies(tmp_path, capsys):
+    # without --accuracy the sub-networks are measured on --data, by default the checkpoint's dataset: a checkpoint
+    # that does not record it is refused before anything is compiled
+    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
+    model = create_model(spec["name"], **spec["kwargs"])
+    path = save_checkpoint({"model": model.state_dict(), "model_spec": spec, "data": {"image_size": [8, 8]}},
+                           tmp_path / "last.pt")
+    line = serve_error(["--checkpoint", str(path), "--slo-ms", "10"], capsys)
+    assert "does not record its dataset: give --data" in line
+
+
+def test_serve_slo_below_the_fastest_sub_network(checkpoint, capsys):
+    path, accuracy = checkpoint
+    line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "0.0001",
+                        "--max-batch", "1", "--profile-iters", "2"], capsys)
+    assert "--slo-ms 0.0001 is below the fastest sub-network's batch-1 latency" in line

@@ -1,0 +1,66 @@
+"""The HTTP server on 127.0.0.1 (ephemeral port) with a stock client, tritonclient.http: outputs against the torch
+model, the sub-network reported and forced, refusals as HTTP errors, metrics; stopped at the end."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_kernels.models.skip import parse_skip
+
+httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the [serve] extra)")
+pytest.importorskip("fastapi", reason="needs fastapi (the [serve] extra)")
+
+from adaptive_kernels.serving import Scheduler
+from adaptive_kernels.serving.http import HttpServer, bind_socket, create_app
+
+
+@pytest.fixture(scope="module")
+def server(small_plan):
+    scheduler = Scheduler(small_plan.engine, small_plan.example_input, small_plan.latency, small_plan.accuracy)
+    http = HttpServer(create_app(scheduler, "r20", slo_ms=2000.0), bind_socket("127.0.0.1", 0)).start()
+    yield http, scheduler
+    http.stop()
+    scheduler.close()
+
+
+def infer(client, x: np.ndarray, binary: bool, **parameters):
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = httpclient.InferRequestedOutput("logits", binary_data=binary)
+    return client.infer("r20", [inp], outputs=[out], parameters=parameters or None)
+
+
+def test_http_serves_the_model_with_a_stock_client(server, small_model):
+    http, scheduler = server
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http.port}")
+    assert client.is_server_ready() and client.is_model_ready("r20")
+    meta = client.get_model_metadata("r20")
+    assert meta["inputs"][0]["shape"] == [-1, 1, 16, 16]
+    x = torch.randn(3, 1, 16, 16)
+    for binary in (True, False):
+        result = infer(client, x.numpy(), binary)
+        skip = result.get_response()["parameters"]["skip"]
+        with torch.no_grad():
+            expected = small_model(x, skip=skip)
+        np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-4)
+    forced = infer(client, x[:1].numpy(), True, skip="TFT", slo_ms=5000)
+    assert forced.get_response()["parameters"]["skip"] == "TFT"
+    with torch.no_grad():
+        np.testing.assert_allclose(forced.as_numpy("logits"), small_model(x[:1], skip=parse_skip("TFT", 3)).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(httpclient.InferenceServerException, match="request refused"):
+        infer(client, x[:1].numpy(), True, slo_ms=1e-6)  # no sub-network runs in a nanosecond
+    with pytest.raises(httpclient.InferenceServerException, match="this model takes"):
+        infer(client, np.zeros((1, 3, 16, 16), np.float32), True)
+    with pytest.raises(httpclient.InferenceServerException, match="unknown model"):
+        client.get_model_metadata("nope")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics", timeout=10).read().decode()
+    assert 'adn_requests_total{status="refused"} 1.0' in metrics
+    assert 'adn_served_total{subnet="TFT"} 1.0' in metrics
+    assert "adn_queue_depth 0.0" in metrics
+    stats = scheduler.stats()
+    assert stats.submitted == stats.served + stats.refused == 4

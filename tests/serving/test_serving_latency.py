@@ -1,0 +1,55 @@
+"""The latency model: buckets, interpolation or padding, and the online correction."""
+
+import pytest
+
+from adaptive_kernels.serving.latency import LatencyModel, batch_buckets
+
+TABLES = {1: {"FF": 100.0, "TT": 50.0}, 2: {"FF": 150.0, "TT": 80.0}, 4: {"FF": 250.0, "TT": 120.0}}
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    with pytest.raises(ValueError, match="max_batch"):
+        batch_buckets(0)
+
+
+def test_interpolated_and_padded_predictions():
+    dynamic, padded = LatencyModel(TABLES), LatencyModel(TABLES, padded=True)
+    ff = (False, False)
+    assert dynamic.predict(ff, 2) == pytest.approx(150e-6)
+    assert dynamic.predict(ff, 3) == pytest.approx(200e-6)  # halfway between the buckets 2 and 4
+    assert padded.predict(ff, 3) == pytest.approx(250e-6)  # padded to 4
+    with pytest.raises(ValueError, match="outside the profiled range"):
+        dynamic.predict(ff, 5)
+
+
+def test_correction_follows_a_slower_machine_and_stays_above_scattered_measurements():
+    model = LatencyModel(TABLES)
+    tt = (True, True)
+    for _ in range(60):
+        model.observe(tt, 1, 2 * 50e-6)  # the machine got twice as slow
+    assert model.predict(tt, 1) == pytest.approx(100e-6, rel=0.01)
+    assert model.predict((False, False), 4) == pytest.approx(500e-6, rel=0.01)  # one factor for every entry
+    for i in range(200):
+        model.observe(tt, 1, (1.6 if i % 2 else 2.4) * 50e-6)  # same mean, +-20 % scatter
+    assert model.ratio == pytest.approx(2.0, rel=0.1)
+    assert model.predict(tt, 1) > 2.4 * 50e-6  # above the slow half too
+
+
+def test_tables_need_batch_one_and_every_sub_network():
+    with pytest.raises(ValueError, match="batch 1"):
+        LatencyModel({2: TABLES[2]})
+    with pytest.raises(ValueError, match="lacks sub-network TT"):
+        LatencyModel({1: TABLES[1], 2: {"FF": 1.0}})
+
+
+def test_a_stall_is_bounded_and_refusals_relax_the_correction():
+    model = LatencyModel(TABLES)
+    tt = (True, True)
+    model.observe(tt, 1, 1.0)  # a call stalled for a second (20000x the profile) counts as MAX_SAMPLE
+    assert model.ratio == pytest.approx(1 + 0.125 * 9)
+    for _ in range(100):
+        model.relax()
+    assert model.factor == pytest.approx(1.0, abs=1e-3)
