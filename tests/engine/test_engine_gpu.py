@@ -125,18 +125,25 @@ def test_switching_is_stream_ordered_and_never_recaptures(mechanism):
     assert select_skip(table, accuracy, max(table.values()) + 1) == (False, False, False)
 
 
-@pytest.mark.parametrize("mechanism", ["conditional", "early_exit"])
-def test_calibrated_model_every_subnetwork_from_one_capture(mechanism):
-    # per-sub-network BN tables selected on the device by the sub-network id, which set_skip writes after the stage
-    # bits: fp32 engine vs the calibrated eager model, switching in random order without host syncs
+def _calibrated_fp32_engine(mechanism, seed):
+    """A calibrated random ResNet-20-ADN, a batch, its fp32 engine and the eager outputs of every sub-network."""
     _needs_conditional(mechanism)
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     model = randomize(create_model("resnet20_adn").cuda(), calibrate=(8, 3, 32, 32))
     calibrate(model, 3 * torch.randn(16, 3, 32, 32, device="cuda") + 1)
     x = torch.randn(8, 3, 32, 32, device="cuda")
     engine = compile(model, x, dtype=torch.float32, mechanism=mechanism)
     with torch.no_grad():
         want = {skip: model(x, skip) for skip in model.skip_configs()}
+    return model, x, engine, want
+
+
+@pytest.mark.parametrize("mechanism", ["conditional", "early_exit"])
+def test_calibrated_model_every_subnetwork_from_one_capture(mechanism):
+    # per-sub-network BN tables selected on the device by the sub-network id, which set_skip writes after the stage
+    # bits: fp32 engine vs the calibrated eager model, switching in random order without host syncs
+    model, x, engine, want = _calibrated_fp32_engine(mechanism, seed=4)
+    with torch.no_grad():
         picks = model.skip_configs() * 2
         random.Random(1).shuffle(picks)
         outs = []
@@ -152,14 +159,7 @@ def test_calibrated_model_every_subnetwork_from_one_capture(mechanism):
 def test_threads_on_their_own_streams_each_get_their_own_subnetwork(mechanism):
     # one engine, 8 threads at once (every other one on a CUDA stream of its own) while profile() runs in another:
     # the lock and the stream ordering keep each call's mask, input and output its own (docs/engine.md, "Threads")
-    _needs_conditional(mechanism)
-    torch.manual_seed(5)
-    model = randomize(create_model("resnet20_adn").cuda(), calibrate=(8, 3, 32, 32))
-    calibrate(model, 3 * torch.randn(16, 3, 32, 32, device="cuda") + 1)
-    x = torch.randn(8, 3, 32, 32, device="cuda")
-    engine = compile(model, x, dtype=torch.float32, mechanism=mechanism)
-    with torch.no_grad():
-        want = {skip: model(x, skip) for skip in model.skip_configs()}
+    _, x, engine, want = _calibrated_fp32_engine(mechanism, seed=5)
     torch.cuda.synchronize()
     own, threads = threading.local(), itertools.count()
 
