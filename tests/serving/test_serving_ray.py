@@ -25,8 +25,6 @@ import ray
 
 from adaptive_kernels.serving.ray import deploy
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def checkpoint(tmp_path):
@@ -37,6 +35,26 @@ def checkpoint(tmp_path):
     return path, model
 
 
+def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
+    path, _ = checkpoint
+    accuracy = {"FFF": 90.0}
+    with pytest.raises(ValueError, match="replicas must be a positive int"):
+        deploy(path, 10.0, accuracy, replicas=0)
+    with pytest.raises(ValueError, match="this model has 3 skippable stages"):
+        deploy(path, 10.0, {"FF": 90.0})
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        deploy(bad, 10.0, accuracy)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(ValueError, match="is in use"):
+            deploy(path, 10.0, accuracy, port=taken.getsockname()[1])
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
 def test_ray_two_replicas_serve_the_model(checkpoint):
     path, model = checkpoint
     accuracy = {skip_to_str(s): 90.0 - sum(s) for s in model.skip_configs()}
