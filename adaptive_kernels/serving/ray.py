@@ -4,9 +4,9 @@ and naming itself in every response's ``replica`` parameter. Ray's proxy spreads
 replica batches and picks sub-networks for its own queue. Needs the ``[serve]`` extra (``ray[serve]``); nothing
 else in the package imports this module.
 
-``deploy(checkpoint, slo_ms, accuracy, replicas=N)`` starts a local Ray (127.0.0.1, ``replicas x threads`` CPUs, no
-dashboard) or joins a cluster (``address="auto"``), runs the deployment and returns a :class:`RayServer`; its
-``stop()`` ends what ``deploy`` started. Running it on a cluster: docs/serving.md.
+``deploy(checkpoint, slo_ms, accuracy, replicas=N)`` starts a local Ray (``replicas x threads`` CPUs, no dashboard,
+HTTP on 127.0.0.1) or joins a cluster (``address="auto"``), runs the deployment and returns a :class:`RayServer`;
+its ``stop()`` ends what ``deploy`` started. Running it on a cluster: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ class Replica:
         return self._app
 
     def __del__(self) -> None:
-        # Ray Serve calls this after the replica's last request: answer what is still queued, stop the dispatcher
-        self.scheduler.close()
+        # Ray Serve calls this after the replica's last request: answer what is still queued, stop the dispatcher.
+        # A constructor that failed (e.g. the SLO check) left no scheduler.
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
 
 
 def _replica_error(app_name: str) -> str | None:
