@@ -113,7 +113,7 @@ def _run_ray(args: argparse.Namespace, deploy) -> int:
     try:
         print(f"[serve] {server.name} on {server.url}/v2/models/{server.name} ({args.ray_replicas} Ray Serve "
               f"replicas, SLO {args.slo_ms:g} ms, max batch {args.max_batch}); Ctrl-C stops", flush=True)
-        while not stop.wait(0.5):  # a timed wait: the signal may reach one of Ray's threads, not this one
+        while not stop.wait(0.5):  # timed: the OS may deliver the signal to a Ray thread, which wakes no wait
             pass
     finally:
         for sig, handler in handlers.items():
