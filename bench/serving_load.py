@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive_kernels._files import atomic_path, write_text
+
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("super", "base", "static", "adaptive")
 #: ImageNet top-1 of ResNet-50-ADN as the paper reports it (the authors' README), for the sub-networks it names
@@ -57,15 +59,6 @@ def bursty_trace(seconds: float, mean_rate: float, cv2: float, seed: int, period
     cumulative = mean_rate * (grid + depth * period_s / (2 * np.pi) * (1 - np.cos(2 * np.pi * grid / period_s)))
     operational = operational[operational < cumulative[-1]]
     return np.interp(operational, cumulative, grid)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file and a rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 class Server:
@@ -200,18 +193,19 @@ def dispatch_cost(latency_us: dict[str, dict[str, float]], accuracy: dict[str, f
     import torch
 
     from adaptive_kernels.serving import LatencyModel, Queued, plan_dispatch, rank_by_accuracy
+    from adaptive_kernels.serving.policy import Costs
 
     latency = LatencyModel({int(b): t for b, t in latency_us.items()})
     acc = {s: a for s, a in zip(latency.skips, [accuracy.get(k) for k in latency_us["1"]], strict=True)
            if a is not None}
-    ranking = rank_by_accuracy(acc, latency.predict)
+    costs = Costs.build(latency.profiled, rank_by_accuracy(acc, latency.predict), max_batch)
     out = {}
     for n in (1, max_batch):
-        queue = [Queued(1.0 + 1e-3 * i) for i in range(n)]
+        queue = [Queued(1.0 + 1e-3 * i) for i in range(n)]  # alike requests, one SLO: the server's fifo queue
         images = [torch.zeros(1, *shape) for _ in range(n)]
         t0 = time.perf_counter()
         for _ in range(repeats):
-            plan_dispatch(queue, 0.999, latency.predict, ranking, max_batch)
+            plan_dispatch(queue, 0.999, costs, fifo=True)
         t1 = time.perf_counter()
         for _ in range(repeats):
             images[0] if n == 1 else torch.cat(images)
@@ -278,11 +272,9 @@ def plot_timeline(traces: dict[str, list[dict]], arrivals: np.ndarray, accuracy:
     axes[1].legend(loc="lower left", fontsize=8)
     axes[0].set_title(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def markdown(result: dict) -> str:
@@ -377,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             log = server.stop()
     result["server_log_tail"] = log.splitlines()[-3:]
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")
-    write_atomic(args.out / f"{args.scenario}.md", markdown(result))
+    write_text(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")
+    write_text(args.out / f"{args.scenario}.md", markdown(result))
     print(markdown(result))
     lost = sum(r["lost"] + r["other_errors"] for r in result["rows"])
     print(f"[load] wrote {args.out}/{args.scenario}.{{json,md}} and the timeline; requests lost: {lost}")

@@ -1,12 +1,15 @@
 """``python -m adaptive_kernels serve``: an SLO-aware HTTP server for a checkpoint (the Open Inference Protocol,
 Prometheus metrics); profiles the engine, prints the plan, serves until Ctrl-C / SIGTERM, then answers what is
-queued. Needs the [serve] extra."""
+queued. ``--ray-replicas N``: N Ray Serve replicas of that server behind one address. Needs the [serve] extra."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
+from ..serving.plan import measure_accuracies
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
@@ -33,28 +36,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--name", help="model name in the protocol's URLs (default: the checkpoint's model name)")
     s.add_argument("--device", type=device_name, default="cpu", help="cpu (ONNX Runtime engine) or cuda / cuda:N")
     s.add_argument("--profile-iters", type=positive_int, default=20, help="timed runs per sub-network and batch size")
+    s.add_argument("--ray-replicas", type=int_range(1, 4096),
+                   help="serve on N Ray Serve replicas (one engine each, --threads CPUs each) behind --host:--port "
+                        "instead of one process; see docs/serving.md")
+    s.add_argument("--ray-address", help="with --ray-replicas: the Ray cluster to join (auto: the one `ray start` "
+                                         "began here); default: start a local Ray on 127.0.0.1 and stop it after")
     s.set_defaults(func=run)
+
+
+def _progress(line: str) -> None:
+    print(f"[serve] {line}", flush=True)
+
+
+def _data(args: argparse.Namespace):
+    """The dataset that measures the sub-networks' accuracy (no --accuracy): --data, or the checkpoint's."""
+    checkpoint_data(args, load_checkpoint(args.checkpoint))
+    return build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
+                      num_workers=args.workers)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         from ..serving.http import HttpServer, bind_socket, create_app
+        if args.ray_replicas:
+            from ..serving.ray import deploy
     except ImportError as e:
         raise ImportError(f"serve needs the [serve] extra ({e.name} is not installed): "
                           f"pip install 'adaptive_kernels[serve]'") from None
+    if args.ray_address and not args.ray_replicas:
+        raise ValueError("--ray-address needs --ray-replicas N (the replicas to run on that cluster)")
     sock = bind_socket(args.host, args.port)  # a taken port fails now, not after profiling
+    if args.ray_replicas:
+        sock.close()  # Ray's proxy listens there
+        return _run_ray(args, deploy)
     try:
         model, name, image_shape = checkpoint_model(args.checkpoint)
         device = str(resolve_device(args.device))
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages) if args.accuracy else None
-        data = None
-        if accuracy is None:
-            checkpoint_data(args, load_checkpoint(args.checkpoint))
-            data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
-                              num_workers=args.workers)
+        data = None if accuracy is not None else _data(args)
         plan = build_plan(model, args.name or name, image_shape, max_batch=args.max_batch, accuracy=accuracy,
-                          data=data, device=device, profile_iters=args.profile_iters,
-                          progress=lambda line: print(f"[serve] {line}", flush=True))
+                          data=data, device=device, profile_iters=args.profile_iters, progress=_progress)
         plan.check_slo(args.slo_ms)
     except BaseException:
         sock.close()
@@ -71,4 +92,32 @@ def run(args: argparse.Namespace) -> int:
         c = scheduler.stats()
         print(f"[serve] stopped: {c.submitted} requests, {c.served} served ({c.met} within SLO), {c.refused} "
               f"refused, {c.failed} failed", flush=True)
+    return 0
+
+
+def _run_ray(args: argparse.Namespace, deploy) -> int:
+    """``serve --ray-replicas N``: measure the accuracies here when --accuracy is not given, deploy, serve until
+    Ctrl-C / SIGTERM, then stop the deployment (and the local Ray it started)."""
+    model, _, _ = checkpoint_model(args.checkpoint)
+    device = str(resolve_device(args.device))
+    if args.accuracy:
+        accuracy = load_accuracy(args.accuracy, model.num_skippable_stages)
+    else:
+        accuracy = measure_accuracies(model, _data(args), device=device, progress=_progress)
+    _progress(f"starting {args.ray_replicas} Ray Serve replicas (each compiles and profiles its engine) ...")
+    server = deploy(args.checkpoint, args.slo_ms, accuracy, replicas=args.ray_replicas, max_batch=args.max_batch,
+                    name=args.name, host=args.host, port=args.port, address=args.ray_address,
+                    threads=args.threads or 1, device=device, profile_iters=args.profile_iters)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"[serve] {server.name} on {server.url}/v2/models/{server.name} ({args.ray_replicas} Ray Serve "
+              f"replicas, SLO {args.slo_ms:g} ms, max batch {args.max_batch}); Ctrl-C stops", flush=True)
+        while not stop.wait(0.5):  # timed: the OS may deliver the signal to a Ray thread, which wakes no wait
+            pass
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        server.stop()
+        print("[serve] stopped: each replica answered what it had queued", flush=True)
     return 0

@@ -5,7 +5,8 @@ extra.
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``, ``/v2/models/{name}/ready``,
 ``POST /v2/models/{name}/infer``, ``GET /metrics``. Request parameters: ``slo_ms`` (this request's latency objective,
 default the server's ``--slo-ms``) and ``skip`` (force a sub-network, e.g. "TFF"). The response's parameters say
-which sub-network served the request (``skip``), the ``batch`` it ran in and whether it met its SLO (``slo_met``).
+which sub-network served the request (``skip``), the ``batch`` it ran in and whether it met its SLO (``slo_met``);
+behind Ray Serve also which ``replica`` answered.
 A request the scheduler refuses gets HTTP 503 with ``{"error": "request refused: ..."}``.
 
 Handlers only decode, enqueue and await: the engine runs on the scheduler's dispatcher thread.
@@ -145,8 +146,10 @@ def _error(message: str, status: int) -> Response:
     return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
 
 
-def create_app(scheduler: Scheduler, name: str, slo_ms: float) -> FastAPI:
-    """The FastAPI app serving ``scheduler`` as model ``name``; ``slo_ms``: the SLO of requests that set none."""
+def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``scheduler`` as model ``name``; ``slo_ms``: the SLO of requests that set none;
+    ``replica``: this server's id among several behind one address (a Ray Serve replica), named in every response's
+    parameters and in the server metadata."""
     app = FastAPI(title=f"adaptive_kernels: {name}", version=__version__)
     app.state.metrics = Metrics(scheduler)
     metadata = {
@@ -163,7 +166,8 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float) -> FastAPI:
 
     @app.get("/v2")
     def server_metadata() -> dict[str, Any]:
-        return {"name": "adaptive_kernels", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "adaptive_kernels", "version": __version__, "extensions": ["binary_tensor_data"],
+                **({"replica": replica} if replica else {})}
 
     @app.get("/v2/health/live")
     def live() -> dict[str, Any]:
@@ -198,7 +202,8 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float) -> FastAPI:
             return _error(str(e), 503)
         except Exception as e:  # noqa: BLE001 -- the engine failed: the client hears why
             return _error(f"inference failed: {type(e).__name__}: {e}", 500)
-        result = {"skip": served.skip, "batch": served.batch, "slo_met": served.met, "slo_ms": slo}
+        result = {"skip": served.skip, "batch": served.batch, "slo_met": served.met, "slo_ms": slo,
+                  **({"replica": replica} if replica else {})}
         return encode_infer_response(name, body, served.output.numpy(), result, binary)
 
     @app.get("/metrics")

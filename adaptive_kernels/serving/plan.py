@@ -95,6 +95,16 @@ def checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, str, tup
     return model.eval(), spec["name"], (spec["kwargs"].get("in_chans", 3), *data["image_size"])
 
 
+def measure_accuracies(model: torch.nn.Module, data: DataSource, *, device: str = "cpu",
+                       progress: Callable[[str], Any] = lambda line: None) -> dict[SkipConfig, float]:
+    """The accuracy (%) of every sub-network of ``model`` on ``data``'s test split; ``progress`` hears each one."""
+    model, accuracy = model.to(device), {}
+    for skip in model.skip_configs():
+        accuracy[skip] = measure_accuracy(model, data, skip, device=device)
+        progress(f"accuracy of {skip_to_str(skip)} on {data.name}: {accuracy[skip]:.2f} %")
+    return accuracy
+
+
 def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], *, max_batch: int,
                accuracy: Mapping[SkipConfig, float] | None = None, data: DataSource | None = None,
                device: str = "cpu", profile_iters: int = 20,
@@ -109,10 +119,7 @@ def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], 
     progress(f"compiling {name} for {device} ...")
     engine = compile(model.to(device), example, dynamic_batch=True)
     if accuracy is None:
-        accuracy = {}
-        for skip in model.skip_configs():
-            accuracy[skip] = measure_accuracy(model, data, skip, device=device)
-            progress(f"accuracy of {skip_to_str(skip)} on {data.name}: {accuracy[skip]:.2f} %")
+        accuracy = measure_accuracies(model, data, device=device, progress=progress)
         source = f"--data {data.name} (measured now)"
     else:
         source = "--accuracy"

@@ -13,12 +13,22 @@ The rule (SlackFit-like, after SuperServe, NSDI '25):
 Under light load the queue holds one request and the super-net serves it; as load grows the batches grow and the
 sub-networks get cheaper, so throughput follows the load while every served request still meets its deadline as
 predicted.
+
+Cost: it runs before every engine call, so it must stay a small fraction of the cheapest call (the goal: 2 % of the
+base-net's batch-1 latency). It reads a table of the profile (:class:`Costs`, built once) times the latency model's
+current correction factor instead of calling the latency model, and it tries the sub-networks only at the largest
+batch the fastest of them fits. Step 1 is one pass over the queue, or a bisection when the caller knows the queue is
+``fifo`` (every request alike, deadlines in arrival order: the refused requests are then the oldest ones).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import attrgetter
+from typing import NamedTuple
 
 from ..models.skip import SkipConfig, skip_to_str
 
@@ -26,7 +36,7 @@ from ..models.skip import SkipConfig, skip_to_str
 Predict = Callable[[SkipConfig, int], float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Queued:
     """What the policy sees of a queued request: its absolute ``deadline`` (seconds, on the policy's clock), its
     ``size`` (images) and the sub-network it forces (None: any)."""
@@ -36,8 +46,7 @@ class Queued:
     skip: SkipConfig | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """``refuse`` and ``serve`` index the queue given to :func:`plan_dispatch` (``serve`` oldest first); ``skip``
     runs the ``batch`` inputs of ``serve`` (None when nothing is served)."""
 
@@ -47,54 +56,129 @@ class Decision:
     batch: int = 0
 
 
+@dataclass(frozen=True)
+class Costs:
+    """The profile as the policy reads it: ``seconds[skip][b]``, the profiled seconds of each servable sub-network
+    on a batch of b (1..``max_batch``; index 0 unused), ``fastest[b]`` the least of them, ``ranking`` the
+    sub-networks most accurate first. A prediction is a profiled time times the correction factor in use.
+
+    Two tables make step 3 bisections (monotone where a profile need not be: noise): ``envelope[skip or None,
+    size][j]``, the least profiled time of ``skip`` (None: of the fastest) over the batches ``size*j ..
+    size*(max_batch // size)``, non-decreasing in j (the largest batch of alike requests that fits a deadline);
+    ``leading[b][r]``, the least time at batch b of the ``r + 1`` most accurate sub-networks, non-increasing in r
+    (the most accurate sub-network that fits)."""
+
+    ranking: tuple[SkipConfig, ...]
+    seconds: Mapping[SkipConfig, tuple[float, ...]]
+    fastest: tuple[float, ...]
+    max_batch: int
+    envelope: Mapping[tuple[SkipConfig | None, int], tuple[float, ...]]
+    leading: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def build(cls, profiled: Predict, ranking: Sequence[SkipConfig], max_batch: int) -> Costs:
+        """The table of ``profiled(skip, batch)`` (``LatencyModel.profiled``) for ``ranking`` (the servable
+        sub-networks, most accurate first: :func:`rank_by_accuracy`) and batches up to ``max_batch``."""
+        if not ranking:
+            raise ValueError("ranking is empty: the policy needs at least one servable sub-network")
+        seconds = {s: (0.0, *(profiled(s, b) for b in range(1, max_batch + 1))) for s in ranking}
+        fastest = tuple(min(row[b] for row in seconds.values()) for b in range(max_batch + 1))
+        envelope = {}
+        for key, row in ((None, fastest), *seconds.items()):
+            for size in range(1, max_batch + 1):
+                least = list(row[::size])  # batches 0, size, 2 size, ...
+                for j in range(len(least) - 2, 0, -1):
+                    least[j] = min(least[j], least[j + 1])
+                envelope[key, size] = tuple(least)
+        leading = tuple(tuple(accumulate((seconds[s][b] for s in ranking), min)) for b in range(max_batch + 1))
+        return cls(tuple(ranking), seconds, fastest, max_batch, envelope, leading)
+
+
 def rank_by_accuracy(accuracy: Mapping[SkipConfig, float], predict: Predict) -> tuple[SkipConfig, ...]:
     """The sub-networks most accurate first; equal accuracies: the faster at batch 1 first."""
     return tuple(sorted(accuracy, key=lambda s: (-accuracy[s], predict(s, 1), skip_to_str(s))))
 
 
-def plan_dispatch(queue: Sequence[Queued], now: float, predict: Predict, ranking: Sequence[SkipConfig],
-                  max_batch: int) -> Decision:
+_deadline = attrgetter("deadline")
+
+
+def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: float = 1.0, *,
+                  fifo: bool = False) -> Decision:
     """The policy's decision for ``queue`` (oldest first) at time ``now``.
 
-    predict: seconds of one call of a sub-network on a batch; ranking: the servable sub-networks, most accurate first
-    (:func:`rank_by_accuracy`); max_batch: the most inputs one call takes (a larger request is the caller's error).
+    costs: the profile (:meth:`Costs.build`); factor: what predictions multiply it by (``LatencyModel.factor``);
+    a request larger than ``costs.max_batch`` is the caller's error. fifo: the caller knows that every request has
+    the same size and forced sub-network and that deadlines never decrease along the queue (all requests alike,
+    one SLO); the decision is the same, found in O(log n) instead of O(n).
+
+    Every comparison is ``now + profiled * factor <= deadline``, as ``LatencyModel.predict`` computes it, so steps 1
+    and 3 agree to the last bit (a request step 1 keeps fits on its own in step 3).
     """
-    fastest_cache: dict[tuple[SkipConfig | None, int], float] = {}
-
-    def fastest(forced: SkipConfig | None, size: int) -> float:
-        key = (forced, size)
-        if key not in fastest_cache:
-            fastest_cache[key] = predict(forced, size) if forced is not None else min(predict(s, size)
-                                                                                       for s in ranking)
-        return fastest_cache[key]
-
-    refuse = []
-    first = None
+    if not queue:
+        return Decision()
+    if fifo:
+        return _plan_fifo(queue, now, costs, factor)
+    seconds, fastest, max_batch = costs.seconds, costs.fastest, costs.max_batch
+    refuse, members, totals, earliest = [], [], [], []
+    forced, row, total, deadline, full = None, fastest, 0, float("inf"), False
     for i, request in enumerate(queue):
-        if now + fastest(request.skip, request.size) > request.deadline:
-            refuse.append(i)
-        elif first is None:
-            first = i
-    if first is None:
-        return Decision(refuse=tuple(refuse))
-    forced = queue[first].skip
-    allowed = ranking if forced is None else (forced,)
-    refused = set(refuse)
-    members, sizes, deadlines = [], [], []
-    total, earliest = 0, float("inf")
-    for i in range(first, len(queue)):
-        request = queue[i]
-        if i in refused or request.skip != forced:
+        skip, size = request.skip, request.size
+        if now + (fastest if skip is None else seconds[skip])[size] * factor > request.deadline:
+            refuse.append(i)  # step 1
+        elif full:
             continue
-        if total + request.size > max_batch:
-            break
-        total += request.size
-        earliest = min(earliest, request.deadline)
-        members.append(i)
-        sizes.append(total)
-        deadlines.append(earliest)
-    for k in range(len(members), 0, -1):
-        for skip in allowed:
-            if now + predict(skip, sizes[k - 1]) <= deadlines[k - 1]:  # step 1's comparison, to the last bit
-                return Decision(refuse=tuple(refuse), serve=tuple(members[:k]), skip=skip, batch=sizes[k - 1])
+        elif not members:  # step 2: the oldest request kept opens the batch
+            forced, row, total, deadline = skip, fastest if skip is None else seconds[skip], size, request.deadline
+            members.append(i)
+            totals.append(total)
+            earliest.append(deadline)
+        elif skip == forced:
+            if total + size > max_batch:
+                full = True
+                continue
+            total += size
+            deadline = min(deadline, request.deadline)
+            members.append(i)
+            totals.append(total)
+            earliest.append(deadline)
+    if not members:
+        return Decision(tuple(refuse))
+    for k in range(len(members) - 1, -1, -1):  # step 3: the largest batch some sub-network finishes in time
+        batch, deadline = totals[k], earliest[k]
+        if now + row[batch] * factor <= deadline:
+            return Decision(tuple(refuse), tuple(members[:k + 1]), _most_accurate(costs, forced, batch, now, factor,
+                                                                                   deadline), batch)
     raise AssertionError("unreachable: the first request fits on its own (step 1)")
+
+
+def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float) -> Decision:
+    """``plan_dispatch`` for a queue of alike requests with deadlines in arrival order: the requests step 1 refuses
+    are the oldest ones, the batch is the next ones, and its earliest deadline is its first request's."""
+    head = queue[0]
+    forced, size = head.skip, head.size
+    row = costs.fastest if forced is None else costs.seconds[forced]
+    first = bisect_left(queue, now + row[size] * factor, key=_deadline)  # step 1: deadline < now + fastest
+    refuse = tuple(range(first))
+    if first == len(queue):
+        return Decision(refuse)
+    deadline = queue[first].deadline
+    full = costs.max_batch // size
+    count = min(len(queue) - first, full)
+    if count == full:  # step 3 on the envelope: the first count whose best remaining time misses, minus one
+        count = bisect_left(costs.envelope[forced, size], True, 1, full + 1,
+                            key=lambda t: now + t * factor > deadline) - 1
+    else:
+        while now + row[size * count] * factor > deadline:
+            count -= 1
+    batch = size * count
+    return Decision(refuse, tuple(range(first, first + count)),
+                    _most_accurate(costs, forced, batch, now, factor, deadline), batch)
+
+
+def _most_accurate(costs: Costs, forced: SkipConfig | None, batch: int, now: float, factor: float,
+                   deadline: float) -> SkipConfig:
+    """The most accurate allowed sub-network that finishes ``batch`` by ``deadline`` (one does: the caller checked
+    the fastest)."""
+    if forced is not None:
+        return forced
+    return costs.ranking[bisect_left(costs.leading[batch], True, key=lambda t: now + t * factor <= deadline)]

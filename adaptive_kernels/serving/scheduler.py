@@ -19,7 +19,7 @@ import torch
 from ..engine.base import Engine
 from ..models.skip import SkipLike, parse_skip, skip_to_str
 from .latency import LatencyModel
-from .policy import Decision, Queued, plan_dispatch, rank_by_accuracy
+from .policy import Costs, Decision, Queued, plan_dispatch, rank_by_accuracy
 
 #: engine mechanisms that serve a batch padded to its bucket (one CUDA graph capture per bucket)
 PADDED_MECHANISMS = ("conditional", "early_exit")
@@ -99,11 +99,14 @@ class Scheduler:
             raise ValueError(f"accuracy lists sub-networks the profile lacks: {', '.join(unknown)}")
         self.ranking = rank_by_accuracy(self.accuracy, latency.predict)
         self.max_batch = latency.max_batch
+        self.costs = Costs.build(latency.profiled, self.ranking, self.max_batch)
         self.image_shape = tuple(example_input.shape[1:])
         self._device, self._dtype = example_input.device, example_input.dtype
         self._padded = getattr(engine, "mechanism", None) in PADDED_MECHANISMS
         self._clock = clock
         self._queue: list[_Request] = []
+        self._queued: list[Queued] = []  # what the policy sees of self._queue, kept beside it
+        self._fifo = True  # every queued request alike (size, forced sub-network), deadlines in arrival order
         self._cond = threading.Condition()
         self._closing = False
         self.counters = Counters()
@@ -130,14 +133,18 @@ class Scheduler:
             if forced not in self.accuracy:
                 raise ValueError(f"sub-network {skip_to_str(forced)} is not served here; served: "
                                  f"{', '.join(map(skip_to_str, self.ranking))}")
-        arrival = self._clock()
-        request = _Request(x, arrival, Queued(arrival + slo_s, int(x.shape[0]), forced))
-        with self._cond:
+        with self._cond:  # arrival read under the lock: the queue is in arrival order
+            arrival = self._clock()
+            request = _Request(x, arrival, Queued(arrival + slo_s, int(x.shape[0]), forced))
             self.counters.submitted += 1
             if self._closing:
                 self._finish_refused(request, "the server is shutting down")
             else:
+                queued, last = request.queued, self._queued[-1] if self._queued else None
+                self._fifo = last is None or (self._fifo and last.deadline <= queued.deadline
+                                              and (last.size, last.skip) == (queued.size, queued.skip))
                 self._queue.append(request)
+                self._queued.append(queued)
                 self.counters.queued += 1
                 self._cond.notify()
         return request.future
@@ -164,8 +171,7 @@ class Scheduler:
                 if not self._queue:
                     return
                 start = self._clock()
-                decision = plan_dispatch([r.queued for r in self._queue], start, self.latency.predict, self.ranking,
-                                         self.max_batch)
+                decision = plan_dispatch(self._queued, start, self.costs, self.latency.factor, fifo=self._fifo)
                 self.counters.policy_s += self._clock() - start
                 refused, batch = self._take(decision)
                 if refused and not batch:
@@ -180,10 +186,14 @@ class Scheduler:
         """Remove the refused and the served requests from the queue (lock held)."""
         refused = [self._queue[i] for i in decision.refuse]
         batch = [self._queue[i] for i in decision.serve]
-        if refused or batch:
+        taken = len(refused) + len(batch)
+        if taken and max(decision.serve[-1:] + decision.refuse[-1:]) == taken - 1:  # the oldest (a fifo queue)
+            del self._queue[:taken], self._queued[:taken]
+        elif taken:
             drop = set(decision.refuse).union(decision.serve)
             self._queue = [r for i, r in enumerate(self._queue) if i not in drop]
-            self.counters.queued = len(self._queue)
+            self._queued = [r.queued for r in self._queue]
+        self.counters.queued = len(self._queue)
         return refused, batch
 
     def _run(self, batch: list[_Request], decision: Decision, start: float) -> None:

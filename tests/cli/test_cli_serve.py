@@ -66,3 +66,21 @@ def test_serve_slo_below_the_fastest_sub_network(checkpoint, capsys):
     line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "0.0001",
                         "--max-batch", "1", "--profile-iters", "2"], capsys)
     assert "--slo-ms 0.0001 is below the fastest sub-network's batch-1 latency" in line
+
+
+def test_serve_on_ray_checks_its_flags_and_the_port_before_starting_ray(checkpoint, capsys):
+    path, accuracy = checkpoint
+    line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--ray-address",
+                        "auto"], capsys)
+    assert "--ray-address needs --ray-replicas" in line
+    pytest.importorskip("ray.serve", reason="needs ray[serve] (the [serve] extra)")
+    import ray
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--port",
+                            str(port), "--ray-replicas", "2"], capsys)
+    assert f"port {port} on 127.0.0.1 is in use" in line
+    assert not ray.is_initialized()

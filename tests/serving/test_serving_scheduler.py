@@ -22,10 +22,12 @@ class FakeEngine:
 
     mechanism = "fake"
 
-    def __init__(self, fail: bool = False):
-        self.fail, self.calls, self.threads = fail, 0, set()
+    def __init__(self, fail: bool = False, hold: threading.Event | None = None):
+        self.fail, self.hold, self.calls, self.threads = fail, hold, 0, set()
 
     def __call__(self, x, skip=None):
+        if self.hold is not None:
+            self.hold.wait(30)
         self.calls += 1
         self.threads.add(threading.get_ident())
         if self.fail:
@@ -86,6 +88,32 @@ def test_scheduler_shutdown_answers_the_queue_and_refuses_later_requests():
         late.result(timeout=1)
     stats = scheduler.stats()
     assert (stats.submitted, stats.served, stats.refused) == (41, 40, 1)
+
+
+def test_scheduler_knows_when_its_queue_is_fifo():
+    # the policy's fifo shortcut is right only for alike requests with deadlines in arrival order
+    hold = threading.Event()
+    scheduler = fake_scheduler(hold=hold)
+    try:
+        scheduler.submit(torch.ones(1, *SHAPE), 10.0)  # the dispatcher takes it and waits in the engine
+        while scheduler.stats().in_flight == 0:
+            time.sleep(1e-3)
+        flags = []
+        for size, slo, skip in [(1, 10.0, None), (1, 10.0, None), (1, 5.0, None), (1, 10.0, None)]:
+            scheduler.submit(torch.ones(size, *SHAPE), slo, skip)
+            flags.append(scheduler._fifo)
+        assert flags == [True, True, False, False]  # an earlier deadline behind a later one: fifo until drained
+        hold.set()
+        while scheduler.stats().queued:
+            time.sleep(1e-3)
+        for size, skip in [(1, None), (2, None), (1, "TT")]:
+            scheduler.submit(torch.ones(size, *SHAPE), 60.0, skip)
+            flags.append(scheduler._fifo)
+    finally:
+        hold.set()
+        scheduler.close()
+    assert flags[4] is True  # an empty queue starts over
+    assert scheduler.stats().served == 8
 
 
 def test_scheduler_engine_failure_is_every_batched_request_s_answer():

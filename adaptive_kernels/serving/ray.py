@@ -1,0 +1,154 @@
+"""Scale-out on Ray Serve: N replicas of the same server behind one address, one replica = one engine + its
+scheduler, each serving the Open Inference Protocol routes of :func:`.http.create_app` (Ray Serve's FastAPI ingress)
+and naming itself in every response's ``replica`` parameter. Ray's proxy spreads requests over the replicas; each
+replica batches and picks sub-networks for its own queue. Needs the ``[serve]`` extra (``ray[serve]``); nothing
+else in the package imports this module.
+
+``deploy(checkpoint, slo_ms, accuracy, replicas=N)`` starts a local Ray (``replicas x threads`` CPUs, no dashboard,
+HTTP on 127.0.0.1) or joins a cluster (``address="auto"``), runs the deployment and returns a :class:`RayServer`;
+its ``stop()`` ends what ``deploy`` started. Running it on a cluster: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import ray
+import torch
+from ray import serve
+
+from ..models.skip import SkipLike, parse_skip, skip_to_str
+from .http import SWITCH_INTERVAL_S, bind_socket, create_app
+from .plan import build_plan, checkpoint_model
+from .scheduler import Scheduler
+
+#: the object store of a Ray started here (bytes): replicas exchange only requests and answers through it
+LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+
+
+@serve.ingress()
+class Replica:
+    """One engine, its scheduler and the HTTP routes, built in the replica's process: the checkpoint is read and the
+    engine compiled and profiled there (``checkpoint`` must be readable at that path on every node)."""
+
+    def __init__(self, checkpoint: str, accuracy: dict[str, float], slo_ms: float, max_batch: int, name: str | None,
+                 device: str, profile_iters: int, threads: int) -> None:
+        torch.set_num_threads(threads)  # the CPU engine takes torch's thread count
+        model, model_name, image_shape = checkpoint_model(checkpoint)
+        table = {parse_skip(s, model.num_skippable_stages): a for s, a in accuracy.items()}
+        plan = build_plan(model, name or model_name, image_shape, max_batch=max_batch, accuracy=table, device=device,
+                          profile_iters=profile_iters)
+        plan.check_slo(slo_ms)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy)
+        self._app = create_app(self.scheduler, plan.name, slo_ms, replica=self.replica)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # as HttpServer.run: the dispatcher gets the GIL in time
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self._app
+
+    def __del__(self) -> None:
+        # Ray Serve calls this after the replica's last request: answer what is still queued, stop the dispatcher.
+        # A constructor that failed (e.g. the SLO check) left no scheduler.
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
+
+
+def _replica_error(app_name: str) -> str | None:
+    """The last line of the exception a replica of ``app_name`` failed with (``"ValueError: ..."``), or None."""
+    app = serve.status().applications.get(app_name)
+    deployment = app.deployments.get(app_name) if app else None
+    raised = [line for line in (deployment.message if deployment else "").splitlines()
+              if re.match(r"[A-Za-z_.]+(Error|Exception): ", line)]
+    return raised[-1] if raised else None
+
+
+class RayServer:
+    """A running deployment: ``url`` (``http://host:port``), ``name`` (the model's name in the routes). ``stop()``
+    (or leaving a ``with`` block) deletes the application, shuts Serve and Ray down when ``deploy`` started Ray
+    (``started_ray``), and disconnects from a cluster ``deploy`` connected to (``connected``)."""
+
+    def __init__(self, url: str, name: str, app_name: str, *, started_ray: bool, connected: bool) -> None:
+        self.url, self.name, self.app_name = url, name, app_name
+        self.started_ray, self.connected = started_ray, connected
+
+    def stop(self) -> None:
+        if not ray.is_initialized():
+            return
+        try:
+            serve.delete(self.app_name)
+            if self.started_ray:
+                serve.shutdown()
+        finally:
+            if self.connected:
+                ray.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipLike, float], *, replicas: int = 2,
+           max_batch: int = 16, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+           address: str | None = None, threads: int = 1, device: str = "cpu", profile_iters: int = 20) -> RayServer:
+    """Serve ``checkpoint`` on ``replicas`` Ray Serve replicas behind ``host:port`` (port 0: a free one); returns
+    once every replica has compiled and profiled its engine.
+
+    accuracy: ``{skip: accuracy}`` of the servable sub-networks (as ``load_accuracy`` reads it); threads: CPU threads
+    (and Ray CPUs) per replica; device "cuda" gives each replica one GPU. address: "auto" or "ray://..." joins a
+    running cluster, where the package and the checkpoint path must exist on every node; None uses the Ray this
+    process already runs, else starts a local one (``address="local"``: never a cluster found by chance) with
+    ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import this
+    ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read or a taken port is a ValueError before
+    Ray starts; a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here.
+    """
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    model, model_name, _ = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
+    table = {skip_to_str(parse_skip(s, model.num_skippable_stages)): float(a) for s, a in accuracy.items()}
+    if not table:
+        raise ValueError("accuracy is empty: give the accuracy of at least one sub-network (eval --json)")
+    with bind_socket(host, port) as sock:  # a taken port fails now; port 0 picks a free one
+        port = sock.getsockname()[1]
+    connected = not ray.is_initialized()
+    started_ray = connected and address is None
+    if started_ray:
+        package_root = str(Path(__file__).resolve().parents[2])
+        pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(address="local", num_cpus=replicas * threads, num_gpus=None if device.startswith("cuda") else 0,
+                 include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
+    elif connected:
+        ray.init(address=address, log_to_driver=False)
+    name = name or model_name
+    app_name = f"adn-{name}"
+    server = RayServer(f"http://{host}:{port}", name, app_name, started_ray=started_ray, connected=connected)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        actor = {"num_cpus": threads, "num_gpus": 1 if device.startswith("cuda") else 0}
+        app = serve.deployment(Replica, name=app_name, num_replicas=replicas, ray_actor_options=actor,
+                               max_constructor_retry_count=replicas).bind(
+            str(Path(checkpoint).resolve()), table, float(slo_ms), max_batch, name, device, profile_iters, threads)
+        serve.run(app, name=app_name, route_prefix="/")
+    except RuntimeError:
+        error = _replica_error(app_name)
+        server.stop()
+        if error is None:
+            raise
+        if error.startswith("ValueError: "):  # the replica's start-up check (e.g. an SLO below the fastest net)
+            raise ValueError(error.removeprefix("ValueError: ")) from None
+        raise RuntimeError(f"a replica failed to start: {error}") from None
+    except BaseException:
+        server.stop()
+        raise
+    return server

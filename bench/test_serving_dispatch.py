@@ -1,0 +1,149 @@
+"""What the SLO-aware scheduler adds to each engine call on the CPU engine, against the goal (docs/serving.md): policy
+and batching <= 2 % of the base-net's batch-1 latency; switching sub-network between batches costs nothing
+measurable. The model is the demo's base net (ResNet-20-ADN width 8, 1 x 28 x 28, one thread, as ``serve
+--threads 1`` runs it), profiled at batches 1..16 like the server. Rows: ``serving_dispatch.json``:
+
+  policy    ``plan_dispatch`` per decision for queues of 1, 16 and 64 requests (``batch`` = queue size), tight
+            deadlines (the super-net misses a full batch, so step 3 searches down to a smaller batch and a cheaper
+            sub-network): ``provider="fifo"`` alike requests with one SLO (the server's usual queue, bisection) and
+            ``provider="general"`` a mixed queue (sizes 1 and 2, one request in four forcing the base-net, jittered
+            SLOs: one pass). ``share_of_base_b1`` = median / base-net batch-1 latency. The median is over rounds of
+            ``CALLS`` decisions each (a single decision is too short for the clock).
+  batching  what the dispatcher does to a queue-sized batch of one-image inputs before the engine call
+            (``torch.cat``, ``.to``).
+  switch    paired, engine at batch 1: each round runs, in random order, (super, base) x 8 (15 switches) and
+            super x 8 + base x 8 (1 switch), the same 16 calls; ``switch_us`` = median over rounds of their
+            difference / 14, with a 95 % confidence interval of that median (order statistics) in
+            ``switch_ci95_us``; ``share_of_call`` relative to the mean call.
+
+SMOKE (default): 3 rounds, 20 switch rounds, numbers that only show the suite runs. ``ADN_BENCH_CPU=1``: 30 rounds
+of 2000 decisions and 1000 switch rounds (~30 s); ``ADN_BENCH_OUT=DIR`` keeps the rows.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+
+import pytest
+import torch
+
+from adaptive_kernels import create_model
+from adaptive_kernels.engine.ort.engine import onnxruntime_unavailable
+from adaptive_kernels.models.skip import skip_to_str
+from adaptive_kernels.serving import Queued, build_plan, plan_dispatch, rank_by_accuracy
+from adaptive_kernels.serving.policy import Costs
+from bench._harness import Timing, make_row, measure
+
+FULL = os.environ.get("ADN_BENCH_CPU") == "1"
+ROUNDS, CALLS, SWITCH_ROUNDS = (30, 2000, 1000) if FULL else (3, 200, 20)
+MAX_BATCH = 16
+QUEUES = (1, 16, 64)
+MODEL = "resnet20_adn"
+
+
+@pytest.fixture(scope="module")
+def plan():
+    if reason := onnxruntime_unavailable():
+        pytest.skip(f"needs the CPU engine: {reason}")
+    torch.manual_seed(0)
+    model = create_model(MODEL, num_classes=10, in_chans=1, width=8).eval()
+    accuracy = {s: 90.7 - 0.1 * sum(s) for s in model.skip_configs()}  # only the order matters here
+    return build_plan(model, MODEL, (1, 28, 28), max_batch=MAX_BATCH, accuracy=accuracy, profile_iters=20)
+
+
+def queues(plan, n: int, now: float) -> dict[str, list[Queued]]:
+    """The fifo and the mixed queue of ``n`` requests; deadlines 0.75 x the base-net's full-batch latency away."""
+    latency = plan.latency
+    base = min(plan.accuracy, key=lambda s: latency.profiled(s, 1))
+    slack = 0.75 * latency.profiled(base, MAX_BATCH)
+    rng = random.Random(n)
+    fifo = [Queued(now + slack + 1e-6 * i) for i in range(n)]
+    mixed = [Queued(now + slack * rng.uniform(1.0, 1.5), 1 + i % 2, base if i % 4 == 3 else None) for i in range(n)]
+    return {"fifo": fifo, "general": mixed}
+
+
+def per_decision(timing: Timing) -> Timing:
+    return Timing([t / CALLS for t in timing.samples_us])
+
+
+@pytest.mark.parametrize("n", QUEUES)
+def test_policy_cost(benchmark_or_none, rows, plan, n):
+    latency = plan.latency
+    costs = Costs.build(latency.profiled, rank_by_accuracy(plan.accuracy, latency.predict), MAX_BATCH)
+    base_b1 = min(latency.profiled(s, 1) for s in plan.accuracy) * 1e6
+    now, factor = 100.0, latency.factor
+    common = {"model": MODEL, "batch": n, "dtype": torch.float32, "macs": None, "base_b1_us": round(base_b1, 3)}
+    for provider, queue in queues(plan, n, now).items():
+        fifo = provider == "fifo"
+        decision = plan_dispatch(queue, now, costs, factor, fifo=fifo)
+        if fifo:  # the bisection decides as the general pass does
+            assert decision == plan_dispatch(queue, now, costs, factor)
+        assert decision.serve and decision.batch <= MAX_BATCH
+
+        def decide(queue=queue, fifo=fifo):
+            for _ in range(CALLS):
+                plan_dispatch(queue, now, costs, factor, fifo=fifo)
+
+        benchmark = benchmark_or_none() if fifo else None  # pytest-benchmark times one function per test
+        if benchmark is not None:
+            benchmark.group = "serving policy (per CALLS decisions)"
+        timing = per_decision(measure(decide, benchmark, warmup=1, rounds=ROUNDS))
+        rows.add(make_policy_row(provider, timing, base_b1, common, metric="policy", served=decision.batch,
+                                 skip=skip_to_str(decision.skip)))
+    images = [torch.randn(1, 1, 28, 28) for _ in range(min(n, MAX_BATCH))]
+
+    def stack():
+        for _ in range(CALLS):
+            (images[0] if len(images) == 1 else torch.cat(images)).to(plan.example_input.device, torch.float32)
+
+    timing = per_decision(measure(stack, warmup=1, rounds=ROUNDS))
+    rows.add(make_policy_row("torch.cat", timing, base_b1, common, metric="batching", served=len(images), skip="-"))
+
+
+def make_policy_row(provider: str, timing: Timing, base_b1: float, common: dict, *, metric: str, served: int,
+                    skip: str) -> dict:
+    return make_row(provider=provider, skip=skip, timing=timing, metric=metric, served=served,
+                    share_of_base_b1=round(timing.median_us / base_b1, 5), **common)
+
+
+def median_ci95(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval of the median: order statistics n/2 -+ 0.98 sqrt(n)."""
+    ordered = sorted(values)
+    half = 0.98 * len(ordered) ** 0.5
+    lo, hi = int(len(ordered) / 2 - half), int(len(ordered) / 2 + half)
+    return ordered[max(lo, 0)], ordered[min(hi, len(ordered) - 1)]
+
+
+def test_switching_sub_network_between_batches(rows, plan):
+    engine = plan.engine
+    ranking = rank_by_accuracy(plan.accuracy, plan.latency.predict)
+    super_net, base_net = ranking[0], ranking[-1]
+    x = torch.randn(1, 1, 28, 28)
+    assert not torch.allclose(engine(x, skip=super_net), engine(x, skip=base_net))  # two sub-networks run
+    alternating = [super_net, base_net] * 8
+    constant = [super_net] * 8 + [base_net] * 8
+
+    def run(order) -> float:
+        start = time.perf_counter_ns()
+        for skip in order:
+            engine(x, skip=skip)
+        return (time.perf_counter_ns() - start) / 1e3
+
+    rng = random.Random(0)
+    run(alternating), run(constant)  # warm-up
+    differences, constant_us = [], []
+    for _ in range(SWITCH_ROUNDS):
+        first, second = (alternating, constant) if rng.random() < 0.5 else (constant, alternating)
+        times = {id(first): run(first), id(second): run(second)}
+        differences.append((times[id(alternating)] - times[id(constant)]) / 14)
+        constant_us.append(times[id(constant)] / 16)
+    switch_us = statistics.median(differences)
+    lo, hi = median_ci95(differences)
+    call_us = statistics.median(constant_us)
+    rows.add(make_row(provider=engine.mechanism, model=MODEL, skip=f"{skip_to_str(super_net)}<->"
+                      f"{skip_to_str(base_net)}", batch=1, dtype=torch.float32, timing=Timing(constant_us), macs=None,
+                      metric="switch", switch_us=round(switch_us, 3), switch_ci95_us=[round(lo, 3), round(hi, 3)],
+                      share_of_call=round(switch_us / call_us, 5), rounds=SWITCH_ROUNDS))

@@ -1,0 +1,93 @@
+"""The Ray Serve deployment: 2 replicas on a local Ray (127.0.0.1), requests through a stock client
+(tritonclient.http) answered with the torch model's output of the sub-network each response names, both replicas
+serving, every request answered (served or refused), and Ray stopped afterwards."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize
+
+from adaptive_kernels import create_model
+from adaptive_kernels.engine.ort.engine import onnxruntime_unavailable
+from adaptive_kernels.models.skip import skip_to_str
+from adaptive_kernels.training import save_checkpoint
+
+httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the [serve] extra)")
+pytest.importorskip("ray.serve", reason="needs ray[serve] (the [serve] extra)")
+if onnxruntime_unavailable() is not None:
+    pytest.skip("needs onnxruntime (the [onnx] extra)", allow_module_level=True)
+
+import ray
+
+from adaptive_kernels.serving.ray import deploy
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 4}}
+    model = randomize(create_model(spec["name"], **spec["kwargs"]), calibrate=(8, 1, 16, 16))
+    path = save_checkpoint({"model": model.state_dict(), "model_spec": spec,
+                            "data": {"name": "synthetic", "image_size": [16, 16]}}, tmp_path / "last.pt")
+    return path, model
+
+
+def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
+    path, _ = checkpoint
+    accuracy = {"FFF": 90.0}
+    with pytest.raises(ValueError, match="replicas must be a positive int"):
+        deploy(path, 10.0, accuracy, replicas=0)
+    with pytest.raises(ValueError, match="this model has 3 skippable stages"):
+        deploy(path, 10.0, {"FF": 90.0})
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        deploy(bad, 10.0, accuracy)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(ValueError, match="is in use"):
+            deploy(path, 10.0, accuracy, port=taken.getsockname()[1])
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_ray_two_replicas_serve_the_model(checkpoint):
+    path, model = checkpoint
+    accuracy = {skip_to_str(s): 90.0 - sum(s) for s in model.skip_configs()}
+    x = torch.randn(48, 1, 16, 16)
+    with deploy(path, slo_ms=5000.0, accuracy=accuracy, replicas=2, max_batch=4, port=0, profile_iters=3) as server:
+        address = server.url.removeprefix("http://")
+        client = httpclient.InferenceServerClient(address, concurrency=8)
+        assert client.is_model_ready(server.name)
+        pending = []
+        for i in range(len(x)):
+            inp = httpclient.InferInput("input", [1, 1, 16, 16], "FP32")
+            inp.set_data_from_numpy(x[i:i + 1].numpy(), binary_data=True)
+            parameters = {"slo_ms": 1e-6} if i % 12 == 5 else {"skip": "TFT"} if i % 12 == 7 else None
+            pending.append(client.async_infer(server.name, [inp], parameters=parameters))
+        served, refused, replicas = 0, 0, set()
+        for i, request in enumerate(pending):
+            try:
+                result = request.get_result(timeout=60)
+            except httpclient.InferenceServerException as e:
+                assert i % 12 == 5 and "request refused" in str(e), (i, e)  # only the impossible SLOs
+                refused += 1
+                continue
+            parameters = result.get_response()["parameters"]
+            replicas.add(parameters["replica"])
+            if i % 12 == 7:
+                assert parameters["skip"] == "TFT"
+            with torch.no_grad():
+                expected = model(x[i:i + 1], skip=parameters["skip"])
+            np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-4)
+            served += 1
+        client.close()
+        assert (served, refused) == (len(x) - 4, 4)  # nothing lost
+        assert len(replicas) == 2, replicas  # both replicas answered
+    assert not ray.is_initialized()
+    with socket.socket() as probe:  # the proxy is gone
+        assert probe.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) != 0
