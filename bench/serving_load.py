@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,9 +88,11 @@ class Server:
         raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
 
     def stop(self) -> str:
-        self.proc.send_signal(2)
+        self.proc.send_signal(signal.SIGINT)
         out, _ = self.proc.communicate(timeout=120)
         self.lines.append(out)
+        if self.proc.returncode != 0:  # Ctrl-C is serve's normal stop: exit status 0
+            raise RuntimeError(f"the server exited with status {self.proc.returncode} on SIGINT:\n{out}")
         return "".join(self.lines)
 
 

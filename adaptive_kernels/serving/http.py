@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import signal
 import socket
 import sys
 import threading
@@ -230,6 +231,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 class HttpServer:
     """uvicorn serving ``app`` on ``sock``. ``run()`` blocks (Ctrl-C / SIGTERM stop it gracefully: no new
     connections, open requests answered); ``start()`` runs it on a thread and ``stop()`` ends that (tests,
@@ -243,8 +248,18 @@ class HttpServer:
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
+        """Serve until Ctrl-C / SIGTERM, then return normally (uvicorn re-raises the signal it stopped on once its
+        graceful shutdown is done; here that ends the call, so the caller's clean-up and summary run)."""
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self._server.run(sockets=[self.sock])
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        try:
+            self._server.run(sockets=[self.sock])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     def start(self, timeout: float = 30.0) -> HttpServer:
         self._thread = threading.Thread(target=self.run, name="adn-http", daemon=True)

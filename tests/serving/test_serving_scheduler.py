@@ -44,15 +44,14 @@ def fake_scheduler(**kw) -> Scheduler:
 
 def test_scheduler_answers_every_request_once_with_its_own_output():
     scheduler = fake_scheduler()
-    futures, inputs = [], []
+    sent = []  # (input, future) pairs, appended as one item: 4 threads append at once
 
     def client(seed: int):
         g = torch.Generator().manual_seed(seed)
         for i in range(60):
             x = torch.randn(1 + i % 2, *SHAPE, generator=g)
             slo = 1e-5 if i % 10 == 0 else 0.05  # 1 in 10 cannot be met by any sub-network: refused
-            inputs.append(x)
-            futures.append(scheduler.submit(x, slo))
+            sent.append((x, scheduler.submit(x, slo)))
             time.sleep(1e-4)
 
     clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
@@ -61,13 +60,14 @@ def test_scheduler_answers_every_request_once_with_its_own_output():
     for c in clients:
         c.join()
     scheduler.close()
+    futures = [f for _, f in sent]
     assert all(f.done() for f in futures)
     stats = scheduler.stats()
     assert stats.submitted == len(futures) == stats.served + stats.refused + stats.failed
     assert stats.queued == stats.in_flight == stats.failed == 0
     refused = [f for f in futures if f.exception() is not None]
     assert len(refused) == stats.refused >= 24 and all(isinstance(f.exception(), Refused) for f in refused)
-    for x, f in zip(inputs, futures, strict=True):
+    for x, f in sent:
         if f.exception() is None:
             served = f.result()
             assert served.output.shape == (x.shape[0], 2)
