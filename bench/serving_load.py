@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptive_kernels._files import atomic_path, write_text
+from adaptive_kernels.cli.checks import positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("super", "base", "static", "adaptive")
@@ -285,7 +286,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Serving load test: {result['scenario']}", "",
              (f"{result['model']} on the CPU engine, SLO {result['slo_ms']:g} ms, max batch {result['max_batch']}, "
-             f"{result['seconds']:g} s per run, Gamma inter-arrivals CV² {result['cv2']:g}, rate x (1 +/- "
+             f"{result['seconds']:g} s of traffic per policy and rate in {result['rounds']} rounds (the policies "
+             f"take turns: ABCD, DCBA, ...; each round one trace), Gamma inter-arrivals CV² {result['cv2']:g}, rate x (1 +/- "
              f"{result['depth']:g}) sine; accuracy: {result['accuracy_source']}; "
              f"static pick: {result['static_pick']}."),
              (f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work: load {m['load_avg_at_start'][0]:.1f} "
@@ -339,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", default="demo", help="name of the result files")
     p.add_argument("--slo-ms", type=float, required=True)
     p.add_argument("--rates", required=True, help="mean request rates per second, comma-separated")
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each run (the trace)")
+    p.add_argument("--seconds", type=float, default=20.0, help="traffic per policy and rate, in seconds")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="split --seconds into this many traces the policies replay in turns (ABCD, DCBA, ...)")
     p.add_argument("--cv2", type=float, default=4.0, help="squared coefficient of variation of inter-arrivals")
     p.add_argument("--depth", type=float, default=0.5, help="relative amplitude of the rate's sine")
     p.add_argument("--max-batch", type=int, default=16)
@@ -388,7 +392,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
     accuracy, latency_us = meta["parameters"]["accuracy"], meta["parameters"]["latency_us"]
     shape = meta["inputs"][0]["shape"][1:]
     ranking = sorted(accuracy, key=accuracy.get, reverse=True)
-    forced = {"super": ranking[0], "base": min(accuracy, key=lambda s: latency_us["1"][s]),
+    forced = {"super": ranking[0], "base": next(s for s in accuracy if set(s) == {"T"}),
               "static": static_pick(latency_us, accuracy, args.slo_ms), "adaptive": None}
     image = np.random.default_rng(args.seed).standard_normal((1, *shape)).astype(np.float32)
     url = f"http://127.0.0.1:{server.port}/v2/models/{server.name}/infer"
@@ -396,21 +400,29 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
     rows, traces = [], {}
     before = server_metrics(server.port)
     for rate in rates:
-        arrivals = bursty_trace(args.seconds, rate, args.cv2, args.seed, depth=args.depth)[: args.max_requests]
+        # the policies take turns in rounds (ABCD, DCBA, ...), each round one trace that every policy replays: a
+        # change in the machine's load hits every policy alike instead of the last ones
+        records = {policy: [] for policy in policies}
+        t0 = time.perf_counter()
+        for r in range(args.rounds):
+            arrivals = bursty_trace(args.seconds / args.rounds, rate, args.cv2, args.seed + r,
+                                    depth=args.depth)[: args.max_requests]
+            for policy in (policies if r % 2 == 0 else policies[::-1]):
+                body, headers = request_body(image, args.slo_ms, forced[policy])
+                got = asyncio.run(replay(url, arrivals, body, headers, timeout_s=args.slo_ms / 1e3 * 20 + 30))
+                records[policy] += got
+                if rate == timeline_rate and r == 0:
+                    traces[policy] = got
+                time.sleep(0.5)
         for policy in policies:
-            body, headers = request_body(image, args.slo_ms, forced[policy])
-            t0 = time.perf_counter()
-            records = asyncio.run(replay(url, arrivals, body, headers, timeout_s=args.slo_ms / 1e3 * 20 + 30))
             row = {"rate": rate, "policy": policy, "forced": forced[policy],
-                   **summarize(records, accuracy, args.slo_ms, args.seconds)}
+                   **summarize(records[policy], accuracy, args.slo_ms, args.seconds)}
             rows.append(row)
-            if rate == timeline_rate:
-                traces[policy] = records
             print(f"[load] rate {rate:g}/s {policy:>8}: sent {row['sent']}, served {row['served']}, refused "
                   f"{row['refused']}, lost {row['lost']}; SLO {row['slo_attainment']:.3f}, accuracy "
                   f"{row['mean_accuracy'] if row['mean_accuracy'] is None else round(row['mean_accuracy'], 2)}, "
-                  f"p99 {row['p99_ms']:.1f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
-            time.sleep(0.5)
+                  f"p99 {row['p99_ms']:.1f} ms", flush=True)
+        print(f"[load] rate {rate:g}/s: {args.rounds} rounds in {time.perf_counter() - t0:.0f} s", flush=True)
     after = server_metrics(server.port)
     batches = max(after["adn_batches"] - before["adn_batches"], 1.0)
     overhead = {f"{part}_us": (after[f"adn_dispatch_{part}_seconds"] - before[f"adn_dispatch_{part}_seconds"])
@@ -419,11 +431,12 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
                     isolated=dispatch_cost(latency_us, accuracy, shape, args.max_batch))
     timeline = args.out / f"{args.scenario}_timeline.png"
     args.out.mkdir(parents=True, exist_ok=True)
-    arrivals = bursty_trace(args.seconds, timeline_rate, args.cv2, args.seed, depth=args.depth)[: args.max_requests]
-    plot_timeline(traces, arrivals, accuracy, args.slo_ms, args.seconds,
+    arrivals = bursty_trace(args.seconds / args.rounds, timeline_rate, args.cv2, args.seed,
+                            depth=args.depth)[: args.max_requests]
+    plot_timeline(traces, arrivals, accuracy, args.slo_ms, args.seconds / args.rounds,
                   f"{server.name}, mean {timeline_rate:g} req/s, SLO {args.slo_ms:g} ms", timeline)
     return {"scenario": args.scenario, "model": server.name, "slo_ms": args.slo_ms, "max_batch": args.max_batch,
-            "seconds": args.seconds, "cv2": args.cv2, "depth": args.depth, "threads": args.threads,
+            "seconds": args.seconds, "rounds": args.rounds, "cv2": args.cv2, "depth": args.depth, "threads": args.threads,
             "accuracy": accuracy, "accuracy_source": source, "latency_us": latency_us,
             "static_pick": forced["static"], "forced": forced, "overhead": overhead, "machine": machine(),
             "rows": rows}
