@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install adaptive_kernels[openvino] (OpenVINO, NNCF and the ONNX exporter)"
 #: calibration images NNCF measures each sub-network's ranges on, at most (NNCF's own default subset)
 CALIBRATION_IMAGES = 300
+#: images per calibration batch for a dynamic-batch engine (a fixed-batch one takes its own batch size)
+CALIBRATION_BATCH = 32
 
 
 def openvino_unavailable(int8: bool = False) -> str | None:
@@ -66,17 +68,19 @@ class _Requests:
             self._idle.append(request)
 
 
-def calibration_arrays(images: torch.Tensor | Iterable, example_input: torch.Tensor,
+def calibration_arrays(images: torch.Tensor | Iterable, example_input: torch.Tensor, *, dynamic_batch: bool,
                        limit: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
     """The first ``limit`` images of ``images`` (a tensor (N, C, H, W), or an iterable of such batches or of
-    (images, labels) pairs) as float32 arrays in batches of the example's batch size. ValueError when they do
-    not fit the example input or are fewer than one batch."""
+    (images, labels) pairs) as float32 arrays in batches of the example's batch size (the rest dropped), or with
+    ``dynamic_batch`` of up to ``CALIBRATION_BATCH``. ValueError when they do not fit the example input or are
+    fewer than one batch."""
     if isinstance(images, torch.Tensor):
         images = [images]
     elif not isinstance(images, Iterable):
         raise TypeError(f"calibration must be a tensor (N, C, H, W) or an iterable of batches, got "
                         f"{type(images).__name__}")
-    shape, batch = tuple(example_input.shape[1:]), example_input.shape[0]
+    shape = tuple(example_input.shape[1:])
+    batch = 1 if dynamic_batch else example_input.shape[0]
     taken, count = [], 0
     for item in images:
         x = item[0] if isinstance(item, (tuple, list)) and item else item
@@ -94,7 +98,8 @@ def calibration_arrays(images: torch.Tensor | Iterable, example_input: torch.Ten
     if count < batch:
         raise ValueError(f"INT8 calibration got {count} images, fewer than one batch of {batch}: pass at least "
                          f"{batch} (up to {limit} are used)")
-    return [b.numpy() for b in torch.cat(taken).split(batch) if b.shape[0] == batch]
+    chunk = CALIBRATION_BATCH if dynamic_batch else batch
+    return [b.numpy() for b in torch.cat(taken).split(chunk) if b.shape[0] == batch or dynamic_batch]
 
 
 class OpenVinoEngine(HostEngine):
@@ -114,7 +119,8 @@ class OpenVinoEngine(HostEngine):
                              "un-augmented training images normalised as for training")
         if not int8 and calibration is not None:
             raise ValueError("calibration images are for INT8 only: pass dtype=torch.int8, or no calibration")
-        batches = calibration_arrays(calibration, example_input) if int8 else None  # checked before the export
+        # checked before the export
+        batches = calibration_arrays(calibration, example_input, dynamic_batch=dynamic_batch) if int8 else None
         super().__init__(model, example_input, mechanism="openvino", dynamic_batch=dynamic_batch,
                          onnx_model=onnx_model)
         import openvino
@@ -132,6 +138,8 @@ class OpenVinoEngine(HostEngine):
             self._subnets = {}
             for skip in self.skip_configs():
                 static = specialize(one_graph, np.array(skip_to_mask(skip), dtype=np.int32))
+                if not dynamic_batch:  # a static shape: OpenVINO plans the memory and picks kernels once
+                    static.reshape({INPUT: list(self._input_shape)})
                 self._subnets[skip] = _Requests(core.compile_model(quantize(static, batches), "CPU", config))
             logger.info("quantized %d sub-networks of %s to INT8 on %d images in %.1f s", len(self._subnets),
                         self._model_name, sum(len(b) for b in batches), time.perf_counter() - start)
