@@ -27,8 +27,7 @@ from adaptive_kernels.models.skip import skip_to_str
 from adaptive_kernels.training import accuracy, build_data
 from adaptive_kernels.training.checkpoint import model_from_checkpoint
 from adaptive_kernels.training.data import calibration_batches
-from bench._harness import environment
-from bench.test_latency_cpu_openvino import cpu_info
+from bench._harness import cpu_info, environment
 
 
 def main(argv: list[str] | None = None) -> int:
