@@ -9,8 +9,8 @@ of switching between them:
 
 Ratios are paired (the median over rounds of two providers' times in the same round). Memory: the resident memory
 that deleting the INT8 engine (all 2^S compiled sub-networks, each run) hands back, against that of one static fp32
-super-net compiled by OpenVINO (a first try, importing exported compiled models into a fresh process, counted
-54 MiB per INT8 ResNet-50 sub-network where compiling one holds 19-30 MiB: not what the engine holds). Switching: the INT8 engine called in
+super-net compiled by OpenVINO. (A first version imported exported compiled models into a fresh process instead:
+869 / 1094 MiB against 185 / 208 MiB at b1 / b8, git f8c3575; the engine compiles, it does not import.) Switching: the INT8 engine called in
 rounds of (a, a, b): the paired difference of the call to b (after a) and the second call to a.
 Every row records the CPU (``cpu_info``: vendor, family/model, ISA flags), thread count and versions.
 
