@@ -180,6 +180,8 @@ if __name__ == "__main__":
             "plot": ["matplotlib"],
             # export_onnx and the CPU engine (compile() on a CPU input): the dynamo exporter and ONNX Runtime
             "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+            # compile(..., mechanism="openvino"): the CPU engine on OpenVINO, fp32 and (with NNCF) INT8
+            "openvino": ["onnx>=1.16", "onnxscript>=0.2", "openvino>=2025.0", "nncf>=2.16"],
             # the SLO-aware server (adaptive_kernels.serving.http, serving.ray) and its stock client for the tests
             "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "tritonclient[http]>=2.40",
                       "ray[serve]>=2.30"],

@@ -376,6 +376,27 @@ def _kernel_autotune() -> bool:
     return _common.AUTOTUNE and not _common.INTERPRET
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU a number was measured on: vendor, family/model, name and which of ``CPU_FLAGS`` it has."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor is enough
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", "unknown"), "cpu_vendor": fields.get("vendor_id", "unknown"),
+            "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"), "cores": os.cpu_count(),
+            "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}}
+
+
 def environment() -> dict:
     """Card, driver and versions: what a number needs beside it to be a result."""
     import adaptive_kernels as ak

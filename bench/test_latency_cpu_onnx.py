@@ -29,7 +29,6 @@ exports take ~15 s of CPU).
 from __future__ import annotations
 
 import os
-import platform
 import random
 import statistics
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench._harness import Timing, env_int, environment, make_row
+from bench._harness import Timing, cpu_info, env_int, environment, make_row
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
 PROVIDERS = ("eager", "onnx_static", "onnx_one_graph", "cpu_engine")
@@ -57,16 +56,6 @@ ROUNDS_BUDGET_S = env_int("ADN_BENCH_ROUNDS_BUDGET_S", 120) if FULL else 0
 # (engine/ort/layout.py) leaves of the one graph's cost over the static files.
 PAIRS = (("onnx_one_graph", "onnx_static"), ("cpu_engine", "eager"), ("cpu_engine", "onnx_static"))
 TOLERANCE = 1e-4
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load() -> float:
@@ -102,7 +91,7 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
     engine = OnnxRuntimeEngine(model, example, dynamic_batch=True, onnx_model=one_graph_path.read_bytes())
     export_s = time.perf_counter() - export_start
     masks = {skip: mask_of(skip).numpy() for skip in configs}
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
+    machine = {**cpu_info(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
                "bench_mode": "cpu_full" if FULL else "cpu_smoke",
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 

@@ -1,6 +1,7 @@
 """The runtime-neutral engine: what every runtime's engine shares (the default sub-network, ``set_skip``, ``profile``,
-the input checks). A runtime (``cuda/``, ``ort/``, ``reference.py``) subclasses :class:`Engine` with how it runs one
-sub-network for one call (``_run``) and, when it has a better clock than the wall, times one (``_time_runs``).
+the input checks). A runtime (``cuda/``, ``ort/``, ``openvino/``, ``reference.py``) subclasses :class:`Engine` with
+how it runs one sub-network for one call (``_run``) and, when it has a better clock than the wall, times one
+(``_time_runs``).
 
 Threads (docs/engine.md, "Threads"): one engine serves calls from many threads. A call runs the sub-network it
 resolved when it started (its ``skip``, else the default) whatever other threads do; what a call needs is passed
@@ -27,7 +28,7 @@ class Engine(nn.Module):
     ``skip_configs()`` all 2^S; ``profile()`` times each. Safe to call from many threads: a call with ``skip`` runs
     exactly that sub-network.
     ``mechanism`` names how the engine runs: ``"conditional"`` / ``"early_exit"`` (one CUDA graph),
-    ``"onnxruntime"`` (one ONNX graph on the CPU) or ``"reference"`` (the eager model). ``capture_count`` counts CUDA
+    ``"onnxruntime"`` / ``"openvino"`` (the CPU engines) or ``"reference"`` (the eager model). ``capture_count`` counts CUDA
     graph captures (0 for a runtime without graphs). Inputs must match the example input given to ``compile`` in
     C, H, W, dtype and device, and in batch size too unless ``dynamic_batch``.
     """

@@ -1,7 +1,7 @@
 """``compile``: check the arguments once, then hand the model to the runtime that serves this input best.
 
 Runtimes, one folder or module each: ``cuda/`` (one CUDA graph, Triton kernels), ``ort/`` (one ONNX graph on ONNX
-Runtime, the CPU engine) and ``reference.py`` (the eager model, where neither can run). Each builds an
+Runtime, the CPU engine), ``openvino/`` (the CPU engine on OpenVINO, fp32 or INT8, on request) and ``reference.py`` (the eager model, where neither can run). Each builds an
 :class:`~.base.Engine`; nothing here runs a model.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -19,11 +20,15 @@ from .base import Engine
 from .cuda.engine import build_cuda_engine, cuda_unavailable
 from .cuda.lowering import lower
 from .cuda.program import NotLoweredError
+from .openvino.engine import INSTALL_HINT as OPENVINO_INSTALL_HINT
+from .openvino.engine import OpenVinoEngine, openvino_unavailable
 from .ort.engine import INSTALL_HINT, OnnxRuntimeEngine, onnxruntime_unavailable
 from .reference import ReferenceEngine
 
-MECHANISMS = ("auto", "conditional", "early_exit", "onnxruntime")
+MECHANISMS = ("auto", "conditional", "early_exit", "onnxruntime", "openvino")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: INT8 runs on OpenVINO only (ONNX Runtime's INT8 was no faster than its fp32 on the 2-core dev machine)
+INT8 = torch.int8
 
 
 def compile(
@@ -33,6 +38,7 @@ def compile(
     dtype: torch.dtype = torch.float16,
     mechanism: str = "auto",
     dynamic_batch: bool = False,
+    calibration: torch.Tensor | Iterable | None = None,
 ) -> Engine:
     """Compile an ADN model into an :class:`~.base.Engine` that runs all of its 2^S sub-networks from one graph.
 
@@ -43,15 +49,21 @@ def compile(
     sub-network, picked on the device by the sub-network id that ``set_skip`` writes after the stage bits), dropout
     is off.
     example_input: (N, C, H, W) on the device to run on; its shape, dtype and device are what the engine
-    accepts. dtype: compute dtype (float16, bfloat16 or float32); norm parameters stay fp32.
+    accepts. dtype: compute dtype (float16, bfloat16 or float32; norm parameters stay fp32), or torch.int8 with
+    mechanism="openvino" and ``calibration`` images.
     mechanism: "conditional" (CUDA IF nodes; needs the adaptive_kernels._C extension and CUDA >= 12.4),
     "early_exit" (kernels return on their mask bit), "onnxruntime" (the CPU engine: one ONNX graph on ONNX Runtime,
-    ``pip install adaptive_kernels[onnx]``) or "auto" (on CUDA conditional when available; on the CPU onnxruntime
-    when installed).
+    ``pip install adaptive_kernels[onnx]``), "openvino" (the CPU engine on OpenVINO: fp32 from one graph, or INT8
+    from one quantized model per sub-network; ``pip install adaptive_kernels[openvino]``) or "auto" (on CUDA
+    conditional when available; on the CPU onnxruntime when installed).
     dynamic_batch: accept other batch sizes (the CUDA engine captures one more graph per new size, with a warning).
+    calibration (dtype=torch.int8 only): images the INT8 ranges of every sub-network are measured on, a tensor
+    (N, C, H, W) like the example input or an iterable of such batches (or (images, labels) pairs): un-augmented
+    training images normalised as for training; the first 300 are used.
 
     With a CPU example input and ONNX Runtime installed, the engine is an
-    :class:`~.ort.engine.OnnxRuntimeEngine` (exact fp32, whatever ``dtype`` says). Otherwise, without CUDA (or with
+    :class:`~.ort.engine.OnnxRuntimeEngine` (exact fp32, whatever ``dtype`` says); with mechanism="openvino" an
+    :class:`~.openvino.engine.OpenVinoEngine` (fp32 for a float ``dtype``, INT8 for torch.int8). Otherwise, without CUDA (or with
     a CPU example input) the engine runs the reference model and warns once, here.
     A model that cannot be lowered raises ValueError before anything is captured.
     """
@@ -64,12 +76,28 @@ def compile(
     model.check_input(example_input, match_parameters=False)  # the engine converts dtype and device itself
     if example_input.shape[0] < 1:
         raise ValueError(f"example_input has an empty batch, shape {tuple(example_input.shape)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(map(str, DTYPES))}")
     if mechanism not in MECHANISMS:
         raise ValueError(f"mechanism={mechanism!r}: use one of {', '.join(map(repr, MECHANISMS))}")
+    if dtype == INT8 and mechanism != "openvino":
+        raise ValueError(f"dtype=torch.int8 runs on OpenVINO only: pass mechanism='openvino' (got {mechanism!r})")
+    if dtype not in DTYPES and dtype != INT8:
+        raise ValueError(f"dtype={dtype!r} is not supported: use one of {', '.join(map(str, DTYPES))} (or "
+                         f"torch.int8 with mechanism='openvino')")
+    if calibration is not None and dtype != INT8:
+        raise ValueError("calibration images are for INT8 only: pass dtype=torch.int8 and mechanism='openvino', or "
+                         "no calibration")
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
+
+    if mechanism == "openvino":
+        if example_input.device.type != "cpu":
+            raise ValueError(f"mechanism='openvino' runs on the CPU, but example_input is on {example_input.device}: "
+                             f"pass a CPU example input")
+        why_no_openvino = openvino_unavailable(int8=dtype == INT8)
+        if why_no_openvino is not None:
+            raise ValueError(f"mechanism='openvino' is unavailable: {why_no_openvino}; {OPENVINO_INSTALL_HINT}")
+        return OpenVinoEngine(copy.deepcopy(model).float().cpu(), example_input, dynamic_batch=dynamic_batch,
+                              int8=dtype == INT8, calibration=calibration)
 
     cpu_hint = ""
     if mechanism == "onnxruntime" or (mechanism == "auto" and example_input.device.type == "cpu"):

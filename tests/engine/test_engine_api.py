@@ -54,7 +54,9 @@ def test_compile_rejects_bad_arguments(resnet20):
         compile(resnet20, [[1.0]])
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
         compile(resnet20, torch.randn(1, 1, 16, 16))
-    with pytest.raises(ValueError, match="dtype=torch.int8 is not supported"):
+    with pytest.raises(ValueError, match="dtype=torch.int16 is not supported"):
+        compile(resnet20, x, dtype=torch.int16)
+    with pytest.raises(ValueError, match="dtype=torch.int8 runs on OpenVINO only: pass mechanism='openvino'"):
         compile(resnet20, x, dtype=torch.int8)
     with pytest.raises(ValueError, match="mechanism='fast'"):
         compile(resnet20, x, mechanism="fast")

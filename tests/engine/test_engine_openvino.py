@@ -1,0 +1,138 @@
+"""The OpenVINO engine (``compile(..., mechanism="openvino")``): fp32 from the one graph, exact for every
+sub-network against the torch model and the ONNX Runtime engine; INT8 with one quantized model per sub-network,
+each close to its own sub-network's fp32 output and far from every other's, selected without recompiling; static
+sub-networks cut out of the one graph; threads; the errors."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize, wrong_outputs_from_threads
+
+from adaptive_kernels import calibrate, create_model
+from adaptive_kernels.engine import OpenVinoEngine, compile, dispatch
+from adaptive_kernels.engine.openvino.subnets import specialize
+from adaptive_kernels.numerics import relative_error
+
+pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
+openvino = pytest.importorskip("openvino", reason="pip install adaptive_kernels[openvino]")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+# INT8 vs fp32, relative error on X, resnet20_adn width 4 on 16x16 images, 64 random calibration images, measured
+# (openvino 2026.4.1, nncf 3.4.0): 0.044-0.070 over the sub-networks (uncalibrated norms), 0.020-0.038 (calibrated);
+# any other sub-network's fp32 output is >= 0.23 away
+INT8_TOLERANCE = 0.12
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["uncalibrated", "calibrated"])
+def model(request):
+    torch.manual_seed(0)
+    model = randomize(create_model("resnet20_adn", width=4), calibrate=(4, 3, 16, 16))
+    if request.param:  # per-sub-network norm tables, unlike the running statistics: gathered by the graph
+        calibrate(model, 3 * torch.randn(8, 3, 16, 16) + 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def want(model):
+    with torch.no_grad():
+        return {skip: model(X, skip) for skip in model.skip_configs()}
+
+
+@pytest.fixture(scope="module")
+def fp32(model):
+    return compile(model, X, mechanism="openvino", dtype=torch.float32, dynamic_batch=True)
+
+
+@pytest.fixture(scope="module")
+def int8(model):
+    images = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return compile(model, X, mechanism="openvino", dtype=torch.int8, calibration=images)
+
+
+def test_fp32_is_exact_for_every_subnetwork_like_onnxruntime(model, fp32, want):
+    assert isinstance(fp32, OpenVinoEngine) and fp32.mechanism == "openvino" and fp32.precision == "fp32"
+    onnxruntime = compile(model, X)
+    assert onnxruntime.mechanism == "onnxruntime"
+    configs = model.skip_configs() * 2
+    random.Random(0).shuffle(configs)
+    with torch.no_grad():
+        for skip in configs:
+            fp32.set_skip(skip)
+            got = fp32(X)
+            assert relative_error(got, want[skip]) < 1e-4
+            assert relative_error(got, onnxruntime(X, skip)) < 1e-4
+        x5 = torch.randn(5, 3, 16, 16)  # another batch size, the same compiled graph
+        assert relative_error(fp32(x5, "TFT"), model(x5, "TFT")) < 1e-4
+    fp32.set_mask(torch.tensor([0, 1, 1], dtype=torch.int32))
+    assert fp32.skip == (True, False, False)
+    assert relative_error(fp32(X), want[True, False, False]) < 1e-4
+
+
+def test_a_subnetwork_cut_out_of_the_one_graph_is_static_and_exact(model, fp32, want):
+    one_graph = openvino.Core().read_model(fp32.onnx_model)
+    for skip in [(False, True, False), (True, True, True)]:
+        static = specialize(one_graph, np.array([0 if s else 1 for s in skip], dtype=np.int32))
+        ops = {node.get_type_name() for node in static.get_ordered_ops()}
+        assert "If" not in ops and [p.get_friendly_name() for p in static.get_parameters()] == ["input"]
+        compiled = openvino.Core().compile_model(static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = torch.from_numpy(compiled.create_infer_request().infer({"input": X.numpy()})[0])
+        assert relative_error(got, want[skip]) < 1e-4
+    assert {p.get_friendly_name() for p in one_graph.get_parameters()} == {"input", "mask"}  # left as it was
+
+
+def test_int8_runs_each_subnetwork_with_its_own_model_and_switches_without_recompiling(model, int8, want):
+    assert int8.precision == "int8" and len(int8._subnets) == 8
+    compiled = {skip: requests.compiled for skip, requests in int8._subnets.items()}
+    configs = model.skip_configs() * 2
+    random.Random(1).shuffle(configs)
+    with torch.no_grad():
+        for skip in configs:
+            got = int8(X, skip)
+            own = relative_error(got, want[skip])
+            nearest_other = min(relative_error(got, y) for s, y in want.items() if s != skip)
+            assert own < INT8_TOLERANCE and own < nearest_other / 2, (skip, own, nearest_other)
+            int8.set_skip(skip)
+            assert torch.equal(int8(X), got)  # deterministic, and the default is the sub-network set
+    assert {skip: r.compiled for skip, r in int8._subnets.items()} == compiled  # nothing recompiled
+
+
+def test_threads_sharing_one_engine_each_get_their_own_subnetwork(model, fp32, int8, want):
+    assert wrong_outputs_from_threads(fp32, X, want) == 0
+    with torch.no_grad():
+        own = {skip: int8(X, skip) for skip in model.skip_configs()}  # INT8 is deterministic: its own outputs
+    assert wrong_outputs_from_threads(int8, X, own) == 0
+    assert all(len(r._idle) >= 1 for r in int8._subnets.values())  # every request given back
+
+
+def test_profile_times_every_subnetwork(int8, model):
+    int8.set_skip("FTF")
+    table = int8.profile(iters=2, warmup=1)
+    assert len(table) == 8 and all(v > 0 for v in table.values()) and int8.skip == (False, True, False)
+
+
+def test_the_errors_name_the_fix(model, monkeypatch):
+    images = torch.randn(8, 3, 16, 16)
+    with pytest.raises(ValueError, match="INT8 needs calibration images: compile\\(..., dtype=torch.int8, calib"):
+        compile(model, X, mechanism="openvino", dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype=torch.int8 runs on OpenVINO only: pass mechanism='openvino'"):
+        compile(model, X, dtype=torch.int8, calibration=images)
+    with pytest.raises(ValueError, match="calibration images are for INT8 only"):
+        compile(model, X, mechanism="openvino", dtype=torch.float32, calibration=images)
+    with pytest.raises(ValueError, match=r"calibration images must be \(N, 3, 16, 16\) tensors .* got \(8, 3, 32, 32\)"):
+        compile(model, X, mechanism="openvino", dtype=torch.int8, calibration=torch.randn(8, 3, 32, 32))
+    with pytest.raises(ValueError, match="got 1 images, fewer than one batch of 2"):
+        compile(model, X, mechanism="openvino", dtype=torch.int8, calibration=[(images[:1], torch.zeros(1))])
+    with pytest.raises(ValueError, match="hold NaN"):
+        compile(model, X, mechanism="openvino", dtype=torch.int8, calibration=images.fill_(float("nan")))
+    with pytest.raises(ValueError, match="mechanism='openvino' runs on the CPU, but example_input is on meta"):
+        compile(model, torch.empty(2, 3, 16, 16, device="meta"), mechanism="openvino")
+    monkeypatch.setattr(dispatch, "openvino_unavailable", lambda int8: "openvino not installed")
+    with pytest.raises(ValueError, match=r"^mechanism='openvino' is unavailable: openvino not installed; pip install "
+                       r"adaptive_kernels\[openvino\]"):
+        compile(model, X, mechanism="openvino")
