@@ -55,14 +55,17 @@ class OnnxRuntimeEngine(Engine):
         self._model_name = type(model).__name__
         start = time.perf_counter()
         if onnx_model is None:
+            logger.info("[compile] %s on the CPU: exporting every sub-network to one ONNX graph for ONNX Runtime ...",
+                        self._model_name)
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.onnx"
                 onnx_model = export_onnx(model, path, example_input.float(), dynamic_batch=dynamic_batch).read_bytes()
-            logger.info("exported %s to one ONNX graph for ONNX Runtime in %.1f s", self._model_name,
-                        time.perf_counter() - start)
         else:
+            logger.info("[compile] checking the given ONNX graph against %s ...", self._model_name)
             check_one_graph(onnx_model, model, example_input.float())
         self.onnx_model = onnx_model
+        logger.info("[compile] laying the graph out for this CPU and loading it in ONNX Runtime (%.0f s so far) ...",
+                    time.perf_counter() - start)
         served = machine_layout(onnx_model)
         try:
             self._session = onnxruntime_session(served)
@@ -82,6 +85,7 @@ class OnnxRuntimeEngine(Engine):
         # what forward's lean path accepts as it is (anything else goes through Engine._check_input)
         self._float32_input = self._input_dtype == torch.float32
         self._image_shape = self._input_shape[1:]
+        logger.info("[compile] %s ready on ONNX Runtime in %.0f s", self._model_name, time.perf_counter() - start)
 
     def set_skip(self, skip: SkipLike) -> None:
         """Set the default sub-network (see :meth:`~..base.Engine.set_skip`): its mask is fed with every call
