@@ -252,7 +252,7 @@ def run_demo(
         out_dir / "tradeoff.png",
         title=f"{DEMO_MODEL} on {data.name}: {plan.epochs} epoch(s) x {plan.train_images} images, "
               f"CPU, {torch.get_num_threads()} thread(s)",
-        latency_batch=LATENCY_BATCH,
+        latency_batch=LATENCY_BATCH, test_images=data.num_test,
     )
     result = {
         "model": spec, "data": data.name, "plan": asdict(plan), "subnets": rows,
