@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -17,6 +18,8 @@ from .._files import atomic_path
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
+
+logger = logging.getLogger(__name__)  # the phases of evaluate_subnets at INFO (the CLI shows them on stderr)
 
 
 @dataclass(frozen=True)
@@ -150,16 +153,20 @@ def evaluate_subnets(
     configs: list[SkipConfig] = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
     shape = (latency_batch, data.in_chans, *data.image_size)
     timed = model if latency_model is None else latency_model
+    logger.info("[eval] timing %d sub-networks: %d rounds at batch %d ...", len(configs), latency_repeats,
+                latency_batch)
     latencies = measure_latencies_us(timed, configs, shape, device=device, rounds=latency_repeats)
-    return [
-        SubnetResult(
+    results = []
+    for k, (skip, lat) in enumerate(zip(configs, latencies), 1):
+        logger.info("[eval] scoring %s (%d/%d) on %d test images ...", skip_to_str(skip), k, len(configs),
+                    data.num_test)
+        results.append(SubnetResult(
             skip=skip_to_str(skip),
             accuracy=accuracy(model, data, skip, device=device, batch_size=batch_size, env=env),
             macs=model.macs(skip, input_size=data.image_size),
             latency_us=lat.median_us, latency_p20_us=lat.p20_us, latency_p80_us=lat.p80_us,
-        )
-        for skip, lat in zip(configs, latencies)
-    ]
+        ))
+    return results
 
 
 def format_table(
