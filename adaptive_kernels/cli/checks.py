@@ -1,6 +1,8 @@
 """Checks the command line runs before any work starts: numeric flags (as argparse ``type=`` functions that
 name the allowed range), output paths, devices, model arguments, and the help formatter; and the flags several
-commands share (``add_data_args``: --data, --data-dir, ...; ``parse_model_args``: --model-arg KEY=VALUE).
+commands share (``add_data_args``: --data, --data-dir, ...; ``parse_model_args``: --model-arg KEY=VALUE); and what
+those flags set up when the command runs: ``--threads auto``'s measurement (``faster_thread_count``) and the phase
+lines a command shows on stderr (``phase_lines``).
 
 A ``type=`` function raises ``argparse.ArgumentTypeError``; argparse then prints
 ``adaptive-kernels train: error: argument --batch-size: must be an integer >= 1, got '0'`` and exits 2.
@@ -76,6 +78,8 @@ non_negative_int = int_range(0)
 seed_int = int_range(0, 2**63 - 1)  # numpy's SeedSequence takes non-negative seeds only
 #: more threads than a few per core only slow torch down (100000 of them hang it): a typo, refused
 thread_count = int_range(1, 4 * (os.cpu_count() or 1))
+positive_float = float_range(0.0, low_open=True)
+non_negative_float = float_range(0.0)
 
 
 def thread_count_or_auto(text: str) -> int | str:
@@ -89,8 +93,6 @@ def thread_count_or_auto(text: str) -> int | str:
 
 
 thread_count_or_auto.__name__ = "auto or " + thread_count.__name__
-positive_float = float_range(0.0, low_open=True)
-non_negative_float = float_range(0.0)
 
 
 def device_name(text: str) -> str:
