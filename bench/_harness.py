@@ -55,6 +55,7 @@ if not CUDA:  # Triton kernels run under the interpreter without a GPU; must be 
 import pytest
 from torch import nn
 
+from adaptive_kernels._files import write_text
 from adaptive_kernels.numerics import relative_error
 from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS
 
@@ -489,9 +490,7 @@ class RowWriter:
             raise ValueError(f"row lacks the keys {missing}: build rows with make_row()")
         self.rows.append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.rows, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self.rows, indent=1) + "\n")
 
 
 @functools.cache

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_fashion_mnist import git_sha
 
 from adaptive_kernels import calibrate, create_model
+from adaptive_kernels._files import atomic_path, write_text
 from adaptive_kernels.models.skip import skip_to_str
 from adaptive_kernels.training import accuracy, build_data, load_checkpoint
 from adaptive_kernels.training.checkpoint import load_model_state
@@ -167,7 +168,8 @@ def plot(adn, plain, single, skips, path: Path) -> None:
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     print(f"wrote {path}")
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rows += measure(path, data, args)
             rows.sort(key=lambda r: (r["seed"], r["skip"]))
-            (out / f"{mode}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            write_text(out / f"{mode}.json", json.dumps(rows, indent=1) + "\n")
             print(f"{path.name}: measured in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

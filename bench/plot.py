@@ -25,6 +25,7 @@ from pathlib import Path
 
 if not __package__:  # run as a script (python bench/plot.py): make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from adaptive_kernels._files import atomic_path, write_text
 from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -280,7 +281,8 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
     envs = sorted({describe_environment(environment_of(r)) for r in latency})
     fig.suptitle("; ".join(envs), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return True
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(rows))
+    write_text(out / "results.md", markdown(rows))
     png = out / "latency_vs_macs.png"
     drew = plot_latency(rows, png)
     print(

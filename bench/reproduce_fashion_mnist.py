@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from adaptive_kernels import create_model
+from adaptive_kernels._files import atomic_path, write_text
 from adaptive_kernels.cli.eval import latency_source
 from adaptive_kernels.training import (
     TrainConfig,
@@ -175,7 +176,8 @@ def plot(rows: list[dict], path: Path) -> None:
     bx.grid(alpha=0.3, axis="y")
     bx.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for seed in args.seeds:
         rows.append(run_seed(seed, data, args))
-        json_path.write_text(json.dumps(rows, indent=1) + "\n")  # after every seed: partial results survive
+        write_text(json_path, json.dumps(rows, indent=1) + "\n")  # after every seed: partial results survive
         r = rows[-1]
         print(f"seed {seed}: ADN super {r['adn_super']:.2f} base {r['adn_base']:.2f} | plain super "
               f"{r['plain_super']:.2f} naive base {r['plain_naive_base']:.2f} | single base {r['single_base']:.2f} "

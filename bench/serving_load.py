@@ -327,7 +327,7 @@ def paper_resnet50_checkpoint(folder: Path) -> tuple[Path, Path]:
     path = save_checkpoint({"model": create_model(spec["name"]).state_dict(), "model_spec": spec,
                             "data": {"name": "imagefolder", "image_size": [224, 224]}}, folder / "resnet50_adn.pt")
     accuracy = folder / "paper_accuracy.json"
-    accuracy.write_text(json.dumps(PAPER_RESNET50))
+    write_text(accuracy, json.dumps(PAPER_RESNET50))
     return path, accuracy
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaptive_kernels._files import write_text
 from bench._harness import Timing, cpu_info, env_int, environment, make_row
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
@@ -190,7 +191,7 @@ def write_table(rows: list[dict], path: Path) -> None:
         lines += ["", "Over the sub-networks: " + "; ".join(
             f"{p} / {ref} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
             for (p, ref), r in ratios.items()) + ".", ""]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def _short(provider: str) -> str:

@@ -1,10 +1,12 @@
 """``adaptive_kernels._files``: a write that fails or is killed never leaves a partial file at the target, nor
 destroys the previous one; what a kill leaves beside it is removed by the next run's output check."""
 
+import ast
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,36 @@ def test_the_mode_follows_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _in_place_writes(path: Path) -> list[str]:
+    """Calls in ``path`` that write a file in place: ``.write_text``/``.write_bytes``/``savefig``/``open(.., "w")``
+    on anything but the temporary path ``atomic_path`` hands out (named ``tmp``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        target = None
+        if isinstance(func, ast.Attribute) and func.attr in ("write_text", "write_bytes"):
+            target = func.value
+        elif isinstance(func, ast.Attribute) and func.attr == "savefig" and node.args:
+            target = node.args[0]
+        elif isinstance(func, ast.Name) and func.id == "open" and len(node.args) > 1:
+            mode = node.args[1]
+            # appending ("a": the training log) keeps what is there; a torn last line is dropped on resume
+            if isinstance(mode, ast.Constant) and set(str(mode.value)) & set("wx"):
+                target = node.args[0]
+        if target is not None and not (isinstance(target, ast.Name) and target.id == "tmp"):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_every_file_the_package_and_bench_write_is_written_atomically():
+    files = [p for p in sorted((ROOT / "adaptive_kernels").rglob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
+             if p.name != "_files.py"]
+    found = [hit for p in files for hit in _in_place_writes(p)]
+    assert not found, "write through adaptive_kernels._files (atomic_path / write_text):\n" + "\n".join(found)

@@ -15,6 +15,7 @@ Run adaptive-kernels COMMAND --help for a command's options.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -22,7 +23,10 @@ from .._ext import EXT_ERROR, HAS_EXT
 from .._version import __version__
 from . import calibrate, demo, export, serve, train
 from . import eval as evaluate
-from .checks import ArgumentParser, HelpFormatter, print_error
+from .checks import ArgumentParser, HelpFormatter, phase_lines, print_error
+
+#: commands that print their own progress: the package's phase lines would interleave with theirs
+OWN_PROGRESS = ("serve",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m adaptive_kernels`` and the ``adaptive-kernels`` console script."""
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if isinstance(args.threads, int):  # "auto" is measured by the command, on its model
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        with phase_lines() if args.command not in OWN_PROGRESS else contextlib.nullcontext():
+            return args.func(args)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:  # CheckpointError is a ValueError; OSError:
         # disk full, ...; FloatingPointError: a training run that diverged
         print_error(e)

@@ -26,7 +26,7 @@ from ..training.data import (
     calibration_batches,
 )
 from ..training.distributed import resolve_device
-from .checks import HelpFormatter, add_data_args, checkpoint_data, device_name, positive_int
+from .checks import HelpFormatter, add_data_args, auto_threads, checkpoint_data, device_name, positive_int
 
 
 def calibrate_checkpoint(
@@ -38,11 +38,13 @@ def calibrate_checkpoint(
     batch_size: int = DEFAULT_CALIBRATION_BATCH,
     weights: str = "auto",
     device: str | torch.device = "cpu",
+    choose_threads: bool = False,
     echo: Callable[[str], None] = print,
 ) -> CalibrationResult:
     """Calibrate every sub-network of the model in ``checkpoint`` on ``data``'s training images and write the
     checkpoint, with the calibrated ``weights`` ("auto": the EMA weights when there are, as ``eval`` picks
-    them), to ``out``. Everything else in the checkpoint is kept (a training run resumes from it as before)."""
+    them), to ``out``. Everything else in the checkpoint is kept (a training run resumes from it as before). With
+    ``choose_threads`` (``--threads auto``), the faster of torch's thread count and one thread is used."""
     batches = calibration_batches(data, num_images, batch_size)
     model, state, weights = model_from_checkpoint(checkpoint, weights=weights, data=data, purpose="calibrate")
     spec = state["model_spec"]
@@ -52,9 +54,12 @@ def calibrate_checkpoint(
                f"calibrating {spec['name']} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
                "lower --batch-size")
     model.to(device)
+    if choose_threads:
+        auto_threads(model, data, device, echo)
     configs = len(model.skip_configs())
+    every = f" (all of them: {data.name} has fewer than {num_images})" if num_images > data.num_train else ""
     echo(f"calibrating {configs} sub-networks of {spec['name']} ({weights} weights) on {total} un-augmented "
-         f"{data.name} training images, batches of {batch_size} ...")
+         f"{data.name} training images{every}, batches of {batch_size} ...")
     started, last = time.perf_counter(), [0.0]
 
     def progress(done: int) -> None:
@@ -79,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "first N of epoch 0's order), written to --out with everything else kept; eval, export and "
                        "training resume then use them.")
     c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
-    add_data_args(c, from_checkpoint=True)
+    add_data_args(c, from_checkpoint=True, auto_threads=True)
     c.add_argument("--images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"un-augmented training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
     c.add_argument("--batch-size", type=positive_int, default=DEFAULT_CALIBRATION_BATCH,
@@ -97,5 +102,6 @@ def run(args: argparse.Namespace) -> int:
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       num_workers=args.workers, augment=False)
     calibrate_checkpoint(args.checkpoint, data, args.out, num_images=args.images, batch_size=args.batch_size,
-                         weights=args.weights, device=resolve_device(args.device))
+                         weights=args.weights, device=resolve_device(args.device),
+                         choose_threads=args.threads == "auto")
     return 0

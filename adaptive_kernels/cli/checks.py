@@ -1,6 +1,8 @@
 """Checks the command line runs before any work starts: numeric flags (as argparse ``type=`` functions that
 name the allowed range), output paths, devices, model arguments, and the help formatter; and the flags several
-commands share (``add_data_args``: --data, --data-dir, ...; ``parse_model_args``: --model-arg KEY=VALUE).
+commands share (``add_data_args``: --data, --data-dir, ...; ``parse_model_args``: --model-arg KEY=VALUE); and what
+those flags set up when the command runs: ``--threads auto``'s measurement (``faster_thread_count``) and the phase
+lines a command shows on stderr (``phase_lines``).
 
 A ``type=`` function raises ``argparse.ArgumentTypeError``; argparse then prints
 ``adaptive-kernels train: error: argument --batch-size: must be an integer >= 1, got '0'`` and exits 2.
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import inspect
+import logging
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +82,19 @@ positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 
 
+def thread_count_or_auto(text: str) -> int | str:
+    """argparse type: ``auto`` (measure, see ``faster_thread_count``) or a thread count (``thread_count``)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return thread_count(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}, or auto") from None
+
+
+thread_count_or_auto.__name__ = "auto or " + thread_count.__name__
+
+
 def device_name(text: str) -> str:
     """argparse type: ``auto`` or a device torch understands (``cpu``, ``cuda``, ``cuda:1``); whether it is
     available is checked by ``resolve_device``."""
@@ -108,9 +126,11 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, from_checkpoint: bool = False) -> None:
+def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, from_checkpoint: bool = False,
+                  auto_threads: bool = False) -> None:
     """The data flags of every command that reads a dataset (``default``: --data's default; None: required, unless
-    ``from_checkpoint``: the command reads a checkpoint, whose dataset is the default, see ``checkpoint_data``)."""
+    ``from_checkpoint``: the command reads a checkpoint, whose dataset is the default, see ``checkpoint_data``).
+    ``auto_threads``: --threads takes ``auto`` and defaults to it (the command calls ``faster_thread_count``)."""
     p.add_argument("--data", choices=DATASETS, default=default, required=default is None and not from_checkpoint,
                    help="dataset" + (" (default: the one the checkpoint was trained on)" if from_checkpoint else ""))
     p.add_argument("--data-dir", help="dataset folder (fashion-mnist: the IDX files, default "
@@ -120,7 +140,59 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, fro
                    help="imagefolder crop size (default 224) / synthetic size (16)")
     p.add_argument("--workers", type=non_negative_int, default=4,
                    help="imagefolder DataLoader worker processes (0: load in the main process)")
-    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
+    if auto_threads:
+        p.add_argument("--threads", type=thread_count_or_auto, default="auto",
+                       help="CPU threads for torch (and ONNX Runtime); auto: torch's default or 1, whichever runs "
+                            "this model faster here, measured first (one thread wins on a busy or small machine)")
+    else:
+        p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
+
+
+def faster_thread_count(measure: Callable[[], float], report: Callable[[str], None] = print) -> float:
+    """``--threads auto``: runs ``measure`` (a throughput of the command's own work, higher is faster) with torch's
+    current thread count and, when that is more than 1, with one thread, and keeps whichever was faster
+    (``torch.set_num_threads``). Small convolutions gain little from threads, and while another process keeps the
+    cores busy OpenMP's barriers make several threads far slower than one (measured on 2 cores: eval 5x slower with
+    2 threads than with 1). ``report`` gets one line when one thread wins. Returns the kept throughput."""
+    threads = torch.get_num_threads()
+    speed = measure()
+    if threads == 1:
+        return speed
+    torch.set_num_threads(1)
+    one = measure()
+    if one > speed:
+        report(f"[threads] 1 thread runs faster than {threads} on this machine ({one:.0f} vs {speed:.0f} per s): "
+               f"using 1 (--threads N to choose)")
+        return one
+    torch.set_num_threads(threads)
+    return speed
+
+
+def auto_threads(model: torch.nn.Module, data: Any, device: torch.device | str,
+                 report: Callable[[str], None] = print) -> None:
+    """``--threads auto`` for a command that runs ``model`` forward on ``data`` (a ``DataSource``): the faster of
+    torch's thread count and one thread for a forward of up to 16 test images (nothing to choose on a GPU)."""
+    if torch.device(device).type != "cpu":
+        return
+    x, _ = next(data.test_batches(batch_size=min(16, data.num_test)))
+    faster_thread_count(lambda: forward_speed(model, x), report)
+
+
+def forward_speed(model: torch.nn.Module, x: torch.Tensor, max_seconds: float = 1.0) -> float:
+    """Images per second of ``model``'s eval-mode forward on ``x`` (one untimed run, then up to 5 timed runs or
+    ``max_seconds``): the measure of ``--threads auto`` for the commands that run the model forward."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+            runs, started = 0, time.perf_counter()
+            while runs == 0 or (runs < 5 and time.perf_counter() - started < max_seconds):
+                model(x)
+                runs += 1
+            return runs * len(x) / (time.perf_counter() - started)
+    finally:
+        model.train(was_training)
 
 
 def checkpoint_data(args: argparse.Namespace, state: dict[str, Any]) -> None:
@@ -161,16 +233,15 @@ def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
         raise ValueError(f"--model-arg {', '.join(unknown)}: {name} takes no such argument (it takes: {known})")
 
 
-def build_model(spec: dict[str, Any]) -> torch.nn.Module:
-    """``create_model`` for ``--model-arg`` values a user typed: what the constructor rejects with a TypeError
-    (a key a ``**kwargs`` builder passes on, a string where a number belongs) becomes a ValueError naming the
-    flag; a model larger than the machine's memory is refused before it is allocated."""
+def build_model(spec: dict[str, Any], flag: str = "--model-arg") -> torch.nn.Module:
+    """``create_model`` for values a user typed (``flag``: the flag they came from): what the constructor rejects
+    with a TypeError (a key a ``**kwargs`` builder passes on, a string where a number belongs) becomes a ValueError
+    naming the flag; a model larger than the machine's memory is refused before it is allocated."""
     try:
-        check_fits(memory_needed(spec["name"], spec["kwargs"]), f"{spec['name']} {spec['kwargs']}",
-                   "check --model-arg")
+        check_fits(memory_needed(spec["name"], spec["kwargs"]), f"{spec['name']} {spec['kwargs']}", f"check {flag}")
         return create_model(spec["name"], **spec["kwargs"])
     except TypeError as e:
-        raise ValueError(f"--model-arg: {spec['name']} rejects {spec['kwargs']}: {e}") from None
+        raise ValueError(f"{flag}: {spec['name']} rejects {spec['kwargs']}: {e}") from None
 
 
 def check_data_fits_model(spec: dict[str, Any], num_classes: int, in_chans: int, data_name: str) -> None:
@@ -203,3 +274,28 @@ class ArgumentParser(argparse.ArgumentParser):
 def print_error(message: object) -> None:
     """One line on stderr: the CLI's errors never spread over several lines."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+class _PhaseFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = " ".join(record.getMessage().split())  # one line, as every line the CLI prints
+        return f"warning: {line}" if record.levelno >= logging.WARNING else line
+
+
+@contextlib.contextmanager
+def phase_lines() -> Iterator[None]:
+    """While a command runs, the package's progress records (INFO and above of the ``adaptive_kernels`` loggers:
+    ``[export] tracing ...``, ``[compile] ...``, ``[profile] ...``) go to stderr, one line each. The library alone
+    stays quiet: without a handler Python shows warnings only (``logging.basicConfig(level=logging.INFO)`` shows
+    them in a program)."""
+    logger = logging.getLogger("adaptive_kernels")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PhaseFormatter())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -38,7 +38,16 @@ from ..training.evaluate import (
 )
 from ..training.step import StepConfig, train_step
 from ..training.trainer import TrainConfig, Trainer, build_optimizer, seed_everything
-from .checks import HelpFormatter, add_data_args, build_model, check_output_dir, positive_float, positive_int, seed_int
+from .checks import (
+    HelpFormatter,
+    add_data_args,
+    build_model,
+    check_output_dir,
+    faster_thread_count,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from .eval import latency_source
 
 DEMO_MODEL = "resnet20_adn"
@@ -176,7 +185,7 @@ def run_demo(
     (out_dir / "log.jsonl").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     seed_everything(seed)
     spec = {"name": DEMO_MODEL, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans, "width": width}}
-    model = build_model(spec)
+    model = build_model(spec, "--width")
     base_config = {
         "batch_size": batch_size, "lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "mode": "adn",
         "seed": seed, "eval_every_epochs": 0, "progress": progress, "log_every_steps": 10, "warmup_epochs": 0.1,
@@ -185,17 +194,11 @@ def run_demo(
     threads = torch.get_num_threads()
     echo(f"[demo] measuring this machine ({threads} thread{'s' * (threads != 1)}): {DEMO_MODEL} width {width}, "
          f"batch {batch_size}, two forward + two backward passes per step ...")
-    img_per_s = measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
-    if choose_threads and threads > 1:
-        # Small convolutions gain little from threads, and on a busy machine OpenMP barriers make several
-        # threads far slower than one: keep whichever is faster here.
-        torch.set_num_threads(1)
-        one = measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
-        if one > img_per_s:
-            echo(f"[demo] 1 thread trains faster than {threads} on this machine ({one:.0f} vs {img_per_s:.0f} img/s)")
-            img_per_s = one
-        else:
-            torch.set_num_threads(threads)
+
+    def speed() -> float:
+        return measure_train_speed(model, data, TrainConfig(epochs=1, **base_config))
+
+    img_per_s = faster_thread_count(speed, echo) if choose_threads else speed()
     full_eval_s = estimate_eval_seconds(model, data, data.num_test)
     seconds_left = budget_s - (time.perf_counter() - started) - 3.0  # 3 s: checkpoint, JSON, plot
     # Evaluation may take at most a third of what is left; score a test subset on a slow machine.
@@ -249,7 +252,7 @@ def run_demo(
         out_dir / "tradeoff.png",
         title=f"{DEMO_MODEL} on {data.name}: {plan.epochs} epoch(s) x {plan.train_images} images, "
               f"CPU, {torch.get_num_threads()} thread(s)",
-        latency_batch=LATENCY_BATCH,
+        latency_batch=LATENCY_BATCH, test_images=data.num_test,
     )
     result = {
         "model": spec, "data": data.name, "plan": asdict(plan), "subnets": rows,
@@ -272,7 +275,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the 7-minute CPU demo on Fashion-MNIST", formatter_class=HelpFormatter,
                        description="Train a ResNet-20-ADN within a time budget, evaluate every sub-network, "
                                    "write checkpoint, table and plot.")
-    add_data_args(d, default="fashion-mnist")
+    add_data_args(d, default="fashion-mnist", auto_threads=True)
     d.add_argument("--out", default="demo_out", help="output folder")
     d.add_argument("--budget-seconds", type=positive_float, default=420.0,
                    help="total time to aim at (7 minutes), measuring and evaluating included")
@@ -293,9 +296,12 @@ def run(args: argparse.Namespace) -> int:
     # No augmentation: within one or two epochs random crops and flips slow learning down (measured: -4 points).
     data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
                       augment=False, seed=args.seed)
+    if args.train_subset is not None and not args.batch_size <= args.train_subset <= data.num_train:
+        raise ValueError(f"--train-subset {args.train_subset}: give from --batch-size ({args.batch_size}) to "
+                         f"{data.num_train} ({data.name}'s training images)")
     run_demo(
         data, args.out, budget_s=args.budget_seconds, width=args.width, batch_size=args.batch_size,
         epochs=args.epochs, train_images=args.train_subset, seed=args.seed, progress=not args.no_progress,
-        choose_threads=args.threads is None, started=started,
+        choose_threads=args.threads == "auto", started=started,
     )
     return 0

@@ -17,7 +17,7 @@ from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
 from ..training.evaluate import evaluate_subnets, format_table
-from .checks import HelpFormatter, add_data_args, checkpoint_data, device_name, positive_int
+from .checks import HelpFormatter, add_data_args, auto_threads, checkpoint_data, device_name, positive_int
 
 
 def latency_source(model: nn.Module, input_shape: tuple[int, int, int, int], device: torch.device | str) -> nn.Module:
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate every sub-network of a checkpoint", formatter_class=HelpFormatter,
                        description="Accuracy, MACs and measured latency of every sub-network of a checkpoint.")
     e.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
-    add_data_args(e, from_checkpoint=True)
+    add_data_args(e, from_checkpoint=True, auto_threads=True)
     e.add_argument("--json", help="also write [{skip, accuracy, macs, latency_us, ...}, ...] to this file")
     e.add_argument("--batch-size", type=positive_int, default=500, help="accuracy batch size")
     e.add_argument("--latency-batch", type=positive_int, default=64,
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
                f"evaluating {spec['name']} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
                "lower --batch-size / --latency-batch")
     model.to(device)
+    if args.threads == "auto":
+        auto_threads(model, data, device)  # before the CPU engine is built: ONNX Runtime takes torch's count
     timed = latency_source(model, (args.latency_batch, data.in_chans, *data.image_size), device)
     results = evaluate_subnets(model, data, device=device, batch_size=args.batch_size,
                                latency_batch=args.latency_batch, latency_repeats=args.latency_repeats,

@@ -10,6 +10,7 @@ mask) makes its ``_run`` atomic."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -17,6 +18,10 @@ import torch
 from torch import nn
 
 from ..models.skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, skip_to_str
+
+logger = logging.getLogger(__name__)
+#: ``profile`` reports its progress at most this often (seconds): a quick profile prints one line
+PROGRESS_EVERY_S = 5.0
 
 
 class Engine(nn.Module):
@@ -123,8 +128,17 @@ class Engine(nn.Module):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
         x = self._profile_input(batch_size)
-        return {skip_to_str(skip): statistics.median(self._time_runs(x, skip, iters, warmup))
-                for skip in self.skip_configs()}
+        configs = self.skip_configs()
+        logger.info("[profile] timing %d sub-networks, %d runs each after %d warm-up, batch %d ...", len(configs),
+                    iters, warmup, x.shape[0])
+        started = last = time.perf_counter()
+        table = {}
+        for done, skip in enumerate(configs, 1):
+            table[skip_to_str(skip)] = statistics.median(self._time_runs(x, skip, iters, warmup))
+            if time.perf_counter() - last >= PROGRESS_EVERY_S and done < len(configs):
+                last = time.perf_counter()
+                logger.info("[profile] %d/%d sub-networks timed (%.0f s)", done, len(configs), last - started)
+        return table
 
     def _profile_input(self, batch_size: int | None) -> torch.Tensor:
         if batch_size is None or batch_size == self._input_shape[0]:

@@ -40,16 +40,19 @@ class HostEngine(Engine):
         super().__init__(num_stages=model.num_skippable_stages, example_input=example_input, mechanism=mechanism,
                          dynamic_batch=dynamic_batch)
         self._model_name = type(model).__name__
+        self._build_start = time.perf_counter()
         if onnx_model is None:
-            start = time.perf_counter()
+            logger.info("[compile] %s on the CPU: exporting every sub-network to one ONNX graph for %s ...",
+                        self._model_name, mechanism)
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.onnx"
                 onnx_model = export_onnx(model, path, example_input.float(), dynamic_batch=dynamic_batch).read_bytes()
-            logger.info("exported %s to one ONNX graph for %s in %.1f s", self._model_name, mechanism,
-                        time.perf_counter() - start)
         else:
+            logger.info("[compile] checking the given ONNX graph against %s ...", self._model_name)
             check_one_graph(onnx_model, model, example_input.float())
         self.onnx_model = onnx_model
+        logger.info("[compile] loading the graph in %s (%.0f s so far) ...", mechanism,
+                    time.perf_counter() - self._build_start)
         config = self._skip
         self._default = (config, np.array(skip_to_mask(config), dtype=np.int32))  # read once per call
         self._known_skips: dict[int, tuple[SkipLike, SkipConfig, np.ndarray]] = {}

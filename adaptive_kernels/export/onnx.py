@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +17,11 @@ from torch import nn
 
 from .._files import atomic_path, check_output_file
 from ..models.base import ADNModel
-from ..models.skip import SkipConfig, SkipLike, skip_to_mask
+from ..models.skip import SkipConfig, SkipLike, skip_to_mask, skip_to_str
 from .graph import finish_file
-from .masked import ExportError, StaticForward, masked_forward, own_cond_compilations
+from .masked import ExportError, StaticForward, masked_forward, own_trace_memory
 
+logger = logging.getLogger(__name__)  # the phases of an export at INFO (the CLI shows them; docs/export.md)
 INPUT, MASK, OUTPUT = "input", "mask", "logits"
 FORMATS = ("onnx", "pt2")
 
@@ -100,23 +103,32 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it; say so before tracing)
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript ({e}): pip install adaptive_kernels[onnx]") from e
+    name = type(model).__name__
+    started = time.perf_counter()
+    what = (f"every sub-network in one graph, {len(wrapper.blocks)} If node(s)" if skip is None
+            else f"sub-network {skip_to_str(wrapper.skip)}")
+    logger.info("[export] tracing %s (%s) and translating it to ONNX ...", name, what)
     with (inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
-          own_cond_compilations()):
+          own_trace_memory()):
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
         try:
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=[OUTPUT],
-                                        dynamic_shapes=dynamic_shapes, verbose=False, optimize=True)
+                                        dynamic_shapes=dynamic_shapes, verbose=False, optimize=False)
+            logger.info("[export] optimizing the ONNX graph (%.0f s so far) ...", time.perf_counter() - started)
+            program.optimize()  # what optimize=True does, after the renaming: a phase line of its own
         except Exception as e:  # the exporter raises many types; name the model and the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"could not export {type(model).__name__} to ONNX: {first}") from e
+            raise ExportError(f"could not export {name} to ONNX: {first}") from e
     batch = program.model.graph.inputs[0].shape[0]
     if isinstance(batch, int) == dynamic_batch:  # never a file that serves other batch sizes than it says
         raise ExportError(f"exporting {type(model).__name__} gave a graph whose batch is "
                           f"{'fixed at ' + str(batch) if dynamic_batch else 'dynamic'} although dynamic_batch="
                           f"{dynamic_batch}: please report this with your torch version ({torch.__version__})")
+    logger.info("[export] writing the ONNX file (%.0f s so far) ...", time.perf_counter() - started)
     with atomic_path(path) as tmp:
         program.save(str(tmp))
         finish_file(tmp, one_graph=skip is None)
+    logger.info("[export] exported %s in %.0f s", name, time.perf_counter() - started)
     return path
 
 
@@ -129,12 +141,14 @@ def export_pt2(model: ADNModel, path: str | os.PathLike, example_input: torch.Te
     wrapper = StaticForward(model, model.parse_skip(skip))
     x = _traced_input(example_input.detach(), dynamic_batch)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with inference_only(model), torch.no_grad(), own_cond_compilations():
+    logger.info("[export] tracing %s (sub-network %s) with torch.export ...", type(model).__name__,
+                skip_to_str(wrapper.skip))
+    with inference_only(model), torch.no_grad(), own_trace_memory():
         try:
             program = torch.export.export(wrapper, (x,), dynamic_shapes=dynamic_shapes)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"could not torch.export {type(model).__name__}: {first}") from e
-    with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)  # a file object: by its name torch would warn that it does not end in .pt2
     return path

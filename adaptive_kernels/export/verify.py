@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -10,11 +11,12 @@ from collections.abc import Sequence
 import torch
 
 from ..models.base import ADNModel
-from ..models.skip import SkipLike, skip_to_str
+from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from ..numerics import relative_error
 from .onnx import INPUT, MASK, OUTPUT, inference_only, mask_of
 from .session import onnxruntime_session
 
+logger = logging.getLogger(__name__)
 #: fp32 through ONNX Runtime or torch.export reorders a few sums, nothing more
 TOLERANCE = 1e-4
 
@@ -24,15 +26,23 @@ def verify_onnx(
 ) -> dict[str, float]:
     """Relative error of ONNX Runtime on the file at ``path`` against ``model`` for each sub-network
     (default: all 2^S for a one-graph file; a static file is checked for the ``skips`` given, default super)."""
-    return _errors(onnxruntime_session(path), model, x, skips)
+    session = onnxruntime_session(path)
+    configs = _configs(session, model, skips)
+    logger.info("[export] checking %d sub-network(s) with ONNX Runtime against the model (batch %d) ...",
+                len(configs), x.shape[0])
+    return _errors(session, model, x, configs)
 
 
-def _errors(session, model: ADNModel, x: torch.Tensor, skips: Sequence[SkipLike] | None) -> dict[str, float]:
+def _configs(session, model: ADNModel, skips: Sequence[SkipLike] | None) -> list[SkipConfig]:
+    """The parsed sub-networks to check: ``skips``, else every one of a one-graph file, the super-net of a static
+    one."""
+    if skips is not None:
+        return [model.parse_skip(s) for s in skips]
+    return model.skip_configs() if any(i.name == MASK for i in session.get_inputs()) else [model.parse_skip(None)]
+
+
+def _errors(session, model: ADNModel, x: torch.Tensor, configs: Sequence[SkipConfig]) -> dict[str, float]:
     one_graph = any(i.name == MASK for i in session.get_inputs())
-    if skips is None:
-        configs = model.skip_configs() if one_graph else [model.parse_skip(None)]
-    else:
-        configs = [model.parse_skip(s) for s in skips]
     errors = {}
     with inference_only(model), torch.no_grad():
         for skip in configs:
@@ -56,7 +66,7 @@ def check_one_graph(onnx_model: bytes, model: ADNModel, x: torch.Tensor) -> None
         raise ValueError(f"onnx_model is not a one-graph export of this {name}: its inputs are {shapes}, this model "
                          f"needs {INPUT} (N, {', '.join(map(str, want[INPUT]))}) and {MASK} [{want[MASK][0]}]: "
                          f"export this model (export_onnx(model, path, x))")
-    errors = _errors(session, model, x, [None, model.parse_skip("base")])
+    errors = _errors(session, model, x, [model.parse_skip(None), model.parse_skip("base")])
     bad = {k: e for k, e in errors.items() if not e < TOLERANCE}
     if bad:
         raise ValueError(f"onnx_model does not compute this {name}: relative error "

@@ -137,7 +137,10 @@ class InMemoryImages(DataSource):
         g = torch.Generator().manual_seed(seed)
 
         def pick(x, y, n, split):
-            if n is None or n >= len(y):
+            if n is not None and n > len(y):  # a bigger number than the set holds is a mistake, never clamped
+                raise ValueError(f"--{split}-subset {n}: {self.name} has {len(y)} {split} images; give at most "
+                                 f"{len(y)} (or drop --{split}-subset for all of them)")
+            if n is None or n == len(y):
                 return x, y
             if n < 1:
                 raise ValueError(f"{split} subset size must be >= 1, got {n}")
@@ -425,6 +428,9 @@ def build_data(
     if name == "fashion-mnist":
         data = load_fashion_mnist(data_dir)
     elif name == "synthetic":
+        if data_dir is not None:
+            raise ValueError(f"--data-dir {data_dir}: synthetic data is generated, not read; drop --data-dir (or "
+                             f"give --data fashion-mnist / imagefolder)")
         data = make_synthetic(image_size=image_size or 16, seed=seed)
     elif name == "imagefolder":
         if data_dir is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -17,6 +18,8 @@ from .._files import atomic_path
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
+
+logger = logging.getLogger(__name__)  # the phases of evaluate_subnets at INFO (the CLI shows them on stderr)
 
 
 @dataclass(frozen=True)
@@ -150,16 +153,20 @@ def evaluate_subnets(
     configs: list[SkipConfig] = [model.parse_skip(s) for s in skips] if skips is not None else model.skip_configs()
     shape = (latency_batch, data.in_chans, *data.image_size)
     timed = model if latency_model is None else latency_model
+    logger.info("[eval] timing %d sub-networks: %d rounds at batch %d ...", len(configs), latency_repeats,
+                latency_batch)
     latencies = measure_latencies_us(timed, configs, shape, device=device, rounds=latency_repeats)
-    return [
-        SubnetResult(
+    results = []
+    for k, (skip, lat) in enumerate(zip(configs, latencies), 1):
+        logger.info("[eval] scoring %s (%d/%d) on %d test images ...", skip_to_str(skip), k, len(configs),
+                    data.num_test)
+        results.append(SubnetResult(
             skip=skip_to_str(skip),
             accuracy=accuracy(model, data, skip, device=device, batch_size=batch_size, env=env),
             macs=model.macs(skip, input_size=data.image_size),
             latency_us=lat.median_us, latency_p20_us=lat.p20_us, latency_p80_us=lat.p80_us,
-        )
-        for skip, lat in zip(configs, latencies)
-    ]
+        ))
+    return results
 
 
 def format_table(
@@ -191,46 +198,112 @@ def require_matplotlib():
     return matplotlib
 
 
+#: what the T/F labels of the plot mean (models/skip.py), printed under it
+SKIP_KEY = ("labels: one letter per skippable stage, the first stage first; T = that stage's skippable blocks "
+            "skipped (its other blocks run), F = run; all F = the super-net, all T = the base-net")
+
+
 def plot_tradeoff(
     series: Mapping[str, Sequence[SubnetResult]],
     path: str | os.PathLike,
     title: str = "",
     latency_batch: int = 1,
+    test_images: int | None = None,
 ) -> Path:
     """PNG with two panels: accuracy vs MACs and accuracy vs measured latency, one colour per series
-    (e.g. {"ADN": [...all sub-networks...], "plain, blocks skipped": [...]}), each point labelled with its skip;
-    a line joins each series' Pareto front (no cheaper sub-network is more accurate)."""
+    (e.g. {"ADN": [...all sub-networks...], "plain, blocks skipped": [...]}), each point labelled with its skip
+    (the key to the letters, ``SKIP_KEY``, under the panels); a line joins each series' Pareto front (no cheaper
+    sub-network is more accurate). ``test_images``: how many test images the accuracies are measured on (stated
+    on the accuracy axes)."""
     matplotlib = require_matplotlib()
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (name, results) in enumerate(series.items()):
-        color = f"C{i}"
-        for ax, cost in ((axes[0], lambda r: r.macs / 1e6), (axes[1], lambda r: r.latency_us / 1e3)):
-            rows = sorted(results, key=cost)
-            ax.scatter([cost(r) for r in rows], [r.accuracy for r in rows], color=color, label=name, zorder=3,
-                       marker="o" if len(rows) > 1 else "s")
-            if len(rows) > 1:
-                front = _pareto_front(rows, cost)  # the best accuracy for each cost
-                ax.plot([cost(r) for r in front], [r.accuracy for r in front], color=color, alpha=0.6)
-                for r in rows:
-                    ax.annotate(r.skip, (cost(r), r.accuracy), textcoords="offset points", xytext=(3, -10), fontsize=7)
-    axes[0].set_xlabel("MMACs per image")
-    axes[1].set_xlabel(f"measured latency, ms (batch {latency_batch})")
-    for ax in axes:
-        ax.set_ylabel("test accuracy, %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig = tradeoff_figure(series, title, latency_batch, test_images)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+def tradeoff_figure(series: Mapping[str, Sequence[SubnetResult]], title: str = "", latency_batch: int = 1,
+                    test_images: int | None = None):
+    """The figure ``plot_tradeoff`` saves (matplotlib's pyplot, already set up by it)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    costs = (lambda r: r.macs / 1e6, lambda r: r.latency_us / 1e3)
+    labels: list[list[tuple[float, float, str, str]]] = [[], []]
+    for i, (name, results) in enumerate(series.items()):
+        color = f"C{i}"
+        for k, (ax, cost) in enumerate(zip(axes, costs)):
+            rows = sorted(results, key=cost)
+            ax.scatter([cost(r) for r in rows], [r.accuracy for r in rows], color=color, label=name, zorder=3,
+                       marker="o" if len(rows) > 1 else "s")
+            if len(rows) > 1:
+                front = _pareto_front(rows, cost)  # the best accuracy for each cost
+                ax.plot([cost(r) for r in front], [r.accuracy for r in front], color=color, alpha=0.6)
+                labels[k] += [(cost(r), r.accuracy, r.skip, color) for r in rows]
+    axes[0].set_xlabel("MMACs per image")
+    axes[1].set_xlabel(f"measured latency, ms (batch {latency_batch})")
+    on = f" ({test_images} test images)" if test_images is not None else ""
+    for ax in axes:
+        ax.set_ylabel(f"test accuracy, %{on}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.margins(0.12)  # room for the labels beside the outermost points
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.01, SKIP_KEY, ha="center", va="bottom", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    for ax, points in zip(axes, labels):
+        _place_labels(fig, ax, points)
+    return fig
+
+
+# Where a label may go, in points from its point (text anchored at its nearest corner): beside it first, then
+# above and below, then farther out.
+_OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3, 4) for dx, dy in
+            ((5, -4), (-5, -4), (5, 4), (-5, 4), (0, 6), (0, -8), (8, 0), (-8, 0))]
+
+
+def _place_labels(fig, ax, points: Sequence[tuple[float, float, str, str]]) -> None:
+    """Annotate each (x, y, text, color) of ``points`` at the first offset (``_OFFSETS``) where the label overlaps
+    no label placed before, no point's marker and not the legend, inside the axes (else at the first offset)."""
+    fig.canvas.draw()  # fixes limits and transforms: positions in pixels from here on
+    renderer = fig.canvas.get_renderer()
+    radius = 4.0 * fig.dpi / 72  # a scatter marker's radius (6 pt across) and a little
+    markers = [ax.transData.transform((x, y)) for x, y, _, _ in points]
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    inside = ax.get_window_extent(renderer)
+
+    def free(box) -> bool:
+        if not (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1):
+            return False
+        if any(box.overlaps(other) for other in taken):
+            return False
+        return not any(box.x0 - radius < mx < box.x1 + radius and box.y0 - radius < my < box.y1 + radius
+                       for mx, my in markers)
+
+    for x, y, text, color in points:
+        chosen = None
+        for dx, dy in _OFFSETS:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, color=color,
+                                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                                va="bottom" if dy > 0 else "top" if dy < 0 else "center", zorder=4)
+            box = label.get_window_extent(renderer)
+            if free(box):
+                chosen = (label, box)
+                break
+            label.remove()
+        if chosen is None:  # nowhere free: beside the point, as before
+            dx, dy = _OFFSETS[0]
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, color=color,
+                                ha="left", va="top", zorder=4)
+            chosen = (label, label.get_window_extent(renderer))
+        taken.append(chosen[1])
 
 
 def _pareto_front(rows: Sequence[SubnetResult], cost) -> list[SubnetResult]:

@@ -112,6 +112,13 @@ class TrainConfig:
             )
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha={self.mixup_alpha} must be >= 0 (0 = off)")
+        if self.milestones and self.schedule != "multistep":
+            raise ValueError(f"milestones={list(self.milestones)} (--milestones) apply only to schedule 'multistep'; "
+                             f"schedule {self.schedule!r} ignores them: drop them, or use --schedule multistep")
+        if self.skip is not None and self.mode != "single":
+            trains = "every sub-network" if self.mode == "adn" else "the super-net"
+            raise ValueError(f"skip={self.skip!r} (--skip) applies only to mode 'single', the one sub-network it trains; "
+                             f"mode {self.mode!r} trains {trains}: drop --skip, or use --mode single")
         self.milestones = tuple(int(m) for m in self.milestones)
 
 

@@ -74,7 +74,11 @@ def test_calibrate_and_eval_default_to_the_checkpoints_dataset(tmp_path, capsys)
     save_checkpoint({"model": model.state_dict(), "model_spec": SPEC,
                      "data": {"name": "synthetic", "image_size": [8, 8]}}, src)
     assert main(["calibrate", "--checkpoint", str(src), "--images", "32", "--out", str(out)]) == 0
-    assert "32 un-augmented synthetic training images" in capsys.readouterr().out
+    assert "32 un-augmented synthetic training images, batches" in capsys.readouterr().out
+    # more images than the training set holds: all of them, and the line says so
+    assert main(["calibrate", "--checkpoint", str(src), "--images", "100000", "--out", str(out)]) == 0
+    assert ("512 un-augmented synthetic training images (all of them: synthetic has fewer than 100000)"
+            in capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(out), "--latency-repeats", "1"]) == 0
     assert "synthetic test set" in capsys.readouterr().out
     save_checkpoint({"model": model.state_dict(), "model_spec": SPEC}, src)

@@ -54,7 +54,16 @@ def test_train_refuses_to_clobber_and_resumes(trained, tmp_path, capsys):
 def test_eval_reports_every_subnetwork(trained, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["eval", "--checkpoint", str(trained / "last.pt"), *EVAL, "--json", str(out)]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    # the CPU engine's build, phase by phase on stderr (minutes for a large model)
+    phases = [line.split(" (")[0].split(" ...")[0] for line in captured.err.splitlines()]
+    assert phases[:2] == [("[compile] ResNetADN on the CPU: exporting every sub-network to one ONNX graph for ONNX "
+                          "Runtime"), "[export] tracing ResNetADN"], captured.err
+    assert "[compile] laying the graph out for this CPU and loading it in ONNX Runtime" in phases
+    assert any(p.startswith("[compile] ResNetADN ready on ONNX Runtime in ") for p in phases)
+    assert "[eval] timing 8 sub-networks: 2 rounds at batch 64" in phases
+    assert captured.err.splitlines()[-1] == "[eval] scoring TTT (8/8) on 256 test images ..."
     rows = json.loads(out.read_text())
     assert len(rows) == 8 and all(
         r.keys() == {"skip", "accuracy", "macs", "latency_us", "latency_p20_us", "latency_p80_us"} for r in rows)

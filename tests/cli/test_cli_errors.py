@@ -34,14 +34,15 @@ def trained(tmp_path_factory):
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
-    """``main(argv)``'s exit status (argparse's SystemExit included) and its stderr, which must be ONE line."""
+    """``main(argv)``'s exit status (argparse's SystemExit included) and its error, which must be ONE line (on
+    stderr, after the phase lines of the work done before it, ``[export] ...``)."""
     try:
         rc = main(argv)
     except SystemExit as e:
         rc = e.code
     err = capsys.readouterr().err
     assert rc != 0, f"{argv} succeeded"
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("[")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return rc, lines[0]
 
@@ -102,6 +103,42 @@ def test_zero_top_k_trains_on_all_classes(tmp_path, capsys):
     assert main(TRAIN + ["--out", str(tmp_path), "--top-k", "0", "--save-every", "0", "--eval-every", "0"]) == 0
     config = load_checkpoint(tmp_path / "last.pt")["config"]
     assert config["top_k"] is None and config["save_every_steps"] is None
+
+
+# ---- values that were accepted and then ignored or clamped: refused, before any work ----------------------
+@pytest.mark.parametrize("argv, message", [
+    (TRAIN + ["--out", "o", "--test-subset", "100000"],
+     "--test-subset 100000: synthetic has 256 test images; give at most 256"),
+    (TRAIN + ["--out", "o", "--train-subset", "100000"],
+     "--train-subset 100000: synthetic has 512 train images; give at most 512"),
+    (TRAIN + ["--out", "o", "--skip", "TFT"],
+     ("skip='TFT' (--skip) applies only to mode 'single', the one sub-network it trains; mode 'adn' trains every "
+     "sub-network: drop --skip, or use --mode single")),
+    (TRAIN + ["--out", "o", "--mode", "plain", "--skip", "base"], "mode 'plain' trains the super-net: drop --skip"),
+    (TRAIN + ["--out", "o", "--milestones", "1"],
+     "(--milestones) apply only to schedule 'multistep'; schedule 'cosine' ignores them"),
+    (TRAIN + ["--out", "o", "--data-dir", "."], "--data-dir .: synthetic data is generated, not read"),
+    (["demo", "--data", "synthetic", "--out", "o", "--train-subset", "100000"],
+     "--train-subset 100000: give from --batch-size (64) to 512 (synthetic's training images)"),
+    (["demo", "--data", "synthetic", "--out", "o", "--train-subset", "10"], "--train-subset 10: give from --batch-size"),
+])
+def test_values_that_would_be_ignored_or_clamped_are_refused(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    started = time.perf_counter()
+    rc, line = run_main(argv, capsys)
+    assert rc == 2 and message in line
+    assert time.perf_counter() - started < 5  # before training, measuring or compiling
+
+
+def test_demo_width_error_names_width(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _, line = run_main(["demo", "--data", "synthetic", "--out", "o", "--width", "100000"], capsys)
+    assert line.endswith("check --width")  # not --model-arg, which the demo does not have
+
+
+def test_eval_test_subset_larger_than_the_test_set(trained, capsys):
+    _, line = run_main(["eval", "--checkpoint", str(trained / "last.pt"), *EVAL, "--test-subset", "257"], capsys)
+    assert "--test-subset 257: synthetic has 256 test images; give at most 256" in line
 
 
 # ---- class 3: output paths checked before any work -------------------------------------------------------

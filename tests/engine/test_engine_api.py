@@ -5,6 +5,7 @@ test_engine_capture.py."""
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
 
@@ -15,7 +16,7 @@ from torch import nn
 
 import adaptive_kernels
 from adaptive_kernels import create_model
-from adaptive_kernels.engine import Engine, LoweringError, compile, dispatch, select_skip
+from adaptive_kernels.engine import Engine, LoweringError, base, compile, dispatch, select_skip
 from adaptive_kernels.engine.cuda import engine as engine_module
 from adaptive_kernels.engine.cuda.capture import conditional_nodes_unavailable
 from adaptive_kernels.engine.cuda.engine import CudaGraphEngine, resolve_mechanism
@@ -217,6 +218,21 @@ def test_profile_at_another_batch_size_runs_that_batch(monkeypatch, resnet20):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
             engine.profile(batch_size=bad)
+
+
+@needs_no_cuda
+def test_a_long_profile_reports_its_progress(monkeypatch, resnet20, caplog):
+    engine = _engine(resnet20, torch.randn(1, 3, 16, 16))
+    with caplog.at_level(logging.INFO, logger="adaptive_kernels"):
+        engine.profile(iters=1, warmup=0)  # quick: the start line only
+        assert [r.getMessage() for r in caplog.records] == [
+            "[profile] timing 8 sub-networks, 1 runs each after 0 warm-up, batch 1 ..."]
+        caplog.clear()
+        monkeypatch.setattr(base, "PROGRESS_EVERY_S", 0.0)  # as if each sub-network took long
+        engine.profile(iters=1, warmup=0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 8 and lines[1].startswith("[profile] 1/8 sub-networks timed (")
+    assert lines[-1].startswith("[profile] 7/8 sub-networks timed (")
 
 
 # ---- the graph-mode engine logic, with the CUDA graph replaced by eager execution ------------------------

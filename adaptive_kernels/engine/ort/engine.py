@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 
 import numpy as np
 import torch
@@ -64,6 +65,8 @@ class OnnxRuntimeEngine(HostEngine):
             raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "
                              f"{MASK!r} of shape [{model.num_skippable_stages}] (export_onnx with skip=None)")
         self._output_names = [OUTPUT]
+        logger.info("[compile] %s ready on ONNX Runtime in %.0f s", self._model_name,
+                    time.perf_counter() - self._build_start)
 
     def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self._session.run(self._output_names, {INPUT: array, MASK: mask})[0])
