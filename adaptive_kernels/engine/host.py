@@ -32,6 +32,9 @@ class HostEngine(Engine):
     ``onnx_model`` holds the portable one graph as exported (``Path("m.onnx").write_bytes(engine.onnx_model)``).
     Outputs are float32 tensors; inputs are converted to float32."""
 
+    #: the runtime's name in progress lines (set by each runtime)
+    runtime_name = ""
+
     def __init__(self, model: ADNModel, example_input: torch.Tensor, *, mechanism: str, dynamic_batch: bool,
                  onnx_model: bytes | None = None) -> None:
         """``onnx_model``: a one-graph file of this model already exported (``export_onnx(..., skip=None)``), served
@@ -43,7 +46,7 @@ class HostEngine(Engine):
         self._build_start = time.perf_counter()
         if onnx_model is None:
             logger.info("[compile] %s on the CPU: exporting every sub-network to one ONNX graph for %s ...",
-                        self._model_name, mechanism)
+                        self._model_name, self.runtime_name)
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.onnx"
                 onnx_model = export_onnx(model, path, example_input.float(), dynamic_batch=dynamic_batch).read_bytes()
@@ -51,8 +54,6 @@ class HostEngine(Engine):
             logger.info("[compile] checking the given ONNX graph against %s ...", self._model_name)
             check_one_graph(onnx_model, model, example_input.float())
         self.onnx_model = onnx_model
-        logger.info("[compile] loading the graph in %s (%.0f s so far) ...", mechanism,
-                    time.perf_counter() - self._build_start)
         config = self._skip
         self._default = (config, np.array(skip_to_mask(config), dtype=np.int32))  # read once per call
         self._known_skips: dict[int, tuple[SkipLike, SkipConfig, np.ndarray]] = {}

@@ -30,7 +30,7 @@ import torch
 
 from ...export import INPUT, MASK
 from ...models.base import ADNModel
-from ...models.skip import SkipConfig, skip_to_mask
+from ...models.skip import SkipConfig, skip_to_mask, skip_to_str
 from ..host import HostEngine
 from .subnets import quantize, specialize
 
@@ -112,6 +112,8 @@ class OpenVinoEngine(HostEngine):
     for training (un-augmented training images); up to ``CALIBRATION_IMAGES`` are used.
     """
 
+    runtime_name = "OpenVINO"
+
     def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool, int8: bool = False,
                  calibration: torch.Tensor | Iterable | None = None, onnx_model: bytes | None = None) -> None:
         if int8 and calibration is None:
@@ -136,16 +138,20 @@ class OpenVinoEngine(HostEngine):
         start = time.perf_counter()
         if int8:
             self._subnets = {}
-            for skip in self.skip_configs():
+            configs = self.skip_configs()
+            for k, skip in enumerate(configs, 1):
+                logger.info("[compile] quantizing %s (%d/%d) of %s to INT8 (%.0f s so far) ...", skip_to_str(skip), k,
+                            len(configs), self._model_name, time.perf_counter() - self._build_start)
                 static = specialize(one_graph, np.array(skip_to_mask(skip), dtype=np.int32))
                 if not dynamic_batch:  # a static shape: OpenVINO plans the memory and picks kernels once
                     static.reshape({INPUT: list(self._input_shape)})
                 self._subnets[skip] = _Requests(core.compile_model(quantize(static, batches), "CPU", config))
-            logger.info("quantized %d sub-networks of %s to INT8 on %d images in %.1f s", len(self._subnets),
+            logger.info("[compile] quantized %d sub-networks of %s to INT8 on %d images in %.0f s", len(self._subnets),
                         self._model_name, sum(len(b) for b in batches), time.perf_counter() - start)
         else:
             self._one_graph = _Requests(core.compile_model(one_graph, "CPU", config))
-            logger.info("compiled %s for OpenVINO in %.1f s", self._model_name, time.perf_counter() - start)
+            logger.info("[compile] %s ready on %s in %.0f s", self._model_name, self.runtime_name,
+                        time.perf_counter() - self._build_start)
 
     def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> torch.Tensor:
         if self.precision == "int8":

@@ -44,6 +44,8 @@ class OnnxRuntimeEngine(HostEngine):
     torch's thread count at build time. Outputs are float32 tensors; inputs are converted to float32.
     """
 
+    runtime_name = "ONNX Runtime"
+
     def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool,
                  onnx_model: bytes | None = None) -> None:
         """``onnx_model``: a one-graph file of this model already exported (``export_onnx(..., skip=None)``),
@@ -51,6 +53,8 @@ class OnnxRuntimeEngine(HostEngine):
         otherwise); default: export it now."""
         super().__init__(model, example_input, mechanism="onnxruntime", dynamic_batch=dynamic_batch,
                          onnx_model=onnx_model)
+        logger.info("[compile] laying the graph out for this CPU and loading it in %s (%.0f s so far) ...",
+                    self.runtime_name, time.perf_counter() - self._build_start)
         served = machine_layout(self.onnx_model)
         try:
             self._session = onnxruntime_session(served)
@@ -65,7 +69,7 @@ class OnnxRuntimeEngine(HostEngine):
             raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs an input "
                              f"{MASK!r} of shape [{model.num_skippable_stages}] (export_onnx with skip=None)")
         self._output_names = [OUTPUT]
-        logger.info("[compile] %s ready on ONNX Runtime in %.0f s", self._model_name,
+        logger.info("[compile] %s ready on %s in %.0f s", self._model_name, self.runtime_name,
                     time.perf_counter() - self._build_start)
 
     def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> torch.Tensor:
