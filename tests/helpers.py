@@ -79,6 +79,24 @@ rel_err = relative_error  # the library's measure (adaptive_kernels/numerics.py)
 FP16_ERROR_FACTOR = 2.0
 
 
+def small_resnet20(width: int, calibrated: bool) -> nn.Module:
+    """A random ResNet-20-ADN for 3 x 16 x 16 inputs, in eval mode; ``calibrated``: with per-sub-network norm tables
+    from shifted images, clearly unlike its running statistics."""
+    from adaptive_kernels import calibrate, create_model
+
+    torch.manual_seed(0)
+    model = randomize(create_model("resnet20_adn", width=width), calibrate=(4, 3, 16, 16))
+    if calibrated:
+        calibrate(model, 3 * torch.randn(8, 3, 16, 16) + 1)
+    return model.eval()
+
+
+def every_subnetwork(model: nn.Module, x: torch.Tensor) -> dict[tuple[bool, ...], torch.Tensor]:
+    """Each sub-network's output on ``x``, the model run alone in this thread."""
+    with torch.no_grad():
+        return {skip: model(x, skip) for skip in model.skip_configs()}
+
+
 def torch_fp16(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in fp16 (parameters and buffers), run by torch: the yardstick of :func:`check_fp16_error`."""
     return copy.deepcopy(model).half()

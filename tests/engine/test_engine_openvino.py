@@ -10,9 +10,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import randomize, wrong_outputs_from_threads
+from helpers import every_subnetwork, small_resnet20, wrong_outputs_from_threads
 
-from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine import OpenVinoEngine, compile, dispatch
 from adaptive_kernels.engine.openvino.subnets import specialize
 from adaptive_kernels.numerics import relative_error
@@ -31,17 +30,12 @@ INT8_TOLERANCE = 0.12
 
 @pytest.fixture(scope="module", params=[False, True], ids=["uncalibrated", "calibrated"])
 def model(request):
-    torch.manual_seed(0)
-    model = randomize(create_model("resnet20_adn", width=4), calibrate=(4, 3, 16, 16))
-    if request.param:  # per-sub-network norm tables, unlike the running statistics: gathered by the graph
-        calibrate(model, 3 * torch.randn(8, 3, 16, 16) + 1)
-    return model.eval()
+    return small_resnet20(width=4, calibrated=request.param)
 
 
 @pytest.fixture(scope="module")
 def want(model):
-    with torch.no_grad():
-        return {skip: model(X, skip) for skip in model.skip_configs()}
+    return every_subnetwork(model, X)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import EagerCapture, randomize, wrong_outputs_from_threads
+from helpers import EagerCapture, every_subnetwork, small_resnet20, wrong_outputs_from_threads
 
-from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine import compile
 from adaptive_kernels.engine.cuda import engine as engine_module
 from adaptive_kernels.engine.cuda.engine import CudaGraphEngine
@@ -27,18 +26,12 @@ X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
 @pytest.fixture(scope="module", params=[False, True], ids=["uncalibrated", "calibrated"])
 def model(request):
-    torch.manual_seed(0)
-    model = randomize(create_model("resnet20_adn", width=8), calibrate=(4, 3, 16, 16))
-    if request.param:  # shifted images: tables clearly unlike the running statistics
-        calibrate(model, 3 * torch.randn(8, 3, 16, 16) + 1)
-    return model.eval()
+    return small_resnet20(width=8, calibrated=request.param)
 
 
 @pytest.fixture(scope="module")
 def want(model):
-    """Each sub-network's output, the model run alone in this thread."""
-    with torch.no_grad():
-        return {skip: model(X, skip) for skip in model.skip_configs()}
+    return every_subnetwork(model, X)
 
 
 def graph_logic_engine(model):
