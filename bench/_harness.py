@@ -326,6 +326,58 @@ def measure(
     return Timing(samples)
 
 
+def load_average() -> float:
+    """The machine's 1-minute load average (NaN where the OS has none), recorded beside CPU timings."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
+
+
+def time_call_us(fn: Callable[[], object]) -> float:
+    """µs of one call on the CPU (perf_counter)."""
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e3
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``times[r] / reference[r]`` (both lists: one sample per round, in round order)."""
+    if len(times) != len(reference) or not times:
+        raise ValueError(f"paired samples need one time per round each, got {len(times)} and {len(reference)}")
+    return statistics.median(t / ref for t, ref in zip(times, reference, strict=True))
+
+
+def by_model_and_batch(rows: list[dict]):
+    """Yields ``(model, batch, group, by_skip)`` per model and batch in the rows' order: that section's rows and
+    ``{(skip, provider): row}``."""
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        group = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        yield model, batch, group, {(r["skip"], r["provider"]): r for r in group}
+
+
+def ratio_ranges(paired: list[dict]) -> str:
+    """One table line: each paired ratio's range and median over the sub-networks (``paired``: per sub-network,
+    {(provider, reference): ratio})."""
+    return "Over the sub-networks: " + "; ".join(
+        f"{p} / {ref} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
+        for (p, ref), r in ((pair, [ratios[pair] for ratios in paired]) for pair in paired[0])
+    ) + "."
+
+
+def interleaved_rounds(runners: dict, providers: tuple, configs: list, rounds: int, shuffle) -> dict:
+    """CPU timings of ``runners[provider, skip]()`` (µs), one sample per round each: per round and sub-network,
+    the providers take turns in a shuffled order (``shuffle``: a ``random.Random``), so that none always follows
+    the same one. A call right after another provider's run finds the caches holding that run (each call's own
+    Python and torch work costs several times what it does warm), or its threads still busy; a rotating order
+    kept the cycle (the engine followed the one-graph session in three rounds of four)."""
+    samples: dict = {(provider, skip): [] for provider in providers for skip in configs}
+    for _ in range(rounds):
+        for skip in configs:
+            order = list(providers)
+            shuffle.shuffle(order)
+            for provider in order:
+                samples[provider, skip].append(time_call_us(runners[provider, skip]))
+    return samples
+
+
 def wall_s(fn: Callable[[], object]) -> tuple[float, object]:
     """(seconds, result) of one call, device work included."""
     sync()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -38,7 +37,18 @@ import pytest
 import torch
 
 from adaptive_kernels._files import write_text
-from bench._harness import Timing, cpu_info, env_int, environment, make_row
+from bench._harness import (
+    Timing,
+    by_model_and_batch,
+    cpu_info,
+    env_int,
+    environment,
+    interleaved_rounds,
+    load_average,
+    make_row,
+    paired_ratio,
+    ratio_ranges,
+)
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
 PROVIDERS = ("eager", "onnx_static", "onnx_one_graph", "cpu_engine")
@@ -57,16 +67,6 @@ ROUNDS_BUDGET_S = env_int("ADN_BENCH_ROUNDS_BUDGET_S", 120) if FULL else 0
 # (engine/ort/layout.py) leaves of the one graph's cost over the static files.
 PAIRS = (("onnx_one_graph", "onnx_static"), ("cpu_engine", "eager"), ("cpu_engine", "onnx_static"))
 TOLERANCE = 1e-4
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
-
-
-def _time_call(fn) -> float:
-    t0 = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - t0) / 1e3
 
 
 @pytest.mark.parametrize("name,kwargs,size,batches", CASES, ids=[c[0] for c in CASES])
@@ -106,7 +106,6 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
             runners["onnx_one_graph", skip] = lambda skip=skip, xn=xn: one_graph.run(
                 [OUTPUT], {INPUT: xn, MASK: masks[skip]})[0]
             runners["cpu_engine", skip] = lambda skip=skip, x=x: engine(x, skip)
-        samples: dict = {key: [] for key in runners}
         with torch.inference_mode():
             for skip in configs:
                 want = runners["eager", skip]()
@@ -118,20 +117,9 @@ def test_cpu_onnx_latency(rows, rows_dir, tmp_path, name, kwargs, size, batches)
                 for _ in range(WARMUP):
                     fn()
             rounds = rounds_within(ROUNDS_BUDGET_S, (time.perf_counter() - warm_start) / WARMUP, ROUNDS)
-            load_before = _load()
-            shuffle = random.Random(batch)
-            for _ in range(rounds):
-                for skip in configs:
-                    # the providers take turns in a shuffled order, so that none always follows the same one: a
-                    # call right after another provider's run finds the caches holding that run (each call's own
-                    # Python and torch work costs several times what it does warm), or its threads still busy
-                    # (OMP_WAIT_POLICY=PASSIVE for torch's; ORT's do not spin). A rotating order kept the cycle:
-                    # the engine followed the one-graph session in three rounds of four.
-                    order = list(PROVIDERS)
-                    shuffle.shuffle(order)
-                    for provider in order:
-                        samples[provider, skip].append(_time_call(runners[provider, skip]))
-            load_after = _load()
+            load_before = load_average()
+            samples = interleaved_rounds(runners, PROVIDERS, configs, rounds, random.Random(batch))
+            load_after = load_average()
         for (provider, skip), times in samples.items():
             timing = Timing(times)
             assert 0 < timing.p20_us <= timing.median_us <= timing.p80_us
@@ -149,13 +137,6 @@ def rounds_within(budget_s: float, round_s: float, minimum: int) -> int:
     return max(minimum, int(budget_s / round_s) if round_s > 0 else minimum)
 
 
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of ``times[r] / reference[r]`` (both lists: one sample per round, in round order)."""
-    if len(times) != len(reference) or not times:
-        raise ValueError(f"paired samples need one time per round each, got {len(times)} and {len(reference)}")
-    return statistics.median(t / ref for t, ref in zip(times, reference, strict=True))
-
-
 def write_table(rows: list[dict], path: Path) -> None:
     """Markdown: per model and batch, each sub-network's median per provider (ms) and the paired ratios, then
     their range over the sub-networks."""
@@ -171,26 +152,21 @@ def write_table(rows: list[dict], path: Path) -> None:
         "Ratios are paired: the median over rounds of the two providers' times in the same round.",
         "Load: other jobs shared this machine; 1-minute load average before/after each batch's rounds below.", "",
     ]
-    by_key = {(r["model"], r["batch"], r["skip"], r["provider"]): r for r in rows}
-    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-        group = [r for r in rows if r["model"] == model and r["batch"] == batch]
+    for model, batch, group, by_skip in by_model_and_batch(rows):
         lines += [(f"## {model}, batch {batch} ({group[0]['rounds']} rounds, load {group[0]['load_avg_1min_before']} "
                   f"-> {group[0]['load_avg_1min_after']})"), "",
                   "| skip | MMACs | " + " | ".join(PROVIDERS) + " | "
                   + " | ".join(f"{_short(p)} / {_short(ref)}" for p, ref in PAIRS) + " |",
                   "|---|---|" + "---|" * (len(PROVIDERS) + len(PAIRS))]
-        ratios: dict[tuple[str, str], list[float]] = {pair: [] for pair in PAIRS}
+        table = []
         for skip in dict.fromkeys(r["skip"] for r in group):
-            ms = {p: by_key[model, batch, skip, p]["median_us"] / 1e3 for p in PROVIDERS}
-            macs = by_key[model, batch, skip, "eager"]["macs"] / 1e6
-            paired = {(p, ref): by_key[model, batch, skip, p][f"paired_ratio_{ref}"] for p, ref in PAIRS}
-            for pair, ratio in paired.items():
-                ratios[pair].append(ratio)
-            lines.append(f"| {skip} | {macs:.0f} | " + " | ".join(f"{ms[p]:.2f}" for p in PROVIDERS)
-                         + "".join(f" | {paired[pair]:.3f}" for pair in PAIRS) + " |")
-        lines += ["", "Over the sub-networks: " + "; ".join(
-            f"{p} / {ref} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
-            for (p, ref), r in ratios.items()) + ".", ""]
+            ms = {p: by_skip[skip, p]["median_us"] / 1e3 for p in PROVIDERS}
+            paired = {(p, ref): by_skip[skip, p][f"paired_ratio_{ref}"] for p, ref in PAIRS}
+            table.append(paired)
+            lines.append(f"| {skip} | {by_skip[skip, 'eager']['macs'] / 1e6:.0f} | "
+                         + " | ".join(f"{ms[p]:.2f}" for p in PROVIDERS)
+                         + "".join(f" | {ratio:.3f}" for ratio in paired.values()) + " |")
+        lines += ["", ratio_ranges(table), ""]
     write_text(path, "\n".join(lines))
 
 

@@ -36,15 +36,14 @@ import pytest
 import torch
 
 from adaptive_kernels._files import write_text
-from bench._harness import Timing, cpu_info, env_int, environment, make_row
-from bench.test_latency_cpu_onnx import _load, _time_call, paired_ratio
+from bench import _harness as harness
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
 PROVIDERS = ("ort_engine", "openvino_fp32", "openvino_int8")
 PAIRS = (("openvino_int8", "ort_engine"), ("openvino_int8", "openvino_fp32"), ("openvino_fp32", "ort_engine"))
 CASES = [("resnet50_adn", {}, 224, (1, 8))] if FULL else [("resnet20_adn", {"width": 4}, 16, (1,))]
 THREADS = 2 if FULL else 1
-ROUNDS, WARMUP = (env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1)
+ROUNDS, WARMUP = (harness.env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1)
 CALIBRATION_IMAGES = 64
 # FULL mode runs about 20 minutes (two INT8 builds of 16 sub-networks, 15 rounds at b8): past pytest-timeout's 10
 pytestmark = pytest.mark.timeout(3600 if FULL else 600)
@@ -81,7 +80,7 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
     ort = OnnxRuntimeEngine(model, example, dynamic_batch=True)
     export_s = time.perf_counter() - start
     fp32 = OpenVinoEngine(model, example, dynamic_batch=True, onnx_model=ort.onnx_model)
-    machine = {**cpu_info(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
+    machine = {**harness.cpu_info(), "threads": THREADS, "onnxruntime": onnxruntime.__version__,
                "openvino": openvino.__version__, "nncf": nncf.__version__, "image_size": size, "export_s": export_s,
                "bench_mode": "cpu_full" if FULL else "cpu_smoke", "calibration_images": CALIBRATION_IMAGES}
     calibration = torch.randn(CALIBRATION_IMAGES, model.in_chans, size, size, generator=torch.Generator().manual_seed(1))
@@ -93,7 +92,6 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
                               onnx_model=ort.onnx_model)  # each sub-network reshaped to this batch
         build_s = time.perf_counter() - start
         engines = {"ort_engine": ort, "openvino_fp32": fp32, "openvino_int8": int8}
-        samples: dict = {(p, skip): [] for p in PROVIDERS for skip in configs}
         errors = {}
         with torch.inference_mode():
             for skip in configs:
@@ -106,22 +104,18 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
                 for skip in configs:
                     for _ in range(WARMUP):
                         engine(x, skip)
-            load_before = _load()
+            load_before = harness.load_average()
+            runners = {(p, skip): (lambda e=engines[p], s=skip, x=x: e(x, s)) for p in PROVIDERS for skip in configs}
             shuffle = random.Random(batch)
-            for _ in range(ROUNDS):
-                for skip in configs:
-                    order = list(PROVIDERS)
-                    shuffle.shuffle(order)
-                    for provider in order:
-                        samples[provider, skip].append(_time_call(lambda e=engines[provider], s=skip, x=x: e(x, s)))
+            samples = harness.interleaved_rounds(runners, PROVIDERS, configs, ROUNDS, shuffle)
             # switching: rounds of (a, a, b) on the INT8 engine; b after a vs a after a
             switch, same = [], []
             for r in range(ROUNDS * 4):
                 a, b = shuffle.sample(configs, 2)
                 int8(x, a)
-                same.append(_time_call(lambda e=int8, x=x, a=a: e(x, a)))
-                switch.append(_time_call(lambda e=int8, x=x, b=b: e(x, b)))
-            load_after = _load()
+                same.append(harness.time_call_us(lambda e=int8, x=x, a=a: e(x, a)))
+                switch.append(harness.time_call_us(lambda e=int8, x=x, b=b: e(x, b)))
+            load_after = harness.load_average()
         # the engine's own switching work: parse (cached) and pick the sub-network's compiled model
         picks = [configs[i % len(configs)] for i in range(10000)]
         t0 = time.perf_counter()
@@ -144,28 +138,28 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
         common = {**machine, "load_avg_1min_before": load_before, "load_avg_1min_after": load_after,
                   "rounds": ROUNDS, "int8_build_s": round(build_s, 1)}
         for (provider, skip), times in samples.items():
-            extra = {f"paired_ratio_{ref}": round(paired_ratio(times, samples[ref, skip]), 4)
+            extra = {f"paired_ratio_{ref}": round(harness.paired_ratio(times, samples[ref, skip]), 4)
                      for p, ref in PAIRS if p == provider}
-            rows.add(make_row(provider=provider, model=name, skip=skip, batch=batch,
-                              dtype=torch.int8 if provider == "openvino_int8" else torch.float32, timing=Timing(times),
-                              macs=model.macs(skip, (size, size)), relative_error=errors[provider, skip],
-                              **common, **extra))
-        rows.add(make_row(provider="openvino_int8", model=name, skip="all", batch=batch, dtype=torch.int8,
-                          timing=None, macs=None, metric="memory", resident_mib=round(int8_mib, 1),
-                          static_fp32_resident_mib=round(static_mib, 1),
-                          ratio_to_static_fp32=round(int8_mib / static_mib, 3), **common))
-        rows.add(make_row(provider="openvino_int8", model=name, skip="switch", batch=batch, dtype=torch.int8,
-                          timing=Timing(switch), macs=None, metric="switching",
-                          paired_difference_us=round(statistics.median(s - t for s, t in zip(switch, same)), 1),
-                          same_subnet_median_us=round(statistics.median(same), 1), engine_pick_us=round(pick_us, 2),
-                          **common))
+            dtype = torch.int8 if provider == "openvino_int8" else torch.float32
+            rows.add(harness.make_row(provider=provider, model=name, skip=skip, batch=batch, dtype=dtype,
+                                      timing=harness.Timing(times), macs=model.macs(skip, (size, size)),
+                                      relative_error=errors[provider, skip], **common, **extra))
+        rows.add(harness.make_row(provider="openvino_int8", model=name, skip="all", batch=batch, dtype=torch.int8,
+                                  timing=None, macs=None, metric="memory", resident_mib=round(int8_mib, 1),
+                                  static_fp32_resident_mib=round(static_mib, 1),
+                                  ratio_to_static_fp32=round(int8_mib / static_mib, 3), **common))
+        rows.add(harness.make_row(provider="openvino_int8", model=name, skip="switch", batch=batch, dtype=torch.int8,
+                                  timing=harness.Timing(switch), macs=None, metric="switching",
+                                  paired_difference_us=round(statistics.median(s - t for s, t in zip(switch, same)), 1),
+                                  same_subnet_median_us=round(statistics.median(same), 1),
+                                  engine_pick_us=round(pick_us, 2), **common))
     write_table(rows.rows, rows_dir / "latency_cpu_openvino.md")
 
 
 def write_table(rows: list[dict], path: Path) -> None:
     """Markdown: per model and batch, each sub-network's median per provider (ms), INT8's error against the model
     and the paired ratios; then memory and switching."""
-    env = environment()
+    env = harness.environment()
     first = rows[0]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in first["cpu_flags"].items())
     lines = [
@@ -179,26 +173,20 @@ def write_table(rows: list[dict], path: Path) -> None:
          "shared the machine: 1-minute load average before/after each batch's rounds below."), "",
     ]
     latency = [r for r in rows if r["metric"] == "latency"]
-    by_key = {(r["model"], r["batch"], r["skip"], r["provider"]): r for r in latency}
-    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in latency):
-        group = [r for r in latency if r["model"] == model and r["batch"] == batch]
+    for model, batch, group, by_skip in harness.by_model_and_batch(latency):
         lines += [(f"## {model}, batch {batch} ({group[0]['rounds']} rounds, load {group[0]['load_avg_1min_before']} "
                    f"-> {group[0]['load_avg_1min_after']}; INT8 build {group[0]['int8_build_s']} s)"), "",
                   "| skip | " + " | ".join(PROVIDERS) + " | int8 error | "
                   + " | ".join(f"{p} / {ref}" for p, ref in PAIRS) + " |",
                   "|---|" + "---|" * (len(PROVIDERS) + 1 + len(PAIRS))]
-        ratios: dict = {pair: [] for pair in PAIRS}
+        table = []
         for skip in dict.fromkeys(r["skip"] for r in group):
-            row = {p: by_key[model, batch, skip, p] for p in PROVIDERS}
-            paired = {(p, ref): row[p][f"paired_ratio_{ref}"] for p, ref in PAIRS}
-            for pair, ratio in paired.items():
-                ratios[pair].append(ratio)
+            row = {p: by_skip[skip, p] for p in PROVIDERS}
+            table.append({(p, ref): row[p][f"paired_ratio_{ref}"] for p, ref in PAIRS})
             lines.append(f"| {skip} | " + " | ".join(f"{row[p]['median_us'] / 1e3:.2f}" for p in PROVIDERS)
                          + f" | {row['openvino_int8']['relative_error']:.3f}"
-                         + "".join(f" | {paired[pair]:.3f}" for pair in PAIRS) + " |")
-        lines += ["", "Over the sub-networks: " + "; ".join(
-            f"{p} / {ref} {min(r):.3f}-{max(r):.3f} (median {statistics.median(r):.3f})"
-            for (p, ref), r in ratios.items()) + ".", ""]
+                         + "".join(f" | {ratio:.3f}" for ratio in table[-1].values()) + " |")
+        lines += ["", harness.ratio_ranges(table), ""]
         for r in rows:
             if r["model"] == model and r["batch"] == batch and r["metric"] == "memory":
                 lines.append(f"Memory (resident memory handed back when deleted, after runs): the INT8 engine, all "

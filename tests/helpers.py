@@ -97,6 +97,17 @@ def every_subnetwork(model: nn.Module, x: torch.Tensor) -> dict[tuple[bool, ...]
         return {skip: model(x, skip) for skip in model.skip_configs()}
 
 
+def outputs_after_set_skip(engine, x: torch.Tensor, configs: list[tuple[bool, ...]]):
+    """Yields ``(skip, engine(x))`` for every configuration twice, in a shuffled order, each call made right after
+    ``engine.set_skip(skip)``: a test asserts each output is that sub-network's."""
+    configs = list(configs) * 2
+    random.Random(0).shuffle(configs)
+    with torch.no_grad():
+        for skip in configs:
+            engine.set_skip(skip)
+            yield skip, engine(x)
+
+
 def torch_fp16(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in fp16 (parameters and buffers), run by torch: the yardstick of :func:`check_fp16_error`."""
     return copy.deepcopy(model).half()

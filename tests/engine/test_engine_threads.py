@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import EagerCapture, every_subnetwork, small_resnet20, wrong_outputs_from_threads
+from helpers import EagerCapture, wrong_outputs_from_threads
 
 from adaptive_kernels.engine import compile
 from adaptive_kernels.engine.cuda import engine as engine_module
@@ -22,16 +22,8 @@ from adaptive_kernels.kernels import reference_kernels
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+MODEL_WIDTH = 8  # the `model` fixture (tests/engine/conftest.py)
 
-
-@pytest.fixture(scope="module", params=[False, True], ids=["uncalibrated", "calibrated"])
-def model(request):
-    return small_resnet20(width=8, calibrated=request.param)
-
-
-@pytest.fixture(scope="module")
-def want(model):
-    return every_subnetwork(model, X)
 
 
 def graph_logic_engine(model):

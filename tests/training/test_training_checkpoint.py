@@ -13,14 +13,7 @@ import torch
 
 from adaptive_kernels import create_model
 from adaptive_kernels.training import TrainConfig, Trainer, make_synthetic, seed_everything
-from adaptive_kernels.training.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    load_model_state,
-    restore_rng_state,
-    save_checkpoint,
-)
+from adaptive_kernels.training import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,15 +27,15 @@ def small_state(tag, n=3):
 
 # ---- atomic writes ----------------------------------------------------------------------------------------
 def test_save_and_load_round_trip(tmp_path):
-    path = save_checkpoint(small_state(1), tmp_path / "sub" / "last.pt")
-    state = load_checkpoint(path)
+    path = ckpt.save_checkpoint(small_state(1), tmp_path / "sub" / "last.pt")
+    state = ckpt.load_checkpoint(path)
     assert state["tag"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
     assert sorted(os.listdir(tmp_path / "sub")) == ["last.pt"]  # no temp file left behind
 
 
 def test_failure_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint(small_state(1), path)
+    ckpt.save_checkpoint(small_state(1), path)
 
     def broken_save(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a zip file")
@@ -50,9 +43,9 @@ def test_failure_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(small_state(2), path)
+        ckpt.save_checkpoint(small_state(2), path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["tag"] == 1
+    assert ckpt.load_checkpoint(path)["tag"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]  # the partial temp file was removed
 
 
@@ -83,53 +76,53 @@ def test_process_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_pat
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
-    state = load_checkpoint(path)
+    state = ckpt.load_checkpoint(path)
     assert state["tag"] == 1 and torch.equal(state["model"]["w"], torch.zeros(3))
 
 
 # ---- clear errors -----------------------------------------------------------------------------------------
 def test_truncated_file_gives_clear_error(tmp_path):
-    path = save_checkpoint(small_state(1, n=10_000), tmp_path / "last.pt")
+    path = ckpt.save_checkpoint(small_state(1, n=10_000), tmp_path / "last.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"last\.pt cannot be read.*truncated"):
-        load_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"last\.pt cannot be read.*truncated"):
+        ckpt.load_checkpoint(path)
 
 
 def test_garbage_missing_and_foreign_files_give_clear_errors(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
-    with pytest.raises(CheckpointError, match="garbage.pt cannot be read"):
-        load_checkpoint(garbage)
-    with pytest.raises(CheckpointError, match="nothere.pt does not exist"):
-        load_checkpoint(tmp_path / "nothere.pt")
+    with pytest.raises(ckpt.CheckpointError, match="garbage.pt cannot be read"):
+        ckpt.load_checkpoint(garbage)
+    with pytest.raises(ckpt.CheckpointError, match="nothere.pt does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nothere.pt")
     bare = tmp_path / "bare.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, bare)
-    with pytest.raises(CheckpointError, match="bare.pt is not an adaptive_kernels training checkpoint"):
-        load_checkpoint(bare)
+    with pytest.raises(ckpt.CheckpointError, match="bare.pt is not an adaptive_kernels training checkpoint"):
+        ckpt.load_checkpoint(bare)
 
 
 def test_pickled_code_is_refused(tmp_path):
     # weights_only loading: a checkpoint that would run code on load is rejected, not executed.
     evil = tmp_path / "evil.pt"
     torch.save({"format": "adaptive_kernels.checkpoint", "version": 1, "model": {}, "x": random.Random(0)}, evil)
-    with pytest.raises(CheckpointError, match="evil.pt cannot be read"):
-        load_checkpoint(evil)
+    with pytest.raises(ckpt.CheckpointError, match="evil.pt cannot be read"):
+        ckpt.load_checkpoint(evil)
 
 
 def test_state_dict_of_another_architecture_is_named(tmp_path):
     small = create_model("resnet20_adn", num_classes=10, in_chans=1, width=2)
     big = create_model("resnet20_adn", num_classes=10, in_chans=1, width=4)
-    with pytest.raises(CheckpointError, match=r"run7\.pt does not fit ResNetADN.*shape mismatches \['conv1.weight"):
-        load_model_state(small, big.state_dict(), "run7.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"run7\.pt does not fit ResNetADN.*shape mismatches \['conv1.weight"):
+        ckpt.load_model_state(small, big.state_dict(), "run7.pt")
 
 
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_checkpoint({"model": {}, "rng": capture_rng_state()}, tmp_path / "r.pt")
+    ckpt.save_checkpoint({"model": {}, "rng": ckpt.capture_rng_state()}, tmp_path / "r.pt")
     want = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
 
@@ -179,7 +172,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer, stop_at):
     assert second.scheduler.state_dict() == whole.scheduler.state_dict()
     assert second.history == whole.history  # same test accuracies after each epoch
     # And the checkpoint on disk holds the final state.
-    on_disk = load_checkpoint(tmp_path / "split" / "last.pt")
+    on_disk = ckpt.load_checkpoint(tmp_path / "split" / "last.pt")
     assert on_disk["epoch"] == 2 and on_disk["global_step"] == 12
     for k, v in on_disk["model"].items():
         assert torch.equal(v, whole.model.state_dict()[k])
@@ -189,7 +182,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     first = make_trainer(tmp_path, stop_at_step=2)
     first.fit()
     other = make_trainer(tmp_path, lr=0.2)
-    with pytest.raises(CheckpointError, match=r"different settings \(lr: checkpoint 0.05 vs now 0.2\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"different settings \(lr: checkpoint 0.05 vs now 0.2\)"):
         other.resume()
     longer = make_trainer(tmp_path, epochs=3)  # the run length may change
     longer.resume()
