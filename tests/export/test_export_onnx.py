@@ -20,7 +20,7 @@ from torch import nn
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.cli import main
 from adaptive_kernels.export import ExportError, export_onnx, export_pt2, graphs_of, masked_forward, verify_onnx
-from adaptive_kernels.export.graph import reads
+from adaptive_kernels.export.graph import SUBNET_NORM, reads
 from adaptive_kernels.models.base import ADNModel
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
 from adaptive_kernels.models.norms import subnet_norms
@@ -246,6 +246,13 @@ def test_the_library_reports_its_phases_to_logging_and_prints_nothing(resnet20, 
     assert messages[-1].startswith("[export] exported ResNetADN in ")
 
 
+def _every_node(graph):
+    for node in graph.node:
+        yield node
+        for sub in graphs_of(node):
+            yield from _every_node(sub)
+
+
 @pytest.fixture(scope="module")
 def calibrated_resnet20():
     model = randomize(create_model("resnet20_adn", width=4), calibrate=(4, 3, 16, 16))
@@ -271,6 +278,11 @@ def test_one_graph_of_a_calibrated_model_uses_each_subnetworks_table(calibrated_
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["input", "mask"]
     assert sum(n.op_type == "If" for n in graph.node) == len(blocks)
+    # every calibrated norm is written as x * scale[id] + shift[id], its Mul and Add named for the CPU layout
+    ops = list(_every_node(graph))
+    assert not [n.name for n in ops if n.op_type == "BatchNormalization"]
+    tagged = {n.name.split("/")[1] for n in ops if n.op_type == "Mul" and n.name.startswith(SUBNET_NORM + "/")}
+    assert tagged == {f"model.{name}" for name, m in model.named_modules() if m in subnet_norms(model)}
     # the tables changed the outputs
     uncalibrated = copy.deepcopy(model)
     for norm in subnet_norms(uncalibrated):
