@@ -15,15 +15,31 @@ read into a real channel (their weights are zero), and the last ``ReorderOutput`
 The result depends on this CPU's vector width (ONNX Runtime says so when it writes the file): it is built where it
 runs, at ``compile`` time, and never saved as the portable file (``OnnxRuntimeEngine.onnx_model`` stays the export).
 A CPU without the blocked layout (no NCHWc ops in the optimised graph) keeps the portable file as it is.
+
+A calibrated one graph (its norms ``x * scale[id] + shift[id]``, rows gathered by the sub-network id:
+``export.graph.calibrated_norms_as_scale_shift``) gets more (:func:`calibrated_layout`), because ONNX Runtime folds
+no norm whose statistics are chosen at run time, and blocks no convolution whose weights live in an outer scope
+(the mandatory convs, read by both branches of their ``If``): before ONNX Runtime optimises it, every branch gets its
+own copy of the conv weights it reads; a norm whose rows are equal for every sub-network that can reach it (the
+stem's, and the first ``If``'s, whose stages' statistics depend on no earlier bit) becomes a constant that ONNX
+Runtime folds into its conv; every other norm becomes a depthwise 1x1 conv with placeholder weights, which ONNX
+Runtime blocks and fuses with the following add and ReLU like any conv. After it, each such conv reads its weight
+and bias gathered from the per-sub-network tables by the sub-network id instead of the placeholders. If a placeholder
+does not come back as a conv, the file is served as exported (and the log says so).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import tempfile
 from pathlib import Path
 
-from ...export import graphs_of
+from ...export import MASK, graphs_of
+from ...export.graph import SCALE, SHIFT, SUBNET_NORM, drop_unused_nodes
+from ...models.skip import stage_bit
+
+logger = logging.getLogger(__name__)
 
 NCHWC = "com.microsoft.nchwc"
 
@@ -183,9 +199,137 @@ def keep_blocked_across_ifs(model) -> int:
     return removed
 
 
-def machine_layout(onnx_model: bytes) -> bytes:
-    """``onnx_model`` as ONNX Runtime optimises it on this CPU, blocked across ``If`` boundaries (see the module
-    docstring); ``onnx_model`` itself when this CPU has no blocked layout or the graph has no such boundary."""
+def _own_conv_weights(graph, outer: dict, counter) -> int:
+    """Give every conv of ``graph``'s sub-graphs that reads its weight from an outer scope a copy of its own (ONNX
+    Runtime blocks only convs whose weights are constants of their graph); returns how many were copied."""
+    here = {**outer, **{t.name: t for t in graph.initializer}}
+    copied = 0
+    for node in graph.node:
+        for sub in graphs_of(node):
+            own = {t.name for t in sub.initializer}
+            for inner in sub.node:
+                if inner.op_type == "Conv" and inner.input[1] not in own and inner.input[1] in here:
+                    copy = sub.initializer.add()
+                    copy.CopyFrom(here[inner.input[1]])
+                    copy.name = f"{inner.input[1]}@{next(counter)}"
+                    inner.input[1] = copy.name
+                    own.add(copy.name)
+                    copied += 1
+            copied += _own_conv_weights(sub, here, counter)
+    return copied
+
+
+def _stage_of_condition(graph) -> dict[str, int]:
+    """Each ``If`` condition of the one graph -> its stage: the outputs of the ``Split`` of the cast mask."""
+    cast = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] == MASK}
+    split = next((n for n in graph.node if n.op_type == "Split" and n.input[0] in cast), None)
+    return {} if split is None else {name: k for k, name in enumerate(split.output)}
+
+
+def _norms_to_convs(graph, fixed: dict[int, bool], stages: dict[str, int], outer: dict, tables: dict) -> int:
+    """Rewrite the tagged calibrated norms of ``graph`` (``fixed``: stage -> skipped, as the enclosing branches
+    decide): rows equal for every reachable sub-network become constants (ONNX Runtime folds them into the conv
+    before), the others depthwise 1x1 convs with placeholder weights whose tables go into ``tables`` (the
+    placeholder bias's name ``<tag>#<k>/b`` -> (scale (2^S, C), shift (2^S, C))). Returns how many norms became convs."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    here = {**outer, **{t.name: t for t in graph.initializer}}
+    converted = 0
+    for mul in [n for n in graph.node if n.op_type == "Mul" and n.name.startswith(SUBNET_NORM + "/")]:
+        tag = mul.name.removesuffix("/mul")
+        add = next((n for n in graph.node if n.name == f"{tag}/add"), None)
+        gathers = {n.output[0]: n for n in graph.node if n.op_type == "Gather" and n.output[0] in
+                   (mul.input[1], add.input[1] if add is not None else None)}
+        if add is None or len(gathers) != 2:
+            continue
+        scale, shift = (numpy_helper.to_array(here[gathers[name].input[0]]) for name in (mul.input[1], add.input[1]))
+        rows = scale.shape[0]
+        reach = [j for j in range(rows) if all(bool(j & stage_bit(k, len(stages))) == skipped
+                                               for k, skipped in fixed.items())]
+        if all(np.array_equal(t[j], t[reach[0]]) for t in (scale, shift) for j in reach):
+            for name, table in ((mul.input[1], scale), (add.input[1], shift)):
+                graph.node.remove(gathers[name])
+                graph.initializer.append(numpy_helper.from_array(table[reach[0]][None], name))
+            continue
+        channels = scale.shape[1]
+        tag = f"{tag}#{len(tables)}"  # a norm of a mandatory layer appears in both branches: one tag each
+        for node in (*gathers.values(), add):
+            graph.node.remove(node)
+        position = list(graph.node).index(mul)
+        graph.node.remove(mul)
+        weight, bias = f"{tag}/w", f"{tag}/b"
+        graph.initializer.extend([numpy_helper.from_array(scale[0].reshape(channels, 1, 1, 1), weight),
+                                  numpy_helper.from_array(shift[0].reshape(channels), bias)])
+        graph.node.insert(position, onnx.helper.make_node("Conv", [mul.input[0], weight, bias], [add.output[0]],
+                                                          name=tag, group=channels, kernel_shape=[1, 1]))
+        tables[bias] = (scale.reshape(rows, channels), shift.reshape(rows, channels))
+        converted += 1
+    for node in graph.node:
+        if node.op_type == "If" and node.input[0] in stages:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    branch = {**fixed, stages[node.input[0]]: a.name == "else_branch"}
+                    converted += _norms_to_convs(a.g, branch, stages, here, tables)
+        else:
+            for sub in graphs_of(node):
+                converted += _norms_to_convs(sub, fixed, stages, here, tables)
+    return converted
+
+
+def _reading(graph, names, found: list) -> list:
+    """Every (graph, node) of ``graph`` and its sub-graphs whose third input (a conv's bias) is one of ``names``."""
+    for node in graph.node:
+        if len(node.input) > 2 and node.input[2] in names:
+            found.append((graph, node))
+        for sub in graphs_of(node):
+            _reading(sub, names, found)
+    return found
+
+
+def _gather_norm_weights(model, tables: dict) -> bool:
+    """In ``model`` as ONNX Runtime optimised it, make each placeholder conv (found by its bias, the one name ONNX
+    Runtime keeps) read its rows of the tables, gathered by the sub-network id (computed from the mask in the main
+    graph); False when some placeholder is not one conv any more (ONNX Runtime rewrote it in a way this does not
+    know)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    found = _reading(model.graph, tables, [])
+    convs = {node.input[2]: (graph, node) for graph, node in found
+             if node.op_type in ("Conv", "FusedConv") and node.domain in ("", "com.microsoft", NCHWC)}
+    if set(convs) != set(tables) or len(found) != len(tables):
+        return False
+    graph = model.graph
+    mask = next(i for i in graph.input if i.name == MASK)
+    stages = mask.type.tensor_type.shape.dim[0].dim_value
+    bits = np.array([stage_bit(k, stages) for k in range(stages)], dtype=np.int64)
+    ident = f"{SUBNET_NORM}/id"
+    graph.initializer.extend([numpy_helper.from_array(bits, f"{ident}/bits"),
+                              numpy_helper.from_array(np.array(1, dtype=np.int64), f"{ident}/one")])
+    for k, node in enumerate([
+            onnx.helper.make_node("Cast", [MASK], [f"{ident}/mask"], to=onnx.TensorProto.INT64),
+            onnx.helper.make_node("Sub", [f"{ident}/one", f"{ident}/mask"], [f"{ident}/skipped"]),
+            onnx.helper.make_node("Mul", [f"{ident}/skipped", f"{ident}/bits"], [f"{ident}/weighted"]),
+            onnx.helper.make_node("ReduceSum", [f"{ident}/weighted"], [ident], keepdims=0)]):
+        graph.node.insert(k, node)
+    for bias, (scale, shift) in tables.items():
+        where, conv = convs[bias]
+        tag = bias.removesuffix("/b")
+        rows, channels = scale.shape
+        graph.initializer.extend([numpy_helper.from_array(scale.reshape(rows, channels, 1, 1, 1), tag + SCALE),
+                                  numpy_helper.from_array(shift, tag + SHIFT)])
+        position = list(where.node).index(conv)
+        where.node.insert(position, onnx.helper.make_node("Gather", [tag + SCALE, ident], [f"{tag}/w_row"]))
+        where.node.insert(position, onnx.helper.make_node("Gather", [tag + SHIFT, ident], [f"{tag}/b_row"]))
+        conv.input[1], conv.input[2] = f"{tag}/w_row", f"{tag}/b_row"
+    return True
+
+
+def _optimised(onnx_model: bytes):
+    """``onnx_model`` as ONNX Runtime optimises it for this CPU (an ``onnx.ModelProto``)."""
     import onnx
     import onnxruntime
 
@@ -196,7 +340,41 @@ def machine_layout(onnx_model: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
         onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-        optimised = onnx.load(options.optimized_model_filepath)
+        return onnx.load(options.optimized_model_filepath)
+
+
+def calibrated_layout(onnx_model: bytes):
+    """The calibrated one graph ``onnx_model`` as ONNX Runtime optimises it with its norms blocked or folded (module
+    docstring), an ``onnx.ModelProto``; None when it has no tagged norm or the rewrite did not land."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_model)
+    stages = _stage_of_condition(model.graph)
+    tables: dict = {}
+    if not stages or not _tagged_anywhere(model.graph):
+        return None
+    _own_conv_weights(model.graph, {}, itertools.count())
+    blocked = _norms_to_convs(model.graph, {}, stages, {}, tables)
+    drop_unused_nodes(model.graph)
+    optimised = _optimised(model.SerializeToString())
+    if not _gather_norm_weights(optimised, tables):
+        logger.warning("[compile] the calibrated norms' layout did not land in ONNX Runtime's graph; serving the one "
+                       "graph as exported (correct, slower)")
+        return None
+    logger.info("[compile] calibrated norms: %d as blocked depthwise convs, the rest folded into their convs", blocked)
+    return optimised
+
+
+def _tagged_anywhere(graph) -> bool:
+    return any(node.name.startswith(SUBNET_NORM + "/") or any(_tagged_anywhere(sub) for sub in graphs_of(node))
+               for node in graph.node)
+
+
+def machine_layout(onnx_model: bytes) -> bytes:
+    """``onnx_model`` as ONNX Runtime optimises it on this CPU, blocked across ``If`` boundaries (see the module
+    docstring), a calibrated one graph with its norms blocked or folded; ``onnx_model`` itself when this CPU has
+    no blocked layout or the graph has no such boundary."""
+    optimised = calibrated_layout(onnx_model) or _optimised(onnx_model)
     if keep_blocked_across_ifs(optimised) == 0:
         return onnx_model
     return optimised.SerializeToString()
