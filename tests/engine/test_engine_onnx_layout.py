@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, small_resnet20
 
 from adaptive_kernels import create_model, export_onnx
 from adaptive_kernels.engine.ort.layout import NCHWC, keep_blocked_across_ifs, machine_layout
 from adaptive_kernels.export import graphs_of, mask_of, onnxruntime_session
+from adaptive_kernels.export.graph import SUBNET_NORM
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
 from adaptive_kernels.models.resnet import Bottleneck, ResNetADN
 from adaptive_kernels.numerics import relative_error
@@ -209,3 +210,61 @@ def test_engine_serves_the_exported_graph_when_the_laid_out_one_does_not_load(tm
     with torch.no_grad():
         for skip in model.skip_configs():
             assert relative_error(engine(example, skip), model(example, skip)) < 1e-4, skip
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A calibrated ResNet-20-ADN (width 16: every norm's channels a whole number of blocks) and its one graph."""
+    model = small_resnet20(width=16, calibrated=True)
+    folder = tmp_path_factory.mktemp("calibrated")
+    return model, export_onnx(model, folder / "one.onnx", torch.randn(1, 3, 16, 16)).read_bytes(), folder
+
+
+def _gathered_convs(graph) -> list:
+    """The convs of ``graph`` and its sub-graphs that read a weight gathered by the sub-network id."""
+    found = [n for n in graph.node if "Conv" in n.op_type and n.input[1].endswith("/w_row")]
+    for node in graph.node:
+        for sub in graphs_of(node):
+            found += _gathered_convs(sub)
+    return found
+
+
+def test_calibrated_one_graph_laid_out_is_exact_for_every_subnetwork(calibrated):
+    # against the calibrated model and against ONNX Runtime on each sub-network's static export
+    model, portable, folder = calibrated
+    served = onnx.load_from_string(machine_layout(portable))
+    convs = _gathered_convs(served.graph)
+    # the stem's and stage 0's norms fold (their rows do not depend on the sub-network within a branch of the
+    # first If); every norm of the later Ifs (stages 1 and 2) is a gathered depthwise conv, blocked where this CPU
+    # blocks
+    ifs = [n for n in onnx.load_from_string(portable).graph.node if n.op_type == "If"]
+    later = [n for node in ifs[1:] for branch in graphs_of(node) for n in branch.node
+             if n.op_type == "Mul" and n.name.startswith(SUBNET_NORM + "/")]
+    assert len(ifs) == 3 and 0 < len(convs) == len(later)
+    if _cpu_has_blocked_layout(portable, folder):
+        assert all(n.domain == NCHWC for n in convs)
+    session = onnxruntime_session(served.SerializeToString(), threads=1)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            got = torch.from_numpy(session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0])
+            static = onnxruntime_session(export_onnx(model, folder / "static.onnx", x, skip=skip).read_bytes(), 1)
+            assert relative_error(got, model(x, skip)) < 1e-4, skip
+            assert relative_error(got, torch.from_numpy(static.run(["logits"], {"input": x.numpy()})[0])) < 1e-4, skip
+
+
+def test_calibrated_layout_that_does_not_land_serves_the_graph_as_exported(calibrated, monkeypatch, caplog):
+    from adaptive_kernels.engine.ort import layout
+
+    model, portable, _ = calibrated
+    monkeypatch.setattr(layout, "_gather_norm_weights", lambda optimised, tables: False)
+    with caplog.at_level("WARNING", logger=layout.__name__):
+        served = onnx.load_from_string(machine_layout(portable))
+    assert "did not land" in caplog.text and "serving the one graph as exported" in caplog.text
+    assert not _gathered_convs(served.graph)
+    session = onnxruntime_session(served.SerializeToString(), threads=1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
+            assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, skip

@@ -1,0 +1,154 @@
+"""The calibrated one graph on the CPU (issue 29 part 1): per sub-network, the CPU engine (``compile`` on a calibrated
+model: the one graph laid out by ``engine/ort/layout``) against ONNX Runtime on the calibrated static export of that
+sub-network, interleaved rounds in shuffled order, paired ratios (per round, then the median over rounds); the
+memory of the engine's session (all 2^S sub-networks resident) against one static session of the super-net; the
+engine's switching cost (``set_skip`` to another sub-network).
+
+    OMP_WAIT_POLICY=PASSIVE python bench/measure_calibrated_cpu.py --model resnet20 --batches 1,64 --rounds 15
+    OMP_WAIT_POLICY=PASSIVE python bench/measure_calibrated_cpu.py --model resnet50 --batches 1 --rounds 5
+
+Writes bench/results/cpu/calibrated_<model>.{json,md}; the machine (CPU vendor, family/model, ISA flags), threads and
+versions are in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import adaptive_kernels as ak
+from adaptive_kernels._files import write_text
+from adaptive_kernels.engine import OnnxRuntimeEngine
+from adaptive_kernels.export import INPUT, OUTPUT, onnxruntime_session
+from adaptive_kernels.numerics import relative_error
+from bench._harness import cpu_info, environment, interleaved_rounds, load_average, paired_ratio
+
+OUT = Path(__file__).resolve().parent / "results" / "cpu"
+MODELS = {"resnet20": ("resnet20_adn", 32), "resnet50": ("resnet50_adn", 224)}
+
+
+def resident_mb() -> float:
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def calibrated_model(name: str, size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ak.create_model(name).eval()
+    ak.calibrate(model, 2 * torch.randn(8, 3, size, size) + 0.5, batch_size=4)  # statistics unlike the running ones
+    return model.eval()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    name, size = MODELS[args.model]
+    torch.set_num_threads(args.threads)
+    model = calibrated_model(name, size)
+    configs = model.skip_configs()
+    example = torch.randn(1, 3, size, size)
+    machine = {**cpu_info(), "threads": args.threads, **{k: environment()[k] for k in ("torch", "python", "git_sha")},
+               "onnxruntime": __import__("onnxruntime").__version__}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as folder:
+        one_graph = ak.export_onnx(model, Path(folder) / "one.onnx", example).read_bytes()
+        static_files = {s: ak.export_onnx(model, Path(folder) / f"{ak.skip_to_str(s)}.onnx", example, skip=s)
+                        for s in configs}
+        gc.collect()
+        base = resident_mb()
+        static = {configs[0]: onnxruntime_session(static_files[configs[0]], args.threads)}
+        static_mb = resident_mb() - base
+        base = resident_mb()
+        notes: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: notes.append(record.getMessage())
+        logging.getLogger("adaptive_kernels.engine.ort.layout").addHandler(handler)
+        logging.getLogger("adaptive_kernels.engine.ort.layout").setLevel(logging.INFO)
+        engine = OnnxRuntimeEngine(model, example, dynamic_batch=True, onnx_model=one_graph)
+        engine_mb = resident_mb() - base
+        static.update({s: onnxruntime_session(static_files[s], args.threads) for s in configs[1:]})
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = torch.randn(batch, 3, size, size)
+        xn = x.numpy()
+        runners = {}
+        for s in configs:
+            runners["static", s] = lambda s=s, xn=xn: static[s].run([OUTPUT], {INPUT: xn})[0]
+            runners["engine", s] = lambda s=s, x=x: engine(x, s)
+        with torch.inference_mode():
+            for s in configs:
+                want = model(x, s)
+                for provider in ("static", "engine"):
+                    error = relative_error(torch.as_tensor(runners[provider, s]()), want)
+                    assert error < 1e-4, (provider, s, error)
+            for fn in runners.values():
+                fn()
+            load = load_average()
+            samples = interleaved_rounds(runners, ("static", "engine"), configs, args.rounds, random.Random(batch))
+        for s in configs:
+            rows.append({"model": name, "image_size": size, "batch": batch, "skip": ak.skip_to_str(s),
+                         "static_ms": round(statistics.median(samples["static", s]) / 1e3, 3),
+                         "engine_ms": round(statistics.median(samples["engine", s]) / 1e3, 3),
+                         "engine_over_static": round(paired_ratio(samples["engine", s], samples["static", s]), 4),
+                         "rounds": args.rounds, "load_avg_1min_before": load, "load_avg_1min_after": load_average(),
+                         **machine})
+        print(f"{name} b{batch}: engine / static "
+              f"{min(r['engine_over_static'] for r in rows if r['batch'] == batch):.3f}-"
+              f"{max(r['engine_over_static'] for r in rows if r['batch'] == batch):.3f}", flush=True)
+    switches = []
+    for k in range(2000):
+        t0 = time.perf_counter_ns()
+        engine.set_skip(configs[k % len(configs)])
+        switches.append((time.perf_counter_ns() - t0) / 1e3)
+    summary = {"engine_session_mb": round(engine_mb, 1), "static_super_session_mb": round(static_mb, 1),
+               "memory_ratio": round(engine_mb / static_mb, 2), "switch_us_median": round(statistics.median(switches), 2),
+               "layout": notes}
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_text(OUT / f"calibrated_{args.model}.json", json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+    write_text(OUT / f"calibrated_{args.model}.md", table(rows, summary, machine))
+    print(json.dumps(summary))
+    return 0
+
+
+def table(rows: list[dict], summary: dict, machine: dict) -> str:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["cpu_flags"].items())
+    lines = [f"# Calibrated one graph on the CPU: {rows[0]['model']} ({rows[0]['image_size']}²)", "",
+             (f"Machine: {machine['cpu']}, {machine['cpu_vendor']} family {machine['cpu_family']} model "
+              f"{machine['cpu_model']}, {machine['cores']} cores shared with other jobs, {machine['threads']} thread(s); "
+              f"flags {flags}. torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, python "
+              f"{machine['python']}, git {machine['git_sha'][:10]}. Interleaved rounds in shuffled order; ratio: the "
+              f"median over rounds of engine / static in the same round."), "",
+             (f"Memory (resident, growth when the session is built): engine {summary['engine_session_mb']} MiB (all "
+             f"sub-networks), one static super-net session {summary['static_super_session_mb']} MiB: "
+             f"{summary['memory_ratio']}x. Switching (`set_skip` to another sub-network): {summary['switch_us_median']} "
+             f"us median. Layout: {'; '.join(summary['layout']) or 'none logged'}."), ""]
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        group = [r for r in rows if r["batch"] == batch]
+        ratios = [r["engine_over_static"] for r in group]
+        lines += [(f"## batch {batch} ({group[0]['rounds']} rounds, load {group[0]['load_avg_1min_before']} -> "
+                  f"{group[-1]['load_avg_1min_after']})"), "", "| skip | static ms | engine ms | engine / static |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['skip']} | {r['static_ms']:.3f} | {r['engine_ms']:.3f} | {r['engine_over_static']:.3f} |"
+                  for r in group]
+        lines += ["", (f"engine / static over the sub-networks: {min(ratios):.3f}-{max(ratios):.3f} (median "
+                  f"{statistics.median(ratios):.3f})."), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
