@@ -9,9 +9,10 @@ writes into ``--out`` (default: the first results folder):
                       torch.compile ratio), then switching-cost, memory, training-step and single-layer tables when
                       such rows exist;
   latency_vs_macs.png median latency (p20-p80 bars) against MACs, one panel per model and batch, one line per
-                      provider (needs matplotlib; the markdown is written without it).
+                      provider, each point labelled with its sub-network, no label on another (needs matplotlib;
+                      the markdown is written without it).
 JSON files that are not row lists (e.g. training results) are ignored; smoke rows (CPU runs) are left out unless
-``--include-smoke``. No torch needed.
+``--include-smoke``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 if not __package__:  # run as a script (python bench/plot.py): make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adaptive_kernels._files import atomic_path, write_text
+from adaptive_kernels.training.evaluate import place_labels
 from bench._rows import ENV_KEYS, PROVIDERS, ROW_KEYS
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -250,7 +252,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot_latency(rows: list[dict], path: Path) -> bool:
-    """latency vs MACs per provider, one panel per (model, batch); False (nothing written) without matplotlib."""
+    """latency vs MACs per provider, one panel per (model, batch); False (nothing written) without matplotlib or
+    without latency rows."""
     try:
         import matplotlib
     except ImportError:
@@ -258,33 +261,51 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = latency_figure(rows)
+    if fig is None:
+        return False
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
+def latency_figure(rows: list[dict]):
+    """The figure ``plot_latency`` saves (pyplot set up by it), None without latency rows."""
+    import matplotlib.pyplot as plt
+
     latency = [r for r in rows if is_latency(r) and r["macs"] and r["median_us"]]
     panels = sorted({(r["model"], r["batch"], r["dtype"]) for r in latency})
     if not panels:
-        return False
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    labels: list[list[tuple[float, float, str, str]]] = []
     for ax, (model, batch, dtype) in zip(axes[0], panels, strict=True):
         mine = [r for r in latency if (r["model"], r["batch"], r["dtype"]) == (model, batch, dtype)]
-        for provider in _providers(mine):
+        labels.append([])
+        for i, provider in enumerate(_providers(mine)):
             pts = sorted(
-                (r["macs"] / 1e9, r["median_us"], r["p20_us"], r["p80_us"]) for r in mine if r["provider"] == provider
+                (r["macs"] / 1e9, r["median_us"], r["p20_us"], r["p80_us"], r["skip"])
+                for r in mine
+                if r["provider"] == provider
             )
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, lw=1, capsize=2, label=provider)
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, lw=1, capsize=2, label=provider, color=f"C{i}")
+            labels[-1] += [(p[0], p[1], p[4], f"C{i}") for p in pts]  # each point named by its sub-network
         ax.set_yscale("log")
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel("median latency (µs), p20–p80")
         ax.set_title(f"{model}, batch {batch}, {dtype}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+        ax.margins(0.12)  # room for the labels beside the outermost points
     envs = sorted({describe_environment(environment_of(r)) for r in latency})
     fig.suptitle("; ".join(envs), fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return True
+    for ax, points in zip(axes[0], labels, strict=True):
+        place_labels(fig, ax, points)  # sub-networks of equal MACs share an x: their labels beside and above
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ class Server:
                 raise RuntimeError("the server stopped during start-up:\n" + "".join(self.lines))
             self.lines.append(line)
             print(f"  | {line.rstrip()}", flush=True)
-            found = re.search(r"on http://127\.0\.0\.1:(\d+)/v2/models/(\S+) ", line)
+            found = re.search(r"ready on 127\.0\.0\.1:(\d+): (\S+) at ", line)
             if found:
                 self.port, self.name = int(found.group(1)), found.group(2)
                 return

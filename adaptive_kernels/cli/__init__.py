@@ -15,7 +15,6 @@ Run adaptive-kernels COMMAND --help for a command's options.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
@@ -24,9 +23,6 @@ from .._version import __version__
 from . import calibrate, demo, export, serve, train
 from . import eval as evaluate
 from .checks import ArgumentParser, HelpFormatter, phase_lines, print_error
-
-#: commands that print their own progress: the package's phase lines would interleave with theirs
-OWN_PROGRESS = ("serve",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args.threads, int):  # "auto" is measured by the command, on its model
         torch.set_num_threads(args.threads)
     try:
-        with phase_lines() if args.command not in OWN_PROGRESS else contextlib.nullcontext():
+        with phase_lines():
             return args.func(args)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:  # CheckpointError is a ValueError; OSError:
         # disk full, ...; FloatingPointError: a training run that diverged

@@ -126,6 +126,32 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, flag: str = "--out", *, check: bool = True) -> Iterator[Path]:
+    """``check_output_dir`` for the block's command; should the block fail, the folders it created are removed again
+    (innermost first; one that got files is kept), so a refused or broken run leaves nothing behind. ``check``
+    False: nothing is checked or created (a DDP rank other than the first)."""
+    path = Path(path)
+    made = [d for d in (path, *path.parents) if not d.exists()] if check else []
+    try:
+        if check:
+            check_output_dir(path, flag)
+        yield path
+    except BaseException:
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def check_batch_size(batch_size: int, data: Any) -> None:
+    """``--batch-size`` of a command that trains: at most ``data``'s (a ``DataSource``) training images (every
+    training step takes a full batch; a larger one would give an epoch of no step)."""
+    if batch_size > data.num_train:
+        raise ValueError(f"--batch-size {batch_size}: {data.name} has {data.num_train} training images; give at most "
+                         f"{data.num_train}")
+
+
 def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, from_checkpoint: bool = False,
                   auto_threads: bool = False) -> None:
     """The data flags of every command that reads a dataset (``default``: --data's default; None: required, unless
@@ -214,6 +240,8 @@ def parse_model_args(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"--model-arg {pair!r}: write KEY=VALUE, e.g. --model-arg width=16")
+        if key in out:
+            raise ValueError(f"--model-arg {key} is given twice: give each key once")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -242,6 +270,22 @@ def build_model(spec: dict[str, Any], flag: str = "--model-arg") -> torch.nn.Mod
         return create_model(spec["name"], **spec["kwargs"])
     except TypeError as e:
         raise ValueError(f"{flag}: {spec['name']} rejects {spec['kwargs']}: {e}") from None
+
+
+def check_image_size(model: torch.nn.Module, name: str, size: int, training_batch: int | None = None) -> None:
+    """Images of ``size`` x ``size`` must fit ``model`` (``name``: the registered name; ``training_batch``: images
+    per process when it trains), checked before the data is read or a step is taken: too small a size would fail in
+    the first forward (a patch embedding, BatchNorm on one value per channel), a ViT takes its image_size only."""
+    low, high = model.input_size_range(training_batch)
+    if high is not None and low == high and size != low:
+        raise ValueError(f"--image-size {size}: {name} takes {low}x{low} images only (its position embedding): give "
+                         f"--image-size {low}, or build it for these with --model-arg image_size={size}")
+    if size < low:
+        why = "" if low == model.input_size_range()[0] else (
+            f" when it trains on one image per process (BatchNorm needs more than one value per channel in its "
+            f"last, {model.batch_norm_stride}x smaller map; or raise --batch-size)")
+        raise ValueError(f"--image-size {size}: {name} needs images of at least {low}x{low}{why}: give --image-size "
+                         f"{low} or more")
 
 
 def check_data_fits_model(spec: dict[str, Any], num_classes: int, in_chans: int, data_name: str) -> None:

@@ -42,8 +42,10 @@ from .checks import (
     HelpFormatter,
     add_data_args,
     build_model,
-    check_output_dir,
+    check_batch_size,
+    check_image_size,
     faster_thread_count,
+    output_dir,
     positive_float,
     positive_int,
     seed_int,
@@ -186,6 +188,7 @@ def run_demo(
     seed_everything(seed)
     spec = {"name": DEMO_MODEL, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans, "width": width}}
     model = build_model(spec, "--width")
+    check_image_size(model, DEMO_MODEL, min(data.image_size), batch_size)
     base_config = {
         "batch_size": batch_size, "lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "mode": "adn",
         "seed": seed, "eval_every_epochs": 0, "progress": progress, "log_every_steps": 10, "warmup_epochs": 0.1,
@@ -292,16 +295,17 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.data == "imagefolder":
         raise ValueError("the demo trains on in-memory data: --data fashion-mnist (default) or synthetic")
-    check_output_dir(args.out, "--out")
-    # No augmentation: within one or two epochs random crops and flips slow learning down (measured: -4 points).
-    data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
-                      augment=False, seed=args.seed)
-    if args.train_subset is not None and not args.batch_size <= args.train_subset <= data.num_train:
-        raise ValueError(f"--train-subset {args.train_subset}: give from --batch-size ({args.batch_size}) to "
-                         f"{data.num_train} ({data.name}'s training images)")
-    run_demo(
-        data, args.out, budget_s=args.budget_seconds, width=args.width, batch_size=args.batch_size,
-        epochs=args.epochs, train_images=args.train_subset, seed=args.seed, progress=not args.no_progress,
-        choose_threads=args.threads == "auto", started=started,
-    )
+    with output_dir(args.out):
+        # No augmentation: within one or two epochs random crops and flips slow learning down (measured: -4 points).
+        data = build_data(args.data, args.data_dir, test_subset=args.test_subset, image_size=args.image_size,
+                          augment=False, seed=args.seed)
+        check_batch_size(args.batch_size, data)
+        if args.train_subset is not None and not args.batch_size <= args.train_subset <= data.num_train:
+            raise ValueError(f"--train-subset {args.train_subset}: give from --batch-size ({args.batch_size}) to "
+                             f"{data.num_train} ({data.name}'s training images)")
+        run_demo(
+            data, args.out, budget_s=args.budget_seconds, width=args.width, batch_size=args.batch_size,
+            epochs=args.epochs, train_images=args.train_subset, seed=args.seed, progress=not args.no_progress,
+            choose_threads=args.threads == "auto", started=started,
+        )
     return 0

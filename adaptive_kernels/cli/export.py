@@ -15,7 +15,15 @@ from ..models.footprint import check_fits, memory_needed
 from ..models.skip import skip_to_str
 from ..numerics import relative_error
 from ..training.checkpoint import model_from_checkpoint
-from .checks import HelpFormatter, build_model, check_model_args, parse_model_args, positive_int, thread_count
+from .checks import (
+    HelpFormatter,
+    build_model,
+    check_image_size,
+    check_model_args,
+    parse_model_args,
+    positive_int,
+    thread_count,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     model, spec, trained_size = _load(args)
     model.eval()
     size = args.image_size or getattr(model, "image_size", None) or trained_size or 224
+    check_image_size(model, spec["name"], size)
     check_fits(memory_needed(spec["name"], spec["kwargs"], (args.batch_size + 1, model.in_chans, size, size)),
                f"exporting {spec['name']} at batch {args.batch_size + 1} (the check's) and {size}x{size} images",
                "lower --image-size / --batch-size")

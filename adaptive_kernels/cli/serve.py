@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
@@ -45,7 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _progress(line: str) -> None:
-    print(f"[serve] {line}", flush=True)
+    """A phase line of serve, on stderr with the package's own (``[compile] ...``, ``[profile] ...``): stdout keeps
+    the plan."""
+    print(f"[serve] {line}", file=sys.stderr, flush=True)
 
 
 def _data(args: argparse.Namespace):
@@ -70,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
         sock.close()  # Ray's proxy listens there
         return _run_ray(args, deploy)
     try:
-        model, name, image_shape = checkpoint_model(args.checkpoint)
+        _progress(f"loading {args.checkpoint} ...")
+        data = None if args.accuracy else _data(args)
+        model, name, image_shape = checkpoint_model(args.checkpoint, data)
         device = str(resolve_device(args.device))
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages) if args.accuracy else None
-        data = None if accuracy is not None else _data(args)
         plan = build_plan(model, args.name or name, image_shape, max_batch=args.max_batch, accuracy=accuracy,
                           data=data, device=device, profile_iters=args.profile_iters, progress=_progress)
         plan.check_slo(args.slo_ms)
@@ -83,27 +87,28 @@ def run(args: argparse.Namespace) -> int:
     print(plan.describe())
     scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy)
     server = HttpServer(create_app(scheduler, plan.name, args.slo_ms), sock)
-    print(f"[serve] {plan.name} on http://{args.host}:{server.port}/v2/models/{plan.name} (SLO {args.slo_ms:g} ms, "
-          f"max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops", flush=True)
+    _progress(f"ready on {args.host}:{server.port}: {plan.name} at http://{args.host}:{server.port}/v2/models/"
+              f"{plan.name} (SLO {args.slo_ms:g} ms, max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops")
     try:
         server.run()
     finally:
         scheduler.close()
         c = scheduler.stats()
-        print(f"[serve] stopped: {c.submitted} requests, {c.served} served ({c.met} within SLO), {c.refused} "
-              f"refused, {c.failed} failed", flush=True)
+        _progress(f"stopped: {c.submitted} requests, {c.served} served ({c.met} within SLO), {c.refused} refused, "
+                  f"{c.failed} failed")
     return 0
 
 
 def _run_ray(args: argparse.Namespace, deploy) -> int:
     """``serve --ray-replicas N``: measure the accuracies here when --accuracy is not given, deploy, serve until
     Ctrl-C / SIGTERM, then stop the deployment (and the local Ray it started)."""
-    model, _, _ = checkpoint_model(args.checkpoint)
+    data = None if args.accuracy else _data(args)
+    model, _, _ = checkpoint_model(args.checkpoint, data)
     device = str(resolve_device(args.device))
     if args.accuracy:
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages)
     else:
-        accuracy = measure_accuracies(model, _data(args), device=device, progress=_progress)
+        accuracy = measure_accuracies(model, data, device=device, progress=_progress)
     _progress(f"starting {args.ray_replicas} Ray Serve replicas (each compiles and profiles its engine) ...")
     server = deploy(args.checkpoint, args.slo_ms, accuracy, replicas=args.ray_replicas, max_batch=args.max_batch,
                     name=args.name, host=args.host, port=args.port, address=args.ray_address,
@@ -111,13 +116,14 @@ def _run_ray(args: argparse.Namespace, deploy) -> int:
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"[serve] {server.name} on {server.url}/v2/models/{server.name} ({args.ray_replicas} Ray Serve "
-              f"replicas, SLO {args.slo_ms:g} ms, max batch {args.max_batch}); Ctrl-C stops", flush=True)
+        _progress(f"ready on {args.host}:{args.port}: {server.name} at {server.url}/v2/models/{server.name} "
+                  f"({args.ray_replicas} Ray Serve replicas, SLO {args.slo_ms:g} ms, max batch {args.max_batch}); "
+                  f"Ctrl-C stops")
         while not stop.wait(0.5):  # timed: the OS may deliver the signal to a Ray thread, which wakes no wait
             pass
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         server.stop()
-        print("[serve] stopped: each replica answered what it had queued", flush=True)
+        _progress("stopped: each replica answered what it had queued")
     return 0

@@ -4,7 +4,6 @@ DDP under torchrun; writes OUT/last.pt and OUT/log.jsonl."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -17,13 +16,15 @@ from .checks import (
     HelpFormatter,
     add_data_args,
     build_model,
+    check_batch_size,
     check_data_fits_model,
+    check_image_size,
     check_model_args,
-    check_output_dir,
     device_name,
     float_range,
     non_negative_float,
     non_negative_int,
+    output_dir,
     parse_model_args,
     positive_float,
     positive_int,
@@ -71,8 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--alpha", type=float_range(0.0, 1.0), default=c.alpha,
                    help="weight of the super-net CE in [0, 1] (1-alpha: KD)")
     t.add_argument("--temperature", type=positive_float, default=c.temperature, help="distillation temperature")
-    t.add_argument("--top-k", type=non_negative_int, default=c.top_k,
-                   help="distil over the teacher's top-k classes (0: all classes)")
+    t.add_argument("--top-k", type=non_negative_int,
+                   help=f"distil over the teacher's top-k classes (0: all classes); default {c.top_k}, all classes "
+                        f"when the data has fewer")
     t.add_argument("--feature-kd", type=non_negative_float, default=0.0,
                    help="weight of pooled stage-output distillation (0: off)")
     t.add_argument("--label-smoothing", type=float_range(0.0, 1.0, high_open=True), default=0.0,
@@ -103,49 +105,49 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{last} exists: pass --resume to continue it, --overwrite to start over, or another --out")
     model_args = parse_model_args(args.model_arg)
     check_model_args(args.model, model_args)
+    c = TrainConfig()
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, milestones=tuple(args.milestones), lr_gamma=args.lr_gamma, amp=args.amp,
         clip_grad=args.clip_grad, ema_decay=args.ema, mode=args.mode, skip=args.skip, alpha=args.alpha,
-        temperature=args.temperature, top_k=args.top_k or None, feature_kd=args.feature_kd,
+        temperature=args.temperature, top_k=c.top_k if args.top_k is None else args.top_k or None,
+        feature_kd=args.feature_kd,
         label_smoothing=args.label_smoothing, mixup_alpha=args.mixup, seed=args.seed, sync_bn=args.sync_bn,
         save_every_steps=args.save_every or None, log_every_steps=args.log_every, eval_every_epochs=args.eval_every,
         time_limit_s=args.time_limit, progress=not args.no_progress,
     )
     env = init_distributed(args.device)
-    # the folders check_output_dir is about to create, removed again if the run fails before writing into them
-    made = [d for d in (out, *out.parents) if not d.exists()] if env.is_main else []
     try:
-        if env.is_main:
-            check_output_dir(out, "--out")
-        data = build_data(args.data, args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
-                          image_size=args.image_size, num_workers=args.workers, augment=not args.no_augment,
-                          seed=args.seed)
-        spec = {"name": args.model, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans,
-                                               **model_args}}
-        check_data_fits_model(spec, data.num_classes, data.in_chans, args.data)
-        seed_everything(args.seed)  # the same initial weights on every rank and in every rerun
-        model = build_model(spec)  # its parameters checked to fit, then its training:
-        batch = min(args.batch_size, data.num_train)
-        check_fits(memory_needed(args.model, spec["kwargs"], (batch, data.in_chans, *data.image_size), training=True),
-                   f"training {args.model} on batches of {batch} {'x'.join(map(str, data.image_size))} images",
-                   "lower --batch-size (or --image-size, --model-arg)")
-        if env.is_main and not args.resume and (out / "log.jsonl").exists():
-            (out / "log.jsonl").unlink()
-        trainer = Trainer(model, data, config, out_dir=out, env=env, model_spec=spec)
-        if args.resume:
-            trainer.resume(last)
-        summary = trainer.fit()
-        if env.is_main:
-            print(f"checkpoint: {last}\nlog: {out / 'log.jsonl'}")
-            if summary["history"]:
-                print("final: " + json.dumps(summary["history"][-1]))
-    except BaseException:
-        for d in made:  # innermost first; a folder that got files is kept
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
+        with output_dir(out, check=env.is_main):
+            data = build_data(args.data, args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
+                              image_size=args.image_size, num_workers=args.workers, augment=not args.no_augment,
+                              seed=args.seed)
+            if args.top_k is not None and args.top_k > data.num_classes:
+                raise ValueError(f"--top-k {args.top_k}: {data.name} has {data.num_classes} classes; give at most "
+                                 f"{data.num_classes} (0: all classes)")
+            check_batch_size(args.batch_size, data)
+            spec = {"name": args.model, "kwargs": {"num_classes": data.num_classes, "in_chans": data.in_chans,
+                                                   **model_args}}
+            check_data_fits_model(spec, data.num_classes, data.in_chans, args.data)
+            seed_everything(args.seed)  # the same initial weights on every rank and in every rerun
+            model = build_model(spec)  # its parameters checked to fit, then its input size and its training:
+            check_image_size(model, args.model, min(data.image_size), args.batch_size // env.world_size)
+            check_fits(memory_needed(args.model, spec["kwargs"], (args.batch_size, data.in_chans, *data.image_size),
+                                     training=True),
+                       f"training {args.model} on batches of {args.batch_size} "
+                       f"{'x'.join(map(str, data.image_size))} images",
+                       "lower --batch-size (or --image-size, --model-arg)")
+            if env.is_main and not args.resume and (out / "log.jsonl").exists():
+                (out / "log.jsonl").unlink()
+            trainer = Trainer(model, data, config, out_dir=out, env=env, model_spec=spec)
+            if args.resume:
+                trainer.resume(last)
+            summary = trainer.fit()
+            if env.is_main:
+                print(f"checkpoint: {last}\nlog: {out / 'log.jsonl'}")
+                if summary["history"]:
+                    print("final: " + json.dumps(summary["history"][-1]))
     finally:
         shutdown_distributed()
     return 0

@@ -39,6 +39,13 @@ class ADNModel(nn.Module):
 
     num_skippable_stages: int
     in_chans: int
+    #: the smallest height = width the forward takes (a patch embedding needs one patch; the ViTs their image_size)
+    min_input_size: int = 1
+    #: the largest (None: no bound; the ViTs: their image_size, fixed by the position embedding)
+    max_input_size: int | None = None
+    #: how much the input is downsampled before the last BatchNorm (None: no BatchNorm). Training on one image per
+    #: process needs that map larger than 1x1: a BatchNorm's batch statistics need more than one value per channel.
+    batch_norm_stride: int | None = None
 
     # ---- skip API -------------------------------------------------------------------------
     def parse_skip(self, skip: SkipLike) -> SkipConfig:
@@ -70,6 +77,15 @@ class ADNModel(nn.Module):
                 f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}"
                 + (" (build the model with in_chans=... to change the channel count)" if x.dim() == 4 else "")
             )
+
+    def input_size_range(self, training_batch: int | None = None) -> tuple[int, int | None]:
+        """The (smallest, largest) height = width this model takes (largest None: no bound); ``training_batch``:
+        the images per process when it trains (one image needs a larger input, see ``batch_norm_stride``).
+        Measured against the models' forward in tests/models/test_models_input_size.py."""
+        low = self.min_input_size
+        if training_batch == 1 and self.batch_norm_stride is not None:
+            low = max(low, self.batch_norm_stride + 1)
+        return low, self.max_input_size
 
     # ---- per-sub-network norm statistics (models/norms.py) --------------------------------
     def attach_subnet_norms(self) -> None:

@@ -28,6 +28,8 @@ and ``forward(x, skip_stage)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -159,6 +161,7 @@ class MobileNetV2ADN(ADNModel):
         self.in_chans = in_chans
         self.num_skippable_stages = sum(n >= 2 for _, _, n, _ in INVERTED_RESIDUAL_SETTING)
         last = self.num_skippable_stages - 1  # the flag of the n=1 stage and the conv after the last stage
+        self.batch_norm_stride = 2 * math.prod(s for *_, s in INVERTED_RESIDUAL_SETTING)  # the stem, then 16
 
         # torchvision key prefix -> our module prefix, for load_upstream_state_dict.
         self._upstream_prefixes: dict[str, str] = {}

@@ -176,6 +176,8 @@ class ResNetADN(ADNModel):
         self.in_chans = in_chans
         self.num_skippable_stages = len(layers)
         self.input_size = (32, 32) if small_input else (224, 224)  # what macs() counts at by default
+        # 3x3 stride-1 stem, two stride-2 stages / 7x7 stride-2 stem, stride-2 maxpool, three stride-2 stages
+        self.batch_norm_stride = 2 ** (len(layers) - 1) if small_input else 2 ** (len(layers) + 1)
 
         if small_input:
             self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)

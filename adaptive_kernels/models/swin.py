@@ -277,6 +277,7 @@ class SwinTransformerADN(ADNModel):
                 )
         self.in_chans = in_chans
         self.patch_size = patch_size
+        self.min_input_size = patch_size  # one patch; smaller maps are padded to a window (LayerNorm: any batch)
         self.num_skippable_stages = len(depths)
         self.pre = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size),

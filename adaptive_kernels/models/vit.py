@@ -162,6 +162,7 @@ class VisionTransformerADN(ADNModel):
             raise ValueError(f"num_layers={num_layers} must be a multiple of {BLOCKS_PER_STAGE} (blocks per stage)")
         self.image_size = image_size
         self.input_size = (image_size, image_size)  # what macs() counts at by default
+        self.min_input_size = self.max_input_size = image_size
         self.patch_size = patch_size
         self.hidden_dim = hidden_dim
         self.in_chans = in_chans

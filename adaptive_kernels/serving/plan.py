@@ -84,9 +84,11 @@ def load_accuracy(path: str | os.PathLike, num_stages: int) -> dict[SkipConfig, 
         raise ValueError(f"--accuracy {path}: {e} (the model has {num_stages} skippable stages)") from None
 
 
-def checkpoint_model(path: str | os.PathLike) -> tuple[torch.nn.Module, str, tuple[int, ...]]:
-    """The model of a ``train``/``demo`` checkpoint in eval mode, its registered name and its image shape (C, H, W)."""
-    model, state, _ = model_from_checkpoint(path)
+def checkpoint_model(path: str | os.PathLike, data: DataSource | None = None
+                     ) -> tuple[torch.nn.Module, str, tuple[int, ...]]:
+    """The model of a ``train``/``demo`` checkpoint in eval mode, its registered name and its image shape (C, H, W);
+    ``data`` (what will measure its accuracy) must be what it was trained on (dataset, image size, classes)."""
+    model, state, _ = model_from_checkpoint(path, data=data, purpose="measure its accuracy")
     data = state.get("data") or {}
     if "image_size" not in data:
         raise ValueError(f"checkpoint {path} does not record its image size (no 'data' entry): serve a checkpoint "

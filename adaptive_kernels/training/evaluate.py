@@ -259,7 +259,7 @@ def tradeoff_figure(series: Mapping[str, Sequence[SubnetResult]], title: str = "
     fig.text(0.5, 0.01, SKIP_KEY, ha="center", va="bottom", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     for ax, points in zip(axes, labels):
-        _place_labels(fig, ax, points)
+        place_labels(fig, ax, points)
     return fig
 
 
@@ -269,9 +269,11 @@ _OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3, 4) for dx, dy in
             ((5, -4), (-5, -4), (5, 4), (-5, 4), (0, 6), (0, -8), (8, 0), (-8, 0))]
 
 
-def _place_labels(fig, ax, points: Sequence[tuple[float, float, str, str]]) -> None:
+def place_labels(fig, ax, points: Sequence[tuple[float, float, str, str]]) -> None:
     """Annotate each (x, y, text, color) of ``points`` at the first offset (``_OFFSETS``) where the label overlaps
-    no label placed before, no point's marker and not the legend, inside the axes (else at the first offset)."""
+    no label placed before, no point's marker and not the legend, inside the axes (else at the first offset): points
+    at equal x (sub-networks of equal MACs) get their labels beside, above and below each other. Also labels
+    bench/plot.py's panels."""
     fig.canvas.draw()  # fixes limits and transforms: positions in pixels from here on
     renderer = fig.canvas.get_renderer()
     radius = 4.0 * fig.dpi / 72  # a scatter marker's radius (6 pt across) and a little

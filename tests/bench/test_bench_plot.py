@@ -1,5 +1,6 @@
 """bench/plot.py on synthetic rows in a temp folder (never on committed results)."""
 
+import itertools
 import json
 
 import pytest
@@ -196,3 +197,29 @@ def test_autotuned_engine_rows_get_their_own_column():
     header = ["sub-network", "GMACs", "compile", "engine_conditional", "engine_conditional+autotune"]
     assert cells[0] == [*header, "best engine / best compile"]
     assert cells[2] == ["FFFF", "4.110", "600.0", "400.0", "300.0", "0.50"]
+
+
+def test_labels_of_points_at_equal_macs_do_not_overlap():
+    """ResNet-20's three stages cost the same MACs: TFF, FTF and FFT share an x (as do TTF, TFT and FTT), at nearly
+    equal latencies; every point is labelled with its sub-network and no label lies on another."""
+    matplotlib = pytest.importorskip("matplotlib", reason="pip install matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skips = ["".join(c) for c in itertools.product("FT", repeat=3)]
+    rows = [row(provider, skip, base * (100 - 20 * skip.count("T") + i), 4e7 - 1e7 * skip.count("T"),
+                model="resnet20_adn")
+            for provider, base in (("eager", 1.0), ("compile", 0.5), ("engine_conditional", 0.3))
+            for i, skip in enumerate(skips)]
+    fig = plot.latency_figure(rows)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (ax,) = fig.axes
+        labels = [t for t in ax.texts if t.get_text() in skips]
+        assert sorted(t.get_text() for t in labels) == sorted(skips * 3)  # every point labelled
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for a, b in itertools.combinations(boxes, 2):
+            assert not a.overlaps(b), (a, b)
+    finally:
+        plt.close(fig)

@@ -19,6 +19,7 @@ from adaptive_kernels.training import load_checkpoint, save_checkpoint
 
 TRAIN = ["train", "--model", "resnet20_adn", "--model-arg", "width=2", "--data", "synthetic", "--image-size", "8",
          "--batch-size", "64", "--no-progress", "--epochs", "1", "--train-subset", "128"]
+TRAIN_ANY_WIDTH = [a for a in TRAIN if a not in ("--model-arg", "width=2")]  # a test's own --model-arg width=...
 EVAL = ["--data", "synthetic", "--image-size", "8", "--latency-repeats", "2"]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,6 +131,40 @@ def test_values_that_would_be_ignored_or_clamped_are_refused(argv, message, tmp_
     assert time.perf_counter() - started < 5  # before training, measuring or compiling
 
 
+@pytest.mark.parametrize("argv, message", [
+    (TRAIN + ["--out", "{tmp}/run", "--top-k", "11"], "--top-k 11: synthetic has 10 classes; give at most 10"),
+    (TRAIN + ["--out", "{tmp}/run", "--batch-size", "129"],
+     "--batch-size 129: synthetic has 128 training images; give at most 128"),
+    (["demo", "--data", "synthetic", "--out", "{tmp}/run", "--batch-size", "513"],
+     "--batch-size 513: synthetic has 512 training images; give at most 512"),
+    (TRAIN + ["--out", "{tmp}/run", "--model-arg", "width=3"], "--model-arg width is given twice: give each key once"),
+    (["export", "--model", "resnet20_adn", "--model-arg", "width=2", "--model-arg", "width=2", "--format", "onnx",
+      "--out", "{tmp}/m.onnx"], "--model-arg width is given twice"),
+    # the smallest input each family takes (tests/models/test_models_input_size.py), before any step or trace
+    (TRAIN + ["--out", "{tmp}/run", "--batch-size", "1", "--image-size", "4"],
+     "--image-size 4: resnet20_adn needs images of at least 5x5 when it trains on one image per process"),
+    (["demo", "--data", "synthetic", "--out", "{tmp}/run", "--batch-size", "1", "--image-size", "4"],
+     "give --image-size 5 or more"),
+    (["train", "--model", "swin_t_adn", "--data", "synthetic", "--image-size", "3", "--epochs", "1", "--out",
+      "{tmp}/run"], "--image-size 3: swin_t_adn needs images of at least 4x4: give --image-size 4 or more"),
+    (["export", "--model", "swin_t_adn", "--image-size", "3", "--format", "onnx", "--out", "{tmp}/m.onnx"],
+     "--image-size 3: swin_t_adn needs images of at least 4x4"),
+    (["train", "--model", "deit_tiny_adn", "--data", "synthetic", "--epochs", "1", "--out", "{tmp}/run"],
+     ("--image-size 16: deit_tiny_adn takes 224x224 images only (its position embedding): give --image-size 224, or "
+      "build it for these with --model-arg image_size=16")),
+    (["export", "--model", "deit_tiny_adn", "--model-arg", "image_size=32", "--image-size", "48", "--format", "onnx",
+      "--out", "{tmp}/m.onnx"], "give --image-size 32"),
+])
+def test_values_the_data_or_the_model_cannot_take_are_refused(argv, message, tmp_path, capsys):
+    """Named with the flag and the values allowed, before a step is trained or a graph traced, and the --out folder
+    made for the run is removed again."""
+    started = time.perf_counter()
+    _, line = run_main([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert message in line
+    assert time.perf_counter() - started < 10
+    assert os.listdir(tmp_path) == []
+
+
 def test_demo_width_error_names_width(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _, line = run_main(["demo", "--data", "synthetic", "--out", "o", "--width", "100000"], capsys)
@@ -229,7 +264,7 @@ def test_a_failed_write_keeps_the_previous_file(command, trained, tmp_path, caps
     (["--device", "foo"], "argument --device: 'foo' is not a device: use auto, cpu, cuda or cuda:N"),
 ])
 def test_model_and_device_mistakes(extra, expected, tmp_path, capsys):
-    _, line = run_main(TRAIN + ["--out", str(tmp_path / "run")] + extra, capsys)
+    _, line = run_main(TRAIN_ANY_WIDTH + ["--out", str(tmp_path / "run")] + extra, capsys)
     assert expected in line
     assert not (tmp_path / "run").exists()  # nothing left behind, not even the folder made to test --out
 
@@ -250,7 +285,7 @@ def test_a_diverging_run_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (TRAIN + ["--out", "{tmp}/run", "--image-size", "100000"], "synthetic data of 100000x100000 images needs"),
-    (TRAIN + ["--out", "{tmp}/run", "--model-arg", "width=128", "--train-subset", "512", "--batch-size", "512",
+    (TRAIN_ANY_WIDTH + ["--out", "{tmp}/run", "--model-arg", "width=128", "--train-subset", "512", "--batch-size", "512",
                 "--image-size", "256"],
      "training resnet20_adn on batches of 512 256x256 images needs at least"),
     (["export", "--model", "resnet20_adn", "--format", "onnx", "--image-size", "100000", "--out", "{tmp}/m.onnx"],

@@ -1,10 +1,20 @@
 """``serve``'s start-up errors: one line each, before anything is served (a bad checkpoint, a port in use, an SLO no
-sub-network can meet, no accuracies)."""
+sub-network can meet, no accuracies, data of another kind); and the phase lines of a real start and stop."""
 
 from __future__ import annotations
 
 import json
+import os
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +40,7 @@ def checkpoint(tmp_path_factory):
 
 def serve_error(argv, capsys) -> str:
     assert main(["serve", "--port", "0", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[")]  # phases
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
@@ -84,3 +94,43 @@ def test_serve_on_ray_checks_its_flags_and_the_port_before_starting_ray(checkpoi
                             str(port), "--ray-replicas", "2"], capsys)
     assert f"port {port} on 127.0.0.1 is in use" in line
     assert not ray.is_initialized()
+
+
+def test_serve_refuses_data_the_model_was_not_trained_on(checkpoint, capsys):
+    line = serve_error(["--checkpoint", str(checkpoint[0]), "--slo-ms", "10", "--image-size", "12"], capsys)
+    assert "was trained on data image_size [8, 8] but --image-size gives [12, 12]: measure its accuracy" in line
+
+
+def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
+    """A real ``python -m adaptive_kernels serve`` on 127.0.0.1 (any free port): one line per phase on stderr while
+    it starts (stdout keeps the plan), answers once ready, stops on Ctrl-C (SIGINT) with its last line; bounded."""
+    path, accuracy = checkpoint
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "adaptive_kernels", "serve", "--checkpoint", str(path),
+                             "--accuracy", str(accuracy), "--slo-ms", "50", "--host", "127.0.0.1", "--port", "0",
+                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip()) for line in proc.stderr], daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (seen and seen[-1].startswith("[serve] ready on")):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        port = int(re.match(r"\[serve\] ready on 127\.0\.0\.1:(\d+): ", seen[-1]).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+            assert answer.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # the reader thread's last lines
+    while not lines.empty():
+        seen.append(lines.get())
+    phases = [line.split("]")[0] + "]" for line in seen]
+    assert seen[0] == f"[serve] loading {path} ..."
+    assert phases.index("[compile]") < phases.index("[profile]") < len(seen) - 2 and "[export]" in phases
+    assert seen[-1].startswith("[serve] stopped: 0 requests"), seen
+    assert "resnet20_adn: 2 sub-networks" in proc.stdout.read()  # the plan, on stdout
