@@ -142,9 +142,11 @@ def goals(rows: list[dict], accuracy: dict[str, float]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    """The sweep as one table per rate group: attainment (± SE over traces), difference to the base-net, accuracy."""
+    """One row per (rate, way of serving): attainment (± SE over traces), difference to the base-net, accuracy; then
+    the goal per rate."""
+    title = f"# Simulated serving sweep: {result['scenario']}"
     m = result["machine"]
-    lines = [f"# Simulated serving sweep: {result['scenario']}", "",
+    lines = [title, "",
              (f"SIMULATED (bench/serving_sim.py): no server, no engine. The real policy (`plan_dispatch`, reserve "
               f"RESERVE_SHARE {result['reserve_share']:g}) and latency model on a "
               f"virtual clock; each call takes the profiled latency x {result['load']:g} x a mean-one log-normal "
