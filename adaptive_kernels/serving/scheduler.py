@@ -158,6 +158,10 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def arrival_rate(self) -> float:
+        """Arrivals per second now, as the policy's reserve sees them (``ArrivalRate``)."""
+        return self.arrivals.at(self._clock())
+
     def stats(self) -> Counters:
         """A consistent copy of the counters."""
         with self._cond:
