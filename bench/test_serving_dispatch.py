@@ -7,7 +7,8 @@ measurable. The model is the demo's base net (ResNet-20-ADN width 8, 1 x 28 x 28
             deadlines (the super-net misses a full batch, so step 3 searches down to a smaller batch and a cheaper
             sub-network): ``provider="fifo"`` alike requests with one SLO (the server's usual queue, bisection) and
             ``provider="general"`` a mixed queue (sizes 1 and 2, one request in four forcing the base-net, jittered
-            SLOs: one pass). ``share_of_base_b1`` = median / base-net batch-1 latency. The median is over rounds of
+            SLOs: one pass); at an arrival rate the base-net at full batch just keeps up with (the reserve, step 4,
+            decides). ``share_of_base_b1`` = median / base-net batch-1 latency. The median is over rounds of
             ``CALLS`` decisions each (a single decision is too short for the clock).
   batching  what the dispatcher does to a queue-sized batch of one-image inputs before the engine call
             (``torch.cat``, ``.to``).
@@ -75,17 +76,19 @@ def test_policy_cost(benchmark_or_none, rows, plan, n):
     costs = Costs.build(latency.profiled, rank_by_accuracy(plan.accuracy, latency.predict), MAX_BATCH)
     base_b1 = min(latency.profiled(s, 1) for s in plan.accuracy) * 1e6
     now, factor = 100.0, latency.factor
+    base = min(plan.accuracy, key=lambda s: latency.profiled(s, 1))
+    rate = MAX_BATCH / latency.profiled(base, MAX_BATCH)
     common = {"model": MODEL, "batch": n, "dtype": torch.float32, "macs": None, "base_b1_us": round(base_b1, 3)}
     for provider, queue in queues(plan, n, now).items():
         fifo = provider == "fifo"
-        decision = plan_dispatch(queue, now, costs, factor, fifo=fifo)
+        decision = plan_dispatch(queue, now, costs, factor, fifo=fifo, rate=rate)
         if fifo:  # the bisection decides as the general pass does
-            assert decision == plan_dispatch(queue, now, costs, factor)
+            assert decision == plan_dispatch(queue, now, costs, factor, rate=rate)
         assert decision.serve and decision.batch <= MAX_BATCH
 
         def decide(queue=queue, fifo=fifo):
             for _ in range(CALLS):
-                plan_dispatch(queue, now, costs, factor, fifo=fifo)
+                plan_dispatch(queue, now, costs, factor, fifo=fifo, rate=rate)
 
         benchmark = benchmark_or_none() if fifo else None  # pytest-benchmark times one function per test
         if benchmark is not None:

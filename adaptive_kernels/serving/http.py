@@ -67,6 +67,8 @@ class Metrics:
             lambda: _attainment(scheduler))
         Gauge("adn_latency_correction", "measured / profiled latency factor in use", registry=r).set_function(
             lambda: scheduler.latency.factor)
+        Gauge("adn_arrival_rate", "arrivals per second over the latest 8, as the policy's reserve sees them",
+              registry=r).set_function(scheduler.arrival_rate)
         Gauge("adn_batches", "engine calls so far", registry=r).set_function(lambda: scheduler.counters.batches)
         for part in ("policy", "batching", "answering"):
             Gauge(f"adn_dispatch_{part}_seconds", f"dispatcher time in {part}, summed", registry=r).set_function(

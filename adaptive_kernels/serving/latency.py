@@ -1,5 +1,5 @@
-"""The scheduler's latency predictions: one ``engine.profile(batch_size=b)`` table per batch bucket, corrected online
-from the latencies the dispatcher measures.
+"""The scheduler's predictions: latency, from one ``engine.profile(batch_size=b)`` table per batch bucket corrected
+online from the latencies the dispatcher measures; and the arrival rate, from the latest arrivals.
 
 The correction follows TCP's round-trip estimator (Jacobson): an EWMA of the ratio measured / profiled and an EWMA of
 its absolute deviation; a prediction is the profiled latency times ``ratio + margin * deviation``. The ratio follows
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import deque
 from collections.abc import Mapping
 
 from ..models.skip import SkipConfig, parse_skip, skip_to_str
@@ -107,3 +108,22 @@ class LatencyModel:
     def table(self) -> dict[int, dict[str, float]]:
         """The profile as given (µs per bucket and sub-network), for printing the plan."""
         return {b: {skip_to_str(s): self._seconds[s][i] * 1e6 for s in self.skips} for i, b in enumerate(self.buckets)}
+
+
+class ArrivalRate:
+    """Arrivals per second over the latest ``window`` arrivals, as seen at a time ``now``: the gaps between them over
+    ``now`` minus the oldest of them, so the estimate follows a burst within a few requests and decays once arrivals stop. The
+    scheduler calls ``arrived`` under its lock on submit and ``at`` before each decision."""
+
+    def __init__(self, window: int = 8) -> None:
+        self._times: deque[float] = deque(maxlen=window)
+
+    def arrived(self, t: float) -> None:
+        self._times.append(t)
+
+    def at(self, now: float) -> float:
+        """The rate at ``now`` (0 before two arrivals)."""
+        times = self._times
+        if len(times) < 2:
+            return 0.0
+        return (len(times) - 1) / max(now - times[0], 1e-9)

@@ -8,11 +8,17 @@ The rule (SlackFit-like, after SuperServe, NSDI '25):
 2. The oldest remaining request opens the batch; requests that allow the same sub-networks (none forced, or the
    same one forced) join it in arrival order, up to ``max_batch`` inputs.
 3. Serve the largest such batch that some allowed sub-network finishes before the earliest deadline in it, with the
-   most accurate of those sub-networks.
+   most accurate of those sub-networks that step 4 allows.
+4. Keep a reserve for what arrives meanwhile: at the predicted arrival rate, ``batch`` more requests arrive in
+   ``batch / rate`` seconds; the sub-network must finish the batch within ``RESERVE_SHARE`` of that (and by the
+   deadline): the most accurate that does, the fastest when none does. With 0.5 the server keeps up with twice the
+   predicted rate, which is what a bursty stream needs.
 
 Under light load the queue holds one request and the super-net serves it; as load grows the batches grow and the
 sub-networks get cheaper, so throughput follows the load while every served request still meets its deadline as
-predicted.
+predicted. Step 4 keeps it from being myopic: without it a batch with ample slack runs the super-net to the last
+microsecond of its deadline while a burst queues behind it, and the burst is then refused or served late (in the
+simulated sweeps of bench/serving_sim.py the adaptive server then attained less than the fixed base-net; tuned there).
 
 Cost: it runs before every engine call, so it must stay a small fraction of the cheapest call (the goal: 2 % of the
 base-net's batch-1 latency). It reads a table of the profile (:class:`Costs`, built once) times the latency model's
@@ -34,6 +40,9 @@ from ..models.skip import SkipConfig, skip_to_str
 
 #: predict(skip, batch) -> seconds
 Predict = Callable[[SkipConfig, int], float]
+
+#: step 4: the share of the time ``batch`` new requests take to arrive (at the predicted rate) a batch may run
+RESERVE_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +112,12 @@ _deadline = attrgetter("deadline")
 
 
 def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: float = 1.0, *,
-                  fifo: bool = False) -> Decision:
+                  fifo: bool = False, rate: float = 0.0) -> Decision:
     """The policy's decision for ``queue`` (oldest first) at time ``now``.
 
     costs: the profile (:meth:`Costs.build`); factor: what predictions multiply it by (``LatencyModel.factor``);
-    a request larger than ``costs.max_batch`` is the caller's error. fifo: the caller knows that every request has
+    a request larger than ``costs.max_batch`` is the caller's error. rate: the predicted arrivals per second
+    (``ArrivalRate.at(now)``; step 4). fifo: the caller knows that every request has
     the same size and forced sub-network and that deadlines never decrease along the queue (all requests alike,
     one SLO); the decision is the same, found in O(log n) instead of O(n).
 
@@ -117,7 +127,7 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     if not queue:
         return Decision()
     if fifo:
-        return _plan_fifo(queue, now, costs, factor)
+        return _plan_fifo(queue, now, costs, factor, rate)
     seconds, fastest, max_batch = costs.seconds, costs.fastest, costs.max_batch
     refuse, members, totals, earliest = [], [], [], []
     forced, row, total, deadline, full = None, fastest, 0, float("inf"), False
@@ -146,12 +156,12 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     for k in range(len(members) - 1, -1, -1):  # step 3: the largest batch some sub-network finishes in time
         batch, deadline = totals[k], earliest[k]
         if now + row[batch] * factor <= deadline:
-            return Decision(tuple(refuse), tuple(members[:k + 1]), _most_accurate(costs, forced, batch, now, factor,
-                                                                                   deadline), batch)
+            return Decision(tuple(refuse), tuple(members[:k + 1]),
+                            _most_accurate(costs, forced, batch, now, factor, deadline, rate), batch)
     raise AssertionError("unreachable: the first request fits on its own (step 1)")
 
 
-def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float) -> Decision:
+def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float, rate: float) -> Decision:
     """``plan_dispatch`` for a queue of alike requests with deadlines in arrival order: the requests step 1 refuses
     are the oldest ones, the batch is the next ones, and its earliest deadline is its first request's."""
     head = queue[0]
@@ -172,13 +182,21 @@ def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float)
             count -= 1
     batch = size * count
     return Decision(refuse, tuple(range(first, first + count)),
-                    _most_accurate(costs, forced, batch, now, factor, deadline), batch)
+                    _most_accurate(costs, forced, batch, now, factor, deadline, rate), batch)
 
 
 def _most_accurate(costs: Costs, forced: SkipConfig | None, batch: int, now: float, factor: float,
-                   deadline: float) -> SkipConfig:
+                   deadline: float, rate: float) -> SkipConfig:
     """The most accurate allowed sub-network that finishes ``batch`` by ``deadline`` (one does: the caller checked
-    the fastest)."""
+    the fastest) and, at a predicted ``rate`` > 0, within the reserve's share of ``batch / rate``; the fastest when
+    none does both (step 4)."""
     if forced is not None:
         return forced
-    return costs.ranking[bisect_left(costs.leading[batch], True, key=lambda t: now + t * factor <= deadline)]
+    leading = costs.leading[batch]
+    if rate > 0:
+        target = min(deadline, now + RESERVE_SHARE * batch / rate)
+        fits = bisect_left(leading, True, key=lambda t: now + t * factor <= target)
+        if fits < len(leading):
+            return costs.ranking[fits]
+        return costs.ranking[bisect_left(leading, True, key=leading[-1].__ge__)]  # the fastest: leading ends there
+    return costs.ranking[bisect_left(leading, True, key=lambda t: now + t * factor <= deadline)]

@@ -18,7 +18,7 @@ import torch
 
 from ..engine.base import Engine
 from ..models.skip import SkipLike, parse_skip, skip_to_str
-from .latency import LatencyModel
+from .latency import ArrivalRate, LatencyModel
 from .policy import Costs, Decision, Queued, plan_dispatch, rank_by_accuracy
 
 #: engine mechanisms that serve a batch padded to its bucket (one CUDA graph capture per bucket)
@@ -104,6 +104,7 @@ class Scheduler:
         self._device, self._dtype = example_input.device, example_input.dtype
         self._padded = getattr(engine, "mechanism", None) in PADDED_MECHANISMS
         self._clock = clock
+        self.arrivals = ArrivalRate()  # the policy's burst reserve reads it
         self._queue: list[_Request] = []
         self._queued: list[Queued] = []  # what the policy sees of self._queue, kept beside it
         self._fifo = True  # every queued request alike (size, forced sub-network), deadlines in arrival order
@@ -137,6 +138,7 @@ class Scheduler:
             arrival = self._clock()
             request = _Request(x, arrival, Queued(arrival + slo_s, int(x.shape[0]), forced))
             self.counters.submitted += 1
+            self.arrivals.arrived(arrival)
             if self._closing:
                 self._finish_refused(request, "the server is shutting down")
             else:
@@ -156,6 +158,10 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def arrival_rate(self) -> float:
+        """Arrivals per second now, as the policy's reserve sees them (``ArrivalRate``)."""
+        return self.arrivals.at(self._clock())
+
     def stats(self) -> Counters:
         """A consistent copy of the counters."""
         with self._cond:
@@ -171,7 +177,8 @@ class Scheduler:
                 if not self._queue:
                     return
                 start = self._clock()
-                decision = plan_dispatch(self._queued, start, self.costs, self.latency.factor, fifo=self._fifo)
+                decision = plan_dispatch(self._queued, start, self.costs, self.latency.factor, fifo=self._fifo,
+                                         rate=self.arrivals.at(start))
                 self.counters.policy_s += self._clock() - start
                 refused, batch = self._take(decision)
                 if refused and not batch:

@@ -3,6 +3,7 @@ model, the sub-network reported and forced, refusals as HTTP errors, metrics; st
 
 from __future__ import annotations
 
+import re
 import urllib.request
 
 import numpy as np
@@ -62,5 +63,7 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     assert 'adn_requests_total{status="refused"} 1.0' in metrics
     assert 'adn_served_total{subnet="TFT"} 1.0' in metrics
     assert "adn_queue_depth 0.0" in metrics
+    rate = re.search(r"^adn_arrival_rate (\S+)$", metrics, re.MULTILINE)
+    assert rate and float(rate.group(1)) > 0  # 4 arrivals so far: a rate
     stats = scheduler.stats()
     assert stats.submitted == stats.served + stats.refused == 4

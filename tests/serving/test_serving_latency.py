@@ -2,7 +2,7 @@
 
 import pytest
 
-from adaptive_kernels.serving.latency import LatencyModel, batch_buckets
+from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel, batch_buckets
 
 TABLES = {1: {"FF": 100.0, "TT": 50.0}, 2: {"FF": 150.0, "TT": 80.0}, 4: {"FF": 250.0, "TT": 120.0}}
 
@@ -53,3 +53,17 @@ def test_a_stall_is_bounded_and_refusals_relax_the_correction():
     for _ in range(100):
         model.relax()
     assert model.factor == pytest.approx(1.0, abs=1e-3)
+
+
+def test_arrival_rate_follows_a_burst_and_decays():
+    rate = ArrivalRate(window=4)
+    assert rate.at(0.0) == 0.0
+    rate.arrived(0.0)
+    assert rate.at(1.0) == 0.0  # one arrival: no rate
+    for t in (1.0, 2.0, 3.0):  # one per second
+        rate.arrived(t)
+    assert rate.at(3.0) == pytest.approx(1.0)
+    assert rate.at(6.0) == pytest.approx(3 / 6)  # no arrival since: the estimate falls
+    for t in (3.01, 3.02, 3.03):  # a burst of 100/s: the window forgets the slow arrivals
+        rate.arrived(t)
+    assert rate.at(3.03) == pytest.approx(3 / 0.03)

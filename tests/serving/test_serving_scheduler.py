@@ -116,6 +116,41 @@ def test_scheduler_knows_when_its_queue_is_fifo():
     assert scheduler.stats().served == 8
 
 
+def test_scheduler_passes_the_arrival_rate_to_the_policy(monkeypatch):
+    from adaptive_kernels.serving import scheduler as module
+
+    seen, policy = [], module.plan_dispatch  # (now, rate) of each decision
+
+    def recording(queue, now, costs, factor=1.0, *, fifo=False, rate=0.0):
+        seen.append((now, rate))
+        return policy(queue, now, costs, factor, fifo=fifo, rate=rate)
+
+    monkeypatch.setattr(module, "plan_dispatch", recording)
+    clock = [0.0]  # a simulated clock, moved only while the dispatcher waits in the engine
+    hold = threading.Event()
+    tables = {b: {skip_to_str(s): 50 * (4 - sum(s)) * (1 + 0.5 * (b - 1)) for s in SKIPS} for b in (1, 2, 4)}
+    scheduler = Scheduler(FakeEngine(hold=hold), torch.zeros(1, *SHAPE), LatencyModel(tables),
+                          {s: 90.0 - sum(s) for s in SKIPS}, clock=lambda: clock[0])
+    try:
+        scheduler.submit(torch.ones(1, *SHAPE), 10.0)
+        while scheduler.stats().in_flight == 0:
+            time.sleep(1e-3)
+        for i in range(1, 10):  # nine more arrivals, 0.1 s apart
+            clock[0] = 0.1 * i
+            scheduler.submit(torch.ones(1, *SHAPE), 10.0)
+        clock[0] = 1.5
+        hold.set()
+        while scheduler.stats().queued:
+            time.sleep(1e-3)
+    finally:
+        hold.set()
+        scheduler.close()
+    assert seen[0] == (0.0, 0.0)  # one arrival: no rate yet
+    # the next decision at 1.5 s: the window's 8 latest arrivals, 0.2 .. 0.9 s, 7 gaps over 1.5 - 0.2 s
+    assert seen[1] == (1.5, pytest.approx(7 / 1.3))
+    assert scheduler.stats().served == 10
+
+
 def test_scheduler_engine_failure_is_every_batched_request_s_answer():
     scheduler = fake_scheduler(fail=True)
     futures = [scheduler.submit(torch.ones(1, *SHAPE), 10.0) for _ in range(5)]

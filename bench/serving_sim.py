@@ -1,0 +1,221 @@
+"""Simulated-clock replay of the load test's traces: the real dispatch policy, latencies from a measured profile.
+
+Each request of a ``bench/serving_load.py`` trace (same generator, same seeds) arrives on a virtual clock; the
+dispatcher does what the scheduler does, with no threads and no engine: the policy (``plan_dispatch``, with the
+scheduler's ``ArrivalRate`` and ``LatencyModel``) decides, a served batch takes the profiled latency times
+``--load`` times a mean-one log-normal factor of sigma ``--noise`` (drawn per call), the latency model observes
+it, and the clock moves on. What it leaves out: HTTP, the client, the GIL, the machine's other jobs; so it shows
+the policy, not the server (its attainment is at or above a real sweep's). A sweep of 9 rates x 5 ways of serving
+x 20 traces takes seconds, which is what tuning a policy needs.
+
+Ways of serving, as in the load test: ``super``, ``base``, ``static`` (forced sub-networks) and ``adaptive``; and
+``myopic``: the adaptive policy without its reserve (step 4 of ``policy.py``: no arrival rate), the policy before it.
+
+    python bench/serving_sim.py --profile bench/results/serving/paper_resnet50.json --scenario sim_paper_resnet50 \\
+        --rates 5,10,15,20,25,30,35,40,45 --out bench/results/serving
+    python bench/serving_sim.py --profile ... --load 1.5 --noise 0.3 --scenario sim_paper_resnet50_loaded ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from adaptive_kernels._files import write_text
+from adaptive_kernels.cli.checks import positive_int
+from adaptive_kernels.models.skip import parse_skip, skip_to_str
+from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel
+from adaptive_kernels.serving.policy import Costs, Queued, plan_dispatch, rank_by_accuracy
+from bench.serving_load import POLICIES, bursty_trace, machine, static_pick, summarize
+
+SIM_POLICIES = (*POLICIES, "myopic")
+
+
+def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dict[str, float], max_batch: int,
+             forced: str | None = None, *, reserve: bool = True, load: float = 1.0, noise: float = 0.0,
+             seed: int = 0) -> list[dict]:
+    """One record per arrival, as ``serving_load.replay`` writes them (status, latency s, skip, batch, met).
+
+    latency_us: ``{bucket: {"FFF": µs}}`` (a profile; the JSON's string keys do); accuracy: the servable
+    sub-networks; forced: the sub-network every request forces (None: the policy picks); reserve: False passes the
+    policy no arrival rate (no reserve); load, noise: a call takes profiled x load x LogNormal(-noise²/2, noise).
+    """
+    latency = LatencyModel({int(b): t for b, t in latency_us.items()})
+    stages = latency.num_stages
+    acc = {parse_skip(s, stages): a for s, a in accuracy.items()}
+    costs = Costs.build(latency.profiled, rank_by_accuracy(acc, latency.predict), max_batch)
+    skip = None if forced is None else parse_skip(forced, stages)
+    rate, rng = ArrivalRate(), random.Random(seed)
+    records: list[dict] = [{} for _ in arrivals]
+    queue: list[Queued] = []
+    ids: list[int] = []  # the arrival index of each queued request
+    clock, nxt = 0.0, 0
+    while nxt < len(arrivals) or queue:
+        while nxt < len(arrivals) and arrivals[nxt] <= clock:
+            queue.append(Queued(arrivals[nxt] + slo_s, 1, skip))
+            ids.append(nxt)
+            rate.arrived(arrivals[nxt])
+            nxt += 1
+        if not queue:
+            clock = float(arrivals[nxt])
+            continue
+        decision = plan_dispatch(queue, clock, costs, latency.factor, fifo=True,
+                                 rate=rate.at(clock) if reserve else 0.0)
+        for i in decision.refuse:
+            records[ids[i]].update(status="refused", latency=clock - arrivals[ids[i]])
+        if decision.serve:
+            took = latency.profiled(decision.skip, decision.batch) * load
+            if noise:
+                took *= math.exp(rng.gauss(-noise * noise / 2, noise))
+            latency.observe(decision.skip, decision.batch, took)
+            clock += took
+            name = skip_to_str(decision.skip)
+            for i in decision.serve:
+                records[ids[i]].update(status="served", latency=clock - arrivals[ids[i]], skip=name,
+                                       batch=decision.batch, met=clock <= queue[i].deadline)
+        elif decision.refuse:
+            latency.relax()
+        taken = len(decision.refuse) + len(decision.serve)  # a fifo queue: the oldest ones
+        del queue[:taken], ids[:taken]
+    return records
+
+
+def sweep(profile: dict, rates: list[float], seconds: float, traces: int, cv2: float, depth: float, load: float,
+          noise: float, seed: int) -> list[dict]:
+    """Per rate and way of serving: each trace's summary, then their mean and standard error."""
+    accuracy, latency_us, slo_ms = profile["accuracy"], profile["latency_us"], profile["slo_ms"]
+    max_batch = profile["max_batch"]
+    forced = {"super": max(accuracy, key=accuracy.get), "base": next(s for s in accuracy if set(s) == {"T"}),
+              "static": static_pick(latency_us, accuracy, slo_ms), "adaptive": None, "myopic": None}
+    rows = []
+    for rate in rates:
+        runs: dict[str, list[dict]] = {p: [] for p in SIM_POLICIES}
+        for k in range(traces):
+            arrivals = bursty_trace(seconds, rate, cv2, seed + k, depth=depth)
+            for policy in SIM_POLICIES:
+                records = simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, max_batch, forced[policy],
+                                   reserve=policy != "myopic", load=load, noise=noise, seed=seed + k)
+                runs[policy].append(summarize(records, accuracy, slo_ms, seconds))
+        base = np.array([r["slo_attainment"] for r in runs["base"]])
+        for policy in SIM_POLICIES:
+            got = runs[policy]
+            attainment = np.array([r["slo_attainment"] for r in got])
+            served = sum(r["served"] for r in got)
+            rows.append({
+                "rate": rate, "policy": policy, "forced": forced[policy], "traces": traces,
+                "sent": sum(r["sent"] for r in got), "served": served, "refused": sum(r["refused"] for r in got),
+                "slo_attainment": float(attainment.mean()), "slo_attainment_se": _se(attainment),
+                "vs_base": float((attainment - base).mean()), "vs_base_se": _se(attainment - base),
+                "mean_accuracy": (sum(r["mean_accuracy"] * r["served"] for r in got if r["served"]) / served
+                                  if served else None),
+                "p99_ms": float(np.mean([r["p99_ms"] for r in got])),
+                "mean_batch": float(np.mean([r["mean_batch"] for r in got if r["mean_batch"] is not None])),
+            })
+    return rows
+
+
+def _se(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def goals(rows: list[dict], accuracy: dict[str, float]) -> list[dict]:
+    """Per rate, the issue's goal read on the simulated means: where the base-net attains >= 0.99, does the adaptive
+    server too, and is its accuracy at least halfway from the base-net's to the super-net's?"""
+    base_acc = next(a for s, a in accuracy.items() if set(s) == {"T"})
+    halfway = (base_acc + max(accuracy.values())) / 2
+    out = []
+    for rate in sorted({r["rate"] for r in rows}):
+        row = {r["policy"]: r for r in rows if r["rate"] == rate}
+        a, b = row["adaptive"], row["base"]
+        out.append({"rate": rate, "base_attains_99": b["slo_attainment"] >= 0.99,
+                    "adaptive_attains_99": a["slo_attainment"] >= 0.99,
+                    "within_2se_of_base": a["vs_base"] >= -2 * a["vs_base_se"],
+                    "accuracy_halfway": a["mean_accuracy"] is not None and a["mean_accuracy"] >= halfway,
+                    "halfway": halfway})
+    return out
+
+
+def markdown(result: dict) -> str:
+    """One row per (rate, way of serving): attainment (± SE over traces), difference to the base-net, accuracy; then
+    the goal per rate."""
+    title = f"# Simulated serving sweep: {result['scenario']}"
+    m = result["machine"]
+    lines = [title, "",
+             (f"SIMULATED (bench/serving_sim.py): no server, no engine. The real policy (`plan_dispatch`, reserve "
+              f"RESERVE_SHARE {result['reserve_share']:g}) and latency model on a "
+              f"virtual clock; each call takes the profiled latency x {result['load']:g} x a mean-one log-normal "
+              f"factor (sigma {result['noise']:g}). Profile: {result['profile']} (measured by the HTTP sweep: "
+              f"{result['profile_machine']}). Model {result['model']}, SLO {result['slo_ms']:g} ms, max batch "
+              f"{result['max_batch']}; accuracy: {result['accuracy_source']}; static pick {result['static_pick']}. "
+              f"{result['traces']} traces of {result['seconds']:g} s per rate (bench/serving_load.py's generator, "
+              f"seeds {result['seed']}..{result['seed'] + result['traces'] - 1}; Gamma CV² {result['cv2']:g}, "
+              f"rate x (1 +/- {result['depth']:g}) sine); every way of serving replays the same traces. "
+              f"`myopic` = the adaptive policy without the reserve (the policy before it)."),
+             (f"Simulated on: {m['cpu']}, python {m['python']}, numpy {m['numpy']}, git {m['git']}, {m['date']}; "
+              f"the sweep took {result['wall_s']:.1f} s."), "",
+             ("| rate (req/s) | serving | sent | refused | SLO attainment ± SE | - base ± SE | mean accuracy | p99 ms "
+              "| mean batch |"), "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        acc = "-" if r["mean_accuracy"] is None else f"{r['mean_accuracy']:.2f}"
+        lines.append(f"| {r['rate']:g} | {r['policy']} | {r['sent']} | {r['refused']} | {r['slo_attainment']:.4f} ± "
+                     f"{r['slo_attainment_se']:.4f} | {r['vs_base']:+.4f} ± {r['vs_base_se']:.4f} | {acc} | "
+                     f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} |")
+    lines += ["", f"Goal (halfway accuracy {result['goals'][0]['halfway']:.2f}):", "",
+              "| rate | base ≥ 0.99 | adaptive ≥ 0.99 | adaptive ≥ base - 2 SE | accuracy ≥ halfway |",
+              "|---|---|---|---|---|"]
+    yes = {True: "yes", False: "no"}
+    for g in result["goals"]:
+        lines.append(f"| {g['rate']:g} | {yes[g['base_attains_99']]} | {yes[g['adaptive_attains_99']]} | "
+                     f"{yes[g['within_2se_of_base']]} | {yes[g['accuracy_halfway']]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import time
+
+    from adaptive_kernels.serving import policy
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", type=Path, required=True,
+                   help="a serving_load.py result (its latency_us, accuracy, slo_ms, max_batch are used)")
+    p.add_argument("--scenario", required=True, help="name of the result files")
+    p.add_argument("--rates", required=True, help="mean request rates per second, comma-separated")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of one trace")
+    p.add_argument("--traces", type=positive_int, default=20, help="traces per rate (seeds seed, seed + 1, ...)")
+    p.add_argument("--cv2", type=float, default=4.0)
+    p.add_argument("--depth", type=float, default=0.5)
+    p.add_argument("--load", type=float, default=1.0, help="calls take the profile times this")
+    p.add_argument("--noise", type=float, default=0.0, help="sigma of the per-call log-normal factor")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    profile = json.loads(args.profile.read_text())
+    rates = [float(r) for r in args.rates.split(",")]
+    start = time.perf_counter()
+    rows = sweep(profile, rates, args.seconds, args.traces, args.cv2, args.depth, args.load, args.noise, args.seed)
+    wall = time.perf_counter() - start
+    m = profile["machine"]
+    result = {"scenario": args.scenario, "simulated": True, "profile": str(args.profile),
+              "profile_machine": f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, onnxruntime "
+                                 f"{m['onnxruntime']}, git {m['git']}, {m['date']}",
+              "model": profile["model"], "slo_ms": profile["slo_ms"], "max_batch": profile["max_batch"],
+              "accuracy": profile["accuracy"], "accuracy_source": profile["accuracy_source"],
+              "static_pick": static_pick(profile["latency_us"], profile["accuracy"], profile["slo_ms"]),
+              "seconds": args.seconds, "traces": args.traces, "cv2": args.cv2, "depth": args.depth,
+              "load": args.load, "noise": args.noise, "seed": args.seed, "reserve_share": policy.RESERVE_SHARE, "wall_s": wall, "machine": machine(), "rows": rows,
+              "goals": goals(rows, profile["accuracy"])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")
+    write_text(args.out / f"{args.scenario}.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
