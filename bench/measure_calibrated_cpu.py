@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import adaptive_kernels as ak
-from adaptive_kernels._files import write_text
+from adaptive_kernels._files import atomic_path, write_text
 from adaptive_kernels.engine import OnnxRuntimeEngine
 from adaptive_kernels.engine.ort.layout import machine_layout
 from adaptive_kernels.export import INPUT, MASK, OUTPUT, mask_of, onnxruntime_session
@@ -89,7 +89,8 @@ def main() -> int:
         stages = model.num_skippable_stages
         static_mb = session_mb(static_files[configs[0]], args.threads, size, stages)
         laid_out = Path(folder) / "laid_out.onnx"
-        laid_out.write_bytes(machine_layout(one_graph))
+        with atomic_path(laid_out) as tmp:
+            tmp.write_bytes(machine_layout(one_graph))
         engine_mb = session_mb(laid_out, args.threads, size, stages)
         notes: list[str] = []
         handler = logging.Handler()
