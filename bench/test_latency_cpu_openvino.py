@@ -68,6 +68,7 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
 
     import adaptive_kernels as ak
     from adaptive_kernels.engine import OnnxRuntimeEngine, OpenVinoEngine
+    from adaptive_kernels.engine.openvino.engine import shared_core
     from adaptive_kernels.engine.openvino.subnets import specialize
     from adaptive_kernels.numerics import relative_error
 
@@ -123,9 +124,9 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
             int8._subnets[int8._set_default(skip)[0]]
         pick_us = (time.perf_counter() - t0) / len(picks) * 1e6
         # memory: what deleting it hands back, after one run of each compiled model (the engine's calls above)
-        static = specialize(openvino.Core().read_model(ort.onnx_model), np.ones(len(configs[0]), np.int32))
+        static = specialize(shared_core().read_model(ort.onnx_model), np.ones(len(configs[0]), np.int32))
         static.reshape({"input": list(x.shape)})
-        compiled = openvino.Core().compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT":
+        compiled = shared_core().compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT":
                                                                  "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
         compiled.create_infer_request().infer({"input": x.numpy()})
         del static

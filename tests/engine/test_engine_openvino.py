@@ -6,6 +6,8 @@ sub-networks cut out of the one graph; threads; the errors."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 from helpers import outputs_after_set_skip, wrong_outputs_from_threads
 
 from adaptive_kernels.engine import OpenVinoEngine, compile, dispatch
+from adaptive_kernels.engine.openvino.engine import shared_core
 from adaptive_kernels.engine.openvino.subnets import specialize
 from adaptive_kernels.numerics import relative_error
 
@@ -57,12 +60,12 @@ def test_fp32_is_exact_for_every_subnetwork_like_onnxruntime(model, fp32, want):
 
 
 def test_a_subnetwork_cut_out_of_the_one_graph_is_static_and_exact(model, fp32, want):
-    one_graph = openvino.Core().read_model(fp32.onnx_model)
+    one_graph = shared_core().read_model(fp32.onnx_model)
     for skip in [(False, True, False), (True, True, True)]:
         static = specialize(one_graph, np.array([0 if s else 1 for s in skip], dtype=np.int32))
         ops = {node.get_type_name() for node in static.get_ordered_ops()}
         assert "If" not in ops and [p.get_friendly_name() for p in static.get_parameters()] == ["input"]
-        compiled = openvino.Core().compile_model(static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = shared_core().compile_model(static, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         got = torch.from_numpy(compiled.create_infer_request().infer({"input": X.numpy()})[0])
         assert relative_error(got, want[skip]) < 1e-4
     assert {p.get_friendly_name() for p in one_graph.get_parameters()} == {"input", "mask"}  # left as it was
@@ -118,3 +121,35 @@ def test_the_errors_name_the_fix(model, monkeypatch):
     with pytest.raises(ValueError, match=r"^mechanism='openvino' is unavailable: openvino not installed; pip install "
                        r"adaptive_kernels\[openvino\]"):
         compile(model, X, mechanism="openvino")
+
+
+# A process that makes two OpenVINO engines, deletes the first one first, then handles a signal in Python (SIGCHLD
+# when a child exits): with a Core per engine it died of SIGSEGV (the CPU plugin put back an alternate signal stack
+# it had already freed; engine.py's module docstring), which is how the whole test suite once crashed.
+ENGINES_DELETED_OUT_OF_ORDER = """
+import gc, signal, subprocess, sys, time
+import torch
+import adaptive_kernels as ak
+model = ak.create_model("resnet20_adn", width=4).eval()
+x = torch.randn(1, 3, 16, 16)
+int8 = "int8" in sys.argv
+kwargs = {"dtype": torch.int8, "calibration": torch.randn(8, 3, 16, 16)} if int8 else {"dtype": torch.float32}
+first = ak.compile(model, x, mechanism="openvino", **kwargs)
+second = ak.compile(model, x, mechanism="openvino", **kwargs)
+expected = model(x, skip="TFT")
+assert ak.numerics.relative_error(second(x, "TFT"), expected) < (0.2 if int8 else 1e-4)
+del first; gc.collect()
+del second; gc.collect()
+signal.signal(signal.SIGCHLD, lambda *args: None)
+subprocess.run(["true"], check=True)
+time.sleep(0.1)
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_engines_deleted_in_any_order_leave_the_process_able_to_take_signals(precision):
+    proc = subprocess.run([sys.executable, "-c", ENGINES_DELETED_OUT_OF_ORDER, precision], check=False,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("alive"), (
+        f"exit {proc.returncode} (-11: SIGSEGV)\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

@@ -15,6 +15,12 @@ nothing. Memory: 2^S INT8 models, each about a quarter of the sub-network's fp32
 Threads: a compiled model may be used from many threads, an infer request may not. Each compiled model keeps a
 stack of idle requests; a call pops one (or creates one when all are busy), runs, and pushes it back
 (``collections.deque`` pops and appends are atomic), so calls never share a request and need no lock.
+
+One ``openvino.Core`` per process (:func:`shared_core`), never destroyed: OpenVINO's CPU plugin installs its own
+alternate signal stack on the thread that loads it and, when that Core goes, puts back the stack it found. Cores
+that die in another order than they were made (two engines, the first deleted first) put back a stack that was
+already freed, and the next signal Python handles on that thread (a ``SIGCHLD`` when a child process exits) kills
+the process with SIGSEGV. One Core that outlives every compiled model loads the plugin once.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
@@ -47,6 +54,22 @@ def openvino_unavailable(int8: bool = False) -> str | None:
     needed = ("openvino", "onnx", "onnxscript", *(("nncf",) if int8 else ()))
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     return f"{', '.join(missing)} not installed" if missing else None
+
+
+_core_lock = threading.Lock()
+_core = None
+
+
+def shared_core():
+    """The process's one ``openvino.Core`` (made on first use, under a lock; see the module docstring for why one).
+    Everything here and in the tests and benchmarks compiles through it."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            import openvino
+
+            _core = openvino.Core()
+        return _core
 
 
 class _Requests:
@@ -125,10 +148,8 @@ class OpenVinoEngine(HostEngine):
         batches = calibration_arrays(calibration, example_input, dynamic_batch=dynamic_batch) if int8 else None
         super().__init__(model, example_input, mechanism="openvino", dynamic_batch=dynamic_batch,
                          onnx_model=onnx_model)
-        import openvino
-
         self.precision = "int8" if int8 else "fp32"
-        core = openvino.Core()
+        core = shared_core()
         config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": "f32"}
         one_graph = core.read_model(self.onnx_model)

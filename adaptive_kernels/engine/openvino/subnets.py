@@ -15,6 +15,7 @@ which earlier stages ran, and a calibrated model's norms on all of them), so no 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 from collections.abc import Sequence
@@ -67,5 +68,10 @@ def quantize(model, batches: Sequence[np.ndarray]):
     import nncf
 
     nncf.set_log_level(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+            return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches))
+    finally:
+        # NNCF compiles on a Core of its own: free it now, before the next quantize makes another, so Cores die in
+        # the reverse order of their making (engine.py's module docstring says why that order matters)
+        gc.collect()
