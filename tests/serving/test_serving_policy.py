@@ -3,6 +3,7 @@ rates), its reserve on hand-built queues, and whole traces replayed on a simulat
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -87,6 +88,26 @@ def test_policy_matches_brute_force(seed):
     assert got == plan_dispatch(fifo, now, costs, latency.factor, rate=rate)
     refuse, serve, skip = reference(fifo, now, latency.predict, accuracy, 8, rate)
     assert (got.refuse, got.serve, got.skip, got.batch) == (refuse, serve, skip, size * len(serve))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_policy_decides_deadlines_at_a_prediction_to_the_last_bit(seed):
+    # the pick bisects on (deadline - now) / factor, which rounding can put one place off: a request whose deadline
+    # is a prediction exactly, or one ulp either side, must still get what `now + predict <= deadline` says
+    rng = random.Random(seed)
+    latency = random_latency(rng, padded=seed % 2 == 0)
+    for _ in range(3):
+        latency.observe(SKIPS[0], 1, latency.profiled(SKIPS[0], 1) * rng.uniform(0.5, 3.0))
+    accuracy = {s: 90 - sum(s) + rng.uniform(0, 0.5) for s in SKIPS}
+    costs = Costs.build(latency.profiled, rank_by_accuracy(accuracy, latency.predict), 8)
+    now = rng.uniform(0, 1e4)
+    for skip in SKIPS:
+        exact = now + latency.predict(skip, 1)
+        for deadline in (math.nextafter(exact, -math.inf), exact, math.nextafter(exact, math.inf)):
+            for rate in (0.0, 1e-3):  # no reserve; a reserve so long that the deadline binds
+                got = plan_dispatch([Queued(deadline)], now, costs, latency.factor, rate=rate)
+                assert (got.refuse, got.serve, got.skip) == reference([Queued(deadline)], now, latency.predict,
+                                                                       accuracy, 8, rate)
 
 
 def test_policy_serves_the_largest_batch_that_fits_when_the_profile_is_not_monotone():
