@@ -185,7 +185,7 @@ if __name__ == "__main__":
             # the SLO-aware server (adaptive_kernels.serving.http, serving.ray) and its stock client for the tests
             "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "tritonclient[http]>=2.40",
                       "ray[serve]>=2.30"],
-            "test": ["pytest", "pytest-benchmark", "pytest-timeout", "torchvision>=0.26", "matplotlib"],
+            "test": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "torchvision>=0.26", "matplotlib"],
         },
         entry_points={"console_scripts": ["adaptive-kernels=adaptive_kernels.__main__:main"]},
         ext_modules=ext_modules,
