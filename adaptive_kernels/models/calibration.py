@@ -10,7 +10,7 @@ norms' per-sub-network tables (their format: ``models/norms.py``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,40 @@ def _batches(images: torch.Tensor | Iterable, batch_size: int | None) -> Iterabl
     return (b[0] if isinstance(b, (tuple, list)) and b else b for b in images)
 
 
+def _checked(batches: Iterable, model: ADNModel, device: torch.device) -> Iterator[torch.Tensor]:
+    """Each batch as a tensor on ``device``, checked (a tensor, the model's input shape, finite values) before any
+    sub-network runs it."""
+    seen = 0
+    for x in batches:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"a batch of images must be a tensor (N, C, H, W), got {type(x).__name__}")
+        x = x.to(device)
+        model.check_input(x)
+        finite = torch.isfinite(x).flatten(1).all(1)
+        if not finite.all():  # one NaN image would poison every sub-network's tables
+            bad = [seen + int(i) for i in (~finite).nonzero().flatten()]
+            raise ValueError(f"calibration images {', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}"
+                             f" (counted from 0) hold NaN or infinite values: fix or drop them; no table was changed")
+        seen += x.shape[0]
+        yield x
+
+
+def _joined(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The batches, each one-image batch joined to the batch before it (the first, to the one after it): batch
+    statistics need 2 images, and the last batch of a split or a data loader often holds 1."""
+    pending = None
+    for x in batches:
+        if pending is None:
+            pending = x
+        elif pending.shape[0] < 2 or x.shape[0] < 2:
+            pending = torch.cat([pending, x])
+        else:
+            yield pending
+            pending = x
+    if pending is not None:
+        yield pending
+
+
 def calibrate(
     model: nn.Module,
     images: torch.Tensor | Iterable,
@@ -102,6 +136,7 @@ def calibrate(
     configs: "all" (the 2^S sub-networks) or the configurations to (re)calibrate (any ``skip`` spelling); the
         rows of other configurations keep their current values.
     progress: called with the number of images done after each batch.
+    A batch of one image (the last of a split or of a data loader, often) joins the batch before it.
 
     Statistics per sub-network: each batch runs through the sub-network with train-mode normalisation (batch
     statistics, as in training); a norm's row is the mean over batches, weighted by elements, of the batch
@@ -132,19 +167,9 @@ def calibrate(
         norm.statistics = stats[norm]
     try:
         with torch.no_grad():
-            for x in batches:
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"a batch of images must be a tensor (N, C, H, W), got {type(x).__name__}")
-                x = x.to(p.device)
-                model.check_input(x)
+            for x in _joined(_checked(batches, model, p.device)):
                 if x.shape[0] < 2:
-                    raise ValueError(f"a calibration batch needs >= 2 images for batch statistics, got {x.shape[0]}")
-                finite = torch.isfinite(x).flatten(1).all(1)
-                if not finite.all():  # one NaN image would poison every sub-network's tables
-                    bad = [done + int(i) for i in (~finite).nonzero().flatten()]
-                    raise ValueError(f"calibration images {', '.join(map(str, bad[:8]))}{' ...' if len(bad) > 8 else ''}"
-                                     f" (counted from 0) hold NaN or infinite values: fix or drop them; no table "
-                                     f"was changed")
+                    raise ValueError(f"calibration needs >= 2 images for batch statistics, got {x.shape[0]} in all")
                 for cfg in cfgs:
                     model(x, skip=cfg)
                 done += x.shape[0]

@@ -87,6 +87,23 @@ def test_calibrated_subnet_equals_model_with_hand_computed_statistics(name):
         assert not torch.allclose(model(xe, skip=mixed), uncalibrated(xe, skip=mixed), atol=1e-3)
 
 
+def test_a_one_image_batch_joins_its_neighbour():
+    # 9 images in batches of 8 leave a last batch of 1 (no batch statistics from one image): it joins the batch before
+    # it, so the tables are those of one batch of 9, against float64 hand statistics; a data loader's lone first and
+    # last batches join theirs the same way
+    model, shape = tiny("resnet20_adn")
+    x = torch.randn(9, *shape, generator=torch.Generator().manual_seed(6))
+    xe = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7))
+    split, loader = copy.deepcopy(model), copy.deepcopy(model)
+    assert calibrate(split, x, batch_size=8).images == 9
+    assert calibrate(loader, [x[:1], x[1:8], x[8:]]).images == 9
+    with torch.no_grad():
+        for skip in ("super", "FTF", "base"):
+            want = with_running_stats(model, hand_statistics(model, x, skip))(xe, skip=skip)
+            assert rel_err(split(xe, skip=skip), want) < 1e-4, skip
+            assert rel_err(loader(xe, skip=skip), want) < 1e-4, skip
+
+
 def test_several_batches_accumulate_like_batchnorm_momentum_none():
     model, shape = tiny("resnet20_adn")
     x = torch.randn(24, *shape, generator=torch.Generator().manual_seed(4))
