@@ -26,7 +26,7 @@ from ..training.data import (
     calibration_batches,
 )
 from ..training.distributed import resolve_device
-from .checks import HelpFormatter, add_data_args, auto_threads, checkpoint_data, device_name, positive_int
+from .checks import HelpFormatter, add_data_args, auto_threads, checkpoint_data, device_name, path_text, positive_int
 
 
 def calibrate_checkpoint(
@@ -83,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=HelpFormatter, description="Per-sub-network norm statistics of a checkpoint, measured on N un-augmented training images (the "
                        "first N of epoch 0's order), written to --out with everything else kept; eval, export and "
                        "training resume then use them.")
-    c.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
+    c.add_argument("--checkpoint", type=path_text, required=True, help="a last.pt written by train or demo")
     add_data_args(c, from_checkpoint=True, auto_threads=True)
     c.add_argument("--images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"un-augmented training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="auto: the EMA weights when the checkpoint has them")
     c.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
-    c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
+    c.add_argument("--out", type=path_text, required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
     c.set_defaults(func=run)
 
 

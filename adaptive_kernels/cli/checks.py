@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -80,6 +81,27 @@ seed_int = int_range(0, 2**63 - 1)  # numpy's SeedSequence takes non-negative se
 thread_count = int_range(1, 4 * (os.cpu_count() or 1))
 positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
+
+
+def path_text(text: str) -> str:
+    """argparse type: a path, not an empty string (``--out ""`` would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a path, got {text!r}")
+    return text
+
+
+path_text.__name__ = "path"
+
+
+def model_name(text: str) -> str:
+    """argparse type: a served model's name, one segment of the protocol's URLs (``/v2/models/NAME/infer``)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", text):
+        raise argparse.ArgumentTypeError(f"must be letters, digits, '_', '.' or '-' (at most 128, a letter or digit "
+                                         f"first: it is part of the URL), got {text!r}")
+    return text
+
+
+model_name.__name__ = "model name"
 
 
 def thread_count_or_auto(text: str) -> int | str:
@@ -159,7 +181,7 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = None, *, fro
     ``auto_threads``: --threads takes ``auto`` and defaults to it (the command calls ``faster_thread_count``)."""
     p.add_argument("--data", choices=DATASETS, default=default, required=default is None and not from_checkpoint,
                    help="dataset" + (" (default: the one the checkpoint was trained on)" if from_checkpoint else ""))
-    p.add_argument("--data-dir", help="dataset folder (fashion-mnist: the IDX files, default "
+    p.add_argument("--data-dir", type=path_text, help="dataset folder (fashion-mnist: the IDX files, default "
                    "/usr/share/datasets/fashion-mnist; imagefolder: ROOT with train/ and val/)")
     p.add_argument("--test-subset", type=positive_int, help="score on a fixed random subset of N test images")
     p.add_argument("--image-size", type=positive_int,

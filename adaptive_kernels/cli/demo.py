@@ -46,6 +46,7 @@ from .checks import (
     check_image_size,
     faster_thread_count,
     output_dir,
+    path_text,
     positive_float,
     positive_int,
     seed_int,
@@ -279,7 +280,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a ResNet-20-ADN within a time budget, evaluate every sub-network, "
                                    "write checkpoint, table and plot.")
     add_data_args(d, default="fashion-mnist", auto_threads=True)
-    d.add_argument("--out", default="demo_out", help="output folder")
+    d.add_argument("--out", type=path_text, default="demo_out", help="output folder")
     d.add_argument("--budget-seconds", type=positive_float, default=420.0,
                    help="total time to aim at (7 minutes), measuring and evaluating included")
     d.add_argument("--width", type=positive_int, default=8, help="base channels of the ResNet-20-ADN")

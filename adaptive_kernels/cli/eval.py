@@ -17,7 +17,16 @@ from ..training.checkpoint import load_checkpoint, model_from_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
 from ..training.evaluate import evaluate_subnets, format_table
-from .checks import HelpFormatter, add_data_args, auto_threads, checkpoint_data, device_name, positive_int
+from .checks import (
+    HelpFormatter,
+    add_data_args,
+    auto_threads,
+    checkpoint_data,
+    device_name,
+    int_range,
+    path_text,
+    positive_int,
+)
 
 
 def latency_source(model: nn.Module, input_shape: tuple[int, int, int, int], device: torch.device | str) -> nn.Module:
@@ -33,14 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``eval`` sub-command."""
     e = sub.add_parser("eval", help="evaluate every sub-network of a checkpoint", formatter_class=HelpFormatter,
                        description="Accuracy, MACs and measured latency of every sub-network of a checkpoint.")
-    e.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
+    e.add_argument("--checkpoint", type=path_text, required=True, help="a last.pt written by train or demo")
     add_data_args(e, from_checkpoint=True, auto_threads=True)
-    e.add_argument("--json", help="also write [{skip, accuracy, macs, latency_us, ...}, ...] to this file")
+    e.add_argument("--json", type=path_text, help="also write [{skip, accuracy, macs, latency_us, ...}, ...] to this file")
     e.add_argument("--batch-size", type=positive_int, default=500, help="accuracy batch size")
     e.add_argument("--latency-batch", type=positive_int, default=64,
                    help="batch size of the latency measurement (at batch 1 a CPU mostly measures per-layer "
                         "overheads)")
-    e.add_argument("--latency-repeats", type=positive_int, default=30,
+    e.add_argument("--latency-repeats", type=int_range(1, 10000), default=30,
                    help="timed rounds; each round runs every sub-network once")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                    help="auto: the EMA weights when the checkpoint has them")

@@ -20,7 +20,9 @@ from .checks import (
     build_model,
     check_image_size,
     check_model_args,
+    int_range,
     parse_model_args,
+    path_text,
     positive_int,
     thread_count,
 )
@@ -33,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "and check it against the model, sub-network by sub-network, before it replaces --out.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=f"registered model with fresh weights ({', '.join(list_models())})")
-    source.add_argument("--checkpoint", help="a last.pt written by train or demo (its EMA weights when it has them)")
+    source.add_argument("--checkpoint", type=path_text, help="a last.pt written by train or demo (its EMA weights when it has them)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra builder argument for --model, repeatable (e.g. num_classes=10)")
     p.add_argument("--format", choices=FORMATS, required=True,
@@ -42,9 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip", help="export this sub-network alone (super, base or T/F letters); "
                                   "default: onnx every sub-network in one graph, pt2 the super-net")
     p.add_argument("--image-size", type=positive_int, help="input height = width (default: the checkpoint's, or 224)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="batch of the example input (the batch stays dynamic)")
+    p.add_argument("--batch-size", type=int_range(1, 256), default=1,
+                   help="batch of the example input (the batch stays dynamic: the file runs any batch)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch and ONNX Runtime (default: torch's choice)")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx / model.pt2")
+    p.add_argument("--out", type=path_text, required=True, help="file to write, e.g. model.onnx / model.pt2")
     p.set_defaults(func=run)
 
 
@@ -61,8 +64,16 @@ def _load(args: argparse.Namespace) -> tuple[ADNModel, dict, int | None]:
     return model, state["model_spec"], (size[0] if size else None)
 
 
+#: the file names each format's files go by: an --out of the other format's is a mix-up, refused
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out")
+    other = next((f for f, suffix in SUFFIXES.items() if f != args.format and out.suffix == suffix), None)
+    if other is not None:
+        raise ValueError(f"--out {out} has the suffix of --format {other} files, but --format {args.format} was "
+                         f"asked for: give --out {out.with_suffix(SUFFIXES[args.format])} or --format {other}")
     model, spec, trained_size = _load(args)
     model.eval()
     size = args.image_size or getattr(model, "image_size", None) or trained_size or 224

@@ -14,7 +14,17 @@ from ..serving.plan import measure_accuracies
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
-from .checks import HelpFormatter, add_data_args, checkpoint_data, device_name, int_range, positive_float, positive_int
+from .checks import (
+    HelpFormatter,
+    add_data_args,
+    checkpoint_data,
+    device_name,
+    int_range,
+    model_name,
+    path_text,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,17 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="An SLO-aware HTTP server for a checkpoint (Open Inference Protocol / KServe v2, "
                                    "Prometheus metrics at /metrics): profiles the engine, prints the plan, serves "
                                    "until Ctrl-C or SIGTERM, then answers what is queued. Needs the [serve] extra.")
-    s.add_argument("--checkpoint", required=True, help="a last.pt / calibrated.pt written by train, demo or calibrate")
+    s.add_argument("--checkpoint", type=path_text, required=True, help="a last.pt / calibrated.pt written by train, demo or calibrate")
     s.add_argument("--slo-ms", type=positive_float, required=True,
                    help="latency objective of a request that sets none (its slo_ms parameter)")
-    s.add_argument("--accuracy", help="eval --json output (or {\"TFF\": accuracy, ...}): the sub-networks it lists are "
+    s.add_argument("--accuracy", type=path_text, help="eval --json output (or {\"TFF\": accuracy, ...}): the sub-networks it lists are "
                                       "served; default: measure every sub-network on --data now (by default the "
                                       "checkpoint's dataset)")
     add_data_args(s, from_checkpoint=True)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (0: any free port)")
     s.add_argument("--max-batch", type=int_range(1, 1024), default=16, help="the most inputs one engine call takes")
-    s.add_argument("--name", help="model name in the protocol's URLs (default: the checkpoint's model name)")
+    s.add_argument("--name", type=model_name, help="model name in the protocol's URLs (default: the checkpoint's model name)")
     s.add_argument("--device", type=device_name, default="cpu", help="cpu (ONNX Runtime engine) or cuda / cuda:N")
     s.add_argument("--profile-iters", type=positive_int, default=20, help="timed runs per sub-network and batch size")
     s.add_argument("--ray-replicas", type=int_range(1, 4096),

@@ -26,6 +26,7 @@ from .checks import (
     non_negative_int,
     output_dir,
     parse_model_args,
+    path_text,
     positive_float,
     positive_int,
     seed_int,
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_args(t)
     t.add_argument("--train-subset", type=positive_int, help="train on a fixed random subset of N images")
     t.add_argument("--no-augment", action="store_true", help="no random crops/flips (short runs learn faster)")
-    t.add_argument("--out", required=True, help="output folder: last.pt, log.jsonl")
+    t.add_argument("--out", type=path_text, required=True, help="output folder: last.pt, log.jsonl")
     t.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly where it stopped")
     t.add_argument("--overwrite", action="store_true", help="start over even if OUT/last.pt exists")
     t.add_argument("--mode", choices=("adn", "plain", "single"), default="adn",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_path
+from ..engine.base import PROGRESS_EVERY_S
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from .data import DataSource
 from .distributed import DistEnv, all_reduce_sum
@@ -103,8 +104,10 @@ def measure_latencies_us(
     x = torch.randn(input_shape, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in skips]
+    total = warmup + rounds
+    started = last = time.perf_counter()
     try:
-        for r in range(warmup + rounds):
+        for r in range(total):
             for k in range(len(skips)):
                 i = (r + k) % len(skips)
                 sync()
@@ -113,6 +116,11 @@ def measure_latencies_us(
                 sync()
                 if r >= warmup:
                     times[i].append(time.perf_counter() - t0)
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and r + 1 < total:  # a long wait says how long it will be
+                last = now
+                logger.info("[latency] %d/%d rounds in %.0f s, about %.0f s left", r + 1, total, now - started,
+                            (now - started) / (r + 1) * (total - r - 1))
     finally:
         model.train(was_training)
     stats = []

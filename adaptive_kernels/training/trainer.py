@@ -104,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"amp={self.amp!r}: use one of {', '.join(AMP_DTYPES)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("lr must be > 0, weight_decay and warmup_epochs >= 0")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs:g} (--warmup-epochs) must be below epochs={self.epochs}: "
+                             f"the learning rate would never reach its peak; lower --warmup-epochs or raise --epochs")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad={self.clip_grad} must be > 0 (or None: no clipping)")
         if self.eval_every_epochs < 0:
@@ -119,6 +122,10 @@ class TrainConfig:
             trains = "every sub-network" if self.mode == "adn" else "the super-net"
             raise ValueError(f"skip={self.skip!r} (--skip) applies only to mode 'single', the one sub-network it trains; "
                              f"mode {self.mode!r} trains {trains}: drop --skip, or use --mode single")
+        late = [m for m in self.milestones if m >= self.epochs]
+        if late:
+            raise ValueError(f"milestones={list(self.milestones)} (--milestones): {late[0]} is not below epochs="
+                             f"{self.epochs}, so the run ends before it applies; give epochs where the LR should drop")
         self.milestones = tuple(int(m) for m in self.milestones)
 
 

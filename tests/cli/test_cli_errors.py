@@ -60,14 +60,14 @@ def test_every_numeric_flag_is_range_checked():
         for action in sub._actions:
             if action.type in (int, float):
                 pytest.fail(f"{name} {action.option_strings[0]} uses a bare {action.type.__name__}")
-            if action.type is not None and action.type is not checks.device_name:
+            if action.type not in (None, checks.device_name, checks.path_text, checks.model_name):  # the text ones
                 with pytest.raises(argparse.ArgumentTypeError, match=r"must be .*(>=|>|in [\[(]).*got 'nan'"):
                     action.type("nan")
 
 
 @pytest.mark.parametrize("argv, flag, allowed", [
     (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--batch-size", "0"], "--batch-size", ">= 1"),
-    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--latency-repeats", "0"], "--latency-repeats", ">= 1"),
+    (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--latency-repeats", "0"], "--latency-repeats", "in [1, 10000]"),
     (["eval", "--checkpoint", "x.pt", "--data", "synthetic", "--latency-batch", "-3"], "--latency-batch", ">= 1"),
     (TRAIN + ["--out", "o", "--lr", "nan"], "--lr", "> 0"),
     (TRAIN + ["--out", "o", "--lr", "-0.1"], "--lr", "> 0"),
@@ -161,6 +161,40 @@ def test_values_the_data_or_the_model_cannot_take_are_refused(argv, message, tmp
     started = time.perf_counter()
     _, line = run_main([a.format(tmp=tmp_path) for a in argv], capsys)
     assert message in line
+    assert time.perf_counter() - started < 10
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    # an empty path would be the current folder: a run written into it, --json silently not written
+    (TRAIN + ["--out", ""], "argument --out: must be a path, got ''"),
+    (["eval", "--checkpoint", "{tmp}/last.pt", "--json", " "], "argument --json: must be a path, got ' '"),
+    (["calibrate", "--checkpoint", "", "--out", "{tmp}/c.pt"], "argument --checkpoint: must be a path"),
+    (["export", "--model", "resnet20_adn", "--format", "onnx", "--out", ""], "argument --out: must be a path"),
+    (["serve", "--checkpoint", "{tmp}/last.pt", "--slo-ms", "5", "--accuracy", ""], "argument --accuracy: must be"),
+    (["eval", "--checkpoint", "{tmp}/last.pt", "--data", "fashion-mnist", "--data-dir", ""],
+     "argument --data-dir: must be a path"),
+    # the name is a segment of /v2/models/NAME/infer: a slash would serve under a URL no client reaches
+    (["serve", "--checkpoint", "{tmp}/last.pt", "--slo-ms", "5", "--name", "a/b"],
+     "argument --name: must be letters, digits, '_', '.' or '-'"),
+    (["export", "--model", "resnet20_adn", "--format", "pt2", "--out", "{tmp}/m.onnx"],
+     ("--out {tmp}/m.onnx has the suffix of --format onnx files, but --format pt2 was asked for: give --out "
+      "{tmp}/m.pt2 or --format onnx")),
+    (["export", "--model", "resnet20_adn", "--format", "onnx", "--out", "{tmp}/m.pt2"], "give --out {tmp}/m.onnx"),
+    # the batch of the example input only: a huge one made the export and its check run for minutes
+    (["export", "--model", "resnet20_adn", "--format", "onnx", "--batch-size", "100000", "--out", "{tmp}/m.onnx"],
+     "argument --batch-size: must be an integer in [1, 256]"),
+    (["eval", "--checkpoint", "{tmp}/last.pt", "--latency-repeats", "100000000"],
+     "argument --latency-repeats: must be an integer in [1, 10000]"),
+    (TRAIN + ["--out", "{tmp}/run", "--warmup-epochs", "1"],
+     "warmup_epochs=1 (--warmup-epochs) must be below epochs=1: the learning rate would never reach its peak"),
+    (TRAIN + ["--out", "{tmp}/run", "--schedule", "multistep", "--milestones", "1"],
+     "milestones=[1] (--milestones): 1 is not below epochs=1, so the run ends before it applies"),
+])
+def test_values_that_would_do_something_else_than_asked_are_refused(argv, message, tmp_path, capsys):
+    started = time.perf_counter()
+    _, line = run_main([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert message.format(tmp=tmp_path) in line
     assert time.perf_counter() - started < 10
     assert os.listdir(tmp_path) == []
 

@@ -3,7 +3,9 @@ lines off a terminal, interleaved latency rounds, ImageFolder batches that do no
 
 import io
 import json
+import logging
 import os
+import time
 
 import pytest
 import torch
@@ -106,6 +108,23 @@ def test_latency_rounds_interleave_every_subnetwork():
     assert len(rounds) == 4 and all(sorted(r) == skips for r in rounds)  # each round runs each sub-network once
     assert [r[0] for r in rounds] == ["FF", "FT", "TF", "TT"]  # starting one later each round
     assert all(s.p20_us <= s.median_us <= s.p80_us for s in stats)
+
+
+def test_a_long_latency_measurement_says_how_far_it_is_and_how_long_is_left(monkeypatch, caplog):
+    from adaptive_kernels.training import evaluate
+
+    class Slow(CallOrder):
+        def forward(self, x, skip=None):
+            time.sleep(0.01)
+            return super().forward(x, skip)
+
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 0.05)
+    with caplog.at_level(logging.INFO, logger="adaptive_kernels"):
+        measure_latencies_us(Slow(), ["FF", "TT"], (1, 1, 2, 2), warmup=1, rounds=9)  # ~0.2 s in 10 rounds
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[latency]")]
+    assert 1 <= len(lines) <= 5, lines  # one line per PROGRESS_EVERY_S, none after the last round
+    done, total = (int(n) for n in lines[-1].split()[1].split("/"))
+    assert total == 10 and done < total and lines[-1].endswith("s left")
 
 
 def result(skip, accuracy, median, p20, p80):
