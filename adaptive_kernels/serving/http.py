@@ -108,6 +108,8 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
         raise ProtocolError(f"input {tensor.get('name')!r} {datatype}: this model takes {INPUT!r} FP32")
     if not isinstance(shape, list) or len(shape) != 4 or tuple(shape[1:]) != image_shape:
         raise ProtocolError(f"input shape {shape}: this model takes [N, {', '.join(map(str, image_shape))}]")
+    if isinstance(shape[0], bool) or not isinstance(shape[0], int) or shape[0] < 1:
+        raise ProtocolError(f"input shape {shape}: the batch must be a whole number from 1 (images in the request)")
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     try:
         if size is not None:
@@ -197,7 +199,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
             if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0:
                 raise ProtocolError(f"parameter slo_ms={slo!r}: give a positive number of milliseconds")
             future = scheduler.submit(x, slo / 1e3, parameters.get("skip"))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # the request's mistake (a skip of a wrong type is a TypeError)
             return _error(str(e), getattr(e, "status", 400))
         try:
             served = await asyncio.wrap_future(future)

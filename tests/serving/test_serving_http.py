@@ -3,7 +3,9 @@ model, the sub-network reported and forced, refusals as HTTP errors, metrics; st
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -67,3 +69,36 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     assert rate and float(rate.group(1)) > 0  # 4 arrivals so far: a rate
     stats = scheduler.stats()
     assert stats.submitted == stats.served + stats.refused == 4
+
+
+def post(port: int, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/r20/infer", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+IMAGE = [0.5] * 256  # one 1x16x16 image
+
+
+@pytest.mark.parametrize("request_json, status, message", [
+    ({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": IMAGE}],
+      "parameters": {"skip": True}}, 400, "skip must be None, 'super', 'base', a T/F string or a sequence of bools"),
+    ({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": IMAGE}],
+      "parameters": {"skip": 3}}, 400, "skip must be"),
+    ({"inputs": [{"name": "input", "shape": [-1, 1, 16, 16], "datatype": "FP32", "data": IMAGE}]}, 400,
+     "input shape [-1, 1, 16, 16]: the batch must be a whole number from 1"),
+    ({"inputs": [{"name": "input", "shape": [1.5, 1, 16, 16], "datatype": "FP32", "data": IMAGE}]}, 400,
+     "input shape [1.5, 1, 16, 16]: the batch must be a whole number from 1"),
+])
+def test_http_answers_a_malformed_request_with_one_line_and_keeps_serving(server, request_json, status, message):
+    """A client's mistake is the client's 4xx with one line saying what is wrong, never a 500 and a server-side
+    traceback; the next request is served."""
+    http, _ = server
+    code, answer = post(http.port, json.dumps(request_json).encode())
+    assert (code, set(answer)) == (status, {"error"}) and message in answer["error"] and "\n" not in answer["error"]
+    good = {"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": IMAGE}]}
+    assert post(http.port, json.dumps(good).encode())[0] == 200
