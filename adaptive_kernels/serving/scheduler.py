@@ -376,7 +376,10 @@ class Scheduler:
 def _as_float32_array(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """x as a float32 NumPy array on the CPU, a view where it already is one."""
     if isinstance(x, np.ndarray):
-        return x if x.dtype == np.float32 else x.astype(np.float32)
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
-        x = x.detach().to("cpu", torch.float32)
-    return x.numpy()
+        array = x
+    else:
+        try:  # the common case first: reading x.device alone costs more than this view (~1 us)
+            array = x.numpy()
+        except (RuntimeError, TypeError):  # on a GPU, needs grad, a dtype NumPy lacks (bfloat16), a neg view
+            array = x.detach().to(torch.float32).numpy(force=True)  # force: also resolves conj/neg views
+    return array if array.dtype == np.float32 else array.astype(np.float32)
