@@ -105,7 +105,8 @@ def test_policy_cost(benchmark_or_none, rows, plan, n):
 
 
 def interleaved(candidates: dict[str, object]) -> dict[str, Timing]:
-    """Per-call µs of each candidate: ROUNDS rounds of CALLS calls each, the candidates in random order per round."""
+    """Per-call µs of each candidate (a function that makes CALLS calls): ROUNDS rounds, the candidates in random
+    order in each."""
     samples = {name: [] for name in candidates}
     rng = random.Random(0)
     for fn in candidates.values():
@@ -113,8 +114,7 @@ def interleaved(candidates: dict[str, object]) -> dict[str, Timing]:
     for _ in range(ROUNDS):
         for name, fn in rng.sample(list(candidates.items()), len(candidates)):
             start = time.perf_counter_ns()
-            for _ in range(CALLS):
-                fn()
+            fn()  # CALLS calls
             samples[name].append((time.perf_counter_ns() - start) / 1e3 / CALLS)
     return {name: Timing(values) for name, values in samples.items()}
 

@@ -28,7 +28,7 @@ PADDED_MECHANISMS = ("conditional", "early_exit")
 #: the input ring holds this many full batches of queued inputs (a deeper queue: later inputs stacked at dispatch) ...
 RING_BATCHES = 8
 #: ... within this many bytes (but always 2 full batches)
-RING_BYTES = 64 << 20
+RING_BYTES = 32 << 20
 
 
 class Refused(Exception):
@@ -117,7 +117,7 @@ class InputRing:
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor``'s data starts inside the ring (an engine that answered with a view of its input)."""
-        return tensor.device.type == "cpu" and self._span[0] <= tensor.data_ptr() < self._span[1]
+        return tensor.is_cpu and self._span[0] <= tensor.data_ptr() < self._span[1]  # is_cpu: ~8x .device
 
 
 @dataclass
@@ -305,9 +305,9 @@ class Scheduler:
             with torch.no_grad():
                 y = self.engine(x, skip=skip)
                 y = y[:size].float().cpu()  # synchronises a CUDA engine: the time below is the call's
-                if self.ring.holds(y):  # the next dispatches overwrite the ring: an answer must not live there
-                    y = y.clone()
             returned = self._clock()
+            if self.ring.holds(y):  # the next dispatches overwrite the ring: an answer must not live there
+                y = y.clone()
         except Exception as error:  # noqa: BLE001 -- the engine's failure is every batched request's answer
             with self._cond:
                 self.counters.in_flight = 0
