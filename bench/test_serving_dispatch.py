@@ -42,7 +42,7 @@ from adaptive_kernels.models.skip import skip_to_str
 from adaptive_kernels.serving import Queued, Scheduler, build_plan, plan_dispatch, rank_by_accuracy
 from adaptive_kernels.serving.policy import Costs
 from adaptive_kernels.serving.scheduler import _as_float32_array, _Request
-from bench._harness import Timing, make_row, measure
+from bench._harness import Timing, load_average, make_row, measure
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
 ROUNDS, CALLS, SWITCH_ROUNDS = (30, 2000, 1000) if FULL else (3, 200, 20)
@@ -169,7 +169,7 @@ def test_batching_cost(rows, plan, n):
 def make_policy_row(provider: str, timing: Timing, base_b1: float, common: dict, *, metric: str, served: int,
                     skip: str) -> dict:
     return make_row(provider=provider, skip=skip, timing=timing, metric=metric, served=served,
-                    share_of_base_b1=round(timing.median_us / base_b1, 5), **common)
+                    share_of_base_b1=round(timing.median_us / base_b1, 5), load_avg_1min=load_average(), **common)
 
 
 def median_ci95(values: list[float]) -> tuple[float, float]:
