@@ -10,8 +10,12 @@ measurable. The model is the demo's base net (ResNet-20-ADN width 8, 1 x 28 x 28
             SLOs: one pass); at an arrival rate the base-net at full batch just keeps up with (the reserve, step 4,
             decides). ``share_of_base_b1`` = median / base-net batch-1 latency. The median is over rounds of
             ``CALLS`` decisions each (a single decision is too short for the clock).
-  batching  what the dispatcher does to a queue-sized batch of one-image inputs before the engine call
-            (``torch.cat``, ``.to``).
+  batching  what the dispatcher does to a batch of 1 or 16 one-image inputs before the engine call, in
+            interleaved rounds (same sitting): ``provider="ring"`` the scheduler's ``_batch_input`` (a view of its
+            input ring), ``"torch.cat"`` what it did before (``torch.cat`` of the requests' tensors, ``.to``).
+  submit_copy  what moved to the submitting thread, per one-image request, interleaved likewise:
+            ``"ring.put"`` a tensor (the Python API) and ``"ring.put (http)"`` a decoded read-only array copied into
+            the ring; ``"copy (http, before)"`` the copy HTTP decoding made before (``torch.from_numpy(a.copy())``).
   switch    paired, engine at batch 1: each round runs, in random order, (super, base) x 8 (15 switches) and
             super x 8 + base x 8 (1 switch), the same 16 calls; ``switch_us`` = median over rounds of their
             difference / 14, with a 95 % confidence interval of that median (order statistics) in
@@ -28,15 +32,17 @@ import random
 import statistics
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from adaptive_kernels import create_model
 from adaptive_kernels.engine.ort.engine import onnxruntime_unavailable
 from adaptive_kernels.models.skip import skip_to_str
-from adaptive_kernels.serving import Queued, build_plan, plan_dispatch, rank_by_accuracy
+from adaptive_kernels.serving import Queued, Scheduler, build_plan, plan_dispatch, rank_by_accuracy
 from adaptive_kernels.serving.policy import Costs
-from bench._harness import Timing, make_row, measure
+from adaptive_kernels.serving.scheduler import _as_float32_array, _Request
+from bench._harness import Timing, load_average, make_row, measure
 
 FULL = os.environ.get("ADN_BENCH_CPU") == "1"
 ROUNDS, CALLS, SWITCH_ROUNDS = (30, 2000, 1000) if FULL else (3, 200, 20)
@@ -96,20 +102,74 @@ def test_policy_cost(benchmark_or_none, rows, plan, n):
         timing = per_decision(measure(decide, benchmark, warmup=1, rounds=ROUNDS))
         rows.add(make_policy_row(provider, timing, base_b1, common, metric="policy", served=decision.batch,
                                  skip=skip_to_str(decision.skip)))
-    images = [torch.randn(1, 1, 28, 28) for _ in range(min(n, MAX_BATCH))]
 
-    def stack():
+
+def interleaved(candidates: dict[str, object]) -> dict[str, Timing]:
+    """Per-call µs of each candidate (a function that makes CALLS calls): ROUNDS rounds, the candidates in random
+    order in each."""
+    samples = {name: [] for name in candidates}
+    rng = random.Random(0)
+    for fn in candidates.values():
+        fn()  # warm-up
+    for _ in range(ROUNDS):
+        for name, fn in rng.sample(list(candidates.items()), len(candidates)):
+            start = time.perf_counter_ns()
+            fn()  # CALLS calls
+            samples[name].append((time.perf_counter_ns() - start) / 1e3 / CALLS)
+    return {name: Timing(values) for name, values in samples.items()}
+
+
+@pytest.mark.parametrize("n", (1, MAX_BATCH))
+def test_batching_cost(rows, plan, n):
+    latency = plan.latency
+    base_b1 = min(latency.profiled(s, 1) for s in plan.accuracy) * 1e6
+    common = {"model": MODEL, "batch": n, "dtype": torch.float32, "macs": None, "base_b1_us": round(base_b1, 3)}
+    scheduler = Scheduler(plan.engine, plan.example_input, latency, plan.accuracy)
+    scheduler.close()  # its dispatcher ends: the batch below is ours
+    images = [torch.randn(1, 1, 28, 28) for _ in range(n)]
+    ring = scheduler.ring
+    batch = [_Request(x, ring.put(x.numpy(), None), 0.0, Queued(1.0)) for x in images]
+    device = plan.example_input.device
+    assert torch.equal(scheduler._batch_input(batch, n, True), torch.cat(images))
+
+    def ring_view():
         for _ in range(CALLS):
-            (images[0] if len(images) == 1 else torch.cat(images)).to(plan.example_input.device, torch.float32)
+            scheduler._batch_input(batch, n, True)
 
-    timing = per_decision(measure(stack, warmup=1, rounds=ROUNDS))
-    rows.add(make_policy_row("torch.cat", timing, base_b1, common, metric="batching", served=len(images), skip="-"))
+    def cat_before():  # Scheduler._run before the ring
+        for _ in range(CALLS):
+            x = batch[0].x if len(batch) == 1 else torch.cat([r.x for r in batch])
+            x.to(device, torch.float32)
+
+    for provider, timing in interleaved({"ring": ring_view, "torch.cat": cat_before}).items():
+        rows.add(make_policy_row(provider, timing, base_b1, common, metric="batching", served=n, skip="-"))
+    if n != 1:
+        return
+    x = images[0]
+    array = x.numpy()
+    decoded = np.frombuffer(array.tobytes(), dtype="<f4").reshape(array.shape)  # read-only, as HTTP decodes
+
+    def put_tensor():
+        for _ in range(CALLS):
+            ring.put(_as_float32_array(x), None)
+
+    def put_decoded():
+        for _ in range(CALLS):
+            ring.put(_as_float32_array(decoded), None)
+
+    def copy_before():
+        for _ in range(CALLS):
+            torch.from_numpy(decoded.copy())
+
+    candidates = {"ring.put": put_tensor, "ring.put (http)": put_decoded, "copy (http, before)": copy_before}
+    for provider, timing in interleaved(candidates).items():
+        rows.add(make_policy_row(provider, timing, base_b1, common, metric="submit_copy", served=1, skip="-"))
 
 
 def make_policy_row(provider: str, timing: Timing, base_b1: float, common: dict, *, metric: str, served: int,
                     skip: str) -> dict:
     return make_row(provider=provider, skip=skip, timing=timing, metric=metric, served=served,
-                    share_of_base_b1=round(timing.median_us / base_b1, 5), **common)
+                    share_of_base_b1=round(timing.median_us / base_b1, 5), load_avg_1min=load_average(), **common)
 
 
 def median_ci95(values: list[float]) -> tuple[float, float]:

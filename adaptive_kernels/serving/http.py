@@ -24,7 +24,6 @@ import threading
 from typing import Any
 
 import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -91,8 +90,11 @@ def _attainment(scheduler: Scheduler) -> float:
 
 
 def decode_infer_request(body: bytes, header_length: str | None, image_shape: tuple[int, ...]
-                         ) -> tuple[torch.Tensor, dict[str, Any], bool]:
-    """A v2 infer request -> (input (N, C, H, W) float32, the request's JSON, whether the output goes binary)."""
+                         ) -> tuple[np.ndarray, dict[str, Any], bool]:
+    """A v2 infer request -> (input (N, C, H, W) float32, the request's JSON, whether the output goes binary).
+
+    Binary data comes back as a read-only view of ``body``, not copied: ``Scheduler.submit`` copies it once, into
+    its input ring."""
     try:
         json_size = int(header_length) if header_length is not None else len(body)
         request = json.loads(body[:json_size])
@@ -125,7 +127,7 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
         if out.get("name") != OUTPUT:
             raise ProtocolError(f"output {out.get('name')!r}: this model has one output, {OUTPUT!r}")
         binary = bool((out.get("parameters") or {}).get("binary_data", binary))
-    return torch.from_numpy(array.copy()), request, binary
+    return array, request, binary
 
 
 def encode_infer_response(name: str, request: dict[str, Any], output: np.ndarray, parameters: dict[str, Any],

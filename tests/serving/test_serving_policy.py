@@ -110,6 +110,27 @@ def test_policy_decides_deadlines_at_a_prediction_to_the_last_bit(seed):
                                                                        accuracy, 8, rate)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_policy_sizes_a_full_fifo_batch_at_a_prediction_to_the_last_bit(seed):
+    # a queue of more alike requests than a batch holds: the fifo path bisects the envelope on (deadline - now) /
+    # factor; a first deadline exactly at a batch's prediction, or one ulp either side, must give the batch that
+    # `now + predict <= deadline` gives (the general pass compares exactly)
+    rng = random.Random(seed)
+    latency = random_latency(rng, padded=seed % 2 == 0, noise=0.5 if seed % 4 < 2 else 0.1)
+    for _ in range(3):
+        latency.observe(SKIPS[0], 1, latency.profiled(SKIPS[0], 1) * rng.uniform(0.5, 3.0))
+    accuracy = {s: 90 - sum(s) + rng.uniform(0, 0.5) for s in SKIPS}
+    costs = Costs.build(latency.profiled, rank_by_accuracy(accuracy, latency.predict), 8)
+    now, size = rng.uniform(0, 1e4), 1 + seed % 2
+    for batch in range(size, 9, size):
+        exact = now + costs.fastest[batch] * latency.factor
+        for first in (math.nextafter(exact, -math.inf), exact, math.nextafter(exact, math.inf)):
+            queue = [Queued(first + 1e-3 * i, size) for i in range(12)]
+            for rate in (0.0, 1e-3):
+                got = plan_dispatch(queue, now, costs, latency.factor, fifo=True, rate=rate)
+                assert got == plan_dispatch(queue, now, costs, latency.factor, rate=rate)
+
+
 def test_policy_serves_the_largest_batch_that_fits_when_the_profile_is_not_monotone():
     # a noisy profile: batch 8 measured faster than batches 3..7; with 0.35 ms of slack, 8 fits and 3..7 do not
     latency = LatencyModel({1: {"F": 100.0}, 2: {"F": 150.0}, 4: {"F": 400.0}, 8: {"F": 300.0}})

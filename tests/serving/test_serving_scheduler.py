@@ -7,11 +7,13 @@ import threading
 import time
 from concurrent.futures import wait
 
+import numpy as np
 import pytest
 import torch
 
 from adaptive_kernels.models.skip import all_skip_configs, skip_to_str
 from adaptive_kernels.serving import LatencyModel, Refused, Scheduler
+from adaptive_kernels.serving.scheduler import InputRing
 
 SKIPS = all_skip_configs(2)
 SHAPE = (1, 4, 4)
@@ -195,3 +197,136 @@ def test_scheduler_on_the_cpu_engine_matches_the_model(small_model, small_plan):
             torch.testing.assert_close(served.output, expected, rtol=1e-4, atol=1e-4)
             others = [s for s in skips if skip_to_str(s) != served.skip]
             assert all((model(x[i:i + 1], skip=s) - expected).abs().max() > 1e-3 for s in others)
+
+
+class GatedEngine:
+    """Wraps an engine: each call first waits for ``gate`` (so that requests queue up behind it) and records the
+    batch it got."""
+
+    def __init__(self, engine):
+        self.engine, self.gate, self.batches = engine, threading.Event(), []
+        self.mechanism = getattr(engine, "mechanism", "fake")
+
+    def __call__(self, x, skip=None):
+        self.gate.wait(30)
+        self.batches.append(x.shape[0])
+        return self.engine(x, skip=skip)
+
+
+def queue_behind_one_call(scheduler: Scheduler, engine: GatedEngine, inputs, slo: float = 60.0, skips=None):
+    """``inputs[0]`` runs (held at the gate) while the others queue; then the gate opens and the queue drains."""
+    engine.gate.clear()
+    first = scheduler.submit(inputs[0], slo)
+    while scheduler.stats().in_flight == 0:
+        time.sleep(1e-3)
+    futures = [first, *(scheduler.submit(x, slo, None if skips is None else skips[i]) for i, x in enumerate(inputs)
+                        if i)]
+    engine.gate.set()
+    wait(futures, timeout=30)
+    return futures
+
+
+def test_scheduler_batch_of_sixteen_distinct_inputs_answers_each_like_the_model_alone(small_model, small_plan):
+    # 16 one-image requests queued behind a running call go to the engine as ONE batch of 16 (a view of the input
+    # ring); each answer must be the model's on that request's own input, over enough rounds that the ring wraps
+    model = small_model
+    engine = GatedEngine(small_plan.engine)
+    skips = model.skip_configs()
+    tables = {b: {skip_to_str(s): 10.0 * b for s in skips} for b in (1, 2, 4, 8, 16)}
+    scheduler = Scheduler(engine, small_plan.example_input, LatencyModel(tables), small_plan.accuracy)
+    rounds = scheduler.ring.rows // 16 + 2
+    g = torch.Generator().manual_seed(0)
+    try:
+        sent = []
+        for _ in range(rounds):
+            inputs = [torch.randn(1, 1, 16, 16, generator=g) for _ in range(17)]
+            sent += zip(inputs, queue_behind_one_call(scheduler, engine, inputs))
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    assert engine.batches.count(16) == rounds  # every round's 16 requests ran as one batch
+    with torch.no_grad():
+        for i, (x, future) in enumerate(sent):
+            served = future.result()
+            assert served.batch == (1 if i % 17 == 0 else 16)
+            torch.testing.assert_close(served.output, model(x, skip=served.skip), rtol=1e-4, atol=1e-4)
+    outputs = torch.cat([f.result().output for _, f in sent])
+    assert len(outputs) == len(outputs.unique(dim=0))  # distinct inputs, distinct answers
+
+
+class EchoEngine:
+    """Answers each input with itself, flattened: a VIEW of the input, the worst case for a reused input buffer."""
+
+    mechanism = "fake"
+
+    def __call__(self, x, skip=None):
+        return x.flatten(1)
+
+
+def echo_scheduler(max_batch: int = 4) -> tuple[Scheduler, GatedEngine]:
+    buckets = [b for b in (1, 2, 4, 8, 16) if b <= max_batch]
+    tables = {b: {skip_to_str(s): 10.0 * b * (4 - sum(s)) for s in SKIPS} for b in buckets}
+    engine = GatedEngine(EchoEngine())
+    scheduler = Scheduler(engine, torch.zeros(1, *SHAPE), LatencyModel(tables), {s: 90.0 - sum(s) for s in SKIPS})
+    return scheduler, engine
+
+
+def test_scheduler_answers_do_not_alias_the_reused_input_ring():
+    # an engine that answers with a view of its input would hand out rows of the ring, which later requests
+    # overwrite: every answer, read at the end, must still be its own input. Mixed sizes (1, 2), forced sub-networks
+    # (batches around requests not taken), queues deeper than the ring (inputs kept outside it; the rows of the
+    # batch being run must not be reused meanwhile) and wrap-arounds.
+    scheduler, engine = echo_scheduler()
+    g = torch.Generator().manual_seed(1)
+    rows = scheduler.ring.rows
+    sent = []
+    try:
+        for depth in (3, 4, 7, rows // 2, rows - 1, rows, rows + 9, 2 * rows + 5, 5, 1):
+            inputs = [torch.randn(1 + (i % 3 == 2), *SHAPE, generator=g) for i in range(depth)]
+            skips = [SKIPS[i % len(SKIPS)] if depth % 2 and i % 4 == 1 else None for i in range(depth)]
+            sent += zip(inputs, queue_behind_one_call(scheduler, engine, inputs, skips=skips))
+        for _ in range(3 * rows):  # one at a time as well
+            x = torch.randn(1, *SHAPE, generator=g)
+            sent.append((x, scheduler.submit(x, 60.0)))
+            sent[-1][1].result(timeout=30)
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    stats = scheduler.stats()
+    assert stats.served == stats.submitted and max(engine.batches) == 4
+    for x, future in sent:
+        torch.testing.assert_close(future.result().output, x.flatten(1), rtol=0, atol=0)
+    assert scheduler.ring.head > 3 * rows  # the ring was reused
+
+
+def test_scheduler_copies_the_input_when_submitted():
+    scheduler, engine = echo_scheduler()
+    x = torch.ones(1, *SHAPE)
+    engine.gate.clear()
+    try:
+        future = scheduler.submit(x, 60.0)
+        x += 1  # the caller reuses its tensor at once
+        held = scheduler.submit(np.full((2, *SHAPE), 3.0, dtype=np.float64), 60.0)  # other types are converted
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    assert future.result().output.unique().tolist() == [1.0]
+    assert held.result().output.dtype == torch.float32 and held.result().output.unique().tolist() == [3.0]
+
+
+def test_input_ring_reuses_rows_only_behind_the_oldest_in_use():
+    ring = InputRing(rows=8, max_batch=4, image_shape=(1, 1, 1))
+
+    def image(n, value):
+        return np.full((n, 1, 1, 1), value, dtype=np.float32)
+
+    assert [ring.put(image(3, k), oldest=0) for k in range(2)] == [0, 3]
+    assert ring.put(image(3, 9), oldest=0) is None  # would straddle the end: skipped to row 0, which is in use
+    assert ring.put(image(2, 2), oldest=0) == 6  # fits before the end
+    assert ring.put(image(1, 3), oldest=0) is None  # full
+    assert ring.put(image(3, 4), oldest=3) == 8  # row 0: positions 0..2 are done
+    # a batch of positions 6..10 is one view, through the mirror of rows 0..3 after the end
+    torch.testing.assert_close(ring.view(6, 5).flatten(), torch.tensor([2.0, 2, 4, 4, 4]))
+    assert ring.put(image(1, 5), oldest=None) == 11  # nothing in use
+    assert ring.view(11, 1).item() == 5.0
+    assert ring.holds(ring.view(11, 1)) and not ring.holds(torch.zeros(1))
