@@ -21,6 +21,7 @@ from .._files import atomic_path
 from ..models import create_model
 from ..models.footprint import check_fits, memory_needed
 from ..models.norms import prepare_for_state_dict
+from ..models.registry import get_builder
 
 FORMAT = "adaptive_kernels.checkpoint"
 VERSION = 1
@@ -91,6 +92,12 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         for k, v in state_dict.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
+    # load_state_dict would cast an integer tensor into a float parameter (0.03 -> 0): a silently broken model
+    shapes += [
+        f"{k}: {v.dtype} in file vs {own[k].dtype}"
+        for k, v in state_dict.items()
+        if k in own and v.is_floating_point() != own[k].is_floating_point()
+    ]
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"checkpoint {source} does not fit {type(model).__name__} (other architecture or width?): "
@@ -121,7 +128,18 @@ def model_from_checkpoint(
     spec = state.get("model_spec")
     if not spec:
         raise CheckpointError(f"checkpoint {path} does not record which model it holds (no model_spec)")
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs"), dict)):
+        raise CheckpointError(f"checkpoint {path}: its model_spec {str(spec)[:80]!r} is not {{'name': str, 'kwargs': "
+                              f"dict}}: a corrupt or foreign checkpoint")
+    try:
+        get_builder(spec["name"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} holds a model this adaptive_kernels does not have: {e}") from None
     kwargs = spec["kwargs"]
+    saved_data = state.get("data")
+    if saved_data is not None and not (isinstance(saved_data, dict) and _is_image_size(saved_data.get("image_size"))):
+        raise CheckpointError(f"checkpoint {path}: its data record {str(saved_data)[:80]!r} is not {{'name': ..., "
+                              f"'image_size': [H, W]}}: a corrupt or foreign checkpoint")
     if data is not None:
         saved = state.get("data") or {}
         given = {"name": data.name, "image_size": list(data.image_size)}
@@ -143,6 +161,9 @@ def model_from_checkpoint(
     if state.get(weights) is None:
         other = "model" if weights == "ema" else "ema"
         raise CheckpointError(f"checkpoint {path} holds no {weights.replace('ema', 'EMA')} weights: use --weights {other}")
+    if not isinstance(state[weights], Mapping) or not all(isinstance(v, torch.Tensor) for v in state[weights].values()):
+        raise CheckpointError(f"checkpoint {path}: its {weights} weights are not a state dict of tensors (a "
+                              f"{type(state[weights]).__name__}): a corrupt or foreign checkpoint")
     broken = [k for k, v in state[weights].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # such a model still gives plausible-looking accuracies (a constant class)
         raise CheckpointError(
@@ -150,11 +171,20 @@ def model_from_checkpoint(
             f"({', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}): the run diverged; use an earlier checkpoint"
             f"{' or --weights ' + ('model' if weights == 'ema' else 'ema') if state.get('ema') is not None else ''}"
         )
-    check_fits(memory_needed(spec["name"], kwargs), f"the model of {path} ({spec['name']} {kwargs})",
-               "its model_spec is not a model this machine can hold (a corrupt or foreign checkpoint?)")
-    model = create_model(spec["name"], **kwargs)
+    try:
+        check_fits(memory_needed(spec["name"], kwargs), f"the model of {path} ({spec['name']} {kwargs})",
+                   "its model_spec is not a model this machine can hold (a corrupt or foreign checkpoint?)")
+        model = create_model(spec["name"], **kwargs)
+    except TypeError as e:  # an argument the builder does not take, or of the wrong type
+        raise CheckpointError(f"checkpoint {path}: its model_spec ({spec['name']} {kwargs}) does not build: {e} (a "
+                              f"corrupt checkpoint, or one from another version of adaptive_kernels)") from None
     load_model_state(model, state[weights], path)
     return model, state, weights
+
+
+def _is_image_size(size: Any) -> bool:
+    return size is None or (isinstance(size, (list, tuple)) and len(size) == 2
+                            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size))
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -187,3 +187,31 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     longer = make_trainer(tmp_path, epochs=3)  # the run length may change
     longer.resume()
     assert longer.global_step == 2
+
+
+def _corrupt(state, change):
+    change(state)
+    return state
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.__setitem__("model_spec", "resnet"), "its model_spec 'resnet' is not {'name': str, 'kwargs': dict}"),
+    (lambda s: s.__setitem__("model_spec", {"name": "nosuch", "kwargs": {}}),
+     "holds a model this adaptive_kernels does not have: unknown model 'nosuch'"),
+    (lambda s: s["model_spec"]["kwargs"].__setitem__("bogus", 1),
+     "does not build: resnet20_adn() got an unexpected keyword argument 'bogus'"),
+    (lambda s: s.__setitem__("model", [1, 2]), "its model weights are not a state dict of tensors (a list)"),
+    (lambda s: s.__setitem__("data", {"name": "synthetic", "image_size": "x"}), "its data record"),
+    # an integer tensor where the model has a float parameter: load_state_dict would cast it (0.03 -> 0)
+    (lambda s: s["model"].__setitem__("conv1.weight", s["model"]["conv1.weight"].long()),
+     "shape mismatches ['conv1.weight: torch.int64 in file vs torch.float32']"),
+])
+def test_a_checkpoint_with_a_corrupt_record_is_named_not_a_traceback(tmp_path, change, message):
+    model = create_model("resnet20_adn", num_classes=10, in_chans=1, width=2)
+    state = {"model": model.state_dict(), "model_spec": {"name": "resnet20_adn",
+             "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}, "data": {"name": "synthetic",
+             "image_size": [8, 8]}}
+    path = ckpt.save_checkpoint(_corrupt(state, change), tmp_path / "bad.pt")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.model_from_checkpoint(path)
+    assert message in str(error.value) and str(path) in str(error.value)
