@@ -10,7 +10,7 @@ import sys
 import threading
 
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
-from ..serving.plan import measure_accuracies
+from ..serving.plan import int8_sample, measure_accuracies
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch", type=int_range(1, 1024), default=16, help="the most inputs one engine call takes")
     s.add_argument("--name", type=model_name, help="model name in the protocol's URLs (default: the checkpoint's model name)")
     s.add_argument("--device", type=device_name, default="cpu", help="cpu (ONNX Runtime engine) or cuda / cuda:N")
+    s.add_argument("--int8", action="store_true",
+                   help="serve INT8 on OpenVINO (CPU; the [openvino] extra), each sub-network's ranges measured on the "
+                        "images `calibrate --int8-images N` kept in the checkpoint")
     s.add_argument("--profile-iters", type=positive_int, default=20, help="timed runs per sub-network and batch size")
     s.add_argument("--ray-replicas", type=int_range(1, 4096),
                    help="serve on N Ray Serve replicas (one engine each, --threads CPUs each) behind --host:--port "
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
                           f"pip install 'adaptive_kernels[serve]'") from None
     if args.ray_address and not args.ray_replicas:
         raise ValueError("--ray-address needs --ray-replicas N (the replicas to run on that cluster)")
+    if args.int8 and args.ray_replicas:
+        raise ValueError("--int8 with --ray-replicas is not supported yet: serve INT8 in one process")
+    int8 = int8_sample(args.checkpoint) if args.int8 else None  # before any work: the checkpoint must keep them
     sock = bind_socket(args.host, args.port)  # a taken port fails now, not after profiling
     if args.ray_replicas:
         sock.close()  # Ray's proxy listens there
@@ -89,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         device = str(resolve_device(args.device))
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages) if args.accuracy else None
         plan = build_plan(model, args.name or name, image_shape, max_batch=args.max_batch, accuracy=accuracy,
-                          data=data, device=device, profile_iters=args.profile_iters, progress=_progress)
+                          data=data, device=device, profile_iters=args.profile_iters, int8_calibration=int8,
+                          progress=_progress)
         plan.check_slo(args.slo_ms)
     except BaseException:
         sock.close()

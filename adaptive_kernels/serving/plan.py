@@ -18,7 +18,7 @@ import torch
 from ..engine import compile
 from ..engine.base import Engine
 from ..models.skip import SkipConfig, parse_skip, skip_to_str
-from ..training.checkpoint import model_from_checkpoint
+from ..training.checkpoint import INT8_SAMPLE, load_checkpoint, model_from_checkpoint
 from ..training.data import DataSource
 from ..training.evaluate import accuracy as measure_accuracy
 from .latency import LatencyModel, batch_buckets
@@ -97,32 +97,51 @@ def checkpoint_model(path: str | os.PathLike, data: DataSource | None = None
     return model.eval(), spec["name"], (spec["kwargs"].get("in_chans", 3), *data["image_size"])
 
 
-def measure_accuracies(model: torch.nn.Module, data: DataSource, *, device: str = "cpu",
+def int8_sample(path: str | os.PathLike) -> torch.Tensor:
+    """The images ``calibrate --int8-images`` kept in checkpoint ``path`` (float32), for ``serve --int8``."""
+    sample = load_checkpoint(path).get(INT8_SAMPLE)
+    if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or len(sample) < 2:
+        raise ValueError(f"--int8: checkpoint {path} keeps no images to measure INT8 ranges on: calibrate it with "
+                         f"`python -m adaptive_kernels calibrate --checkpoint {path} --int8-images 300 --out "
+                         f"CALIBRATED.pt` and serve that")
+    return sample.float()
+
+
+def measure_accuracies(model: torch.nn.Module, data: DataSource, *, device: str = "cpu", scorer: Engine | None = None,
                        progress: Callable[[str], Any] = lambda line: None) -> dict[SkipConfig, float]:
-    """The accuracy (%) of every sub-network of ``model`` on ``data``'s test split; ``progress`` hears each one."""
+    """The accuracy (%) of every sub-network of ``model`` on ``data``'s test split, as ``scorer`` (an engine of the
+    model; default: the model itself) computes it; ``progress`` hears each one."""
     model, accuracy = model.to(device), {}
     for skip in model.skip_configs():
-        accuracy[skip] = measure_accuracy(model, data, skip, device=device)
+        accuracy[skip] = measure_accuracy(scorer or model, data, skip, device=device)
         progress(f"accuracy of {skip_to_str(skip)} on {data.name}: {accuracy[skip]:.2f} %")
     return accuracy
 
 
 def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], *, max_batch: int,
                accuracy: Mapping[SkipConfig, float] | None = None, data: DataSource | None = None,
-               device: str = "cpu", profile_iters: int = 20,
+               device: str = "cpu", profile_iters: int = 20, int8_calibration: torch.Tensor | None = None,
                progress: Callable[[str], Any] = lambda line: None) -> ServingPlan:
-    """Compile ``model`` (dynamic batch; on CUDA fp16, one capture per bucket), profile it at every bucket up to
-    ``max_batch``, and take the sub-networks' accuracy from ``accuracy`` or measure it on ``data``'s test split.
-    ``progress`` hears one line per step."""
+    """Compile ``model`` (dynamic batch; on CUDA fp16, one capture per bucket; with ``int8_calibration`` images
+    INT8 on OpenVINO, each sub-network's ranges measured on them), profile it at every bucket up to ``max_batch``,
+    and take the sub-networks' accuracy from ``accuracy`` or measure it on ``data``'s test split (INT8: through
+    the engine, whose ranges change it a little). ``progress`` hears one line per step."""
     if accuracy is None and data is None:
         raise ValueError("the policy needs each sub-network's accuracy: give --accuracy EVAL.json (eval --json) or "
                          "--data to measure it now")
+    if int8_calibration is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"--int8 runs on the CPU (OpenVINO), not on {device}: drop --int8 or use --device cpu")
     example = torch.zeros((1, *image_shape), device=device)
-    progress(f"compiling {name} for {device} ...")
-    engine = compile(model.to(device), example, dynamic_batch=True)
+    progress(f"compiling {name} for {device}{' in INT8' if int8_calibration is not None else ''} ...")
+    if int8_calibration is None:
+        engine = compile(model.to(device), example, dynamic_batch=True)
+    else:
+        engine = compile(model, example, dynamic_batch=True, mechanism="openvino", dtype=torch.int8,
+                         calibration=int8_calibration)
     if accuracy is None:
-        accuracy = measure_accuracies(model, data, device=device, progress=progress)
-        source = f"--data {data.name} (measured now)"
+        scorer = engine if int8_calibration is not None else None
+        accuracy = measure_accuracies(model, data, device=device, scorer=scorer, progress=progress)
+        source = f"--data {data.name} (measured now{', INT8' if scorer is not None else ''})"
     else:
         source = "--accuracy"
     tables = {}

@@ -26,6 +26,8 @@ from ..models.registry import get_builder
 FORMAT = "adaptive_kernels.checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model")
+#: the key of the images ``calibrate --int8-images`` keeps (float16, N x C x H x W) for ``serve --int8``
+INT8_SAMPLE = "int8_calibration"
 
 
 class CheckpointError(ValueError):

@@ -8,6 +8,7 @@ from helpers import randomize
 from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.cli import main
 from adaptive_kernels.training import build_data, load_checkpoint, save_checkpoint
+from adaptive_kernels.training.checkpoint import INT8_SAMPLE
 from adaptive_kernels.training.data import calibration_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +23,7 @@ def test_calibrate_command_writes_calibrated_checkpoint(tmp_path, capsys):
     save_checkpoint({"model": model.state_dict(), "model_spec": SPEC, "epoch": 3}, src)
     before = src.read_bytes()
     assert main(["calibrate", "--checkpoint", str(src), *DATA, "--images", "96", "--batch-size", "32",
-                 "--out", str(out)]) == 0
+                 "--int8-images", "40", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "96/96 images x 8 sub-networks" in printed and f"wrote {out}" in printed
     assert src.read_bytes() == before  # the source checkpoint is untouched
@@ -34,6 +35,8 @@ def test_calibrate_command_writes_calibrated_checkpoint(tmp_path, capsys):
     calibrate(model, images, batch_size=32)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
+    # the INT8 sample is the first 40 of those same images (the one data pass), in float16
+    torch.testing.assert_close(state[INT8_SAMPLE], images[:40].half(), rtol=0, atol=0)
     assert main(["eval", "--checkpoint", str(out), *DATA, "--latency-repeats", "1"]) == 0
     assert "model weights, calibrated)" in capsys.readouterr().out
     pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")

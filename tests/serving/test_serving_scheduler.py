@@ -330,3 +330,28 @@ def test_input_ring_reuses_rows_only_behind_the_oldest_in_use():
     assert ring.put(image(1, 5), oldest=None) == 11  # nothing in use
     assert ring.view(11, 1).item() == 5.0
     assert ring.holds(ring.view(11, 1)) and not ring.holds(torch.zeros(1))
+
+
+def test_an_int8_plan_serves_each_sub_network_near_its_fp32_output_with_its_own_accuracy(small_model):
+    """``serve --int8``'s plan: the OpenVINO INT8 engine, ranges from the sample ``calibrate --int8-images`` keeps;
+    the accuracies are the INT8 engine's own (measured through it), and what it serves is near the fp32 model."""
+    pytest.importorskip("nncf", reason="pip install adaptive_kernels[openvino]")
+    from adaptive_kernels.serving import build_plan
+    from adaptive_kernels.training import build_data
+    from adaptive_kernels.training.evaluate import accuracy
+
+    data = build_data("synthetic", image_size=16, test_subset=64, augment=False)
+    sample = torch.cat([x for x, _ in data.train_batches(0, batch_size=64, seed=0)])[:64]
+    plan = build_plan(small_model, "r20", (1, 16, 16), max_batch=2, data=data, profile_iters=2,
+                      int8_calibration=sample)
+    assert (plan.engine.mechanism, plan.engine.precision) == ("openvino", "int8")
+    assert plan.accuracy_source == "--data synthetic (measured now, INT8)"
+    x = torch.cat([x for x, _ in data.test_batches(batch_size=64)])[:2]
+    with torch.no_grad():
+        for skip in small_model.skip_configs():
+            assert plan.accuracy[skip] == accuracy(plan.engine, data, skip)
+            want = small_model(x, skip=skip)
+            # INT8 of a random width-4 net: 0.04-0.13 of the output's scale measured (NNCF's ranges vary a little)
+            assert (plan.engine(x, skip=skip) - want).abs().max() <= 0.3 * want.abs().max()
+    with pytest.raises(ValueError, match="--int8 runs on the CPU"):
+        build_plan(small_model, "r20", (1, 16, 16), max_batch=2, data=data, device="cuda", int8_calibration=sample)
