@@ -182,18 +182,19 @@ def test_served_graph_is_exact_for_every_subnetwork(tmp_path, name):
     model = MODELS[name]()
     model = randomize(model, calibrate=(4, 3, size, size))
     portable = export_onnx(model, tmp_path / "one.onnx", torch.randn(1, 3, size, size)).read_bytes()
-    served = machine_layout(portable, tree=False)  # these models are small enough for the tree: the If layout here
+    served = machine_layout(portable, tree=False)  # the If layout (these models are small enough for the tree)
     if not _cpu_has_blocked_layout(portable, tmp_path):
         assert served == portable  # a CPU without ONNX Runtime's blocked layout serves the portable file
     else:
         ifs = [n for n in onnx.load_from_string(served).graph.node if n.op_type == "If"]
         assert [k for k in range(len(ifs) - 1) if _blocked_boundary(ifs[k], ifs[k + 1])] == list(blocked)
-    session = onnxruntime_session(served, threads=1)
     x = torch.randn(3, 3, size, size)
-    with torch.no_grad():
-        for skip in model.skip_configs():
-            got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
-            assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, skip
+    for layout in (served, machine_layout(portable, tree=True)):
+        session = onnxruntime_session(layout, threads=1)
+        with torch.no_grad():
+            for skip in model.skip_configs():
+                got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
+                assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, (layout is served, skip)
 
 
 def test_engine_serves_the_exported_graph_when_the_laid_out_one_does_not_load(tmp_path, monkeypatch, caplog):
