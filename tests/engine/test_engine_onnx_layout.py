@@ -10,7 +10,7 @@ import torch
 from helpers import randomize, small_resnet20
 
 from adaptive_kernels import create_model, export_onnx
-from adaptive_kernels.engine.ort.layout import NCHWC, keep_blocked_across_ifs, machine_layout
+from adaptive_kernels.engine.ort.layout import NCHWC, _optimised, keep_blocked_across_ifs, machine_layout
 from adaptive_kernels.export import graphs_of, mask_of, onnxruntime_session
 from adaptive_kernels.export.graph import SUBNET_NORM
 from adaptive_kernels.models.mobilenetv2 import MobileNetV2ADN
@@ -182,18 +182,19 @@ def test_served_graph_is_exact_for_every_subnetwork(tmp_path, name):
     model = MODELS[name]()
     model = randomize(model, calibrate=(4, 3, size, size))
     portable = export_onnx(model, tmp_path / "one.onnx", torch.randn(1, 3, size, size)).read_bytes()
-    served = machine_layout(portable)
+    served = machine_layout(portable, tree=False)  # the If layout (these models are small enough for the tree)
     if not _cpu_has_blocked_layout(portable, tmp_path):
         assert served == portable  # a CPU without ONNX Runtime's blocked layout serves the portable file
     else:
         ifs = [n for n in onnx.load_from_string(served).graph.node if n.op_type == "If"]
         assert [k for k in range(len(ifs) - 1) if _blocked_boundary(ifs[k], ifs[k + 1])] == list(blocked)
-    session = onnxruntime_session(served, threads=1)
     x = torch.randn(3, 3, size, size)
-    with torch.no_grad():
-        for skip in model.skip_configs():
-            got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
-            assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, skip
+    for layout in (served, machine_layout(portable, tree=True)):
+        session = onnxruntime_session(layout, threads=1)
+        with torch.no_grad():
+            for skip in model.skip_configs():
+                got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
+                assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, (layout is served, skip)
 
 
 def test_engine_serves_the_exported_graph_when_the_laid_out_one_does_not_load(tmp_path, monkeypatch, caplog):
@@ -232,7 +233,7 @@ def _gathered_convs(graph) -> list:
 def test_calibrated_one_graph_laid_out_is_exact_for_every_subnetwork(calibrated):
     # against the calibrated model and against ONNX Runtime on each sub-network's static export
     model, portable, folder = calibrated
-    served = onnx.load_from_string(machine_layout(portable))
+    served = onnx.load_from_string(machine_layout(portable, tree=False))
     convs = _gathered_convs(served.graph)
     # the stem's and stage 0's norms fold (their rows do not depend on the sub-network within a branch of the
     # first If); every norm of the later Ifs (stages 1 and 2) is a gathered depthwise conv, blocked where this CPU
@@ -259,7 +260,7 @@ def test_calibrated_layout_that_does_not_land_serves_the_graph_as_exported(calib
     model, portable, _ = calibrated
     monkeypatch.setattr(layout, "_gather_norm_weights", lambda optimised, tables: False)
     with caplog.at_level("WARNING", logger=layout.__name__):
-        served = onnx.load_from_string(machine_layout(portable))
+        served = onnx.load_from_string(machine_layout(portable, tree=False))
     assert "did not land" in caplog.text and "serving the one graph as exported" in caplog.text
     assert not _gathered_convs(served.graph)
     session = onnxruntime_session(served.SerializeToString(), threads=1)
@@ -268,3 +269,49 @@ def test_calibrated_layout_that_does_not_land_serves_the_graph_as_exported(calib
         for skip in model.skip_configs():
             got = session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0]
             assert relative_error(torch.from_numpy(got), model(x, skip)) < 1e-4, skip
+
+
+def _ops(graph, found: list) -> list:
+    """Every node of ``graph`` and its sub-graphs, with the graph that holds it."""
+    for node in graph.node:
+        found.append((graph, node))
+        for sub in graphs_of(node):
+            _ops(sub, found)
+    return found
+
+
+def test_small_calibrated_model_is_served_as_a_tree_of_its_subnetworks(calibrated):
+    # a ResNet-20 is small: each sub-network's own graph (norms folded into the convs, residual add and ReLU fused
+    # with them where this CPU blocks, as in a static file), under a tree of Ifs on the mask bits; nothing gathered
+    # by the sub-network id, and the weights in the main graph, one per distinct value
+    model, portable, folder = calibrated
+    served = onnx.load_from_string(machine_layout(portable))
+    assert [n.op_type for n in served.graph.node].count("If") == 1
+    nodes = _ops(served.graph, [])
+    assert not any(n.name.startswith(SUBNET_NORM) or n.op_type in ("Gather", "BatchNormalization", "Mul")
+                   for _, n in nodes)
+    assert all(not g.initializer for g, _ in nodes if g is not served.graph)
+    leaves = [g for g, n in nodes if n.op_type == "If" for g in graphs_of(n) if not any(m.op_type == "If" for m in g.node)]
+    assert len(leaves) == 2 ** model.num_skippable_stages
+    if _cpu_has_blocked_layout(portable, folder):  # the super-net's leaf runs the ops of its static file
+        static = _optimised(export_onnx(model, folder / "super.onnx", torch.randn(1, 3, 16, 16), skip="super").read_bytes())
+        super_leaf = next(g for g in leaves if g.name.startswith("subnetwork_FFF"))
+        assert ([n.op_type for n in super_leaf.node if n.domain == NCHWC]
+                == [n.op_type for n in static.graph.node if n.domain == NCHWC])
+    session = onnxruntime_session(served.SerializeToString(), threads=1)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        for skip in model.skip_configs():
+            got = torch.from_numpy(session.run(["logits"], {"input": x.numpy(), "mask": mask_of(skip).numpy()})[0])
+            assert relative_error(got, model(x, skip)) < 1e-4, skip
+
+
+def test_a_model_too_large_for_the_tree_keeps_the_if_layout(calibrated, monkeypatch):
+    # the sub-networks' weights together exceed twice the super-net's plus a session's base (here: none)
+    from adaptive_kernels.engine.ort import layout
+
+    _, portable, _ = calibrated
+    monkeypatch.setattr(layout, "SESSION_BASE_BYTES", 0)
+    assert layout.subnetwork_tree(portable) is None
+    served = onnx.load_from_string(machine_layout(portable))
+    assert _gathered_convs(served.graph)

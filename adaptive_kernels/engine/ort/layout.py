@@ -26,6 +26,14 @@ Runtime folds into its conv; every other norm becomes a depthwise 1x1 conv with 
 Runtime blocks and fuses with the following add and ReLU like any conv. After it, each such conv reads its weight
 and bias gathered from the per-sub-network tables by the sub-network id instead of the placeholders. If a placeholder
 does not come back as a conv, the file is served as exported (and the log says so).
+
+A small model (:func:`subnetwork_tree`; ResNet-20, not ResNet-50), calibrated or not, gets neither: its one graph is
+rewritten as a tree of ``If``s on the mask bits whose 2^S leaves are the sub-networks' own graphs, each stage's branch
+taken and each calibrated norm's row a constant, so ONNX Runtime optimises every leaf as it optimises a static file
+(norms folded into the convs, residual add and ReLU fused with them, blocked from end to end); the leaves' weights
+then move to the main graph, one per distinct value. On ResNet-20 the passes left by the layout above cost 7-12 %
+(per-activation work is a larger share of a small model's time); the tree costs its ``If``s (2-5 % at batch 1) and
+memory: it is built when all sub-networks' weights together fit in twice the super-net's plus ``SESSION_BASE_BYTES``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 from ...export import MASK, graphs_of
-from ...export.graph import SCALE, SHIFT, SUBNET_NORM, drop_unused_nodes
+from ...export.graph import SCALE, SHIFT, SUBNET_NORM, drop_unused_nodes, drop_unused_weights
 from ...models.skip import stage_bit
 
 logger = logging.getLogger(__name__)
@@ -141,11 +149,8 @@ def _make_names_unique(graph, seen: set, fresh) -> None:
             _make_names_unique(sub, seen, fresh)
 
 
-def keep_blocked_across_ifs(model) -> int:
-    """Drop the reorder pairs at ``If`` boundaries of ``model`` (an ``onnx.ModelProto`` as ONNX Runtime optimised
-    it), in place; returns how many reorder nodes were removed."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
+def _name_maker(graph):
+    """A function that returns a new name each call, one used nowhere in ``graph`` (any scope) nor returned before."""
     names = _all_names(graph, set())
     counter = itertools.count()
 
@@ -154,6 +159,15 @@ def keep_blocked_across_ifs(model) -> int:
         names.add(name)
         return name
 
+    return fresh
+
+
+def keep_blocked_across_ifs(model) -> int:
+    """Drop the reorder pairs at ``If`` boundaries of ``model`` (an ``onnx.ModelProto`` as ONNX Runtime optimised
+    it), in place; returns how many reorder nodes were removed."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    fresh = _name_maker(graph)
     _make_names_unique(graph, set(), fresh)
 
     removed = 0
@@ -226,6 +240,15 @@ def _stage_of_condition(graph) -> dict[str, int]:
     return {} if split is None else {name: k for k, name in enumerate(split.output)}
 
 
+def _row_as_constant(graph, gather, table, row: int) -> None:
+    """Replace ``gather`` (of ``graph``: a row of a per-sub-network ``table`` gathered by the sub-network id) by that
+    row as a constant, which ONNX Runtime folds into the conv before it."""
+    from onnx import numpy_helper
+
+    graph.node.remove(gather)
+    graph.initializer.append(numpy_helper.from_array(table[row][None], gather.output[0]))
+
+
 def _norms_to_convs(graph, fixed: dict[int, bool], stages: dict[str, int], outer: dict, tables: dict) -> int:
     """Rewrite the tagged calibrated norms of ``graph`` (``fixed``: stage -> skipped, as the enclosing branches
     decide): rows equal for every reachable sub-network become constants (ONNX Runtime folds them into the conv
@@ -250,8 +273,7 @@ def _norms_to_convs(graph, fixed: dict[int, bool], stages: dict[str, int], outer
                                                for k, skipped in fixed.items())]
         if all(np.array_equal(t[j], t[reach[0]]) for t in (scale, shift) for j in reach):
             for name, table in ((mul.input[1], scale), (add.input[1], shift)):
-                graph.node.remove(gathers[name])
-                graph.initializer.append(numpy_helper.from_array(table[reach[0]][None], name))
+                _row_as_constant(graph, gathers[name], table, reach[0])
             continue
         channels = scale.shape[1]
         tag = f"{tag}#{len(tables)}"  # a norm of a mandatory layer appears in both branches: one tag each
@@ -370,10 +392,206 @@ def _tagged_anywhere(graph) -> bool:
                for node in graph.node)
 
 
-def machine_layout(onnx_model: bytes) -> bytes:
-    """``onnx_model`` as ONNX Runtime optimises it on this CPU, blocked across ``If`` boundaries (see the module
-    docstring), a calibrated one graph with its norms blocked or folded; ``onnx_model`` itself when this CPU has
-    no blocked layout or the graph has no such boundary."""
+# What an ONNX Runtime CPU session holds beyond its weights (a ResNet-20-ADN static session: 11-13 MiB resident for
+# 1.1 MiB of weights). The sub-network tree is built when its weights stay within it plus twice the super-net's, so
+# that all sub-networks resident cost at most twice one static session.
+SESSION_BASE_BYTES = 8 * 2**20
+
+
+def _weight_bytes(tensor) -> int:
+    import numpy as np
+    import onnx
+
+    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _subnetwork_reads(graph, runs: tuple[bool, ...], stages: dict[str, int], found: set) -> set:
+    """The names the nodes of one sub-network read (``runs[k]``: stage k's skippable sub-path runs): ``graph``'s
+    nodes and, of a stage's ``If``, the branch it takes."""
+    for node in graph.node:
+        found.update(node.input)
+        if node.op_type == "If" and node.input[0] in stages:
+            taken = "then_branch" if runs[stages[node.input[0]]] else "else_branch"
+            _subnetwork_reads(next(a.g for a in node.attribute if a.name == taken), runs, stages, found)
+        else:
+            for sub in graphs_of(node):
+                _subnetwork_reads(sub, runs, stages, found)
+    return found
+
+
+def _all_weights(graph, found: dict) -> dict:
+    found.update({t.name: t for t in graph.initializer})
+    for node in graph.node:
+        for sub in graphs_of(node):
+            _all_weights(sub, found)
+    return found
+
+
+def _specialise(graph, runs: tuple[bool, ...], stages: dict[str, int], outer: dict) -> None:
+    """Make ``graph`` (in place) the graph of one sub-network: each stage's ``If`` replaced by the nodes and weights of
+    the branch it takes, each norm row gathered by the sub-network id by that sub-network's row as a constant."""
+    from onnx import helper, numpy_helper
+
+    here = {**outer, **{t.name: t for t in graph.initializer}}
+    row = sum(stage_bit(k, len(runs)) for k, run in enumerate(runs) if not run)
+    k = 0
+    while k < len(graph.node):
+        node = graph.node[k]
+        if node.op_type == "If" and node.input[0] in stages:
+            taken = "then_branch" if runs[stages[node.input[0]]] else "else_branch"
+            branch = next(a.g for a in node.attribute if a.name == taken)
+            _specialise(branch, runs, stages, here)
+            inlined = [*branch.node, *(helper.make_node("Identity", [value.name], [out])
+                                       for value, out in zip(branch.output, node.output))]
+            graph.node.remove(node)
+            for j, inner in enumerate(inlined):
+                graph.node.insert(k + j, inner)
+            graph.initializer.extend(branch.initializer)
+            here.update({t.name: t for t in branch.initializer})
+            k += len(inlined)
+        elif node.op_type == "Gather" and node.input[0].endswith((SCALE, SHIFT)) and node.input[0] in here:
+            _row_as_constant(graph, node, numpy_helper.to_array(here[node.input[0]]), row)
+        else:
+            for sub in graphs_of(node):
+                _specialise(sub, runs, stages, here)
+            k += 1
+
+
+def _prefix_names(graph, prefix: str, counter) -> None:
+    """Prefix every value ``graph`` defines (nodes' outputs, weights; in sub-graphs too) and name every node anew:
+    the sub-networks' graphs, side by side in one file, must not share a name."""
+    defined = set()
+
+    def collect(g) -> None:
+        defined.update(t.name for t in g.initializer)
+        defined.update(o for n in g.node for o in n.output if o)
+        for n in g.node:
+            for sub in graphs_of(n):
+                collect(sub)
+
+    def rename(g) -> None:
+        for t in g.initializer:
+            t.name = prefix + t.name
+        for n in g.node:
+            n.input[:] = [prefix + i if i in defined else i for i in n.input]
+            n.output[:] = [prefix + o if o in defined else o for o in n.output]
+            n.name = f"{prefix}{next(counter)}"
+            for sub in graphs_of(n):
+                rename(sub)
+        for v in (*g.output, *g.value_info):
+            if v.name in defined:
+                v.name = prefix + v.name
+
+    collect(graph)
+    rename(graph)
+
+
+def _share_weights(model) -> int:
+    """Move every weight of the sub-graphs of ``model`` (as ONNX Runtime optimised it) into the main graph, one
+    initializer per distinct value; returns how many there are. ONNX Runtime keeps a sub-graph's weights resident
+    several times over (each enclosing graph's copy of it), the main graph's once; and the sub-networks' graphs
+    share many (a stage's convs folded with rows that do not depend on the sub-network)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    fresh = _name_maker(graph)
+    _make_names_unique(graph, set(), fresh)
+    by_value: dict = {}
+
+    def hoist(g) -> None:
+        for node in g.node:
+            for sub in graphs_of(node):
+                for t in sub.initializer:
+                    key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+                    if key not in by_value:
+                        by_value[key] = fresh()
+                        shared = graph.initializer.add()
+                        shared.CopyFrom(t)
+                        shared.name = by_value[key]
+                    _rename_uses(sub, t.name, by_value[key])
+                del sub.initializer[:]
+                hoist(sub)
+
+    hoist(graph)
+    return len(by_value)
+
+
+def subnetwork_tree(onnx_model: bytes, *, always: bool = False):
+    """The one graph ``onnx_model`` as a tree of ``If``s on the mask bits whose leaves are the sub-networks' own
+    graphs (each stage's branch taken, calibrated norm rows constant), as ONNX Runtime optimises it for this CPU,
+    their weights shared in the main graph (an ``onnx.ModelProto``); None when the sub-networks' weights together
+    exceed ``SESSION_BASE_BYTES`` plus twice the super-net's (``always``: build it regardless, for tests)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(onnx_model)
+    graph = model.graph
+    stages = _stage_of_condition(graph)
+    if not stages or len(graph.output) != 1:
+        return None
+    configs = list(itertools.product((True, False), repeat=len(stages)))
+    weights = _all_weights(graph, {})
+    sizes = [sum(_weight_bytes(weights[n]) for n in _subnetwork_reads(graph, runs, stages, set())
+                 if n in weights and not n.endswith((SCALE, SHIFT))) for runs in configs]
+    if not always and sum(sizes) > 2 * sizes[0] + SESSION_BASE_BYTES:
+        return None
+    producers = {o: n for n in graph.node for o in n.output}
+    needed, wanted = set(), [*stages]
+    while wanted:  # the main graph's nodes that compute the conditions from the mask
+        node = producers.get(wanted.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            wanted += node.input
+    conditions = [n for n in graph.node if id(n) in needed]
+    made = {o for n in conditions for o in n.output}
+    counter = itertools.count()
+    leaves = {}
+    for runs in configs:
+        leaf = onnx.GraphProto()
+        leaf.CopyFrom(graph)
+        del leaf.input[:]
+        _specialise(leaf, runs, stages, {})
+        kept = [n for n in leaf.node if not made.issuperset(n.output)]
+        del leaf.node[:]
+        leaf.node.extend(kept)
+        drop_unused_nodes(leaf)
+        drop_unused_weights(leaf)
+        leaf.output[0].type.tensor_type.ClearField("shape")
+        leaf.name = f"subnetwork_{''.join('F' if run else 'T' for run in runs)}"  # the skip string
+        _prefix_names(leaf, leaf.name + "/", counter)
+        leaves[runs] = leaf
+    condition = {k: name for name, k in stages.items()}
+    output = graph.output[0]
+
+    def subtree(prefix: tuple[bool, ...]):
+        if len(prefix) == len(stages):
+            return leaves[prefix]
+        name = f"subnetwork_tree/{''.join('F' if run else 'T' for run in prefix)}"
+        node = helper.make_node("If", [condition[len(prefix)]], [name], name=name,
+                                then_branch=subtree((*prefix, True)), else_branch=subtree((*prefix, False)))
+        value = helper.make_tensor_value_info(name, output.type.tensor_type.elem_type, None)
+        return helper.make_graph([node], name, [], [value])
+
+    top = subtree(()).node[0]
+    top.output[0] = output.name
+    del graph.node[:]
+    graph.node.extend([*conditions, top])
+    drop_unused_weights(graph)
+    optimised = _optimised(model.SerializeToString())
+    shared = _share_weights(optimised)
+    logger.info("[compile] one graph per sub-network, %d in a tree of Ifs on the mask; %d distinct weights",
+                len(configs), shared)
+    return optimised
+
+
+def machine_layout(onnx_model: bytes, *, tree: bool | None = None) -> bytes:
+    """``onnx_model`` as ONNX Runtime optimises it on this CPU: a small model as a tree of its sub-networks' graphs
+    (:func:`subnetwork_tree`; ``tree``: True or False to choose, default by its weights), else blocked across ``If``
+    boundaries (see the module docstring), a calibrated one graph with its norms blocked or folded; ``onnx_model``
+    itself when this CPU has no blocked layout or the graph has no such boundary."""
+    leaves = None if tree is False else subnetwork_tree(onnx_model, always=tree is True)
+    if leaves is not None:
+        return leaves.SerializeToString()
     optimised = calibrated_layout(onnx_model) or _optimised(onnx_model)
     if keep_blocked_across_ifs(optimised) == 0:
         return onnx_model
