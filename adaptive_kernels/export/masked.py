@@ -34,6 +34,7 @@ itself for its model class with :func:`register_masked_forward`; :func:`masked_f
 from __future__ import annotations
 
 import contextlib
+import gc
 import linecache
 import sys
 import types
@@ -70,18 +71,31 @@ def own_trace_memory() -> Iterator[None]:
       objects), each holding its guards' ``CheckFunctionManager`` for the life of that object: only those whose
       guards serve no cache entry any more (the wrapper's, just dropped);
     * the generated source of the trace's FX graph modules, which FX keeps for tracebacks (its ``_loader`` and
-      ``linecache``).
+      ``linecache``), and inductor's memo of their stack frames (``PyCodeCache.stack_frames_for_code``);
+    * the trace's ShapeEnvs (one per ``torch.cond`` compile, each with its FakeTensorMode and fake tensors): the
+      ``lru_cache``s on ShapeEnv's methods are class-level and keyed by ``self``, so they kept them (emptied: they
+      have no per-key removal); and a cond's input that is a view (``mask.to(bool).split(1)``) closes a cycle through
+      C++ that gc cannot collect: dynamo fakes the view and its base, the view's TensorImpl holds the base's, which
+      then owns the base's Python object, whose ``fake_mode.shape_env.tracked_fakes`` holds the view. Setting
+      ``tracked_fakes`` to None (what torch does for a compile attempt it discards) opens it. Both are needed. The
+      trace's ShapeEnvs are the ones a scan of gc's objects finds after it and did not before (two scans, 0.15-0.2 s
+      each in the test's process, ~490k objects, on the loaded dev machine);
+    * the ``(traceback, metric names)`` records dynamo's per-thread MetricsContext appends for each compile and
+      never drops.
 
     Measured on the CPU, ``compile`` of ResNet-20-ADN (width 2, 8x8 images) repeated in one process: +5.3 MB per
-    compile with the wrapper's cache and the backends dropped only, +1.2 MB with all of the above (without the
-    finalizers' part +3.6, without the sources' +2.9). What is left is torch's own: each trace's ShapeEnv, held
-    from C++ through one of its symbolic sizes (clearing the ShapeEnv method caches changed nothing, so they are
-    left alone), and a few ONNX exporter tables."""
+    compile with the wrapper's cache and the backends dropped only, +1.2 MB with the first three (without the
+    finalizers' part +3.6, without the sources' +2.9; 3 ShapeEnvs more alive after each compile), +0.13 MB with
+    all (calls 5-30, +0.07 MB over 20-30; the ShapeEnv count stays at 4). What is left is torch's own and small:
+    dynamo's last 64 compilation metrics (a bounded deque), the dead weakrefs of its code trackers."""
     from torch._dynamo import eval_frame
 
     backends = set(eval_frame.cached_backends)
     finalizers = set(weakref.finalize._registry)
     sources = set(_fx_sources())
+    shape_envs = weakref.WeakSet(_shape_envs())
+    edits = _metric_edits()
+    edits_before = len(edits)
     _forget_cond_compilations()
     try:
         yield
@@ -91,6 +105,9 @@ def own_trace_memory() -> Iterator[None]:
             del eval_frame.cached_backends[key]
         _detach_dead_guard_finalizers(set(weakref.finalize._registry) - finalizers)
         _forget_fx_sources(set(_fx_sources()) - sources)
+        _release_shape_envs([env for env in _shape_envs() if env not in shape_envs])
+        del edits[edits_before:]
+        _forget_fx_stack_frames()
 
 
 def _forget_cond_compilations() -> None:
@@ -134,6 +151,47 @@ def _forget_fx_sources(keys: set[str]) -> None:
     for key in keys:
         sources.pop(key, None)
         linecache.cache.pop(key, None)
+
+
+def _shape_envs() -> list:
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return [o for o in gc.get_objects() if issubclass(type(o), ShapeEnv)]
+
+
+def _release_shape_envs(new: list) -> None:
+    """Let the ShapeEnvs in ``new`` (the trace's, done with) be freed: drop them from the ``lru_cache``s of
+    ShapeEnv's methods (class-level, so keyed by ``self``; only ``cache_clear`` exists: the caches are emptied,
+    a memo recomputed on the next use) and break their cycle through C++ (``tracked_fakes``)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    for attr in vars(ShapeEnv).values():
+        if callable(getattr(attr, "cache_clear", None)):
+            attr.cache_clear()
+    for env in new:
+        # dynamo records each input it fakes; a view's fake holds its base's TensorImpl from C++, which keeps the
+        # base's Python object, whose fake_mode holds the ShapeEnv, whose tracked_fakes hold the view: a cycle gc
+        # does not see. torch breaks it the same way for a compile attempt it discards (OutputGraph cleanup).
+        env.tracked_fakes = None
+
+
+def _metric_edits() -> list:
+    # dynamo's per-thread MetricsContext appends (traceback, metric names) for each metric a compile sets, for its
+    # "already set" error, and resets its metrics at each new compile but never these (torch 2.14)
+    from torch._dynamo.utils import get_metrics_context
+
+    edits = getattr(get_metrics_context(), "_edits", None)
+    return edits if isinstance(edits, list) else []
+
+
+def _forget_fx_stack_frames() -> None:
+    # inductor memoizes the stack frames of generated code by (file, line) with functools.cache, the trace's FX
+    # files (``<eval_with_key>.N``, new names each trace) among them: ~116 entries a compile; the memo has no
+    # per-key removal, so all of it goes (recomputed from PyCodeCache.linemaps on the next use)
+    codecache = sys.modules.get("torch._inductor.codecache")
+    stack_frames = getattr(getattr(codecache, "PyCodeCache", None), "stack_frames_for_code", None)
+    if callable(getattr(stack_frames, "cache_clear", None)):
+        stack_frames.cache_clear()
 
 
 def _run_layers(layers: Sequence[nn.Module], skip_stage: bool, x: torch.Tensor) -> torch.Tensor:
