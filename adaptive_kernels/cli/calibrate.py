@@ -29,10 +29,10 @@ from ..training.data import (
 from ..training.distributed import resolve_device
 from .checks import (
     HelpFormatter,
+    add_checkpoint_args,
     add_data_args,
     auto_threads,
     checkpoint_data,
-    device_name,
     int_range,
     path_text,
     positive_int,
@@ -113,18 +113,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=HelpFormatter, description="Per-sub-network norm statistics of a checkpoint, measured on N un-augmented training images (the "
                        "first N of epoch 0's order), written to --out with everything else kept; eval, export and "
                        "training resume then use them.")
-    c.add_argument("--checkpoint", type=path_text, required=True, help="a last.pt written by train or demo")
+    add_checkpoint_args(c)
     add_data_args(c, from_checkpoint=True, auto_threads=True)
     c.add_argument("--images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES,
                    help=f"un-augmented training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
     c.add_argument("--batch-size", type=positive_int, default=DEFAULT_CALIBRATION_BATCH,
                    help=f"default {DEFAULT_CALIBRATION_BATCH}")
-    c.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
-                   help="auto: the EMA weights when the checkpoint has them")
     c.add_argument("--int8-images", type=int_range(0, INT8_IMAGES), default=0,
                    help="also keep the first N of these images in --out (float16) for serve --int8, which measures "
                         "each sub-network's INT8 ranges on them (0: none)")
-    c.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
     c.add_argument("--out", type=path_text, required=True, help="calibrated checkpoint to write (may be --checkpoint itself)")
     c.set_defaults(func=run)
 

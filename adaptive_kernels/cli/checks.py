@@ -129,6 +129,14 @@ def device_name(text: str) -> str:
     return text
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --weights and --device of the commands that read a trained checkpoint (eval, calibrate)."""
+    p.add_argument("--checkpoint", type=path_text, required=True, help="a last.pt written by train or demo")
+    p.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
+                   help="auto: the EMA weights when the checkpoint has them")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
+
+
 def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create ``path`` (a folder the command will write into) and prove it writable now, so that a typo or a
     read-only disk fails before training, not after an epoch. Raises ValueError naming ``flag``."""

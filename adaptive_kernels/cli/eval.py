@@ -19,10 +19,10 @@ from ..training.distributed import resolve_device
 from ..training.evaluate import evaluate_subnets, format_table
 from .checks import (
     HelpFormatter,
+    add_checkpoint_args,
     add_data_args,
     auto_threads,
     checkpoint_data,
-    device_name,
     int_range,
     path_text,
     positive_int,
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``eval`` sub-command."""
     e = sub.add_parser("eval", help="evaluate every sub-network of a checkpoint", formatter_class=HelpFormatter,
                        description="Accuracy, MACs and measured latency of every sub-network of a checkpoint.")
-    e.add_argument("--checkpoint", type=path_text, required=True, help="a last.pt written by train or demo")
+    add_checkpoint_args(e)
     add_data_args(e, from_checkpoint=True, auto_threads=True)
     e.add_argument("--json", type=path_text, help="also write [{skip, accuracy, macs, latency_us, ...}, ...] to this file")
     e.add_argument("--batch-size", type=positive_int, default=500, help="accuracy batch size")
@@ -51,9 +51,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "overheads)")
     e.add_argument("--latency-repeats", type=int_range(1, 10000), default=30,
                    help="timed rounds; each round runs every sub-network once")
-    e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
-                   help="auto: the EMA weights when the checkpoint has them")
-    e.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda / cuda:N")
     e.set_defaults(func=run)
 
 

@@ -37,6 +37,7 @@ import contextlib
 import gc
 import linecache
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -87,7 +88,20 @@ def own_trace_memory() -> Iterator[None]:
     compile with the wrapper's cache and the backends dropped only, +1.2 MB with the first three (without the
     finalizers' part +3.6, without the sources' +2.9; 3 ShapeEnvs more alive after each compile), +0.13 MB with
     all (calls 5-30, +0.07 MB over 20-30; the ShapeEnv count stays at 4). What is left is torch's own and small:
-    dynamo's last 64 compilation metrics (a bounded deque), the dead weakrefs of its code trackers."""
+    dynamo's last 64 compilation metrics (a bounded deque), the dead weakrefs of its code trackers.
+
+    Threads: traces run one at a time (``_TRACE_LOCK``): "the trace's ShapeEnvs" are those made while it runs, so
+    two exports at once would release each other's mid-trace. A ``torch.compile`` of the caller's own running in
+    another thread at the same moment is not covered by the lock (its ShapeEnv would lose its ``tracked_fakes``)."""
+    with _TRACE_LOCK:
+        yield from _own_trace_memory()
+
+
+#: one export trace at a time in the process (see own_trace_memory)
+_TRACE_LOCK = threading.RLock()  # reentrant: an export inside an export (none today) must not deadlock
+
+
+def _own_trace_memory() -> Iterator[None]:
     from torch._dynamo import eval_frame
 
     backends = set(eval_frame.cached_backends)
