@@ -6,8 +6,9 @@ engine's switching cost (``set_skip`` to another sub-network).
 
     OMP_WAIT_POLICY=PASSIVE python bench/measure_calibrated_cpu.py --model resnet20 --batches 1,64 --rounds 15
     OMP_WAIT_POLICY=PASSIVE python bench/measure_calibrated_cpu.py --model resnet50 --batches 1 --rounds 5
+    OMP_WAIT_POLICY=PASSIVE python bench/measure_calibrated_cpu.py --model resnet20 --batches 1 --uncalibrated
 
-Writes bench/results/cpu/calibrated_<model>.{json,md}; the machine (CPU vendor, family/model, ISA flags), threads and
+Writes bench/results/cpu/{calibrated,uncalibrated}_<model>.{json,md}; the machine (CPU vendor, family/model, ISA flags), threads and
 versions are in every row.
 """
 
@@ -36,9 +37,10 @@ from adaptive_kernels.numerics import relative_error
 from bench._harness import cpu_info, environment, interleaved_rounds, load_average, paired_ratio
 
 OUT = Path(__file__).resolve().parent / "results" / "cpu"
-PROVIDERS = ("static", "engine", "laid_out", "exported")
-# laid_out: ONNX Runtime on the engine's laid-out graph, mask fed (the engine without its Python and torch wrapper);
-# exported: ONNX Runtime on the one graph as exported, mask fed
+PROVIDERS = ("static", "engine", "engine_numpy", "laid_out", "exported")
+# engine: engine(x, skip) on a torch tensor; engine_numpy: the same engine on x as a NumPy array (NumPy logits back, no
+# torch call); laid_out: ONNX Runtime on the engine's laid-out graph, mask fed (the engine without its Python and
+# torch wrapper); exported: ONNX Runtime on the one graph as exported, mask fed
 MODELS = {"resnet20": ("resnet20_adn", 32), "resnet50": ("resnet50_adn", 224)}
 
 
@@ -61,10 +63,11 @@ def session_mb(path: Path, threads: int, size: int, stages: int) -> float:
     return float(out.stdout.split()[-1])
 
 
-def calibrated_model(name: str, size: int) -> torch.nn.Module:
+def calibrated_model(name: str, size: int, calibrated: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = ak.create_model(name).eval()
-    ak.calibrate(model, 2 * torch.randn(8, 3, size, size) + 0.5, batch_size=4)  # statistics unlike the running ones
+    if calibrated:
+        ak.calibrate(model, 2 * torch.randn(8, 3, size, size) + 0.5, batch_size=4)  # statistics unlike the running ones
     return model.eval()
 
 
@@ -75,10 +78,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skips", default="", help="comma list of sub-networks (default: every one)")
+    parser.add_argument("--uncalibrated", action="store_true", help="the model as created (shared norm statistics); "
+                        "writes uncalibrated_<model>.{json,md}")
     args = parser.parse_args()
     name, size = MODELS[args.model]
     torch.set_num_threads(args.threads)
-    model = calibrated_model(name, size)
+    model = calibrated_model(name, size, not args.uncalibrated)
+    kind = "uncalibrated" if args.uncalibrated else "calibrated"
     configs = [model.parse_skip(s) for s in args.skips.split(",")] if args.skips else model.skip_configs()
     example = torch.randn(1, 3, size, size)
     machine = {**cpu_info(), "threads": args.threads, **{k: environment()[k] for k in ("torch", "python", "git_sha")},
@@ -110,6 +116,7 @@ def main() -> int:
         for s in configs:
             runners["static", s] = lambda s=s, xn=xn: static[s].run([OUTPUT], {INPUT: xn})[0]
             runners["engine", s] = lambda s=s, x=x: engine(x, s)
+            runners["engine_numpy", s] = lambda s=s, xn=xn: engine(xn, s)
             mask = mask_of(s).numpy()
             runners["laid_out", s] = lambda mask=mask, xn=xn: laid_out_session.run([OUTPUT], {INPUT: xn, MASK: mask})[0]
             runners["exported", s] = lambda mask=mask, xn=xn: exported.run([OUTPUT], {INPUT: xn, MASK: mask})[0]
@@ -124,19 +131,24 @@ def main() -> int:
             load = load_average()
             samples = interleaved_rounds(runners, PROVIDERS, configs, args.rounds, random.Random(batch))
         for s in configs:
-            rows.append({"model": name, "image_size": size, "batch": batch, "skip": ak.skip_to_str(s),
+            rows.append({"model": name, "calibrated": not args.uncalibrated, "image_size": size, "batch": batch,
+                         "skip": ak.skip_to_str(s),
                          "static_ms": round(statistics.median(samples["static", s]) / 1e3, 3),
                          "engine_ms": round(statistics.median(samples["engine", s]) / 1e3, 3),
+                         "engine_numpy_ms": round(statistics.median(samples["engine_numpy", s]) / 1e3, 3),
                          "laid_out_ms": round(statistics.median(samples["laid_out", s]) / 1e3, 3),
                          "exported_ms": round(statistics.median(samples["exported", s]) / 1e3, 3),
                          "laid_out_over_static": round(paired_ratio(samples["laid_out", s], samples["static", s]), 4),
                          "exported_over_static": round(paired_ratio(samples["exported", s], samples["static", s]), 4),
                          "engine_over_static": round(paired_ratio(samples["engine", s], samples["static", s]), 4),
+                         "engine_numpy_over_static": round(paired_ratio(samples["engine_numpy", s], samples["static", s]),
+                                                           4),
                          "rounds": args.rounds, "load_avg_1min_before": load, "load_avg_1min_after": load_average(),
                          **machine})
-        print(f"{name} b{batch}: engine / static "
-              f"{min(r['engine_over_static'] for r in rows if r['batch'] == batch):.3f}-"
-              f"{max(r['engine_over_static'] for r in rows if r['batch'] == batch):.3f}", flush=True)
+        for column in ("engine", "engine_numpy", "laid_out"):
+            ratios = [r[f"{column}_over_static"] for r in rows if r["batch"] == batch]
+            print(f"{name} ({kind}) b{batch}: {column} / static {min(ratios):.3f}-{max(ratios):.3f} (median "
+                  f"{statistics.median(ratios):.3f})", flush=True)
     switches = []
     for k in range(2000):
         t0 = time.perf_counter_ns()
@@ -147,20 +159,22 @@ def main() -> int:
                "memory_ratio": round(engine_mb / static_mb, 2), "switch_us_median": round(statistics.median(switches), 2),
                "layout": notes}
     OUT.mkdir(parents=True, exist_ok=True)
-    write_text(OUT / f"calibrated_{args.model}.json", json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
-    write_text(OUT / f"calibrated_{args.model}.md", table(rows, summary, machine))
+    write_text(OUT / f"{kind}_{args.model}.json", json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+    write_text(OUT / f"{kind}_{args.model}.md", table(rows, summary, machine, kind))
     print(json.dumps(summary))
     return 0
 
 
-def table(rows: list[dict], summary: dict, machine: dict) -> str:
+def table(rows: list[dict], summary: dict, machine: dict, kind: str) -> str:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["cpu_flags"].items())
-    lines = [f"# Calibrated one graph on the CPU: {rows[0]['model']} ({rows[0]['image_size']}²)", "",
+    lines = [f"# {kind.capitalize()} one graph on the CPU: {rows[0]['model']} ({rows[0]['image_size']}²)", "",
              (f"Machine: {machine['cpu']}, {machine['cpu_vendor']} family {machine['cpu_family']} model "
               f"{machine['cpu_model']}, {machine['cores']} cores shared with other jobs, {machine['threads']} thread(s); "
               f"flags {flags}. torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, python "
               f"{machine['python']}, git {machine['git_sha'][:10]}. Interleaved rounds in shuffled order; ratio: the "
-              f"median over rounds of engine / static in the same round."), "",
+              f"median over rounds of engine / static in the same round. engine: `engine(x, skip)` on a torch tensor; "
+              f"engine on NumPy: the same call on `x.numpy()` (NumPy logits back, no torch call); laid-out graph: ONNX "
+              f"Runtime alone on the engine's graph."), "",
              (f"Memory (resident growth of a fresh process that loads the file in ONNX Runtime and runs it once at batch 1): "
              f"the engine's laid-out one graph {summary['engine_session_mb']} MiB (all sub-networks; the engine also "
              f"keeps the portable file, {summary['portable_file_mb']} MiB), one static super-net session {summary['static_super_session_mb']} MiB: "
@@ -169,17 +183,20 @@ def table(rows: list[dict], summary: dict, machine: dict) -> str:
     for batch in dict.fromkeys(r["batch"] for r in rows):
         group = [r for r in rows if r["batch"] == batch]
         ratios = [r["engine_over_static"] for r in group]
+        numpy_ratios = [r["engine_numpy_over_static"] for r in group]
         before = [r["exported_over_static"] for r in group]
         graph = [r["laid_out_over_static"] for r in group]
         lines += [(f"## batch {batch} ({group[0]['rounds']} rounds, load {group[0]['load_avg_1min_before']} -> "
-                  f"{group[-1]['load_avg_1min_after']})"), "", ("| skip | static ms | engine ms | laid-out graph ms | one graph as exported ms | engine / static | "
-                  "laid-out graph / static | exported / static |"), "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['skip']} | {r['static_ms']:.3f} | {r['engine_ms']:.3f} | {r['laid_out_ms']:.3f} | "
-                  f"{r['exported_ms']:.3f} | {r['engine_over_static']:.3f} | {r['laid_out_over_static']:.3f} | "
+                  f"{group[-1]['load_avg_1min_after']})"), "", ("| skip | static ms | engine ms | engine on NumPy ms | laid-out graph ms | one graph as exported ms | "
+                  "engine / static | engine on NumPy / static | laid-out graph / static | exported / static |"), "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['skip']} | {r['static_ms']:.3f} | {r['engine_ms']:.3f} | {r['engine_numpy_ms']:.3f} | "
+                  f"{r['laid_out_ms']:.3f} | {r['exported_ms']:.3f} | {r['engine_over_static']:.3f} | "
+                  f"{r['engine_numpy_over_static']:.3f} | {r['laid_out_over_static']:.3f} | "
                   f"{r['exported_over_static']:.3f} |"
                   for r in group]
         lines += ["", (f"engine / static over the sub-networks: {min(ratios):.3f}-{max(ratios):.3f} (median "
-                  f"{statistics.median(ratios):.3f}); the laid-out graph in ONNX Runtime alone / static "
+                  f"{statistics.median(ratios):.3f}); on NumPy {min(numpy_ratios):.3f}-{max(numpy_ratios):.3f} (median "
+                  f"{statistics.median(numpy_ratios):.3f}); the laid-out graph in ONNX Runtime alone / static "
                   f"{min(graph):.3f}-{max(graph):.3f} (median {statistics.median(graph):.3f}); the one graph as exported / static {min(before):.3f}-{max(before):.3f} "
                   f"(median {statistics.median(before):.3f})."), ""]
     return "\n".join(lines)

@@ -90,7 +90,7 @@ def test_inputs_the_lean_path_does_not_take_as_they_are_are_converted_or_rejecte
     compiled = r"\(2, 3, 16, 16\) torch.float32"
     for bad, error, match in [
         ("image", TypeError, "must be a torch.Tensor"),
-        (np.zeros((2, 3, 16, 16), np.float32), TypeError, "must be a torch.Tensor"),
+        ([[0.0]], TypeError, "must be a torch.Tensor"),
         (torch.randn(2, 3, 16, 16, dtype=torch.float64), TypeError, f"has dtype torch.float64; .* for {compiled}"),
         (torch.randn(2, 3, 16, 16, dtype=torch.bfloat16), TypeError, "has dtype torch.bfloat16"),
         (torch.randn(2, 3, 32, 32), ValueError, r"has shape \(2, 3, 32, 32\); this engine was compiled for"),
@@ -109,6 +109,55 @@ def test_inputs_the_lean_path_does_not_take_as_they_are_are_converted_or_rejecte
     assert relative_error(doubles(x.double(), "FTF"), want) < 1e-4
     with pytest.raises(TypeError, match="has dtype torch.float32; this engine was compiled for .* torch.float64"):
         doubles(x)
+
+
+def test_a_numpy_input_gets_numpy_logits_checked_like_a_tensor(engine, resnet20):
+    # a float32 NumPy array in, a new NumPy array out, with no torch call on the way (the speed at batch 1:
+    # bench/measure_calibrated_cpu.py, the engine_numpy column)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        for skip in resnet20.skip_configs():
+            got = engine(x.numpy(), skip)
+            assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (3, 10)
+            assert np.array_equal(got, engine(x, skip).numpy())
+            assert relative_error(torch.from_numpy(got), resnet20(x, skip)) < 1e-4
+    again = engine(x.numpy())
+    assert not np.shares_memory(again, engine(x.numpy()))  # each call's own array
+    fixed = compile(resnet20, torch.randn(2, 3, 16, 16))  # dynamic_batch=False
+    for target, bad, error, match in [
+        (engine, x.numpy().astype(np.float64), TypeError, r"dtype float64; .*x.astype\(np.float32\)"),
+        (engine, x.numpy().astype(np.float16), TypeError, "dtype float16"),
+        (engine, np.zeros((3, 3, 32, 32), np.float32), ValueError, r"shape \(3, 3, 32, 32\); .*\(2, 3, 16, 16\)"),
+        (engine, np.zeros((3, 16, 16), np.float32), ValueError, r"shape \(3, 16, 16\)"),
+        (engine, np.zeros((0, 3, 16, 16), np.float32), ValueError, "empty batch"),
+        (fixed, np.zeros((3, 3, 16, 16), np.float32), ValueError, "batch 3; .*dynamic_batch=True"),
+    ]:
+        target.set_skip("FFF")
+        with pytest.raises(error, match=match):
+            target(bad, "TTT")
+        assert target.skip == (False, False, False)  # rejected before anything changed
+
+
+def test_forward_hooks_on_the_engine_or_on_every_module_run(engine, resnet20):
+    # the engine's __call__ skips nn.Module's hook machinery only when no forward hook is registered
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    hooks = [engine.register_forward_pre_hook(lambda module, args: seen.append("pre")),
+             engine.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))]
+    try:
+        with torch.no_grad():
+            got = engine(x, "TFT")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == ["pre", (2, 10)]
+    with torch.no_grad():
+        assert relative_error(got, resnet20(x, "TFT")) < 1e-4
+    engine(x)
+    assert len(seen) == 2  # removed: not called
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append("global")):
+        engine(x)
+    assert seen[2:] == ["global"]
 
 
 def test_skip_arguments_seen_before_select_what_they_say(engine, resnet20):

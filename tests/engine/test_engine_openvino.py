@@ -54,6 +54,8 @@ def test_fp32_is_exact_for_every_subnetwork_like_onnxruntime(model, fp32, want):
     with torch.no_grad():
         x5 = torch.randn(5, 3, 16, 16)  # another batch size, the same compiled graph
         assert relative_error(fp32(x5, "TFT"), model(x5, "TFT")) < 1e-4
+        got = fp32(x5.numpy(), "FTT")  # NumPy in, NumPy out
+        assert isinstance(got, np.ndarray) and relative_error(torch.from_numpy(got), model(x5, "FTT")) < 1e-4
     fp32.set_mask(torch.tensor([0, 1, 1], dtype=torch.int32))
     assert fp32.skip == (True, False, False)
     assert relative_error(fp32(X), want[True, False, False]) < 1e-4

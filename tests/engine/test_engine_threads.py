@@ -63,6 +63,12 @@ def test_threads_sharing_one_engine_each_get_their_own_subnetwork(engines, want,
     assert wrong == 0, f"{kind}: {wrong} of 200 outputs were not their own sub-network's"
 
 
+def test_threads_sharing_one_engine_with_numpy_inputs_each_get_their_own_subnetwork(engines, want):
+    engine = engines("onnxruntime")
+    wrong = wrong_outputs_from_threads(lambda x, skip: torch.from_numpy(engine(x.numpy(), skip)), X, want)
+    assert wrong == 0, f"{wrong} of 200 outputs were not their own sub-network's"
+
+
 @pytest.mark.parametrize("kind", ["reference", "onnxruntime"])
 def test_calls_while_profile_runs_serve_the_subnetwork_set_last(engines, want, kind):
     engine = engines(kind)

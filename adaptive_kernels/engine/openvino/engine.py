@@ -174,10 +174,10 @@ class OpenVinoEngine(HostEngine):
             logger.info("[compile] %s ready on %s in %.0f s", self._model_name, self.runtime_name,
                         time.perf_counter() - self._build_start)
 
-    def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> torch.Tensor:
+    def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> np.ndarray:
         if self.precision == "int8":
-            return torch.from_numpy(self._subnets[config].run({INPUT: array}))
-        return torch.from_numpy(self._one_graph.run({INPUT: array, MASK: mask}))
+            return self._subnets[config].run({INPUT: array})
+        return self._one_graph.run({INPUT: array, MASK: mask})
 
     def _describe(self) -> str:
         if self.precision == "int8":

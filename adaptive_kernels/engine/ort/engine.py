@@ -72,5 +72,5 @@ class OnnxRuntimeEngine(HostEngine):
         logger.info("[compile] %s ready on %s in %.0f s", self._model_name, self.runtime_name,
                     time.perf_counter() - self._build_start)
 
-    def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self._session.run(self._output_names, {INPUT: array, MASK: mask})[0])
+    def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> np.ndarray:
+        return self._session.run(self._output_names, {INPUT: array, MASK: mask})[0]
