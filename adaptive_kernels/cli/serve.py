@@ -1,6 +1,7 @@
 """``python -m adaptive_kernels serve``: an SLO-aware HTTP server for a checkpoint (the Open Inference Protocol,
 Prometheus metrics); profiles the engine, prints the plan, serves until Ctrl-C / SIGTERM, then answers what is
-queued. ``--ray-replicas N``: N Ray Serve replicas of that server behind one address. Needs the [serve] extra."""
+queued. ``--ray-replicas N``: N Ray Serve replicas of that server behind one address. ``--int8``: INT8 on OpenVINO,
+in one process or in each replica. Needs the [serve] extra."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import signal
 import sys
 import threading
 
+import torch
+
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
-from ..serving.plan import int8_sample, measure_accuracies
+from ..serving.plan import check_int8_device, compile_engine, int8_sample, measure_accuracies
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
@@ -81,18 +84,18 @@ def run(args: argparse.Namespace) -> int:
                           f"pip install 'adaptive_kernels[serve]'") from None
     if args.ray_address and not args.ray_replicas:
         raise ValueError("--ray-address needs --ray-replicas N (the replicas to run on that cluster)")
-    if args.int8 and args.ray_replicas:
-        raise ValueError("--int8 with --ray-replicas is not supported yet: serve INT8 in one process")
     int8 = int8_sample(args.checkpoint) if args.int8 else None  # before any work: the checkpoint must keep them
+    device = str(resolve_device(args.device))
+    if args.int8:
+        check_int8_device(device)
     sock = bind_socket(args.host, args.port)  # a taken port fails now, not after profiling
     if args.ray_replicas:
         sock.close()  # Ray's proxy listens there
-        return _run_ray(args, deploy)
+        return _run_ray(args, deploy, device, int8)
     try:
         _progress(f"loading {args.checkpoint} ...")
         data = None if args.accuracy else _data(args)
         model, name, image_shape = checkpoint_model(args.checkpoint, data)
-        device = str(resolve_device(args.device))
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages) if args.accuracy else None
         plan = build_plan(model, args.name or name, image_shape, max_batch=args.max_batch, accuracy=accuracy,
                           data=data, device=device, profile_iters=args.profile_iters, int8_calibration=int8,
@@ -116,26 +119,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ray(args: argparse.Namespace, deploy) -> int:
+def _run_ray(args: argparse.Namespace, deploy, device: str, int8: torch.Tensor | None) -> int:
     """``serve --ray-replicas N``: measure the accuracies here when --accuracy is not given, deploy, serve until
-    Ctrl-C / SIGTERM, then stop the deployment (and the local Ray it started)."""
+    Ctrl-C / SIGTERM, then stop the deployment (and the local Ray it started).
+
+    With ``int8`` (the images the checkpoint keeps) each replica builds the INT8 engine from those images itself,
+    and the accuracies are measured here, once, through one more build of that engine: the same model and images
+    give the same engine in every process (``compile_engine``), so they are each replica's own. Measuring in each
+    replica instead would run the whole test split once per replica on the replicas' CPUs and need the dataset on
+    every node; this costs one INT8 build more and keeps the dataset on this machine, as for fp32."""
     data = None if args.accuracy else _data(args)
-    model, _, _ = checkpoint_model(args.checkpoint, data)
-    device = str(resolve_device(args.device))
+    model, _, image_shape = checkpoint_model(args.checkpoint, data)
     if args.accuracy:
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages)
+    elif int8 is not None:
+        _progress(f"compiling the INT8 engine here to measure the accuracies through it ({len(int8)} kept images) ...")
+        engine = compile_engine(model, torch.zeros((1, *image_shape)), int8_calibration=int8)
+        accuracy = measure_accuracies(model, data, scorer=engine, progress=_progress)
+        del engine
     else:
         accuracy = measure_accuracies(model, data, device=device, progress=_progress)
-    _progress(f"starting {args.ray_replicas} Ray Serve replicas (each compiles and profiles its engine) ...")
+    engine_line = "its INT8 engine on OpenVINO from the checkpoint's kept images" if int8 is not None else "its engine"
+    _progress(f"starting {args.ray_replicas} Ray Serve replicas (each compiles {engine_line} and profiles it) ...")
     server = deploy(args.checkpoint, args.slo_ms, accuracy, replicas=args.ray_replicas, max_batch=args.max_batch,
                     name=args.name, host=args.host, port=args.port, address=args.ray_address,
-                    threads=args.threads or 1, device=device, profile_iters=args.profile_iters)
+                    threads=args.threads or 1, device=device, profile_iters=args.profile_iters,
+                    int8=int8 is not None)
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         _progress(f"ready on {args.host}:{args.port}: {server.name} at {server.url}/v2/models/{server.name} "
-                  f"({args.ray_replicas} Ray Serve replicas, SLO {args.slo_ms:g} ms, max batch {args.max_batch}); "
-                  f"Ctrl-C stops")
+                  f"({args.ray_replicas} Ray Serve replicas{', INT8 on OpenVINO' if int8 is not None else ''}, "
+                  f"SLO {args.slo_ms:g} ms, max batch {args.max_batch}); Ctrl-C stops")
         while not stop.wait(0.5):  # timed: the OS may deliver the signal to a Ray thread, which wakes no wait
             pass
     finally:

@@ -6,11 +6,13 @@ else in the package imports this module.
 
 ``deploy(checkpoint, slo_ms, accuracy, replicas=N)`` starts a local Ray (``replicas x threads`` CPUs, no dashboard,
 HTTP on 127.0.0.1) or joins a cluster (``address="auto"``), runs the deployment and returns a :class:`RayServer`;
-its ``stop()`` ends what ``deploy`` started. Running it on a cluster: docs/serving.md.
+its ``stop()`` ends what ``deploy`` started; ``int8=True``: each replica serves INT8 on OpenVINO. Running it on a
+cluster: docs/serving.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -24,7 +26,7 @@ from ray import serve
 
 from ..models.skip import SkipLike, parse_skip, skip_to_str
 from .http import SWITCH_INTERVAL_S, bind_socket, create_app
-from .plan import build_plan, checkpoint_model
+from .plan import build_plan, check_int8_device, checkpoint_model, int8_sample
 from .scheduler import Scheduler
 
 #: the object store of a Ray started here (bytes): replicas exchange only requests and answers through it
@@ -34,16 +36,20 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 @serve.ingress()
 class Replica:
     """One engine, its scheduler and the HTTP routes, built in the replica's process: the checkpoint is read and the
-    engine compiled and profiled there (``checkpoint`` must be readable at that path on every node)."""
+    engine compiled and profiled there (``checkpoint`` must be readable at that path on every node). ``int8``: the
+    engine is OpenVINO INT8, its ranges measured on the images ``calibrate --int8-images`` kept in the checkpoint,
+    which the replica reads from there itself (as ``serve --int8`` in one process does; nothing goes through Ray's
+    object store). The plan (``describe()``) goes to the replica's log."""
 
     def __init__(self, checkpoint: str, accuracy: dict[str, float], slo_ms: float, max_batch: int, name: str | None,
-                 device: str, profile_iters: int, threads: int) -> None:
+                 device: str, profile_iters: int, threads: int, int8: bool = False) -> None:
         torch.set_num_threads(threads)  # the CPU engine takes torch's thread count
         model, model_name, image_shape = checkpoint_model(checkpoint)
         table = {parse_skip(s, model.num_skippable_stages): a for s, a in accuracy.items()}
         plan = build_plan(model, name or model_name, image_shape, max_batch=max_batch, accuracy=table, device=device,
-                          profile_iters=profile_iters)
+                          profile_iters=profile_iters, int8_calibration=int8_sample(checkpoint) if int8 else None)
         plan.check_slo(slo_ms)
+        logging.getLogger("ray.serve").info("plan:\n%s", plan.describe())
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy)
         self._app = create_app(self.scheduler, plan.name, slo_ms, replica=self.replica)
@@ -98,23 +104,30 @@ class RayServer:
 
 def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipLike, float], *, replicas: int = 2,
            max_batch: int = 16, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-           address: str | None = None, threads: int = 1, device: str = "cpu", profile_iters: int = 20) -> RayServer:
+           address: str | None = None, threads: int = 1, device: str = "cpu", profile_iters: int = 20,
+           int8: bool = False) -> RayServer:
     """Serve ``checkpoint`` on ``replicas`` Ray Serve replicas behind ``host:port`` (port 0: a free one); returns
     once every replica has compiled and profiled its engine.
 
     accuracy: ``{skip: accuracy}`` of the servable sub-networks (as ``load_accuracy`` reads it); threads: CPU threads
-    (and Ray CPUs) per replica; device "cuda" gives each replica one GPU. address: "auto" or "ray://..." joins a
-    running cluster, where the package and the checkpoint path must exist on every node; None uses the Ray this
-    process already runs, else starts a local one (``address="local"``: never a cluster found by chance) with
-    ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import this
-    ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read or a taken port is a ValueError before
-    Ray starts; a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here.
+    (and Ray CPUs) per replica; device "cuda" gives each replica one GPU. int8: each replica serves INT8 on OpenVINO
+    (CPU only), ranged on the images ``calibrate --int8-images`` kept in the checkpoint (``accuracy`` should then be
+    the INT8 engine's, as ``serve`` measures it: ``compile_engine`` builds the same engine). address: "auto" or
+    "ray://..." joins a running cluster, where the package and the checkpoint path must exist on every node; None
+    uses the Ray this process already runs, else starts a local one (``address="local"``: never a cluster found by
+    chance) with ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import this
+    ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no images,
+    or a device other than the CPU) or a taken port is a ValueError before Ray starts; a replica's start-up error
+    (e.g. an SLO below the fastest sub-network) is raised here.
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
     model, model_name, _ = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
+    if int8:
+        check_int8_device(device)
+        int8_sample(checkpoint)  # it keeps the images each replica will range INT8 on
     table = {skip_to_str(parse_skip(s, model.num_skippable_stages)): float(a) for s, a in accuracy.items()}
     if not table:
         raise ValueError("accuracy is empty: give the accuracy of at least one sub-network (eval --json)")
@@ -138,7 +151,8 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
         actor = {"num_cpus": threads, "num_gpus": 1 if device.startswith("cuda") else 0}
         app = serve.deployment(Replica, name=app_name, num_replicas=replicas, ray_actor_options=actor,
                                max_constructor_retry_count=replicas).bind(
-            str(Path(checkpoint).resolve()), table, float(slo_ms), max_batch, name, device, profile_iters, threads)
+            str(Path(checkpoint).resolve()), table, float(slo_ms), max_batch, name, device, profile_iters, threads,
+            bool(int8))
         serve.run(app, name=app_name, route_prefix="/")
     except RuntimeError:
         error = _replica_error(app_name)

@@ -1,5 +1,6 @@
 """``serve``'s start-up errors: one line each, before anything is served (a bad checkpoint, a port in use, an SLO no
-sub-network can meet, no accuracies, data of another kind); and the phase lines of a real start and stop."""
+sub-network can meet, no accuracies, data of another kind, --int8 without kept images); ``--int8 --ray-replicas``'s
+accuracies measured here through the INT8 engine; and the phase lines of a real start and stop."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaptive_kernels import create_model
 from adaptive_kernels.cli import main
-from adaptive_kernels.training import save_checkpoint
+from adaptive_kernels.training import build_data, load_checkpoint, save_checkpoint
+from adaptive_kernels.training.checkpoint import INT8_SAMPLE
 
 pytest.importorskip("fastapi", reason="needs fastapi (the [serve] extra)")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +97,64 @@ def test_serve_on_ray_checks_its_flags_and_the_port_before_starting_ray(checkpoi
                             str(port), "--ray-replicas", "2"], capsys)
     assert f"port {port} on 127.0.0.1 is in use" in line
     assert not ray.is_initialized()
+
+
+def test_serve_int8_on_ray_refuses_a_checkpoint_without_kept_images_before_any_work(checkpoint, capsys):
+    pytest.importorskip("ray.serve", reason="needs ray[serve] (the [serve] extra)")
+    import ray
+
+    path, _ = checkpoint
+    with socket.socket() as taken:  # checked before the port, the data and Ray
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        line = serve_error(["--checkpoint", str(path), "--slo-ms", "10", "--int8", "--ray-replicas", "2", "--port",
+                            str(taken.getsockname()[1])], capsys)
+    assert line == (f"error: --int8: checkpoint {path} keeps no images to measure INT8 ranges on: calibrate it with "
+                    f"`python -m adaptive_kernels calibrate --checkpoint {path} --int8-images 300 --out "
+                    f"CALIBRATED.pt` and serve that")
+    assert not ray.is_initialized()
+
+
+def test_serve_int8_on_ray_measures_the_accuracies_once_here_through_the_int8_engine(checkpoint, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Without --accuracy the driver builds the INT8 engine from the kept images (faked here: one that answers class
+    0), measures every sub-network through it and hands those accuracies and ``int8=True`` to ``deploy`` (faked:
+    it stops the command)."""
+    pytest.importorskip("ray.serve", reason="needs ray[serve] (the [serve] extra)")
+    import adaptive_kernels.cli.serve as serve_cli
+    import adaptive_kernels.serving.ray as serving_ray
+
+    kept = torch.randn(4, 1, 8, 8).half()
+    calibrated = save_checkpoint({**load_checkpoint(checkpoint[0]), INT8_SAMPLE: kept}, tmp_path / "calibrated.pt")
+    built, scored, deployed = [], set(), {}
+
+    class ClassZero(torch.nn.Module):
+        def forward(self, x, skip=None):
+            scored.add(skip)
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+
+    def compile_engine(model, example, *, int8_calibration=None):
+        built.append(int8_calibration)
+        return ClassZero()
+
+    def deploy(checkpoint, slo_ms, accuracy, **kwargs):
+        deployed.update(kwargs, accuracy=accuracy)
+        raise ValueError("deployed (test)")
+
+    monkeypatch.setattr(serve_cli, "compile_engine", compile_engine)
+    monkeypatch.setattr(serving_ray, "deploy", deploy)
+    assert main(["serve", "--checkpoint", str(calibrated), "--slo-ms", "50", "--int8", "--ray-replicas", "2",
+                 "--port", "0", "--test-subset", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "error: deployed (test)" in err
+    assert "[serve] compiling the INT8 engine here to measure the accuracies through it (4 kept images)" in err
+    assert "each compiles its INT8 engine on OpenVINO from the checkpoint's kept images" in err
+    assert len(built) == 1 and torch.equal(built[0], kept.float())
+    assert len(scored) == 8 and deployed["int8"] is True  # every sub-network scored through that engine
+    data = build_data("synthetic", image_size=8, test_subset=40)
+    labels = torch.cat([y for _, y in data.test_batches(batch_size=500)])
+    class0 = 100.0 * (labels == 0).sum().item() / len(labels)
+    assert deployed["accuracy"] == {skip: pytest.approx(class0) for skip in scored}
 
 
 def test_serve_refuses_data_the_model_was_not_trained_on(checkpoint, capsys):

@@ -1,6 +1,7 @@
 """The Ray Serve deployment: 2 replicas on a local Ray (127.0.0.1), requests through a stock client
 (tritonclient.http) answered with the torch model's output of the sub-network each response names, both replicas
-serving, every request answered (served or refused), and Ray stopped afterwards."""
+serving, every request answered (served or refused), and Ray stopped afterwards; with ``int8=True`` each replica's
+engine is the OpenVINO INT8 one that ``serve --int8`` builds in one process from the checkpoint's kept images."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from adaptive_kernels import create_model
 from adaptive_kernels.engine.ort.engine import onnxruntime_unavailable
 from adaptive_kernels.models.skip import skip_to_str
 from adaptive_kernels.training import save_checkpoint
+from adaptive_kernels.training.checkpoint import INT8_SAMPLE
 
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the [serve] extra)")
 pytest.importorskip("ray.serve", reason="needs ray[serve] (the [serve] extra)")
@@ -46,6 +48,10 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         deploy(bad, 10.0, accuracy)
+    with pytest.raises(ValueError, match="--int8 runs on the CPU"):
+        deploy(path, 10.0, accuracy, int8=True, device="cuda")
+    with pytest.raises(ValueError, match="keeps no images to measure INT8 ranges on: calibrate it with .* --int8-im"):
+        deploy(path, 10.0, accuracy, int8=True)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -91,3 +97,49 @@ def test_ray_two_replicas_serve_the_model(checkpoint):
     assert not ray.is_initialized()
     with socket.socket() as probe:  # the proxy is gone
         assert probe.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) != 0
+
+
+@pytest.mark.slow
+def test_ray_two_replicas_serve_int8_from_the_checkpoints_kept_images(checkpoint, tmp_path):
+    """``deploy(int8=True)``: each replica reads the images ``calibrate --int8-images`` kept and builds the engine
+    ``serve --int8`` builds in one process (``build_plan(int8_calibration=int8_sample(...))``, made here as the
+    reference): both replicas answer with that engine's outputs, which are INT8's, not the fp32 model's."""
+    pytest.importorskip("nncf", reason="pip install adaptive_kernels[openvino]")
+    from adaptive_kernels.serving import build_plan
+    from adaptive_kernels.serving.plan import int8_sample
+
+    _, model = checkpoint
+    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 4}}
+    kept = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(1)).half()  # as calibrate keeps them
+    path = save_checkpoint({"model": model.state_dict(), "model_spec": spec, INT8_SAMPLE: kept,
+                            "data": {"name": "synthetic", "image_size": [16, 16]}}, tmp_path / "calibrated.pt")
+    accuracy = {skip_to_str(s): 90.0 - sum(s) for s in model.skip_configs()}
+    reference = build_plan(model, "ref", (1, 16, 16), max_batch=1, accuracy=accuracy, profile_iters=1,
+                           int8_calibration=int8_sample(path)).engine
+    assert (reference.mechanism, reference.precision) == ("openvino", "int8")
+    x = torch.randn(24, 1, 16, 16)
+    with deploy(path, slo_ms=5000.0, accuracy=accuracy, replicas=2, max_batch=4, port=0, profile_iters=2,
+                int8=True) as server:
+        address = server.url.removeprefix("http://")
+        client = httpclient.InferenceServerClient(address, concurrency=8)
+        assert client.get_model_metadata(server.name)["platform"] == "adaptive_kernels_openvino"
+        pending = []
+        for i in range(len(x)):
+            inp = httpclient.InferInput("input", [1, 1, 16, 16], "FP32")
+            inp.set_data_from_numpy(x[i:i + 1].numpy(), binary_data=True)
+            parameters = {"skip": skip_to_str(model.skip_configs()[i % 8])} if i % 3 == 0 else None
+            pending.append(client.async_infer(server.name, [inp], parameters=parameters))
+        off_fp32: dict[str, float] = {}  # replica -> the largest distance of its outputs from the fp32 model's
+        for i, request in enumerate(pending):
+            result = request.get_result(timeout=120)
+            parameters = result.get_response()["parameters"]
+            got = torch.from_numpy(result.as_numpy("logits").copy())
+            torch.testing.assert_close(got, reference(x[i:i + 1], skip=parameters["skip"]), rtol=1e-4, atol=1e-4)
+            with torch.no_grad():
+                fp32 = model(x[i:i + 1], skip=parameters["skip"])
+            replica = parameters["replica"]
+            off_fp32[replica] = max(off_fp32.get(replica, 0.0), (got - fp32).abs().max().item())
+        client.close()
+        assert len(off_fp32) == 2, off_fp32  # both replicas answered
+        assert min(off_fp32.values()) > 1e-3, off_fp32  # each one quantized (fp32 engines agree within 1e-4)
+    assert not ray.is_initialized()
