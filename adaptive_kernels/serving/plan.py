@@ -54,8 +54,10 @@ class ServingPlan:
         """The plan as printed at start: one row per servable sub-network, its accuracy and latency per bucket."""
         ranking = rank_by_accuracy(self.accuracy, self.latency.predict)
         buckets = self.latency.buckets
+        precision = getattr(self.engine, "precision", None)  # the OpenVINO engine's "fp32" / "int8"
+        engine = self.engine.mechanism + (f" {precision.upper()}" if precision else "")
         lines = [(f"{self.name}: {len(ranking)} sub-networks, accuracy from {self.accuracy_source}, engine "
-                  f"{self.engine.mechanism}, batches {buckets}; latency in ms as profiled"),
+                  f"{engine}, batches {buckets}; latency in ms as profiled"),
                  f"{'skip':<8} {'accuracy':>8} " + " ".join(f"{'b' + str(b):>8}" for b in buckets)]
         for skip in ranking:
             lines.append(f"{skip_to_str(skip):<8} {self.accuracy[skip]:>8.2f} "

@@ -346,6 +346,7 @@ def test_an_int8_plan_serves_each_sub_network_near_its_fp32_output_with_its_own_
                       int8_calibration=sample)
     assert (plan.engine.mechanism, plan.engine.precision) == ("openvino", "int8")
     assert plan.accuracy_source == "--data synthetic (measured now, INT8)"
+    assert "engine openvino INT8, batches" in plan.describe().splitlines()[0]
     x = torch.cat([x for x, _ in data.test_batches(batch_size=64)])[:2]
     with torch.no_grad():
         for skip in small_model.skip_configs():
