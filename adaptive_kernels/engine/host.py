@@ -35,6 +35,9 @@ class HostEngine(Engine):
 
     #: the runtime's name in progress lines (set by each runtime)
     runtime_name = ""
+    #: ``engine(array)`` takes a float32 NumPy array and returns the logits as a new NumPy array (the serving
+    #: scheduler feeds it its input ring as NumPy)
+    numpy_io = True
 
     def __init__(self, model: ADNModel, example_input: torch.Tensor, *, mechanism: str, dynamic_batch: bool,
                  onnx_model: bytes | None = None) -> None:

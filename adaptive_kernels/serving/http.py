@@ -211,7 +211,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
             return _error(f"inference failed: {type(e).__name__}: {e}", 500)
         result = {"skip": served.skip, "batch": served.batch, "slo_met": served.met, "slo_ms": slo,
                   **({"replica": replica} if replica else {})}
-        return encode_infer_response(name, body, served.output.numpy(), result, binary)
+        return encode_infer_response(name, body, served.array, result, binary)
 
     @app.get("/metrics")
     def metrics() -> Response:

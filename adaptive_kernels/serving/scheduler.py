@@ -37,14 +37,24 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Served:
-    """A served request: ``output`` (n, num_classes) float32 on the CPU, the sub-network ``skip`` that ran (as
-    "TFF"), the ``batch`` it ran in (inputs), seconds from submit to answer and whether that met the deadline."""
+    """A served request: ``output`` (n, num_classes) float32 on the CPU as a tensor, ``array`` the same as a NumPy
+    array (they share memory), the sub-network ``skip`` that ran (as "TFF"), the ``batch`` it ran in (inputs),
+    seconds from submit to answer and whether that met the deadline. ``value`` is the rows as the engine returned
+    them (a NumPy array from a CPU runtime's engine, else a tensor): the reader converts, not the dispatcher."""
 
-    output: torch.Tensor
+    value: torch.Tensor | np.ndarray
     skip: str
     batch: int
     latency_s: float
     met: bool
+
+    @property
+    def output(self) -> torch.Tensor:
+        return torch.from_numpy(self.value) if isinstance(self.value, np.ndarray) else self.value
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.value if isinstance(self.value, np.ndarray) else self.value.numpy()
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,7 @@ class Outcome:
 
 @dataclass(eq=False)
 class _Request:
-    x: torch.Tensor | None  # the input, when it is not in the ring
+    x: np.ndarray | None  # the input (a float32 copy), when it is not in the ring
     pos: int | None  # its position in the ring (InputRing.put), None when it is not there
     arrival: float
     queued: Queued
@@ -88,7 +98,7 @@ class InputRing:
         self.tensor = torch.empty(rows + max_batch, *image_shape)  # a row is read only after it is written
         self.array = self.tensor.numpy()
         self.head = 0  # the position of the next input
-        self._views: dict[tuple[int, int], torch.Tensor] = {}
+        self._views: dict[tuple[int, int, bool], torch.Tensor | np.ndarray] = {}
         self._span = (self.tensor.data_ptr(), self.tensor.data_ptr() + self.tensor.nbytes)
 
     def put(self, image: np.ndarray, oldest: int | None) -> int | None:
@@ -107,12 +117,13 @@ class InputRing:
         self.head = start + size
         return start
 
-    def view(self, pos: int, size: int) -> torch.Tensor:
-        """The ``size`` rows from position ``pos`` (which hold consecutive positions), as a (size, C, H, W) view."""
-        key = (pos % self.rows, size)
+    def view(self, pos: int, size: int, array: bool = False) -> torch.Tensor | np.ndarray:
+        """The ``size`` rows from position ``pos`` (which hold consecutive positions), as a (size, C, H, W) tensor
+        view, or NumPy view with ``array``."""
+        key = (pos % self.rows, size, array)
         view = self._views.get(key)
-        if view is None:  # at most rows x max_batch of them, each made once
-            view = self._views[key] = self.tensor[key[0]:key[0] + size]
+        if view is None:  # at most 2 x rows x max_batch of them, each made once
+            view = self._views[key] = (self.array if array else self.tensor)[key[0]:key[0] + size]
         return view
 
     def holds(self, tensor: torch.Tensor) -> bool:
@@ -165,6 +176,9 @@ class Scheduler:
         self._padded = getattr(engine, "mechanism", None) in PADDED_MECHANISMS
         # the ring is float32 on the CPU; other engines get it converted (on the device) per dispatch
         self._convert = self._device.type != "cpu" or self._dtype != torch.float32
+        # a CPU runtime's engine takes and returns NumPy arrays (``numpy_io``): the dispatcher then makes no torch
+        # call (each costs microseconds right after a run; measured in docs/serving.md)
+        self._numpy = getattr(engine, "numpy_io", False) and not self._convert
         image_bytes = 4 * example_input[0].numel()
         rows = max(2 * self.max_batch, min(RING_BATCHES * self.max_batch, RING_BYTES // max(image_bytes, 1)))
         self.ring = InputRing(rows, self.max_batch, self.image_shape)
@@ -214,7 +228,7 @@ class Scheduler:
             else:
                 request.pos = self.ring.put(image, self._oldest_in_ring())
                 if request.pos is None:
-                    request.x = torch.from_numpy(image.copy())
+                    request.x = image.copy()
                     self._outside += 1
                 queued, last = request.queued, self._queued[-1] if self._queued else None
                 self._fifo = last is None or (self._fifo and last.deadline <= queued.deadline
@@ -302,12 +316,16 @@ class Scheduler:
             x = self._batch_input(batch, size, in_ring)
             called = self._clock()
             self.counters.batching_s += called - start
-            with torch.no_grad():
-                y = self.engine(x, skip=skip)
-                y = y[:size].float().cpu()  # synchronises a CUDA engine: the time below is the call's
-            returned = self._clock()
-            if self.ring.holds(y):  # the next dispatches overwrite the ring: an answer must not live there
-                y = y.clone()
+            if self._numpy:
+                y = self.engine(x, skip=skip)  # a new array: never a view of the ring
+                returned = self._clock()
+            else:
+                with torch.no_grad():
+                    y = self.engine(x, skip=skip)
+                    y = y[:size].float().cpu()  # synchronises a CUDA engine: the time below is the call's
+                returned = self._clock()
+                if self.ring.holds(y):  # the next dispatches overwrite the ring: an answer must not live there
+                    y = y.clone()
         except Exception as error:  # noqa: BLE001 -- the engine's failure is every batched request's answer
             with self._cond:
                 self.counters.in_flight = 0
@@ -332,15 +350,25 @@ class Scheduler:
                 offset += n
             self.counters.answering_s += self._clock() - returned
 
-    def _batch_input(self, batch: list[_Request], size: int, in_ring: bool) -> torch.Tensor:
+    def _batch_input(self, batch: list[_Request], size: int, in_ring: bool) -> torch.Tensor | np.ndarray:
         """The engine's input for ``batch`` (``size`` images; ``in_ring``: every input is in the ring): a view of
-        the ring when the inputs are consecutive there (the usual case: nothing is copied), else stacked; then
-        converted to the engine's device and dtype, and padded to the bucket for a padded engine."""
-        first, last = batch[0], batch[-1]
+        the ring when the inputs are consecutive there (the usual case: nothing is copied), else stacked; a NumPy
+        array for a CPU runtime's engine, else a tensor converted to the engine's device and dtype and padded to
+        the bucket for a padded engine."""
+        first, last, numpy = batch[0], batch[-1], self._numpy
         if in_ring and last.pos + last.queued.size - first.pos == size:  # positions grow along the queue: no gap
-            x = self.ring.view(first.pos, size)
-        else:  # a batch around a request not taken (a mixed queue), or one whose input is not in the ring
-            x = torch.cat([r.x if r.pos is None else self.ring.view(r.pos, r.queued.size) for r in batch])
+            x = self.ring.view(first.pos, size, numpy)
+            return x if numpy else self._to_engine(x, size)
+        # a batch around a request not taken (a mixed queue), or one whose input is not in the ring
+        parts = [r.x if r.pos is None else self.ring.view(r.pos, r.queued.size, True) for r in batch]
+        if numpy:
+            return np.concatenate(parts)
+        x = torch.from_numpy(np.concatenate(parts))
+        return self._to_engine(x, size)
+
+    def _to_engine(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """A batch tensor of ``size`` images converted to the engine's device and dtype, padded to the bucket for a
+        padded engine."""
         if self._convert:
             x = x.to(self._device, self._dtype)
         if self._padded:

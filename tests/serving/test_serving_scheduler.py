@@ -204,12 +204,14 @@ class GatedEngine:
     batch it got."""
 
     def __init__(self, engine):
-        self.engine, self.gate, self.batches = engine, threading.Event(), []
+        self.engine, self.gate, self.batches, self.inputs = engine, threading.Event(), [], set()
         self.mechanism = getattr(engine, "mechanism", "fake")
+        self.numpy_io = getattr(engine, "numpy_io", False)
 
     def __call__(self, x, skip=None):
         self.gate.wait(30)
         self.batches.append(x.shape[0])
+        self.inputs.add(type(x))
         return self.engine(x, skip=skip)
 
 
@@ -245,6 +247,7 @@ def test_scheduler_batch_of_sixteen_distinct_inputs_answers_each_like_the_model_
         engine.gate.set()
         scheduler.close()
     assert engine.batches.count(16) == rounds  # every round's 16 requests ran as one batch
+    assert engine.inputs == {np.ndarray}  # the CPU engine is fed NumPy views of the ring
     with torch.no_grad():
         for i, (x, future) in enumerate(sent):
             served = future.result()
@@ -252,6 +255,37 @@ def test_scheduler_batch_of_sixteen_distinct_inputs_answers_each_like_the_model_
             torch.testing.assert_close(served.output, model(x, skip=served.skip), rtol=1e-4, atol=1e-4)
     outputs = torch.cat([f.result().output for _, f in sent])
     assert len(outputs) == len(outputs.unique(dim=0))  # distinct inputs, distinct answers
+
+
+def test_scheduler_mixed_queue_on_the_cpu_engine_answers_each_like_the_model_alone(small_model, small_plan,
+                                                                                   monkeypatch):
+    # requests of 1 and 2 images, some forcing a sub-network, queued behind a running call: the policy batches alike
+    # requests around the others, so batches are stacked from rows that are not consecutive in the ring (NumPy, for
+    # the CPU engine); each answer must still be the model's on that request's own input
+    model = small_model
+    engine = GatedEngine(small_plan.engine)
+    skips = model.skip_configs()
+    tables = {b: {skip_to_str(s): 10.0 * b for s in skips} for b in (1, 2, 4, 8, 16)}
+    scheduler = Scheduler(engine, small_plan.example_input, LatencyModel(tables), small_plan.accuracy)
+    views, view = [], scheduler.ring.view  # one view per batch when its rows are consecutive, one per request if not
+    monkeypatch.setattr(scheduler.ring, "view", lambda *args: views.append(args) or view(*args))
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(1 + (i % 3 == 1), 1, 16, 16, generator=g) for i in range(30)]
+    forced = [skips[i % len(skips)] if i % 4 == 2 else None for i in range(30)]
+    try:
+        futures = queue_behind_one_call(scheduler, engine, inputs, skips=forced)
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    assert engine.inputs == {np.ndarray} and max(engine.batches) > 2  # batched, NumPy
+    assert len(views) > len(engine.batches)  # some batch was stacked from rows apart in the ring
+    with torch.no_grad():
+        for x, skip, future in zip(inputs, forced, futures, strict=True):
+            served = future.result()
+            if skip is not None:
+                assert served.skip == skip_to_str(skip)
+            assert isinstance(served.array, np.ndarray) and np.shares_memory(served.array, served.output.numpy())
+            torch.testing.assert_close(served.output, model(x, skip=served.skip), rtol=1e-4, atol=1e-4)
 
 
 class EchoEngine:
