@@ -33,7 +33,10 @@ has no .git, e.g. a copy on a GPU machine).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import gc
 import importlib.metadata
 import json
 import os
@@ -324,6 +327,16 @@ def measure(
         for _ in range(rounds):
             timed_call()
     return Timing(samples)
+
+
+def resident_mib() -> float:
+    """This process's resident memory (MiB) after a garbage collection and glibc's ``malloc_trim`` (freed memory
+    handed back to the system)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS")).split()[1]) / 1024
 
 
 def load_average() -> float:

@@ -23,9 +23,6 @@ the table ``latency_cpu_openvino.md``). SMOKE mode (default): resnet20_adn (widt
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import os
 import random
 import statistics
@@ -47,16 +44,6 @@ ROUNDS, WARMUP = (harness.env_int("ADN_BENCH_ROUNDS", 15), 2) if FULL else (2, 1
 CALIBRATION_IMAGES = 64
 # FULL mode runs about 20 minutes (two INT8 builds of 16 sub-networks, 15 rounds at b8): past pytest-timeout's 10
 pytestmark = pytest.mark.timeout(3600 if FULL else 600)
-def resident_mib() -> float:
-    """This process's resident memory (MiB) after a garbage collection and glibc's ``malloc_trim`` (freed memory
-    handed back to the system)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmRSS")).split()[1]) / 1024
-
-
 @pytest.mark.parametrize("name,kwargs,size,batches", CASES, ids=[c[0] for c in CASES])
 def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
     pytest.importorskip("onnxruntime", reason="pip install adaptive_kernels[onnx]")
@@ -130,12 +117,12 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
                                                                  "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
         compiled.create_infer_request().infer({"input": x.numpy()})
         del static
-        held = resident_mib()
+        held = harness.resident_mib()
         del compiled
-        static_mib = held - resident_mib()
-        held = resident_mib()
+        static_mib = held - harness.resident_mib()
+        held = harness.resident_mib()
         del int8, engines, engine  # (the loop variable above holds the last engine, INT8)
-        int8_mib = held - resident_mib()
+        int8_mib = held - harness.resident_mib()
         common = {**machine, "load_avg_1min_before": load_before, "load_avg_1min_after": load_after,
                   "rounds": ROUNDS, "int8_build_s": round(build_s, 1)}
         for (provider, skip), times in samples.items():

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..kernels.backend import STRUCTURE_ONLY
 from ..models.base import ADNModel
+from ..models.skip import SkipLike
 from .base import Engine
 from .cuda.engine import build_cuda_engine, cuda_unavailable
 from .cuda.lowering import lower
@@ -39,6 +40,7 @@ def compile(
     mechanism: str = "auto",
     dynamic_batch: bool = False,
     calibration: torch.Tensor | Iterable | None = None,
+    skips: Iterable[SkipLike] | None = None,
 ) -> Engine:
     """Compile an ADN model into an :class:`~.base.Engine` that runs all of its 2^S sub-networks from one graph.
 
@@ -60,6 +62,9 @@ def compile(
     calibration (dtype=torch.int8 only): images the INT8 ranges of every sub-network are measured on, a tensor
     (N, C, H, W) like the example input or an iterable of such batches (or (images, labels) pairs): un-augmented
     training images normalised as for training; the first 300 are used.
+    skips (dtype=torch.int8 only): the sub-networks to build ("TFFF", "base", bool sequences; default all 2^S).
+    Each INT8 sub-network is a quantized model of its own, so memory and build time grow with their number; the
+    engine then serves these only (``skip_configs()``; another one is refused with the list).
 
     With a CPU example input and ONNX Runtime installed, the engine is an
     :class:`~.ort.engine.OnnxRuntimeEngine` (exact fp32, whatever ``dtype`` says); with mechanism="openvino" an
@@ -88,6 +93,9 @@ def compile(
                          "no calibration")
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"dynamic_batch must be a bool, got {dynamic_batch!r}")
+    if skips is not None and dtype != INT8:
+        raise ValueError("skips= is for INT8 (one quantized model per sub-network): the other engines serve every "
+                         "sub-network from one graph; drop skips=")
 
     if mechanism == "openvino":
         if example_input.device.type != "cpu":
@@ -97,7 +105,7 @@ def compile(
         if why_no_openvino is not None:
             raise ValueError(f"mechanism='openvino' is unavailable: {why_no_openvino}; {OPENVINO_INSTALL_HINT}")
         return OpenVinoEngine(copy.deepcopy(model).float().cpu(), example_input, dynamic_batch=dynamic_batch,
-                              int8=dtype == INT8, calibration=calibration)
+                              int8=dtype == INT8, calibration=calibration, skips=skips)
 
     cpu_hint = ""
     if mechanism == "onnxruntime" or (mechanism == "auto" and example_input.device.type == "cpu"):

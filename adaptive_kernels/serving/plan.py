@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,16 +127,17 @@ def check_int8_device(device: str | torch.device) -> None:
 
 
 def compile_engine(model: torch.nn.Module, example: torch.Tensor, *,
-                   int8_calibration: torch.Tensor | None = None) -> Engine:
+                   int8_calibration: torch.Tensor | None = None, served: Iterable[SkipConfig] | None = None) -> Engine:
     """The serving engine of ``model`` for inputs like ``example`` (dynamic batch, on ``example``'s device); with
-    ``int8_calibration`` images INT8 on OpenVINO (CPU), each sub-network's ranges measured on them. The same model
-    and images give the same INT8 engine in any process (NNCF's ranges are deterministic; measured: identical
-    outputs from two builds, at 1 and 2 threads), so accuracies measured through one hold for every such build."""
+    ``int8_calibration`` images INT8 on OpenVINO (CPU), each sub-network's ranges measured on them, and only the
+    ``served`` sub-networks built (default all: each is a quantized model of its own). The same model and images
+    give the same INT8 engine in any process (NNCF's ranges are deterministic; measured: identical outputs from two
+    builds, at 1 and 2 threads), so accuracies measured through one hold for every such build."""
     if int8_calibration is None:
         return compile(model.to(example.device), example, dynamic_batch=True)
     check_int8_device(example.device)
     return compile(model, example, dynamic_batch=True, mechanism="openvino", dtype=torch.int8,
-                   calibration=int8_calibration)
+                   calibration=int8_calibration, skips=None if served is None else list(served))
 
 
 def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], *, max_batch: int,
@@ -154,7 +155,8 @@ def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], 
         check_int8_device(device)
     example = torch.zeros((1, *image_shape), device=device)
     progress(f"compiling {name} for {device}{' in INT8' if int8_calibration is not None else ''} ...")
-    engine = compile_engine(model, example, int8_calibration=int8_calibration)
+    # INT8 builds one quantized model per sub-network: only the ones the accuracy table lists are served
+    engine = compile_engine(model, example, int8_calibration=int8_calibration, served=accuracy)
     if accuracy is None:
         scorer = engine if int8_calibration is not None else None
         accuracy = measure_accuracies(model, data, device=device, scorer=scorer, progress=progress)
@@ -163,7 +165,7 @@ def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], 
         source = "--accuracy"
     tables = {}
     for bucket in batch_buckets(max_batch):
-        progress(f"profiling batch {bucket} ({len(model.skip_configs())} sub-networks, {profile_iters} runs each) ...")
+        progress(f"profiling batch {bucket} ({len(engine.skip_configs())} sub-networks, {profile_iters} runs each) ...")
         tables[bucket] = engine.profile(profile_iters, max(1, profile_iters // 4), batch_size=bucket)
     padded = engine.mechanism in PADDED_MECHANISMS
     return ServingPlan(name, engine, example, LatencyModel(tables, padded=padded), dict(accuracy), source)

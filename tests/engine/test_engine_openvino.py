@@ -103,6 +103,31 @@ def test_profile_times_every_subnetwork(int8, model):
     assert len(table) == 8 and all(v > 0 for v in table.values()) and int8.skip == (False, True, False)
 
 
+def test_int8_builds_only_the_subnetworks_asked_for_and_refuses_the_others(model, want):
+    images = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    tft, ttt = (True, False, True), (True, True, True)
+    engine = compile(model, X, mechanism="openvino", dtype=torch.int8, calibration=images, skips=["TTT", "TFT", ttt])
+    assert engine.skip_configs() == [tft, ttt] and list(engine._subnets) == [tft, ttt]  # engine order, each once
+    assert engine.skip == tft  # the super-net was not built: the most capable built one is the default
+    assert set(engine.profile(iters=1, warmup=0)) == {"TFT", "TTT"}
+    with torch.no_grad():
+        for skip in (tft, ttt):
+            assert relative_error(engine(X, skip), want[skip]) < INT8_TOLERANCE
+    with pytest.raises(ValueError, match="sub-network FFF was not compiled to INT8: this engine holds TFT, TTT; "
+                                         "compile with skips= including it"):
+        engine(X, "super")
+    with pytest.raises(ValueError, match="sub-network FTF was not compiled"):
+        engine.set_mask(torch.tensor([1, 0, 1], dtype=torch.int32))
+    assert engine.skip == ttt  # refused: the default is the one set last
+    for skips, error, match in [([], ValueError, "skips is empty"), ("TFT", TypeError, "skips must be a list"),
+                                (["TFTF"], ValueError, "4 letters but this model has 3")]:
+        with pytest.raises(error, match=match):
+            compile(model, X, mechanism="openvino", dtype=torch.int8, calibration=images, skips=skips)
+    for mechanism, dtype in (("openvino", torch.float32), ("auto", torch.float32)):
+        with pytest.raises(ValueError, match="skips= is for INT8"):
+            compile(model, X, mechanism=mechanism, dtype=dtype, skips=["TFT"])
+
+
 def test_the_errors_name_the_fix(model, monkeypatch):
     images = torch.randn(8, 3, 16, 16)
     with pytest.raises(ValueError, match="INT8 needs calibration images: compile\\(..., dtype=torch.int8, calib"):

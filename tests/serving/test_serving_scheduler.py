@@ -390,3 +390,9 @@ def test_an_int8_plan_serves_each_sub_network_near_its_fp32_output_with_its_own_
             assert (plan.engine(x, skip=skip) - want).abs().max() <= 0.3 * want.abs().max()
     with pytest.raises(ValueError, match="--int8 runs on the CPU"):
         build_plan(small_model, "r20", (1, 16, 16), max_batch=2, data=data, device="cuda", int8_calibration=sample)
+    # an accuracy table that lists two sub-networks: only those two are quantized, profiled and served
+    two = {s: a for s, a in plan.accuracy.items() if sum(s) in (0, 3)}
+    plan = build_plan(small_model, "r20", (1, 16, 16), max_batch=2, accuracy=two, profile_iters=1,
+                      int8_calibration=sample)
+    assert plan.engine.skip_configs() == list(two) == [(False,) * 3, (True,) * 3]
+    assert set(plan.latency.skips) == set(two)

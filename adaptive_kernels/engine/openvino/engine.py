@@ -37,7 +37,7 @@ import torch
 
 from ...export import INPUT, MASK
 from ...models.base import ADNModel
-from ...models.skip import SkipConfig, skip_to_mask, skip_to_str
+from ...models.skip import SkipConfig, SkipLike, all_skip_configs, parse_skip, skip_to_mask, skip_to_str
 from ..host import HostEngine
 from .subnets import quantize, specialize
 
@@ -138,7 +138,13 @@ class OpenVinoEngine(HostEngine):
     runtime_name = "OpenVINO"
 
     def __init__(self, model: ADNModel, example_input: torch.Tensor, *, dynamic_batch: bool, int8: bool = False,
-                 calibration: torch.Tensor | Iterable | None = None, onnx_model: bytes | None = None) -> None:
+                 calibration: torch.Tensor | Iterable | None = None, onnx_model: bytes | None = None,
+                 skips: Iterable[SkipLike] | None = None) -> None:
+        """``skips`` (INT8 only): the sub-networks to quantize and serve (default: all 2^S); see ``compile``."""
+        if skips is not None and not int8:
+            raise ValueError("skips= is for INT8 (one quantized model per sub-network): fp32 serves every "
+                             "sub-network from one graph; drop skips=")
+        served = None if skips is None else _parse_skips(skips, model.num_skippable_stages)
         if int8 and calibration is None:
             raise ValueError("INT8 needs calibration images: compile(..., dtype=torch.int8, calibration=images) with "
                              "un-augmented training images normalised as for training")
@@ -157,6 +163,9 @@ class OpenVinoEngine(HostEngine):
             raise ValueError(f"onnx_model is not a one-graph export of this {self._model_name}: it needs inputs "
                              f"{INPUT!r} and {MASK!r} (export_onnx with skip=None)")
         start = time.perf_counter()
+        self._served = served
+        if served is not None and self._skip not in served:  # the default: the most capable one built
+            self._set_default(served[0])
         if int8:
             self._subnets = {}
             configs = self.skip_configs()
@@ -174,6 +183,18 @@ class OpenVinoEngine(HostEngine):
             logger.info("[compile] %s ready on %s in %.0f s", self._model_name, self.runtime_name,
                         time.perf_counter() - self._build_start)
 
+    def skip_configs(self) -> list[SkipConfig]:
+        """The sub-networks this engine serves, super-net first: all 2^S, or for INT8 those ``skips`` named."""
+        return list(self._served) if self._served is not None else super().skip_configs()
+
+    def _known(self, skip: SkipLike) -> tuple[SkipLike, SkipConfig, np.ndarray]:
+        known = super()._known(skip)
+        if self._served is not None and known[1] not in self._served:
+            raise ValueError(f"sub-network {skip_to_str(known[1])} was not compiled to INT8: this engine holds "
+                             f"{', '.join(map(skip_to_str, self._served))}; compile with skips= including it (or "
+                             f"skips=None for all)")
+        return known
+
     def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> np.ndarray:
         if self.precision == "int8":
             return self._subnets[config].run({INPUT: array})
@@ -183,3 +204,13 @@ class OpenVinoEngine(HostEngine):
         if self.precision == "int8":
             return f"{self._model_name}, int8, one compiled model for each of {len(self._subnets)} sub-networks"
         return f"{self._model_name}, fp32, one graph"
+
+
+def _parse_skips(skips: Iterable[SkipLike], num_stages: int) -> tuple[SkipConfig, ...]:
+    """``skips`` as configurations in the engine's order (super-net first), each once; ValueError naming a bad one."""
+    if isinstance(skips, (str, bytes)) or not isinstance(skips, Iterable):
+        raise TypeError(f"skips must be a list of sub-networks (e.g. ['FFFF', 'TTTT']), got {skips!r}")
+    wanted = {parse_skip(skip, num_stages) for skip in skips}
+    if not wanted:
+        raise ValueError("skips is empty: name at least one sub-network to compile (or skips=None for all)")
+    return tuple(config for config in all_skip_configs(num_stages) if config in wanted)
