@@ -112,7 +112,7 @@ class HostEngine(Engine):
 
     def __call__(self, x: torch.Tensor | np.ndarray, skip: SkipLike = None) -> torch.Tensor | np.ndarray:
         """``forward``, through nn.Module's call (its hooks) only when a forward hook is registered on this engine or
-        globally: that call costs 3-5 % of a ResNet-20 run at batch 1 on the CPU (measured right after another
+        globally: that call costs 2-4 % of a ResNet-20 run at batch 1 on the CPU (measured right after another
         session's run, issue 29)."""
         if (self._forward_hooks or self._forward_pre_hooks or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks):
@@ -122,7 +122,7 @@ class HostEngine(Engine):
     def forward(self, x: torch.Tensor | np.ndarray, skip: SkipLike = None) -> torch.Tensor | np.ndarray:
         """x: (N, C, H, W) like the example input -> float32 logits (N, num_classes), a new tensor; or x a float32
         NumPy array of that shape -> the logits as a new NumPy array, with no torch call on the way (each costs
-        microseconds right after a run: 7-9 % of a ResNet-20 run at batch 1)."""
+        microseconds right after a run: x.numpy() and torch.from_numpy 7-12 % of a ResNet-20 run at batch 1)."""
         if isinstance(x, np.ndarray):
             array, to_torch = self._numpy_input(x), False
         else:
