@@ -171,6 +171,9 @@ class HostEngine(Engine):
         if (array is None or not self._float32_input or array.dtype != np.float32
                 or array.shape[1:] != self._image_shape or array.shape[0] < 1
                 or (array.shape[0] != self._input_shape[0] and not self.dynamic_batch)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"engine input must be a torch.Tensor like the example input {self._input_shape} "
+                                f"{self._input_dtype} or a float32 NumPy array of that shape, got {type(x).__name__}")
             self._check_input(x)
             array = x.detach().float().numpy()
         return array

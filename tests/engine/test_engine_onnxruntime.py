@@ -90,7 +90,7 @@ def test_inputs_the_lean_path_does_not_take_as_they_are_are_converted_or_rejecte
     compiled = r"\(2, 3, 16, 16\) torch.float32"
     for bad, error, match in [
         ("image", TypeError, "must be a torch.Tensor"),
-        ([[0.0]], TypeError, "must be a torch.Tensor"),
+        ([[0.0]], TypeError, r"must be a torch.Tensor like .* or a float32 NumPy array of that shape, got list"),
         (torch.randn(2, 3, 16, 16, dtype=torch.float64), TypeError, f"has dtype torch.float64; .* for {compiled}"),
         (torch.randn(2, 3, 16, 16, dtype=torch.bfloat16), TypeError, "has dtype torch.bfloat16"),
         (torch.randn(2, 3, 32, 32), ValueError, r"has shape \(2, 3, 32, 32\); this engine was compiled for"),
