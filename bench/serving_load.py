@@ -193,11 +193,11 @@ def static_pick(latency_us: dict[str, dict[str, float]], accuracy: dict[str, flo
 def dispatch_cost(latency_us: dict[str, dict[str, float]], accuracy: dict[str, float], shape: list[int],
                   max_batch: int, repeats: int = 2000) -> dict[str, float]:
     """Policy and batching in µs per dispatch measured in this process alone (no HTTP server sharing the GIL), for a
-    queue of 1 request and of ``max_batch`` requests: the decision and the stacking of the inputs."""
-    import torch
-
+    queue of 1 request and of ``max_batch`` requests: the decision, and the batch the scheduler hands a CPU engine
+    (a NumPy view of its input ring, where the requests' inputs were copied when submitted)."""
     from adaptive_kernels.serving import LatencyModel, Queued, plan_dispatch, rank_by_accuracy
     from adaptive_kernels.serving.policy import Costs
+    from adaptive_kernels.serving.scheduler import InputRing
 
     latency = LatencyModel({int(b): t for b, t in latency_us.items()})
     acc = {s: a for s, a in zip(latency.skips, [accuracy.get(k) for k in latency_us["1"]], strict=True)
@@ -206,13 +206,14 @@ def dispatch_cost(latency_us: dict[str, dict[str, float]], accuracy: dict[str, f
     out = {}
     for n in (1, max_batch):
         queue = [Queued(1.0 + 1e-3 * i) for i in range(n)]  # alike requests, one SLO: the server's fifo queue
-        images = [torch.zeros(1, *shape) for _ in range(n)]
+        ring = InputRing(2 * max_batch, max_batch, tuple(shape))
+        positions = [ring.put(np.zeros((1, *shape), np.float32), None) for _ in range(n)]  # consecutive rows
         t0 = time.perf_counter()
         for _ in range(repeats):
             plan_dispatch(queue, 0.999, costs, fifo=True)
         t1 = time.perf_counter()
         for _ in range(repeats):
-            images[0] if n == 1 else torch.cat(images)
+            ring.view(positions[0], n, True)
         t2 = time.perf_counter()
         out[f"policy_queue{n}_us"] = (t1 - t0) / repeats * 1e6
         out[f"batching_queue{n}_us"] = (t2 - t1) / repeats * 1e6
