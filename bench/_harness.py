@@ -339,6 +339,26 @@ def resident_mib() -> float:
                     if line.startswith("VmRSS")).split()[1]) / 1024
 
 
+def openvino_static_fp32_mib(onnx_model: bytes, x: torch.Tensor, threads: int) -> float:
+    """What deleting one static fp32 super-net compiled by OpenVINO (cut out of the one graph ``onnx_model``, shaped
+    for ``x``, run once) hands back (MiB): the reference the INT8 engine's memory is compared with."""
+    import numpy as np
+
+    from adaptive_kernels.engine.openvino.engine import shared_core
+    from adaptive_kernels.engine.openvino.subnets import specialize
+
+    static = shared_core().read_model(onnx_model)
+    static = specialize(static, np.ones(static.input("mask").get_partial_shape()[0].get_length(), np.int32))
+    static.reshape({"input": list(x.shape)})
+    compiled = shared_core().compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT":
+                                                           "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+    compiled.create_infer_request().infer({"input": x.numpy()})
+    del static
+    held = resident_mib()
+    del compiled
+    return held - resident_mib()
+
+
 def load_average() -> float:
     """The machine's 1-minute load average (NaN where the OS has none), recorded beside CPU timings."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")

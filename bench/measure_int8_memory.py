@@ -17,16 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import adaptive_kernels as ak
 from adaptive_kernels._files import write_text
 from adaptive_kernels.engine import OpenVinoEngine
-from adaptive_kernels.engine.openvino.engine import shared_core
-from adaptive_kernels.engine.openvino.subnets import specialize
-from bench._harness import cpu_info, environment, load_average, resident_mib
+from bench._harness import cpu_info, environment, load_average, openvino_static_fp32_mib, resident_mib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,16 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_model = ak.compile(model, x).onnx_model  # one export, shared by every build below
     calibration = torch.randn(args.images, model.in_chans, args.size, args.size,
                               generator=torch.Generator().manual_seed(1))
-    static = specialize(shared_core().read_model(onnx_model), np.ones(model.num_skippable_stages, np.int32))
-    static.reshape({"input": list(x.shape)})
-    compiled = shared_core().compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": args.threads,
-                                                           "PERFORMANCE_HINT": "LATENCY",
-                                                           "INFERENCE_PRECISION_HINT": "f32"})
-    compiled.create_infer_request().infer({"input": x.numpy()})
-    del static
-    held = resident_mib()
-    del compiled
-    static_mib = held - resident_mib()
+    static_mib = openvino_static_fp32_mib(onnx_model, x, args.threads)
     rows = []
     for name in args.sets.split(","):
         skips = None if name == "all" else name.split("+")

@@ -50,13 +50,10 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
     openvino = pytest.importorskip("openvino", reason="pip install adaptive_kernels[openvino]")
     pytest.importorskip("nncf", reason="pip install adaptive_kernels[openvino]")
     import nncf
-    import numpy as np
     import onnxruntime
 
     import adaptive_kernels as ak
     from adaptive_kernels.engine import OnnxRuntimeEngine, OpenVinoEngine
-    from adaptive_kernels.engine.openvino.engine import shared_core
-    from adaptive_kernels.engine.openvino.subnets import specialize
     from adaptive_kernels.numerics import relative_error
 
     torch.set_num_threads(THREADS)  # the conftest fixture restores the count afterwards
@@ -111,15 +108,7 @@ def test_cpu_openvino_latency(rows, rows_dir, name, kwargs, size, batches):
             int8._subnets[int8._set_default(skip)[0]]
         pick_us = (time.perf_counter() - t0) / len(picks) * 1e6
         # memory: what deleting it hands back, after one run of each compiled model (the engine's calls above)
-        static = specialize(shared_core().read_model(ort.onnx_model), np.ones(len(configs[0]), np.int32))
-        static.reshape({"input": list(x.shape)})
-        compiled = shared_core().compile_model(static, "CPU", {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT":
-                                                                 "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
-        compiled.create_infer_request().infer({"input": x.numpy()})
-        del static
-        held = harness.resident_mib()
-        del compiled
-        static_mib = held - harness.resident_mib()
+        static_mib = harness.openvino_static_fp32_mib(ort.onnx_model, x, THREADS)
         held = harness.resident_mib()
         del int8, engines, engine  # (the loop variable above holds the last engine, INT8)
         int8_mib = held - harness.resident_mib()
