@@ -205,7 +205,7 @@ def dispatch_cost(latency_us: dict[str, dict[str, float]], accuracy: dict[str, f
     costs = Costs.build(latency.profiled, rank_by_accuracy(acc, latency.predict), max_batch)
     out = {}
     for n in (1, max_batch):
-        queue = [Queued(1.0 + 1e-3 * i) for i in range(n)]  # alike requests, one SLO: the server's fifo queue
+        queue = [Queued(1.0 + 1e-3 * i, 1, None, 1e-3) for i in range(n)]  # alike requests, one SLO: a fifo queue
         ring = InputRing(2 * max_batch, max_batch, tuple(shape))
         positions = [ring.put(np.zeros((1, *shape), np.float32), None) for _ in range(n)]  # consecutive rows
         t0 = time.perf_counter()

@@ -9,7 +9,8 @@ the policy, not the server (its attainment is at or above a real sweep's). A swe
 x 20 traces takes seconds, which is what tuning a policy needs.
 
 Ways of serving, as in the load test: ``super``, ``base``, ``static`` (forced sub-networks) and ``adaptive``; and
-``myopic``: the adaptive policy without its reserve (step 4 of ``policy.py``: no arrival rate), the policy before it.
+``myopic``: the adaptive policy without its reserve and burst guard (steps 4 and 5 of ``policy.py``: no arrival rate,
+no SLO), the policy before both; ``unguarded``: without the burst guard (step 5), the policy before it.
 
     python bench/serving_sim.py --profile bench/results/serving/paper_resnet50.json --scenario sim_paper_resnet50 \\
         --rates 5,10,15,20,25,30,35,40,45 --out bench/results/serving
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/serving_sim.py` from anywhere
 from adaptive_kernels._files import write_text
 from adaptive_kernels.cli.checks import positive_int
 from adaptive_kernels.models.skip import parse_skip, skip_to_str
@@ -34,17 +36,18 @@ from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel
 from adaptive_kernels.serving.policy import Costs, Queued, plan_dispatch, rank_by_accuracy
 from bench.serving_load import POLICIES, bursty_trace, machine, static_pick, summarize
 
-SIM_POLICIES = (*POLICIES, "myopic")
+SIM_POLICIES = (*POLICIES, "myopic", "unguarded")
 
 
 def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dict[str, float], max_batch: int,
-             forced: str | None = None, *, reserve: bool = True, load: float = 1.0, noise: float = 0.0,
-             seed: int = 0) -> list[dict]:
+             forced: str | None = None, *, reserve: bool = True, guard: bool = True, load: float = 1.0,
+             noise: float = 0.0, seed: int = 0) -> list[dict]:
     """One record per arrival, as ``serving_load.replay`` writes them (status, latency s, skip, batch, met).
 
     latency_us: ``{bucket: {"FFF": µs}}`` (a profile; the JSON's string keys do); accuracy: the servable
     sub-networks; forced: the sub-network every request forces (None: the policy picks); reserve: False passes the
-    policy no arrival rate (no reserve); load, noise: a call takes profiled x load x LogNormal(-noise²/2, noise).
+    policy no arrival rate (no reserve); guard: False gives the requests no SLO (no burst guard); load, noise: a
+    call takes profiled x load x LogNormal(-noise²/2, noise).
     """
     latency = LatencyModel({int(b): t for b, t in latency_us.items()})
     stages = latency.num_stages
@@ -58,7 +61,7 @@ def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dic
     clock, nxt = 0.0, 0
     while nxt < len(arrivals) or queue:
         while nxt < len(arrivals) and arrivals[nxt] <= clock:
-            queue.append(Queued(arrivals[nxt] + slo_s, 1, skip))
+            queue.append(Queued(arrivals[nxt] + slo_s, 1, skip, slo_s if guard else 0.0))
             ids.append(nxt)
             rate.arrived(arrivals[nxt])
             nxt += 1
@@ -92,7 +95,8 @@ def sweep(profile: dict, rates: list[float], seconds: float, traces: int, cv2: f
     accuracy, latency_us, slo_ms = profile["accuracy"], profile["latency_us"], profile["slo_ms"]
     max_batch = profile["max_batch"]
     forced = {"super": max(accuracy, key=accuracy.get), "base": next(s for s in accuracy if set(s) == {"T"}),
-              "static": static_pick(latency_us, accuracy, slo_ms), "adaptive": None, "myopic": None}
+              "static": static_pick(latency_us, accuracy, slo_ms), "adaptive": None, "myopic": None,
+              "unguarded": None}
     rows = []
     for rate in rates:
         runs: dict[str, list[dict]] = {p: [] for p in SIM_POLICIES}
@@ -100,7 +104,8 @@ def sweep(profile: dict, rates: list[float], seconds: float, traces: int, cv2: f
             arrivals = bursty_trace(seconds, rate, cv2, seed + k, depth=depth)
             for policy in SIM_POLICIES:
                 records = simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, max_batch, forced[policy],
-                                   reserve=policy != "myopic", load=load, noise=noise, seed=seed + k)
+                                   reserve=policy != "myopic", guard=policy not in ("myopic", "unguarded"),
+                                   load=load, noise=noise, seed=seed + k)
                 runs[policy].append(summarize(records, accuracy, slo_ms, seconds))
         base = np.array([r["slo_attainment"] for r in runs["base"]])
         for policy in SIM_POLICIES:
@@ -156,7 +161,8 @@ def markdown(result: dict) -> str:
               f"{result['traces']} traces of {result['seconds']:g} s per rate (bench/serving_load.py's generator, "
               f"seeds {result['seed']}..{result['seed'] + result['traces'] - 1}; Gamma CV² {result['cv2']:g}, "
               f"rate x (1 +/- {result['depth']:g}) sine); every way of serving replays the same traces. "
-              f"`myopic` = the adaptive policy without the reserve (the policy before it)."),
+              f"`myopic` = the adaptive policy without the reserve and the burst guard (steps 4 and 5), "
+              f"`unguarded` = without the burst guard (step 5): the policies before them."),
              (f"Simulated on: {m['cpu']}, python {m['python']}, numpy {m['numpy']}, git {m['git']}, {m['date']}; "
               f"the sweep took {result['wall_s']:.1f} s."), "",
              ("| rate (req/s) | serving | sent | refused | SLO attainment ± SE | - base ± SE | mean accuracy | p99 ms "

@@ -67,8 +67,9 @@ def queues(plan, n: int, now: float) -> dict[str, list[Queued]]:
     base = min(plan.accuracy, key=lambda s: latency.profiled(s, 1))
     slack = 0.75 * latency.profiled(base, MAX_BATCH)
     rng = random.Random(n)
-    fifo = [Queued(now + slack + 1e-6 * i) for i in range(n)]
-    mixed = [Queued(now + slack * rng.uniform(1.0, 1.5), 1 + i % 2, base if i % 4 == 3 else None) for i in range(n)]
+    fifo = [Queued(now + slack + 1e-6 * i, 1, None, slack) for i in range(n)]  # one SLO: the burst guard decides too
+    mixed = [Queued(now + slack * rng.uniform(1.0, 1.5), 1 + i % 2, base if i % 4 == 3 else None, slack)
+             for i in range(n)]
     return {"fifo": fifo, "general": mixed}
 
 

@@ -220,7 +220,7 @@ class Scheduler:
         image = _as_float32_array(x)
         with self._cond:  # arrival read under the lock: the queue is in arrival order, and so is the ring
             arrival = self._clock()
-            request = _Request(None, None, arrival, Queued(arrival + slo_s, int(x.shape[0]), forced))
+            request = _Request(None, None, arrival, Queued(arrival + slo_s, int(x.shape[0]), forced, slo_s))
             self.counters.submitted += 1
             self.arrivals.arrived(arrival)
             if self._closing:

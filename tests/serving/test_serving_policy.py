@@ -29,7 +29,8 @@ def random_latency(rng: random.Random, padded: bool, noise: float = 0.1) -> Late
 
 def reference(queue, now, predict, accuracy, max_batch, rate=0.0):
     """Every (prefix of the group, sub-network) pair tried; the largest prefix, then the most accurate, wins; with an
-    arrival rate, of that prefix the most accurate that also leaves the reserve, else the fastest."""
+    arrival rate or an SLO on the opening request, of that prefix the most accurate that also leaves the reserve
+    (step 4) and time for the fastest to serve as many again within the SLO (step 5), else the fastest."""
     def allowed(request):
         return [request.skip] if request.skip is not None else list(accuracy)
 
@@ -50,9 +51,14 @@ def reference(queue, now, predict, accuracy, max_batch, rate=0.0):
             if now + predict(s, batch) <= deadline:
                 options.append(((-k, -accuracy[s], predict(s, 1), skip_to_str(s)), tuple(members), s))
     _, serve, skip = min(options)
-    if rate > 0 and queue[serve[0]].skip is None:
+    slo = queue[serve[0]].slo
+    if (rate > 0 or slo > 0) and queue[serve[0]].skip is None:
         batch, deadline = sum(queue[i].size for i in serve), min(queue[i].deadline for i in serve)
-        target = min(deadline, now + RESERVE_SHARE * batch / rate)
+        target = deadline
+        if rate > 0:
+            target = min(target, now + RESERVE_SHARE * batch / rate)
+        if slo > 0:
+            target = min(target, now + slo - min(predict(s, batch) for s in accuracy))
         rank = {s: (-accuracy[s], predict(s, 1), skip_to_str(s)) for s in accuracy}
         reserved = [s for s in accuracy if now + predict(s, batch) <= target]
         if reserved:
@@ -73,8 +79,10 @@ def test_policy_matches_brute_force(seed):
     costs = Costs.build(latency.profiled, ranking, 8)
     now = rng.uniform(0, 10)
     forced_choices = [None] * 4 + list(accuracy)[:2]
-    queue = [Queued(now + rng.uniform(-1e-4, 3e-3), rng.choice([1, 1, 1, 2, 3]), rng.choice(forced_choices))
-             for _ in range(rng.randint(0, 14))]
+    # SLOs: none (no guard), ample (it rarely binds), tight (it decides)
+    slos = rng.choice([(0.0,), (1.0,), (1e-3, 3e-3, 0.0)])
+    queue = [Queued(now + rng.uniform(-1e-4, 3e-3), rng.choice([1, 1, 1, 2, 3]), rng.choice(forced_choices),
+                    rng.choice(slos)) for _ in range(rng.randint(0, 14))]
     # arrivals per second: none (no reserve), light (the reserve rarely binds), heavy (it decides)
     rate = rng.choice([0.0, rng.uniform(100, 2000), rng.uniform(2000, 50000)])
     got = plan_dispatch(queue, now, costs, latency.factor, rate=rate)
@@ -83,7 +91,9 @@ def test_policy_matches_brute_force(seed):
     assert got.batch == sum(queue[i].size for i in serve)
     # a fifo queue (alike requests, deadlines in arrival order): the bisection decides as the reference does
     size, forced = rng.choice([1, 1, 2, 3]), rng.choice(forced_choices)
-    fifo = [Queued(d, size, forced) for d in sorted(now + rng.uniform(-1e-4, 3e-3) for _ in range(rng.randint(0, 40)))]
+    slo = rng.choice(slos)
+    fifo = [Queued(d, size, forced, slo)
+            for d in sorted(now + rng.uniform(-1e-4, 3e-3) for _ in range(rng.randint(0, 40)))]
     got = plan_dispatch(fifo, now, costs, latency.factor, fifo=True, rate=rate)
     assert got == plan_dispatch(fifo, now, costs, latency.factor, rate=rate)
     refuse, serve, skip = reference(fifo, now, latency.predict, accuracy, 8, rate)
@@ -171,6 +181,37 @@ def test_reserve_picks_what_keeps_up_with_the_arrival_rate():
     # a forced sub-network is served as forced, whatever the rate
     forced = [Queued(1.1, 1, (False, False))]
     assert plan_dispatch(forced, 1.0, costs, rate=1000.0).skip == (False, False)
+
+
+def test_burst_guard_leaves_the_fastest_time_for_as_many_again():
+    # the case seen over HTTP (ResNet-50, SLO 200 ms): three requests queued, the rate of the latest 8 arrivals still
+    # low; the super-net on all three fits their deadline and the reserve, but a burst of three more arriving behind
+    # it could then not be served within the SLO even by the base-net
+    latency = LatencyModel({1: {"FF": 40600.0, "TF": 34400.0, "TT": 25900.0},
+                            4: {"FF": 155600.0, "TF": 127800.0, "TT": 101000.0}})
+    accuracy = {(False, False): 77.6, (True, False): 76.5, (True, True): 76.1}
+    costs = Costs.build(latency.profiled, rank_by_accuracy(accuracy, latency.predict), 4)
+
+    def pick(queue, rate=5.0, factor=1.0):
+        got = plan_dispatch(queue, 1.0, costs, factor, rate=rate)
+        assert got == plan_dispatch(queue, 1.0, costs, factor, rate=rate, fifo=True)
+        predict = lambda skip, batch: latency.profiled(skip, batch) * factor
+        assert (got.refuse, got.serve, got.skip) == reference(queue, 1.0, predict, accuracy, 4, rate)
+        return skip_to_str(got.skip), got.batch
+
+    # batch 3, interpolated, x1.2 (the correction measured then): super 140.8 ms, TF 116.0, base 91.2; deadlines
+    # 190 ms away, the reserve (rate 5/s: 300 ms) does not bind
+    assert pick([Queued(1.19)] * 3, factor=1.2) == ("FF", 3)  # no SLO given: no guard (the policy before step 5)
+    three = [Queued(1.19, 1, None, 0.2)] * 3
+    assert pick(three, factor=1.2) == ("TT", 3)  # 140.8 + 91.2, 116.0 + 91.2 > 200: only the base-net leaves it
+    assert pick(three) == ("FF", 3)  # uncorrected: 117.3 + 76.0 <= 200
+    assert pick([Queued(1.19, 1, None, 0.3)] * 3, factor=1.2) == ("FF", 3)  # a 300 ms SLO: the super-net leaves it
+    assert pick([Queued(1.19, 1, None, 0.18)] * 3, factor=1.2) == ("TT", 3)  # nothing leaves it: the fastest
+    # one request: 40.6 + 25.9 ms is far within the SLO (light load keeps the super-net)
+    assert pick([Queued(1.19, 1, None, 0.2)]) == ("FF", 1)
+    # corrected predictions: x2.5, the super-net's 101.5 + 64.8 ms fit 200; x3.05 (123.8 + 79.0) not, TF's do
+    assert pick([Queued(1.19, 1, None, 0.2)], rate=0.0, factor=2.5) == ("FF", 1)
+    assert pick([Queued(1.19, 1, None, 0.2)], rate=0.0, factor=3.05) == ("TF", 1)
 
 
 #: ResNet-50-ADN on the CPU engine, µs per bucket, the four sub-networks the paper reports (bench/results/serving/
