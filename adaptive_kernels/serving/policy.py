@@ -224,11 +224,11 @@ def _most_accurate(costs: Costs, forced: SkipConfig | None, batch: int, now: flo
     none does all that."""
     if forced is not None:
         return forced
-    limit = deadline
-    if rate > 0:
-        limit = min(limit, now + RESERVE_SHARE * batch / rate)
-    if slo > 0:
-        limit = min(limit, now + slo - costs.fastest[batch] * factor)
+    limit = deadline  # comparisons, not min(): this runs before every engine call
+    if rate > 0 and (reserve := now + RESERVE_SHARE * batch / rate) < limit:
+        limit = reserve
+    if slo > 0 and (guard := now + slo - costs.fastest[batch] * factor) < limit:
+        limit = guard
     leading = costs.leading[batch]
     fits = _first_within(costs, batch, now, factor, limit)
     if fits < len(leading):
