@@ -234,7 +234,8 @@ def test_scheduler_batch_of_sixteen_distinct_inputs_answers_each_like_the_model_
     model = small_model
     engine = GatedEngine(small_plan.engine)
     skips = model.skip_configs()
-    tables = {b: {skip_to_str(s): 10.0 * b for s in skips} for b in (1, 2, 4, 8, 16)}
+    # a profile where batching pays (a batch costs less than its parts): the policy does not split the batch
+    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in (1, 2, 4, 8, 16)}
     scheduler = Scheduler(engine, small_plan.example_input, LatencyModel(tables), small_plan.accuracy)
     rounds = scheduler.ring.rows // 16 + 2
     g = torch.Generator().manual_seed(0)
@@ -265,7 +266,7 @@ def test_scheduler_mixed_queue_on_the_cpu_engine_answers_each_like_the_model_alo
     model = small_model
     engine = GatedEngine(small_plan.engine)
     skips = model.skip_configs()
-    tables = {b: {skip_to_str(s): 10.0 * b for s in skips} for b in (1, 2, 4, 8, 16)}
+    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in (1, 2, 4, 8, 16)}
     scheduler = Scheduler(engine, small_plan.example_input, LatencyModel(tables), small_plan.accuracy)
     views, view = [], scheduler.ring.view  # one view per batch when its rows are consecutive, one per request if not
     monkeypatch.setattr(scheduler.ring, "view", lambda *args: views.append(args) or view(*args))
@@ -299,7 +300,7 @@ class EchoEngine:
 
 def echo_scheduler(max_batch: int = 4) -> tuple[Scheduler, GatedEngine]:
     buckets = [b for b in (1, 2, 4, 8, 16) if b <= max_batch]
-    tables = {b: {skip_to_str(s): 10.0 * b * (4 - sum(s)) for s in SKIPS} for b in buckets}
+    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) * (4 - sum(s)) for s in SKIPS} for b in buckets}
     engine = GatedEngine(EchoEngine())
     scheduler = Scheduler(engine, torch.zeros(1, *SHAPE), LatencyModel(tables), {s: 90.0 - sum(s) for s in SKIPS})
     return scheduler, engine
