@@ -438,7 +438,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
                   f"{server.name}, mean {timeline_rate:g} req/s, SLO {args.slo_ms:g} ms", timeline)
     return {"scenario": args.scenario, "model": server.name, "slo_ms": args.slo_ms, "max_batch": args.max_batch,
             "seconds": args.seconds, "rounds": args.rounds, "cv2": args.cv2, "depth": args.depth, "threads": args.threads,
-            "accuracy": accuracy, "accuracy_source": source, "latency_us": latency_us,
+            "seed": args.seed, "max_requests": args.max_requests, "accuracy": accuracy, "accuracy_source": source, "latency_us": latency_us,
             "static_pick": forced["static"], "forced": forced, "overhead": overhead, "machine": machine(),
             "rows": rows}
 

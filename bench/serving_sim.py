@@ -15,6 +15,13 @@ no SLO), the policy before both; ``unguarded``: without the burst guard (step 5)
     python bench/serving_sim.py --profile bench/results/serving/paper_resnet50.json --scenario sim_paper_resnet50 \\
         --rates 5,10,15,20,25,30,35,40,45 --out bench/results/serving
     python bench/serving_sim.py --profile ... --load 1.5 --noise 0.3 --scenario sim_paper_resnet50_loaded ...
+
+``--replay RESULT``: how far to trust it. The HTTP load test's own traces (its rounds, seeds and bound, rebuilt as
+``serving_load`` made them) are simulated with the profile that run measured, each ``--repeats`` times (noise
+draws), beside what the server did on them:
+
+    python bench/serving_sim.py --replay bench/results/serving/paper_resnet50_split.json --noise 0.3 --load 1.2 \
+        --scenario replay_paper_resnet50_split --out bench/results/serving
 """
 
 from __future__ import annotations
@@ -125,6 +132,53 @@ def sweep(profile: dict, rates: list[float], seconds: float, traces: int, cv2: f
     return rows
 
 
+def replay(result: dict, seed: int, load: float, noise: float, repeats: int) -> list[dict]:
+    """Per (rate, way of serving) of a ``serving_load.py`` result: its traces simulated (``repeats`` noise draws
+    each) beside the HTTP run's attainment and accuracy; ``seed``: the load test's ``--seed``."""
+    accuracy, latency_us, slo_ms = result["accuracy"], result["latency_us"], result["slo_ms"]
+    length = result["seconds"] / result["rounds"]
+    rows = []
+    for http in result["rows"]:
+        rate, policy = http["rate"], http["policy"]
+        traces = [bursty_trace(length, rate, result["cv2"], seed + r, depth=result["depth"])[:result.get("max_requests")]
+                  for r in range(result["rounds"])]
+        runs = [summarize([record for r, arrivals in enumerate(traces)
+                           for record in simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, result["max_batch"],
+                                                  result["forced"][policy], load=load, noise=noise,
+                                                  seed=1000 * k + r)], accuracy, slo_ms, result["seconds"])
+                for k in range(repeats)]
+        attainment = np.array([run["slo_attainment"] for run in runs])
+        served = sum(run["served"] for run in runs)
+        rows.append({"rate": rate, "policy": policy, "sent": runs[0]["sent"], "http_sent": http["sent"],
+                     "slo_attainment": float(attainment.mean()), "slo_attainment_min": float(attainment.min()),
+                     "slo_attainment_max": float(attainment.max()), "http_slo_attainment": http["slo_attainment"],
+                     "mean_accuracy": (sum(run["mean_accuracy"] * run["served"] for run in runs if run["served"])
+                                       / served if served else None),
+                     "http_mean_accuracy": http["mean_accuracy"]})
+    return rows
+
+
+def replay_markdown(result: dict) -> str:
+    """One row per (rate, way of serving): the HTTP run beside its simulation."""
+    m = result["machine"]
+    lines = [f"# Simulated replay of an HTTP load test: {result['scenario']}", "",
+             (f"SIMULATED (bench/serving_sim.py --replay): the traces of {result['replayed']} (seed {result['seed']}, "
+              f"{result['rounds']} rounds of {result['seconds'] / result['rounds']:g} s per rate), each simulated "
+              f"{result['repeats']} times with the profile that run measured, calls x {result['load']:g} x a "
+              f"mean-one log-normal factor (sigma {result['noise']:g}); beside them what the server did "
+              f"({result['http_machine']})."),
+             (f"Simulated on: {m['cpu']}, python {m['python']}, numpy {m['numpy']}, git {m['git']}, {m['date']}."), "",
+             ("| rate (req/s) | serving | sent (HTTP) | HTTP attainment | simulated (min-max) | HTTP accuracy "
+              "| simulated accuracy |"), "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        acc = "-" if r["mean_accuracy"] is None else f"{r['mean_accuracy']:.2f}"
+        http_acc = "-" if r["http_mean_accuracy"] is None else f"{r['http_mean_accuracy']:.2f}"
+        lines.append(f"| {r['rate']:g} | {r['policy']} | {r['sent']} ({r['http_sent']}) | "
+                     f"{r['http_slo_attainment']:.3f} | {r['slo_attainment']:.3f} ({r['slo_attainment_min']:.3f}-"
+                     f"{r['slo_attainment_max']:.3f}) | {http_acc} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
 def _se(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
@@ -188,19 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     from adaptive_kernels.serving import policy
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", type=Path, required=True,
+    p.add_argument("--profile", type=Path,
                    help="a serving_load.py result (its latency_us, accuracy, slo_ms, max_batch are used)")
+    p.add_argument("--replay", type=Path, help="a serving_load.py result whose own traces to simulate (no sweep)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="--replay: simulations (noise draws) per trace")
     p.add_argument("--scenario", required=True, help="name of the result files")
-    p.add_argument("--rates", required=True, help="mean request rates per second, comma-separated")
+    p.add_argument("--rates", help="mean request rates per second, comma-separated")
     p.add_argument("--seconds", type=float, default=30.0, help="length of one trace")
     p.add_argument("--traces", type=positive_int, default=20, help="traces per rate (seeds seed, seed + 1, ...)")
     p.add_argument("--cv2", type=float, default=4.0)
     p.add_argument("--depth", type=float, default=0.5)
     p.add_argument("--load", type=float, default=1.0, help="calls take the profile times this")
     p.add_argument("--noise", type=float, default=0.0, help="sigma of the per-call log-normal factor")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="first trace's seed (default 0; --replay: the load test's, as recorded)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.replay is not None:
+        return main_replay(args)
+    if args.profile is None or args.rates is None:
+        p.error("give --profile and --rates (a sweep), or --replay RESULT (that run's own traces)")
+    args.seed = 0 if args.seed is None else args.seed
     profile = json.loads(args.profile.read_text())
     rates = [float(r) for r in args.rates.split(",")]
     start = time.perf_counter()
@@ -220,6 +281,25 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")
     write_text(args.out / f"{args.scenario}.md", markdown(result))
     print(markdown(result))
+    return 0
+
+
+def main_replay(args: argparse.Namespace) -> int:
+    result = json.loads(args.replay.read_text())
+    seed = result.get("seed") if args.seed is None else args.seed
+    if seed is None:
+        raise SystemExit(f"{args.replay} does not record the load test's seed (written before it did): pass --seed, "
+                         f"the --seed that run was given")
+    rows = replay(result, seed, args.load, args.noise, args.repeats)
+    m = result["machine"]
+    out = {"scenario": args.scenario, "simulated": True, "replayed": str(args.replay), "seed": seed,
+           "rounds": result["rounds"], "seconds": result["seconds"], "repeats": args.repeats, "load": args.load,
+           "noise": args.noise, "http_machine": f"{m['cpu']}, {m['cores']} cores, git {m['git']}, {m['date']}",
+           "machine": machine(), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / f"{args.scenario}.json", json.dumps(out, indent=1) + "\n")
+    write_text(args.out / f"{args.scenario}.md", replay_markdown(out))
+    print(replay_markdown(out))
     return 0
 
 

@@ -1,6 +1,8 @@
-"""The load test's trace: bursty (inter-arrival CV² >= 4) at the asked mean rate, open loop, bounded."""
+"""The load test's trace: bursty (inter-arrival CV² >= 4) at the asked mean rate, open loop, bounded; its summary; and
+its simulated replay (bench/serving_sim.py --replay) rebuilding the traces an HTTP run sent."""
 
 import numpy as np
+import pytest
 
 from bench.serving_load import bursty_trace, summarize
 
@@ -23,3 +25,25 @@ def test_summary_counts_every_request():
     row = summarize(records, {"FF": 90.0, "TT": 88.0}, slo_ms=5.0, seconds=1.0)
     assert (row["sent"], row["served"], row["refused"], row["lost"]) == (4, 2, 1, 1)
     assert not row["no_loss"] and row["slo_attainment"] == 0.25 and row["mean_accuracy"] == 89.0
+
+
+def test_simulated_replay_rebuilds_the_traces_an_http_run_sent():
+    # a committed load test (seed 200, 16 rounds of 5 s at 2.5 and 5 req/s): the replay must rebuild exactly the
+    # traces the server was sent (same count per rate and way of serving), simulate the forced columns alike
+    # (base and static serve the same sub-network), and serve the adaptive column the most accurate on average
+    import json
+    from pathlib import Path
+
+    from bench.serving_sim import replay
+
+    result = json.loads((Path(__file__).parents[2] / "bench/results/serving/paper_resnet50_split.json").read_text())
+    rows = {(r["rate"], r["policy"]): r for r in replay(result, 200, load=1.0, noise=0.3, repeats=1)}
+    assert len(rows) == len(result["rows"])
+    assert all(r["sent"] == r["http_sent"] for r in rows.values())
+    assert [r["sent"] for r in rows.values()] == [228] * 4 + [435] * 4
+    for rate in (2.5, 5.0):
+        assert rows[rate, "base"]["slo_attainment"] == rows[rate, "static"]["slo_attainment"]
+        assert rows[rate, "base"]["mean_accuracy"] == pytest.approx(76.1)
+        assert rows[rate, "super"]["mean_accuracy"] == pytest.approx(77.6)
+        assert 76.1 < rows[rate, "adaptive"]["mean_accuracy"] < 77.6
+    assert replay(result, 201, load=1.0, noise=0.3, repeats=1)[0]["sent"] != 228  # another seed, other traces
