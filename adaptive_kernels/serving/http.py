@@ -69,6 +69,8 @@ class Metrics:
         Gauge("adn_arrival_rate", "arrivals per second over the latest 8, as the policy's reserve sees them",
               registry=r).set_function(scheduler.arrival_rate)
         Gauge("adn_batches", "engine calls so far", registry=r).set_function(lambda: scheduler.counters.batches)
+        Gauge("adn_dispatch_overhead_seconds", "dispatcher time per call outside the engine (EWMA), as the policy's "
+              "split sees it", registry=r).set_function(lambda: scheduler.overhead)
         for part in ("policy", "batching", "answering"):
             Gauge(f"adn_dispatch_{part}_seconds", f"dispatcher time in {part}, summed", registry=r).set_function(
                 lambda part=part: getattr(scheduler.counters, f"{part}_s"))

@@ -10,8 +10,9 @@ The rule (SlackFit-like, after SuperServe, NSDI '25):
 3. Take the largest such batch that some allowed sub-network finishes before the earliest deadline in it, and serve
    it, or the part of it said next, with the most accurate of those sub-networks that steps 4 and 5 allow. Split
    what batching does not pay for: when the profile says that a first part now and the rest right after cost no
-   more than the batch (``t(p) + t(b - p) <= t(b)``, on the fastest's row or the forced sub-network's), serve the
-   smallest such part, on a sub-network that leaves the rest its time (the fastest does: the two fit where the
+   more than the batch, counting the dispatcher's own time per call (``t(p) + t(b - p) + overhead <= t(b)``, on the
+   fastest's row or the forced sub-network's; the scheduler measures ``overhead``: policy, batching, answering),
+   serve the smallest such part, on a sub-network that leaves the rest its time (the fastest does: the two fit where the
    batch did). The same work, but the part is answered sooner and the rest is planned again with the
    part's measured time and what arrived meanwhile; a batch sized to its deadline otherwise misses as a whole when
    its one call runs slow. On a CPU a batch costs about its parts (ResNet-50: 27.4 ms at batch 1, 132 ms at 5), so
@@ -94,8 +95,9 @@ class Costs:
     ``leading[b][r]``, the least time at batch b of the ``r + 1`` most accurate sub-networks, non-increasing in r
     (the most accurate sub-network that fits), and ``leading_negated``, the same negated (non-decreasing: a plain
     C bisection finds the first guess, :func:`_first_within`). ``parts[skip or None][b]``: the first parts p of a
-    batch b that cost no more with the rest after them, ``t(p) + t(b - p) <= t(b)`` (step 3's split), ascending;
-    empty where batching pays (a GPU), so the split costs a dispatch nothing there."""
+    batch b that cost no more with the rest after them, ``t(p) + t(b - p) <= t(b)``, ascending: step 3's split
+    candidates (a dispatch then also counts its overhead); empty where batching pays (a GPU), so the split costs a
+    dispatch nothing there."""
 
     ranking: tuple[SkipConfig, ...]
     seconds: Mapping[SkipConfig, tuple[float, ...]]
@@ -138,12 +140,13 @@ _deadline = attrgetter("deadline")
 
 
 def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: float = 1.0, *,
-                  fifo: bool = False, rate: float = 0.0) -> Decision:
+                  fifo: bool = False, rate: float = 0.0, overhead: float = 0.0) -> Decision:
     """The policy's decision for ``queue`` (oldest first) at time ``now``.
 
     costs: the profile (:meth:`Costs.build`); factor: what predictions multiply it by (``LatencyModel.factor``);
     a request larger than ``costs.max_batch`` is the caller's error. rate: the predicted arrivals per second
-    (``ArrivalRate.at(now)``; step 4). fifo: the caller knows that every request has
+    (``ArrivalRate.at(now)``; step 4). overhead: the dispatcher's seconds per call outside the engine (step 3's split
+    adds a call; 0: the profile alone decides). fifo: the caller knows that every request has
     the same size and forced sub-network and that deadlines never decrease along the queue (all requests alike,
     one SLO); the decision is the same, found in O(log n) instead of O(n).
 
@@ -153,7 +156,7 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     if not queue:
         return Decision()
     if fifo:
-        return _plan_fifo(queue, now, costs, factor, rate)
+        return _plan_fifo(queue, now, costs, factor, rate, overhead)
     seconds, fastest, max_batch = costs.seconds, costs.fastest, costs.max_batch
     refuse, members, totals, earliest = [], [], [], []
     forced, row, total, deadline, full = None, fastest, 0, float("inf"), False
@@ -189,10 +192,12 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
         raise AssertionError("unreachable: the first request fits on its own (step 1)")
     parts = costs.parts[forced][batch]
     if parts:  # step 3's split: the smallest first part that costs no more with the rest after it
+        whole = row[batch] * factor - overhead
         for j in range(k):
-            if totals[j] in parts:
-                rest = min(queue[i].deadline for i in members[j + 1:k + 1]) - row[batch - totals[j]] * factor
-                k, batch, limit = j, totals[j], earliest[j]
+            part = totals[j]
+            if part in parts and (row[part] + row[batch - part]) * factor <= whole:
+                rest = min(queue[i].deadline for i in members[j + 1:k + 1]) - row[batch - part] * factor
+                k, batch, limit = j, part, earliest[j]
                 if rest < limit:  # noqa: PLR1730
                     limit = rest
                 break
@@ -200,7 +205,8 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
                     _most_accurate(costs, forced, batch, now, factor, limit, rate, queue[members[0]].slo), batch)
 
 
-def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float, rate: float) -> Decision:
+def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float, rate: float,
+               overhead: float) -> Decision:
     """``plan_dispatch`` for a queue of alike requests with deadlines in arrival order: the requests step 1 refuses
     are the oldest ones, the batch is the next ones, and its earliest deadline is its first request's."""
     head = queue[0]
@@ -219,8 +225,9 @@ def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float,
         while now + row[size * count] * factor > deadline:
             count -= 1
     batch = size * count
+    whole = row[batch] * factor - overhead
     for part in costs.parts[forced][batch]:  # step 3's split: the smallest first part that costs no more with the rest
-        if part % size == 0:
+        if part % size == 0 and (row[part] + row[batch - part]) * factor <= whole:
             rest = queue[first + part // size].deadline - row[batch - part] * factor
             count, batch = part // size, part
             if rest < deadline:  # noqa: PLR1730

@@ -67,6 +67,8 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     assert "adn_queue_depth 0.0" in metrics
     rate = re.search(r"^adn_arrival_rate (\S+)$", metrics, re.MULTILINE)
     assert rate and float(rate.group(1)) > 0  # 4 arrivals so far: a rate
+    overhead = re.search(r"^adn_dispatch_overhead_seconds (\S+)$", metrics, re.MULTILINE)
+    assert overhead and 0 < float(overhead.group(1)) == scheduler.overhead  # served calls measured it
     stats = scheduler.stats()
     assert stats.submitted == stats.served + stats.refused == 4
 

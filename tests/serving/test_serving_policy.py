@@ -28,9 +28,10 @@ def random_latency(rng: random.Random, padded: bool, noise: float = 0.1, slope: 
     return LatencyModel(tables, padded=padded)
 
 
-def reference(queue, now, profiled, accuracy, max_batch, rate=0.0, factor=1.0):
+def reference(queue, now, profiled, accuracy, max_batch, rate=0.0, factor=1.0, overhead=0.0):
     """Every (prefix of the group, sub-network) pair tried: the largest prefix some sub-network finishes in time; of
-    it, the first part that costs no more with the rest after it, by the profile (step 3's split); then the most accurate sub-network that finishes it
+    it, the first part that costs no more with the rest after it and one more call's ``overhead`` (step 3's split);
+    then the most accurate sub-network that finishes it
     in time (and leaves the rest that time), with an arrival rate or an SLO on the opening request also the reserve
     (step 4) and time for the fastest to serve as many again within the SLO (step 5), else the fastest."""
     def predict(skip, batch):
@@ -61,7 +62,8 @@ def reference(queue, now, profiled, accuracy, max_batch, rate=0.0, factor=1.0):
 
     for j in range(1, len(serve)):
         part = sum(queue[i].size for i in serve[:j])
-        if fastest(part) + fastest(batch - part) <= fastest(batch):
+        if fastest(part) + fastest(batch - part) <= fastest(batch) and (
+                (fastest(part) + fastest(batch - part)) * factor <= fastest(batch) * factor - overhead):
             target = min(target, min(queue[i].deadline for i in serve[j:]) - fastest(batch - part) * factor)
             serve, batch = serve[:j], part
             break
@@ -97,8 +99,10 @@ def test_policy_matches_brute_force(seed):
                     rng.choice(slos)) for _ in range(rng.randint(0, 14))]
     # arrivals per second: none (no reserve), light (the reserve rarely binds), heavy (it decides)
     rate = rng.choice([0.0, rng.uniform(100, 2000), rng.uniform(2000, 50000)])
-    got = plan_dispatch(queue, now, costs, latency.factor, rate=rate)
-    refuse, serve, skip = reference(queue, now, latency.profiled, accuracy, 8, rate, latency.factor)
+    # the dispatcher's time per call: none, small (some splits still pay), large (none does)
+    overhead = rng.choice([0.0, rng.uniform(0, 30e-6), 1e-3])
+    got = plan_dispatch(queue, now, costs, latency.factor, rate=rate, overhead=overhead)
+    refuse, serve, skip = reference(queue, now, latency.profiled, accuracy, 8, rate, latency.factor, overhead)
     assert (got.refuse, got.serve, got.skip) == (refuse, serve, skip)
     assert got.batch == sum(queue[i].size for i in serve)
     # a fifo queue (alike requests, deadlines in arrival order): the bisection decides as the reference does
@@ -106,9 +110,9 @@ def test_policy_matches_brute_force(seed):
     slo = rng.choice(slos)
     fifo = [Queued(d, size, forced, slo)
             for d in sorted(now + rng.uniform(-1e-4, 3e-3) for _ in range(rng.randint(0, 40)))]
-    got = plan_dispatch(fifo, now, costs, latency.factor, fifo=True, rate=rate)
-    assert got == plan_dispatch(fifo, now, costs, latency.factor, rate=rate)
-    refuse, serve, skip = reference(fifo, now, latency.profiled, accuracy, 8, rate, latency.factor)
+    got = plan_dispatch(fifo, now, costs, latency.factor, fifo=True, rate=rate, overhead=overhead)
+    assert got == plan_dispatch(fifo, now, costs, latency.factor, rate=rate, overhead=overhead)
+    refuse, serve, skip = reference(fifo, now, latency.profiled, accuracy, 8, rate, latency.factor, overhead)
     assert (got.refuse, got.serve, got.skip, got.batch) == (refuse, serve, skip, size * len(serve))
 
 
@@ -235,17 +239,24 @@ def test_split_serves_a_first_part_when_batching_does_not_pay():
                         4: {"FF": 1800.0, "TT": 1200.0}, 8: {"FF": 2400.0, "TT": 1600.0}}, padded=True)
     accuracy = {(False, False): 77.6, (True, True): 76.1}
 
-    def pick(latency, queue, factor=1.2):
+    def pick(latency, queue, factor=1.2, overhead=0.0):
         costs = Costs.build(latency.profiled, rank_by_accuracy(accuracy, latency.predict), 8)
-        got = plan_dispatch(queue, 1.0, costs, factor)
-        assert got == plan_dispatch(queue, 1.0, costs, factor, fifo=True)
-        assert (got.refuse, got.serve, got.skip) == reference(queue, 1.0, latency.profiled, accuracy, 8, 0.0, factor)
+        got = plan_dispatch(queue, 1.0, costs, factor, overhead=overhead)
+        assert got == plan_dispatch(queue, 1.0, costs, factor, fifo=True, overhead=overhead)
+        assert (got.refuse, got.serve, got.skip) == reference(queue, 1.0, latency.profiled, accuracy, 8, 0.0, factor,
+                                                               overhead)
         return skip_to_str(got.skip), got.batch
 
     # a burst of five with 200 ms left, predictions x1.2: the base-net on all five fits (159 ms), but 1 + 4 costs no
     # more (131.7 <= 132.5 ms profiled) and leaves the four their time: one now, on the super-net (48.7 ms, and the
     # four on the base-net after it by 48.7 + 125.1 <= 200)
     assert pick(cpu, [Queued(1.2)] * 5) == ("FF", 1)
+    # counting the dispatcher's time for the extra call: 1 + 4 saves 0.85 ms x1.2, 2 + 3 3.8 ms x1.2; 0.3 ms of
+    # overhead leaves the first, 1.5 ms only the second (two now, on the super-net: 93.9 ms, then 93.2 for the
+    # three), 5 ms neither: all five on the base-net (159 ms; the super-net's 262 would miss)
+    assert pick(cpu, [Queued(1.2)] * 5, overhead=0.3e-3) == ("FF", 1)
+    assert pick(cpu, [Queued(1.2)] * 5, overhead=1.5e-3) == ("FF", 2)
+    assert pick(cpu, [Queued(1.2)] * 5, overhead=5e-3) == ("TT", 5)
     # 140 ms left: the largest batch is 4 (125.1 ms); 1 + 3 costs more than 4 (105.1 > 104.3 ms), 2 + 2 less: two
     # now, on the base-net (61.3 ms; the super-net's 93.9 would not leave the other two their 61.3)
     assert pick(cpu, [Queued(1.14)] * 5) == ("TT", 2)

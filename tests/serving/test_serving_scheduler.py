@@ -123,9 +123,9 @@ def test_scheduler_passes_the_arrival_rate_to_the_policy(monkeypatch):
 
     seen, policy = [], module.plan_dispatch  # (now, rate) of each decision
 
-    def recording(queue, now, costs, factor=1.0, *, fifo=False, rate=0.0):
+    def recording(queue, now, costs, factor=1.0, *, fifo=False, rate=0.0, overhead=0.0):
         seen.append((now, rate))
-        return policy(queue, now, costs, factor, fifo=fifo, rate=rate)
+        return policy(queue, now, costs, factor, fifo=fifo, rate=rate, overhead=overhead)
 
     monkeypatch.setattr(module, "plan_dispatch", recording)
     clock = [0.0]  # a simulated clock, moved only while the dispatcher waits in the engine
@@ -397,3 +397,61 @@ def test_an_int8_plan_serves_each_sub_network_near_its_fp32_output_with_its_own_
                       int8_calibration=sample)
     assert plan.engine.skip_configs() == list(two) == [(False,) * 3, (True,) * 3]
     assert set(plan.latency.skips) == set(two)
+
+
+def test_scheduler_splits_a_batch_only_where_the_profile_saves_more_than_its_own_time_per_call():
+    # nine requests, the first running (held) while eight queue. The policy's split (step 3) serves a first part
+    # alone where the profile says that costs no more than the batch, counting the dispatcher's own time for the
+    # extra call, which the scheduler measures (policy, batching, answering)
+    def batches(us: dict[int, float]) -> tuple[list[int], float]:
+        engine = GatedEngine(EchoEngine())
+        tables = {b: {skip_to_str(s): us[b] for s in SKIPS} for b in (1, 2, 4, 8)}
+        scheduler = Scheduler(engine, torch.zeros(1, *SHAPE), LatencyModel(tables), {s: 90.0 - sum(s) for s in SKIPS})
+        inputs = [torch.randn(1, *SHAPE) for _ in range(9)]
+        try:
+            futures = queue_behind_one_call(scheduler, engine, inputs)
+        finally:
+            engine.gate.set()
+            scheduler.close()
+        for x, future in zip(inputs, futures):
+            torch.testing.assert_close(future.result().output, x.flatten(1), rtol=0, atol=0)
+        return engine.batches, scheduler.overhead
+
+    # a batch costs a picosecond per input more than its parts: splitting saves less than any call's overhead, so
+    # the eight go as one
+    got, overhead = batches({b: 10.0 * b + 1e-6 * (b - 1) for b in (1, 2, 4, 8)})
+    assert got == [1, 8] and overhead > 0
+    # one input 1 ms, more 50 ms each: every split saves >= 49 ms (times the correction), far more than the
+    # dispatcher's time: one at a time
+    got, overhead = batches({1: 1e3, 2: 1e5, 4: 2e5, 8: 4e5})
+    assert got == [1] * 9 and 0 < overhead < 5e-3
+
+
+def test_scheduler_answers_the_queue_with_the_policy_s_error_instead_of_hanging(monkeypatch):
+    # a policy that raises (a bug) must not kill the dispatcher silently with callers waiting forever: every queued
+    # request gets the error, and the scheduler keeps serving once the policy works again
+    from adaptive_kernels.serving import scheduler as module
+
+    policy, broken = module.plan_dispatch, [True]
+
+    def failing(*args, **kwargs):
+        if broken[0]:
+            raise RuntimeError("policy broke")
+        return policy(*args, **kwargs)
+
+    monkeypatch.setattr(module, "plan_dispatch", failing)
+    hold = threading.Event()
+    scheduler = fake_scheduler(hold=hold)
+    try:
+        futures = [scheduler.submit(torch.ones(1, *SHAPE), 10.0) for _ in range(3)]
+        wait(futures, timeout=10)
+        assert all(isinstance(f.exception(timeout=0), RuntimeError) for f in futures)
+        stats = scheduler.stats()
+        assert (stats.failed, stats.queued, stats.served) == (3, 0, 0)
+        broken[0] = False
+        hold.set()
+        x = torch.randn(1, *SHAPE)
+        assert scheduler.submit(x, 10.0).result(timeout=10).output[0, 0] == pytest.approx(float(x.sum()))
+    finally:
+        hold.set()
+        scheduler.close()
