@@ -15,7 +15,10 @@ The rule (SlackFit-like, after SuperServe, NSDI '25):
    serve the smallest such part, on a sub-network that leaves the rest its time (the fastest does: the two fit where the
    batch did). The same work, but the part is answered sooner and the rest is planned again with the
    part's measured time and what arrived meanwhile; a batch sized to its deadline otherwise misses as a whole when
-   its one call runs slow. On a CPU a batch costs about its parts (ResNet-50: 27.4 ms at batch 1, 132 ms at 5), so
+   its one call runs slow. The sub-network chosen (steps 4 and 5) is then held to the same rule on its own row: a
+   measured profile need not cost what the fastest's does in proportion (ResNet-50's super-net once profiled 92.5
+   ms at batch 2, 40.3 at 1), and where the chosen one's parts cost less than its batch, its first part is served
+   (it finishes sooner, and the rest after it no later than the batch would have). On a CPU a batch costs about its parts (ResNet-50: 27.4 ms at batch 1, 132 ms at 5), so
    this splits; on a GPU a batch costs far less than its parts, so it does not. In bench/serving_sim.py (calls
    scattered log-normally, sigma 0.3) it raised the adaptive server's attainment at 5 req/s from 0.985 to 0.992
    and the base-net's from 0.994 to 0.996 (docs/serving.md).
@@ -191,18 +194,17 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     else:
         raise AssertionError("unreachable: the first request fits on its own (step 1)")
     parts = costs.parts[forced][batch]
-    if parts:  # step 3's split: the smallest first part that costs no more with the rest after it
-        whole = row[batch] * factor - overhead
-        for j in range(k):
-            part = totals[j]
-            if part in parts and (row[part] + row[batch - part]) * factor <= whole:
-                rest = min(queue[i].deadline for i in members[j + 1:k + 1]) - row[batch - part] * factor
-                k, batch, limit = j, part, earliest[j]
-                if rest < limit:  # noqa: PLR1730
-                    limit = rest
-                break
-    return Decision(tuple(refuse), tuple(members[:k + 1]),
-                    _most_accurate(costs, forced, batch, now, factor, limit, rate, queue[members[0]].slo), batch)
+    if parts and (part := _split(parts, totals[:k], row, batch, factor, overhead)):  # step 3's split
+        j = totals.index(part)
+        rest = min(queue[i].deadline for i in members[j + 1:k + 1]) - row[batch - part] * factor
+        k, batch, limit = j, part, earliest[j]
+        if rest < limit:  # noqa: PLR1730
+            limit = rest
+    skip = _most_accurate(costs, forced, batch, now, factor, limit, rate, queue[members[0]].slo)
+    if forced is None and (parts := costs.parts[skip][batch]) and (
+            part := _split(parts, totals[:k], costs.seconds[skip], batch, factor, overhead)):  # the chosen one's
+        k, batch = totals.index(part), part
+    return Decision(tuple(refuse), tuple(members[:k + 1]), skip, batch)
 
 
 def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float, rate: float,
@@ -225,16 +227,29 @@ def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float,
         while now + row[size * count] * factor > deadline:
             count -= 1
     batch = size * count
+    parts = costs.parts[forced][batch]
+    if parts and (part := _split(parts, range(size, batch, size), row, batch, factor, overhead)):  # step 3's split
+        rest = queue[first + part // size].deadline - row[batch - part] * factor
+        count, batch = part // size, part
+        if rest < deadline:  # noqa: PLR1730
+            deadline = rest
+    skip = _most_accurate(costs, forced, batch, now, factor, deadline, rate, queue[first].slo)
+    if forced is None and (parts := costs.parts[skip][batch]) and (
+            part := _split(parts, range(size, batch, size), costs.seconds[skip], batch, factor, overhead)):
+        count, batch = part // size, part  # the chosen one's own split
+    return Decision(refuse, _span(first, first + count), skip, batch)
+
+
+def _split(parts: tuple[int, ...], candidates: Sequence[int], row: tuple[float, ...], batch: int, factor: float,
+           overhead: float) -> int:
+    """Step 3's split of a ``batch`` on ``row``: the smallest of ``candidates`` (first parts a queue allows,
+    ascending) among ``parts`` (``Costs.parts``) that costs no more with the rest after it, counting ``overhead`` for
+    the extra call; 0 when none does."""
     whole = row[batch] * factor - overhead
-    for part in costs.parts[forced][batch]:  # step 3's split: the smallest first part that costs no more with the rest
-        if part % size == 0 and (row[part] + row[batch - part]) * factor <= whole:
-            rest = queue[first + part // size].deadline - row[batch - part] * factor
-            count, batch = part // size, part
-            if rest < deadline:  # noqa: PLR1730
-                deadline = rest
-            break
-    return Decision(refuse, _span(first, first + count),
-                    _most_accurate(costs, forced, batch, now, factor, deadline, rate, queue[first].slo), batch)
+    for part in candidates:
+        if part in parts and (row[part] + row[batch - part]) * factor <= whole:
+            return part
+    return 0
 
 
 def _first_over(envelope: tuple[float, ...], full: int, now: float, factor: float, deadline: float) -> int:
