@@ -8,20 +8,24 @@ The rule (SlackFit-like, after SuperServe, NSDI '25):
 2. The oldest remaining request opens the batch; requests that allow the same sub-networks (none forced, or the
    same one forced) join it in arrival order, up to ``max_batch`` inputs.
 3. Take the largest such batch that some allowed sub-network finishes before the earliest deadline in it, and serve
-   it, or the part of it said next, with the most accurate of those sub-networks that steps 4 and 5 allow. Split
-   what batching does not pay for: when the profile says that a first part now and the rest right after cost no
-   more than the batch, counting the dispatcher's own time per call (``t(p) + t(b - p) + overhead <= t(b)``, on the
-   fastest's row or the forced sub-network's; the scheduler measures ``overhead``: policy, batching, answering),
-   serve the smallest such part, on a sub-network that leaves the rest its time (the fastest does: the two fit where the
-   batch did). The same work, but the part is answered sooner and the rest is planned again with the
-   part's measured time and what arrived meanwhile; a batch sized to its deadline otherwise misses as a whole when
-   its one call runs slow. The sub-network chosen (steps 4 and 5) is then held to the same rule on its own row: a
-   measured profile need not cost what the fastest's does in proportion (ResNet-50's super-net once profiled 92.5
-   ms at batch 2, 40.3 at 1), and where the chosen one's parts cost less than its batch, its first part is served
-   (it finishes sooner, and the rest after it no later than the batch would have). On a CPU a batch costs about its parts (ResNet-50: 27.4 ms at batch 1, 132 ms at 5), so
-   this splits; on a GPU a batch costs far less than its parts, so it does not. In bench/serving_sim.py (calls
-   scattered log-normally, sigma 0.3) it raised the adaptive server's attainment at 5 req/s from 0.985 to 0.992
-   and the base-net's from 0.994 to 0.996 (docs/serving.md).
+   it, or the part of it said next, with the most accurate of those sub-networks that steps 4 and 5 allow and that
+   leaves the requests queued behind it their time: those of the group left out (up to ``max_batch`` inputs), served
+   next on the fastest in one batch, still finish by their earliest deadline (the lookahead; the fastest satisfies
+   it whenever anything does). Seen in bench/serving_sim.py: a request served on the super-net with 70 ms of slack
+   while the one behind it, 82 ms from its deadline, needed the base-net's 40 ms after it; it was then refused.
+   Split what batching does not pay for: when the profile says that a first part now and the rest right after cost
+   no more than the batch, counting the dispatcher's own time per call (``t(p) + t(b - p) + overhead <= t(b)``, on
+   the fastest's row or the forced sub-network's; the scheduler measures ``overhead``: policy, batching, answering),
+   serve the smallest such part (the rest is then behind it: the lookahead keeps its time). The same work, but the
+   part is answered sooner and the rest is planned again with the part's measured time and what arrived meanwhile; a
+   batch sized to its deadline otherwise misses as a whole when its one call runs slow. On a CPU a batch costs about
+   its parts (ResNet-50: 27.4 ms at batch 1, 132 ms at 5), so this splits; on a GPU a batch costs far less than its
+   parts, so it does not. The sub-network chosen is then held to the same rule on its own row: a measured profile
+   need not cost what the fastest's does in proportion (ResNet-50's super-net once profiled 92.5 ms at batch 2, 40.3
+   at 1), and where the chosen one's parts cost less than its batch, its first part is served (it finishes sooner,
+   and the rest after it no later than the batch would have). In bench/serving_sim.py (calls scattered
+   log-normally, sigma 0.3) the split raised the adaptive server's attainment at 5 req/s from 0.985 to 0.992 and the
+   base-net's from 0.994 to 0.996 (docs/serving.md).
 4. Keep a reserve for what arrives meanwhile: at the predicted arrival rate, ``batch`` more requests arrive in
    ``batch / rate`` seconds; the sub-network must finish the batch within ``RESERVE_SHARE`` of that (and by the
    deadline): the most accurate that does, the fastest when none does. With 0.5 the server keeps up with twice the
@@ -161,7 +165,7 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     if fifo:
         return _plan_fifo(queue, now, costs, factor, rate, overhead)
     seconds, fastest, max_batch = costs.seconds, costs.fastest, costs.max_batch
-    refuse, members, totals, earliest = [], [], [], []
+    refuse, members, totals, earliest, dues = [], [], [], [], []
     forced, row, total, deadline, full = None, fastest, 0, float("inf"), False
     for i, request in enumerate(queue):  # plain branches, no min(): this loop is most of a mixed queue's cost
         skip, size, due = request.skip, request.size, request.deadline
@@ -175,6 +179,7 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
             members.append(i)
             totals.append(total)
             earliest.append(deadline)
+            dues.append(due)
         elif skip == forced:
             if total + size > max_batch:
                 full = True
@@ -185,6 +190,7 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
             members.append(i)
             totals.append(total)
             earliest.append(deadline)
+            dues.append(due)
     if not members:
         return Decision(tuple(refuse))
     for k in range(len(members) - 1, -1, -1):  # step 3: the largest batch some sub-network finishes in time
@@ -195,9 +201,10 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
         raise AssertionError("unreachable: the first request fits on its own (step 1)")
     parts = costs.parts[forced][batch]
     if parts and (part := _split(parts, totals[:k], row, batch, factor, overhead)):  # step 3's split
-        j = totals.index(part)
-        rest = min(queue[i].deadline for i in members[j + 1:k + 1]) - row[batch - part] * factor
-        k, batch, limit = j, part, earliest[j]
+        k, batch = totals.index(part), part
+        limit = earliest[k]
+    if k + 1 < len(members):  # step 3's lookahead: those queued behind, served next on the fastest, keep their time
+        rest = min(dues[k + 1:]) - row[totals[-1] - batch] * factor
         if rest < limit:  # noqa: PLR1730
             limit = rest
     skip = _most_accurate(costs, forced, batch, now, factor, limit, rate, queue[members[0]].slo)
@@ -220,7 +227,7 @@ def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float,
         return Decision(refuse)
     deadline = queue[first].deadline
     full = costs.max_batch // size
-    count = min(len(queue) - first, full)
+    window = count = min(len(queue) - first, full)
     if count == full:  # step 3 on the envelope: the first count whose best remaining time misses, minus one
         count = _first_over(costs.envelope[forced, size], full, now, factor, deadline) - 1
     else:
@@ -229,8 +236,9 @@ def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float,
     batch = size * count
     parts = costs.parts[forced][batch]
     if parts and (part := _split(parts, range(size, batch, size), row, batch, factor, overhead)):  # step 3's split
-        rest = queue[first + part // size].deadline - row[batch - part] * factor
         count, batch = part // size, part
+    if count < window:  # step 3's lookahead: those queued behind, served next on the fastest, keep their time
+        rest = queue[first + count].deadline - row[size * (window - count)] * factor
         if rest < deadline:  # noqa: PLR1730
             deadline = rest
     skip = _most_accurate(costs, forced, batch, now, factor, deadline, rate, queue[first].slo)
