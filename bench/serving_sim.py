@@ -10,7 +10,7 @@ x 20 traces takes seconds, which is what tuning a policy needs.
 
 Ways of serving, as in the load test: ``super``, ``base``, ``static`` (forced sub-networks) and ``adaptive``; and
 ``myopic``: the adaptive policy without its reserve and burst guard (steps 4 and 5 of ``policy.py``: no arrival rate,
-no SLO), the policy before both; ``unguarded``: without the burst guard (step 5), the policy before it.
+no SLO); ``unguarded``: without the burst guard (step 5). Both keep step 3 as it is (split, lookahead).
 
     python bench/serving_sim.py --profile bench/results/serving/paper_resnet50.json --scenario sim_paper_resnet50 \\
         --rates 5,10,15,20,25,30,35,40,45 --out bench/results/serving
@@ -216,7 +216,7 @@ def markdown(result: dict) -> str:
               f"seeds {result['seed']}..{result['seed'] + result['traces'] - 1}; Gamma CV² {result['cv2']:g}, "
               f"rate x (1 +/- {result['depth']:g}) sine); every way of serving replays the same traces. "
               f"`myopic` = the adaptive policy without the reserve and the burst guard (steps 4 and 5), "
-              f"`unguarded` = without the burst guard (step 5): the policies before them."),
+              f"`unguarded` = without the burst guard (step 5); both keep step 3 (split, lookahead)."),
              (f"Simulated on: {m['cpu']}, python {m['python']}, numpy {m['numpy']}, git {m['git']}, {m['date']}; "
               f"the sweep took {result['wall_s']:.1f} s."), "",
              ("| rate (req/s) | serving | sent | refused | SLO attainment ± SE | - base ± SE | mean accuracy | p99 ms "

@@ -275,35 +275,34 @@ def test_split_serves_a_first_part_when_batching_does_not_pay():
     # a GPU-like one: a batch costs far less than its parts
     gpu = LatencyModel({1: {"FF": 1500.0, "TT": 1000.0}, 2: {"FF": 1600.0, "TT": 1100.0},
                         4: {"FF": 1800.0, "TT": 1200.0}, 8: {"FF": 2400.0, "TT": 1600.0}}, padded=True)
-    pick = pick_two
 
     # a burst of five with 200 ms left, predictions x1.2: the base-net on all five fits (159 ms), but 1 + 4 costs no
     # more (131.7 <= 132.5 ms profiled) and leaves the four their time: one now, on the super-net (48.7 ms, and the
     # four on the base-net after it by 48.7 + 125.1 <= 200)
-    assert pick(cpu, [Queued(1.2)] * 5) == ("FF", 1)
+    assert pick_two(cpu, [Queued(1.2)] * 5) == ("FF", 1)
     # counting the dispatcher's time for the extra call: 1 + 4 saves 0.85 ms x1.2, 2 + 3 3.8 ms x1.2; 0.3 ms of
     # overhead leaves the first, 1.5 ms only the second (two now, on the super-net: 93.9 ms, then 93.2 for the
     # three), 5 ms neither: all five on the base-net (159 ms; the super-net's 262 would miss)
-    assert pick(cpu, [Queued(1.2)] * 5, overhead=0.3e-3) == ("FF", 1)
-    assert pick(cpu, [Queued(1.2)] * 5, overhead=1.5e-3) == ("FF", 2)
-    assert pick(cpu, [Queued(1.2)] * 5, overhead=5e-3) == ("TT", 5)
+    assert pick_two(cpu, [Queued(1.2)] * 5, overhead=0.3e-3) == ("FF", 1)
+    assert pick_two(cpu, [Queued(1.2)] * 5, overhead=1.5e-3) == ("FF", 2)
+    assert pick_two(cpu, [Queued(1.2)] * 5, overhead=5e-3) == ("TT", 5)
     # 140 ms left: the largest batch is 4 (125.1 ms); 1 + 3 costs more than 4 (105.1 > 104.3 ms), 2 + 2 less: two
     # now, on the base-net (61.3 ms): the three behind them need the base-net's 93.2 on three, which leaves 46.8 ms,
     # and neither finishes two in that, so the fastest
-    assert pick(cpu, [Queued(1.14)] * 5) == ("TT", 2)
+    assert pick_two(cpu, [Queued(1.14)] * 5) == ("TT", 2)
     # three: on the base-net every part costs more with its rest (1 + 2 is 78.5 ms, 3 is 77.7), so all three fit on
     # the super-net (129.6 ms); but the super-net's own parts cost less (1 + 2: 118.9 ms): one now on it, the two
     # after it, each answered no later than in the batch of three; unless the dispatcher's time for the extra call
     # eats the 10.7 ms saved
-    assert pick(cpu, [Queued(1.2)] * 3, factor=1.0) == ("FF", 1)
-    assert pick(cpu, [Queued(1.2)] * 3, factor=1.0, overhead=10e-3) == ("FF", 1)
-    assert pick(cpu, [Queued(1.2)] * 3, factor=1.0, overhead=11e-3) == ("FF", 3)
+    assert pick_two(cpu, [Queued(1.2)] * 3, factor=1.0) == ("FF", 1)
+    assert pick_two(cpu, [Queued(1.2)] * 3, factor=1.0, overhead=10e-3) == ("FF", 1)
+    assert pick_two(cpu, [Queued(1.2)] * 3, factor=1.0, overhead=11e-3) == ("FF", 3)
     # the part's sub-network leaves the rest its time even where its own deadline would allow more (a burst of
     # five, 1 + 4 on x1.0: the super-net's 40.6 ms leaves 104.3 for the four in 160 ms; in 140 ms it would not)
-    assert pick(cpu, [Queued(1.16)] * 5, factor=1.0) == ("FF", 1)
-    assert pick(cpu, [Queued(1.14)] * 5, factor=1.0) == ("TT", 1)
+    assert pick_two(cpu, [Queued(1.16)] * 5, factor=1.0) == ("FF", 1)
+    assert pick_two(cpu, [Queued(1.14)] * 5, factor=1.0) == ("TT", 1)
     # a GPU-like profile never splits: the super-net on all five (2.4 ms at bucket 8)
-    assert pick(gpu, [Queued(1.2)] * 5) == ("FF", 5)
+    assert pick_two(gpu, [Queued(1.2)] * 5) == ("FF", 5)
 
 
 #: ResNet-50-ADN on the CPU engine, µs per bucket, the four sub-networks the paper reports (bench/results/serving/
