@@ -101,7 +101,7 @@ class Costs:
     size*(max_batch // size)``, non-decreasing in j (the largest batch of alike requests that fits a deadline);
     ``leading[b][r]``, the least time at batch b of the ``r + 1`` most accurate sub-networks, non-increasing in r
     (the most accurate sub-network that fits), and ``leading_negated``, the same negated (non-decreasing: a plain
-    C bisection finds the first guess, :func:`_first_within`). ``parts[skip or None][b]``: the first parts p of a
+    C bisection finds the first guess, :func:`_most_accurate`). ``parts[skip or None][b]``: the first parts p of a
     batch b that cost no more with the rest after them, ``t(p) + t(b - p) <= t(b)``, ascending: step 3's split
     candidates (a dispatch then also counts its overhead); empty where batching pays (a GPU), so the split costs a
     dispatch nothing there."""
@@ -165,53 +165,66 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     if fifo:
         return _plan_fifo(queue, now, costs, factor, rate, overhead)
     seconds, fastest, max_batch = costs.seconds, costs.fastest, costs.max_batch
-    refuse, members, totals, earliest, dues = [], [], [], [], []
-    forced, row, total, deadline, full = None, fastest, 0, float("inf"), False
-    for i, request in enumerate(queue):  # plain branches, no min(): this loop is most of a mixed queue's cost
-        skip, size, due = request.skip, request.size, request.deadline
-        own = fastest if skip is None else seconds[skip]
-        if now + own[size] * factor > due:
-            refuse.append(i)  # step 1
-        elif full:
+    # Steps 1-3 in one pass over the queue (most of a mixed queue's cost: plain branches and comparisons, no min(),
+    # one append per member), in three loops on one iterator so that each runs only the checks its stretch needs.
+    # Step 3's largest batch is tracked as members join: ``k``, the last member whose prefix the fastest finishes by
+    # the prefix's earliest deadline (``limit``), and ``rest``, the earliest deadline among the members after it.
+    refuse, members = [], []
+    requests = enumerate(queue)  # three loops take turns on it: before the batch opens, while it fills, after
+    for i, request in requests:  # step 1 until a request is kept; step 2: it opens the batch (it fits on its own)
+        own = fastest if (forced := request.skip) is None else seconds[forced]
+        if now + own[request.size] * factor > request.deadline:
+            refuse.append(i)
             continue
-        elif not members:  # step 2: the oldest request kept opens the batch
-            forced, row, total, deadline = skip, own, size, due
-            members.append(i)
-            totals.append(total)
-            earliest.append(deadline)
-            dues.append(due)
-        elif skip == forced:
+        row, total, deadline = own, request.size, request.deadline
+        members.append(i)
+        k, batch, limit, rest = 0, total, deadline, float("inf")
+        break
+    else:
+        return Decision(tuple(refuse))
+    for i, request in requests:  # steps 1 and 2, step 3 as members join
+        skip, size, due = request.skip, request.size, request.deadline
+        if now + (fastest if skip is None else seconds[skip])[size] * factor > due:
+            refuse.append(i)
+        elif skip is forced or skip == forced:
             if total + size > max_batch:
-                full = True
-                continue
+                break
             total += size
             if due < deadline:  # noqa: PLR1730 -- min() is a call per request on the dispatcher's hot path
                 deadline = due
             members.append(i)
-            totals.append(total)
-            earliest.append(deadline)
-            dues.append(due)
-    if not members:
-        return Decision(tuple(refuse))
-    for k in range(len(members) - 1, -1, -1):  # step 3: the largest batch some sub-network finishes in time
-        batch, limit = totals[k], earliest[k]
-        if now + row[batch] * factor <= limit:
-            break
-    else:
-        raise AssertionError("unreachable: the first request fits on its own (step 1)")
-    parts = costs.parts[forced][batch]
-    if parts and (part := _split(parts, totals[:k], row, batch, factor, overhead)):  # step 3's split
-        k, batch = totals.index(part), part
-        limit = earliest[k]
+            if now + row[total] * factor <= deadline:  # step 3: a larger batch fits
+                k, batch, limit, rest = len(members) - 1, total, deadline, float("inf")
+            elif due < rest:
+                rest = due
+    for i, request in requests:  # the batch is full: step 1 only
+        skip = request.skip
+        if now + (fastest if skip is None else seconds[skip])[request.size] * factor > request.deadline:
+            refuse.append(i)
+    totals = None
+    if parts := costs.parts[forced][batch]:  # step 3's split
+        totals = _totals(queue, members)
+        if part := _split(parts, totals[:k], row, batch, factor, overhead):
+            head = totals.index(part)
+            for m in members[head + 1:k + 1]:  # the split-off members now wait behind the part
+                if (due := queue[m].deadline) < rest:
+                    rest = due
+            k, batch = head, part  # limit may stay the whole batch's: the lookahead (rest - t < their deadlines)
     if k + 1 < len(members):  # step 3's lookahead: those queued behind, served next on the fastest, keep their time
-        rest = min(dues[k + 1:]) - row[totals[-1] - batch] * factor
+        rest -= row[total - batch] * factor
         if rest < limit:  # noqa: PLR1730
             limit = rest
     skip = _most_accurate(costs, forced, batch, now, factor, limit, rate, queue[members[0]].slo)
-    if forced is None and (parts := costs.parts[skip][batch]) and (
-            part := _split(parts, totals[:k], costs.seconds[skip], batch, factor, overhead)):  # the chosen one's
-        k, batch = totals.index(part), part
+    if forced is None and (parts := costs.parts[skip][batch]):  # the chosen one's own split
+        totals = totals or _totals(queue, members)
+        if part := _split(parts, totals[:k], costs.seconds[skip], batch, factor, overhead):
+            k, batch = totals.index(part), part
     return Decision(tuple(refuse), tuple(members[:k + 1]), skip, batch)
+
+
+def _totals(queue: Sequence[Queued], members: list[int]) -> list[int]:
+    """The inputs of each prefix of the batch (step 3's split candidates)."""
+    return list(accumulate(queue[m].size for m in members))
 
 
 def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float, rate: float,
@@ -262,7 +275,7 @@ def _split(parts: tuple[int, ...], candidates: Sequence[int], row: tuple[float, 
 
 def _first_over(envelope: tuple[float, ...], full: int, now: float, factor: float, deadline: float) -> int:
     """The first j in 1..``full`` with ``now + envelope[j] * factor > deadline`` (``full + 1`` when none; the
-    envelope is non-decreasing): like :func:`_first_within`, a plain C bisection on the rearranged inequality
+    envelope is non-decreasing): like :func:`_most_accurate`, a plain C bisection on the rearranged inequality
     (a Python key per probe cost ~0.1 us each), then moved by the comparison itself, exact to the last bit."""
     if not factor > 0:
         return bisect_left(envelope, True, 1, full + 1, key=lambda t: now + t * factor > deadline)
@@ -294,21 +307,16 @@ def _most_accurate(costs: Costs, forced: SkipConfig | None, batch: int, now: flo
         limit = reserve
     if slo > 0 and (guard := now + slo - costs.fastest[batch] * factor) < limit:
         limit = guard
-    leading = costs.leading[batch]
-    fits = _first_within(costs, batch, now, factor, limit)
-    if fits < len(leading):
-        return costs.ranking[fits]
-    return costs.ranking[bisect_left(leading, True, key=leading[-1].__ge__)]  # the fastest: leading ends there
-
-
-def _first_within(costs: Costs, batch: int, now: float, factor: float, limit: float) -> int:
-    """The first r with ``now + costs.leading[batch][r] * factor <= limit`` (``len`` when none): a guess by plain
-    bisection on the rearranged inequality (``-t >= -(limit - now) / factor``, which rounding may put one place
-    off), then moved by the comparison itself, so the answer is the one that comparison gives, to the last bit."""
+    # the first r with ``now + leading[r] * factor <= limit``: a guess by plain bisection on the rearranged
+    # inequality (``-t >= -(limit - now) / factor``, which rounding may put one place off), then moved by the
+    # comparison itself, so the answer is the one that comparison gives, to the last bit
     leading = costs.leading[batch]
     r = bisect_left(costs.leading_negated[batch], -(limit - now) / factor) if factor > 0 else 0
-    while r < len(leading) and now + leading[r] * factor > limit:
+    count = len(leading)
+    while r < count and now + leading[r] * factor > limit:
         r += 1
     while r > 0 and now + leading[r - 1] * factor <= limit:
         r -= 1
-    return r
+    if r < count:
+        return costs.ranking[r]
+    return costs.ranking[bisect_left(leading, True, key=leading[-1].__ge__)]  # the fastest: leading ends there

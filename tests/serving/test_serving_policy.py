@@ -181,6 +181,23 @@ def test_policy_serves_the_largest_batch_that_fits_when_the_profile_is_not_monot
         assert (got.refuse, got.serve, got.skip, got.batch) == (*expected, 8)
 
 
+def test_lookahead_reads_only_the_requests_behind_a_batch_a_noisy_profile_lets_grow():
+    # batch 2 measured slower than 3: the second request does not fit with the first, the third fits with both;
+    # only the fourth is then behind the batch, and its 10 ms leave the super-net time (250 of 300 µs); the second's
+    # deadline (300 µs) is the batch's own, not one behind it (that would leave 200 µs: the base-net)
+    us = {"S": (150.0, 450.0, 250.0, 1100.0), "B": (100.0, 400.0, 200.0, 1000.0)}
+    super_net, base_net = (False,), (True,)
+    accuracy = {super_net: 77.6, base_net: 76.1}
+
+    def profiled(skip, batch):
+        return us["B" if skip[0] else "S"][batch - 1] * 1e-6
+
+    costs = Costs.build(profiled, rank_by_accuracy(accuracy, profiled), 4)
+    queue = [Queued(d * 1e-6) for d in (1000.0, 300.0, 5000.0, 10000.0)]
+    assert reference(queue, 0.0, profiled, accuracy, 4) == ((), (0, 1, 2), super_net)
+    assert plan_dispatch(queue, 0.0, costs) == ((), (0, 1, 2), super_net, 3)
+
+
 def test_reserve_picks_what_keeps_up_with_the_arrival_rate():
     # super 10 ms, middle 7 ms, base 5 ms at batch 1; one request with 100 ms of slack: the deadline never binds
     latency = LatencyModel({1: {"FF": 10000.0, "TF": 7000.0, "TT": 5000.0}, 2: {"FF": 18000.0, "TF": 13000.0,
