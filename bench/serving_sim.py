@@ -8,9 +8,12 @@ it, and the clock moves on. What it leaves out: HTTP, the client, the GIL, the m
 the policy, not the server (its attainment is at or above a real sweep's). A sweep of 9 rates x 5 ways of serving
 x 20 traces takes seconds, which is what tuning a policy needs.
 
-Ways of serving, as in the load test: ``super``, ``base``, ``static`` (forced sub-networks) and ``adaptive``; and
-``myopic``: the adaptive policy without its reserve and burst guard (steps 4 and 5 of ``policy.py``: no arrival rate,
-no SLO); ``unguarded``: without the burst guard (step 5). Both keep step 3 as it is (split, lookahead).
+Ways of serving, as in the load test: ``super``, ``base``, ``static`` (forced sub-networks) and ``adaptive`` (its
+reserve's share following the attainment, ``ReserveShare``, as the scheduler's does); and ``cautious``: the adaptive
+policy with the share fixed at ``RESERVE_SHARE`` (as before it followed the attainment); ``myopic``: without its
+reserve and burst guard (steps 4 and 5 of ``policy.py``: no arrival rate, no SLO); ``unguarded``: without the burst
+guard (step 5). All keep step 3 as it is (split, lookahead). The share, like a server's, lives on from one trace of
+a rate to the next (a replay: from one round to the next), and starts afresh at each rate.
 
     python bench/serving_sim.py --profile bench/results/serving/paper_resnet50.json --scenario sim_paper_resnet50 \\
         --rates 5,10,15,20,25,30,35,40,45 --out bench/results/serving
@@ -39,22 +42,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 from adaptive_kernels._files import write_text
 from adaptive_kernels.cli.checks import positive_int
 from adaptive_kernels.models.skip import parse_skip, skip_to_str
-from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel
-from adaptive_kernels.serving.policy import Costs, Queued, plan_dispatch, rank_by_accuracy
+from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel, ReserveShare
+from adaptive_kernels.serving.policy import RESERVE_SHARE, Costs, Queued, plan_dispatch, rank_by_accuracy
 from bench.serving_load import POLICIES, bursty_trace, machine, static_pick, summarize
 
-SIM_POLICIES = (*POLICIES, "myopic", "unguarded")
+SIM_POLICIES = (*POLICIES, "cautious", "myopic", "unguarded")
+#: the ways whose reserve share follows the attainment (the others: forced, fixed at RESERVE_SHARE, or no reserve)
+FOLLOWING = ("adaptive", "unguarded")
 
 
 def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dict[str, float], max_batch: int,
-             forced: str | None = None, *, reserve: bool = True, guard: bool = True, load: float = 1.0,
-             noise: float = 0.0, seed: int = 0) -> list[dict]:
+             forced: str | None = None, *, reserve: bool = True, guard: bool = True,
+             share: ReserveShare | None = None, load: float = 1.0, noise: float = 0.0, seed: int = 0) -> list[dict]:
     """One record per arrival, as ``serving_load.replay`` writes them (status, latency s, skip, batch, met).
 
     latency_us: ``{bucket: {"FFF": µs}}`` (a profile; the JSON's string keys do); accuracy: the servable
     sub-networks; forced: the sub-network every request forces (None: the policy picks); reserve: False passes the
-    policy no arrival rate (no reserve); guard: False gives the requests no SLO (no burst guard); load, noise: a
-    call takes profiled x load x LogNormal(-noise²/2, noise).
+    policy no arrival rate (no reserve); guard: False gives the requests no SLO (no burst guard); share: the
+    reserve's share, told each outcome of a request the policy chose for, as the scheduler does (None: fixed at
+    ``RESERVE_SHARE``); load, noise: a call takes profiled x load x LogNormal(-noise²/2, noise).
     """
     latency = LatencyModel({int(b): t for b, t in latency_us.items()})
     stages = latency.num_stages
@@ -76,9 +82,12 @@ def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dic
             clock = float(arrivals[nxt])
             continue
         decision = plan_dispatch(queue, clock, costs, latency.factor, fifo=True,
-                                 rate=rate.at(clock) if reserve else 0.0)
+                                 rate=rate.at(clock) if reserve else 0.0,
+                                 share=RESERVE_SHARE if share is None else share.share)
         for i in decision.refuse:
             records[ids[i]].update(status="refused", latency=clock - arrivals[ids[i]])
+            if share is not None and skip is None:
+                share.outcome(False)
         if decision.serve:
             took = latency.profiled(decision.skip, decision.batch) * load
             if noise:
@@ -87,8 +96,11 @@ def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dic
             clock += took
             name = skip_to_str(decision.skip)
             for i in decision.serve:
+                met = clock <= queue[i].deadline
                 records[ids[i]].update(status="served", latency=clock - arrivals[ids[i]], skip=name,
-                                       batch=decision.batch, met=clock <= queue[i].deadline)
+                                       batch=decision.batch, met=met)
+                if share is not None and skip is None:
+                    share.outcome(met)
         elif decision.refuse:
             latency.relax()
         taken = len(decision.refuse) + len(decision.serve)  # a fifo queue: the oldest ones
@@ -102,17 +114,18 @@ def sweep(profile: dict, rates: list[float], seconds: float, traces: int, cv2: f
     accuracy, latency_us, slo_ms = profile["accuracy"], profile["latency_us"], profile["slo_ms"]
     max_batch = profile["max_batch"]
     forced = {"super": max(accuracy, key=accuracy.get), "base": next(s for s in accuracy if set(s) == {"T"}),
-              "static": static_pick(latency_us, accuracy, slo_ms), "adaptive": None, "myopic": None,
-              "unguarded": None}
+              "static": static_pick(latency_us, accuracy, slo_ms), "adaptive": None, "cautious": None,
+              "myopic": None, "unguarded": None}
     rows = []
     for rate in rates:
         runs: dict[str, list[dict]] = {p: [] for p in SIM_POLICIES}
+        shares = {p: ReserveShare() for p in FOLLOWING}  # a server's: it lives on from trace to trace
         for k in range(traces):
             arrivals = bursty_trace(seconds, rate, cv2, seed + k, depth=depth)
             for policy in SIM_POLICIES:
                 records = simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, max_batch, forced[policy],
                                    reserve=policy != "myopic", guard=policy not in ("myopic", "unguarded"),
-                                   load=load, noise=noise, seed=seed + k)
+                                   share=shares.get(policy), load=load, noise=noise, seed=seed + k)
                 runs[policy].append(summarize(records, accuracy, slo_ms, seconds))
         base = np.array([r["slo_attainment"] for r in runs["base"]])
         for policy in SIM_POLICIES:
@@ -142,11 +155,14 @@ def replay(result: dict, seed: int, load: float, noise: float, repeats: int) -> 
         rate, policy = http["rate"], http["policy"]
         traces = [bursty_trace(length, rate, result["cv2"], seed + r, depth=result["depth"])[:result.get("max_requests")]
                   for r in range(result["rounds"])]
-        runs = [summarize([record for r, arrivals in enumerate(traces)
-                           for record in simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, result["max_batch"],
-                                                  result["forced"][policy], load=load, noise=noise,
-                                                  seed=1000 * k + r)], accuracy, slo_ms, result["seconds"])
-                for k in range(repeats)]
+        forced = result["forced"][policy]
+        runs = []
+        for k in range(repeats):
+            share = ReserveShare() if forced is None else None  # the server's: it lives on from round to round
+            records = [record for r, arrivals in enumerate(traces)
+                       for record in simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, result["max_batch"],
+                                              forced, share=share, load=load, noise=noise, seed=1000 * k + r)]
+            runs.append(summarize(records, accuracy, slo_ms, result["seconds"]))
         attainment = np.array([run["slo_attainment"] for run in runs])
         served = sum(run["served"] for run in runs)
         rows.append({"rate": rate, "policy": policy, "sent": runs[0]["sent"], "http_sent": http["sent"],
@@ -179,6 +195,12 @@ def replay_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _share_settings() -> str:
+    share = ReserveShare()
+    return (f"ReserveShare {share.low:g}..{share.high:g}, budget {share.budget:g} of the latest "
+            f"{share.window} outcomes")
+
+
 def _se(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
@@ -206,8 +228,8 @@ def markdown(result: dict) -> str:
     title = f"# Simulated serving sweep: {result['scenario']}"
     m = result["machine"]
     lines = [title, "",
-             (f"SIMULATED (bench/serving_sim.py): no server, no engine. The real policy (`plan_dispatch`, reserve "
-              f"RESERVE_SHARE {result['reserve_share']:g}) and latency model on a "
+             (f"SIMULATED (bench/serving_sim.py): no server, no engine. The real policy (`plan_dispatch`, the "
+              f"reserve's share following the attainment: {result['reserve_share']}) and latency model on a "
               f"virtual clock; each call takes the profiled latency x {result['load']:g} x a mean-one log-normal "
               f"factor (sigma {result['noise']:g}). Profile: {result['profile']} (measured by the HTTP sweep: "
               f"{result['profile_machine']}). Model {result['model']}, SLO {result['slo_ms']:g} ms, max batch "
@@ -215,8 +237,10 @@ def markdown(result: dict) -> str:
               f"{result['traces']} traces of {result['seconds']:g} s per rate (bench/serving_load.py's generator, "
               f"seeds {result['seed']}..{result['seed'] + result['traces'] - 1}; Gamma CV² {result['cv2']:g}, "
               f"rate x (1 +/- {result['depth']:g}) sine); every way of serving replays the same traces. "
-              f"`myopic` = the adaptive policy without the reserve and the burst guard (steps 4 and 5), "
-              f"`unguarded` = without the burst guard (step 5); both keep step 3 (split, lookahead)."),
+              f"`cautious` = the adaptive policy with the share fixed at {RESERVE_SHARE:g} (before it followed the "
+              f"attainment), `myopic` = without the reserve and the burst guard (steps 4 and 5), `unguarded` = "
+              f"without the burst guard (step 5); all keep step 3 (split, lookahead). The share lives on from one "
+              f"trace of a rate to the next, as a server's would."),
              (f"Simulated on: {m['cpu']}, python {m['python']}, numpy {m['numpy']}, git {m['git']}, {m['date']}; "
               f"the sweep took {result['wall_s']:.1f} s."), "",
              ("| rate (req/s) | serving | sent | refused | SLO attainment ± SE | - base ± SE | mean accuracy | p99 ms "
@@ -238,8 +262,6 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import time
-
-    from adaptive_kernels.serving import policy
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", type=Path,
@@ -275,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
               "accuracy": profile["accuracy"], "accuracy_source": profile["accuracy_source"],
               "static_pick": static_pick(profile["latency_us"], profile["accuracy"], profile["slo_ms"]),
               "seconds": args.seconds, "traces": args.traces, "cv2": args.cv2, "depth": args.depth,
-              "load": args.load, "noise": args.noise, "seed": args.seed, "reserve_share": policy.RESERVE_SHARE, "wall_s": wall, "machine": machine(), "rows": rows,
+              "load": args.load, "noise": args.noise, "seed": args.seed, "reserve_share": _share_settings(),
+              "wall_s": wall, "machine": machine(), "rows": rows,
               "goals": goals(rows, profile["accuracy"])}
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")

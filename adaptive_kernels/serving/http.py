@@ -68,6 +68,8 @@ class Metrics:
             lambda: scheduler.latency.factor)
         Gauge("adn_arrival_rate", "arrivals per second over the latest 8, as the policy's reserve sees them",
               registry=r).set_function(scheduler.arrival_rate)
+        Gauge("adn_reserve_share", "the policy's reserve share (step 4), following the SLO attainment",
+              registry=r).set_function(lambda: scheduler.reserve.share)
         Gauge("adn_batches", "engine calls so far", registry=r).set_function(lambda: scheduler.counters.batches)
         Gauge("adn_dispatch_overhead_seconds", "dispatcher time per call outside the engine (EWMA), as the policy's "
               "split sees it", registry=r).set_function(lambda: scheduler.overhead)

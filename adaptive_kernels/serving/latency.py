@@ -1,5 +1,6 @@
 """The scheduler's predictions: latency, from one ``engine.profile(batch_size=b)`` table per batch bucket corrected
-online from the latencies the dispatcher measures; and the arrival rate, from the latest arrivals.
+online from the latencies the dispatcher measures; the arrival rate, from the latest arrivals; and the reserve's
+share (policy step 4), from the latest outcomes.
 
 The correction follows TCP's round-trip estimator (Jacobson): an EWMA of the ratio measured / profiled and an EWMA of
 its absolute deviation; a prediction is the profiled latency times ``ratio + margin * deviation``. The ratio follows
@@ -11,11 +12,13 @@ a deadline).
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import deque
 from collections.abc import Mapping
 
 from ..models.skip import SkipConfig, parse_skip, skip_to_str
+from .policy import RESERVE_SHARE
 
 #: the largest measured / profiled ratio one call may feed into the correction
 MAX_SAMPLE = 10.0
@@ -127,3 +130,45 @@ class ArrivalRate:
         if len(times) < 2:
             return 0.0
         return (len(times) - 1) / max(now - times[0], 1e-9)
+
+
+class ReserveShare:
+    """Step 4's ``share`` of the policy, following the SLO attainment of the requests the policy chose a sub-network
+    for: it starts at ``low`` (``RESERVE_SHARE``, the cautious one); each request served in time multiplies it by
+    ``e ** budget``, each miss (served late or refused) by ``e ** (budget - 1)`` (about 1 / e), within ``low`` ..
+    ``high``; and it rises only while the latest ``window`` outcomes hold at most ``budget * window`` misses.
+
+    So under light load, where nothing misses, the share rises to ``high`` (the reserve hardly binds: the super-net),
+    a miss brings it back toward ``low`` within a few misses, and where misses come more often than ``budget`` it
+    stays at ``low``, the policy as it was before the share moved. ``budget`` is the share of requests the server may
+    miss while it buys accuracy with them (0.005, half of the 1 % a 0.99 attainment target allows). Tuned in
+    bench/serving_sim.py (docs/serving.md). The dispatcher thread alone calls ``outcome`` and reads ``share``.
+    """
+
+    def __init__(self, low: float = RESERVE_SHARE, high: float = 4.0, budget: float = 0.005,
+                 window: int = 1000) -> None:
+        if not 0 < low <= high:
+            raise ValueError(f"need 0 < low <= high, got low={low!r}, high={high!r}")
+        if not 0 < budget < 1:
+            raise ValueError(f"budget is a share of requests, 0 < budget < 1; got {budget!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.low, self.high, self.budget, self.window = low, high, budget, window
+        self._up, self._down = math.exp(budget), math.exp(budget - 1.0)
+        self._allowed = budget * window
+        self._latest: deque[bool] = deque(maxlen=window)  # True: a miss
+        self._misses = 0
+        self.share = low
+
+    def outcome(self, met: bool) -> None:
+        """One request the policy chose for: served by its deadline (``met``), or not (late, refused)."""
+        latest = self._latest
+        if len(latest) == latest.maxlen:
+            self._misses -= latest[0]  # the append below drops it
+        latest.append(not met)
+        if met:
+            if self._misses <= self._allowed:
+                self.share = min(self.high, self.share * self._up)
+        else:
+            self._misses += 1
+            self.share = max(self.low, self.share * self._down)

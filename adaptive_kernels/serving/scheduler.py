@@ -19,7 +19,7 @@ import torch
 
 from ..engine.base import Engine
 from ..models.skip import SkipLike, parse_skip, skip_to_str
-from .latency import ArrivalRate, LatencyModel
+from .latency import ArrivalRate, LatencyModel, ReserveShare
 from .policy import Costs, Decision, Queued, plan_dispatch, rank_by_accuracy
 
 #: engine mechanisms that serve a batch padded to its bucket (one CUDA graph capture per bucket)
@@ -189,6 +189,9 @@ class Scheduler:
         self.overhead = 0.0
         self._clock = clock
         self.arrivals = ArrivalRate()  # the policy's burst reserve reads it
+        #: the reserve's share (policy step 4), following the attainment of the requests the policy chose for (not of
+        #: those forcing a sub-network). Dispatcher thread only.
+        self.reserve = ReserveShare()
         self._queue: list[_Request] = []
         self._queued: list[Queued] = []  # what the policy sees of self._queue, kept beside it
         self._fifo = True  # every queued request alike (size, forced sub-network), deadlines in arrival order
@@ -281,7 +284,8 @@ class Scheduler:
                 begun = self._clock()
                 try:
                     decision = plan_dispatch(self._queued, begun, self.costs, self.latency.factor, fifo=self._fifo,
-                                             rate=self.arrivals.at(begun), overhead=self.overhead)
+                                             rate=self.arrivals.at(begun), overhead=self.overhead,
+                                             share=self.reserve.share)
                 except Exception as error:  # noqa: BLE001 -- a failing policy must answer the queue, never hang it
                     self._fail_queued(error)
                     continue
@@ -297,6 +301,8 @@ class Scheduler:
                 if refused and not batch:
                     self.latency.relax()
                 for request in refused:
+                    if request.queued.skip is None:
+                        self.reserve.outcome(False)
                     self._finish_refused(request, "its deadline cannot be met even by the fastest sub-network")
                 self.counters.in_flight = len(batch)
             if batch:
@@ -362,6 +368,8 @@ class Scheduler:
                 n = request.queued.size
                 latency = done - request.arrival
                 met = done <= request.queued.deadline
+                if request.queued.skip is None:
+                    self.reserve.outcome(met)
                 outcome = Outcome("served", latency, name, size, met)
                 self._finish(request, outcome, Served(y[offset:offset + n], name, size, latency, met))
                 offset += n

@@ -69,6 +69,8 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     assert rate and float(rate.group(1)) > 0  # 4 arrivals so far: a rate
     overhead = re.search(r"^adn_dispatch_overhead_seconds (\S+)$", metrics, re.MULTILINE)
     assert overhead and 0 < float(overhead.group(1)) == scheduler.overhead  # served calls measured it
+    share = re.search(r"^adn_reserve_share (\S+)$", metrics, re.MULTILINE)
+    assert share and float(share.group(1)) == scheduler.reserve.share
     stats = scheduler.stats()
     assert stats.submitted == stats.served + stats.refused == 4
 

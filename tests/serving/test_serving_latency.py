@@ -1,8 +1,10 @@
 """The latency model: buckets, interpolation or padding, and the online correction."""
 
+import math
+
 import pytest
 
-from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel, batch_buckets
+from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel, ReserveShare, batch_buckets
 
 TABLES = {1: {"FF": 100.0, "TT": 50.0}, 2: {"FF": 150.0, "TT": 80.0}, 4: {"FF": 250.0, "TT": 120.0}}
 
@@ -67,3 +69,32 @@ def test_arrival_rate_follows_a_burst_and_decays():
     for t in (3.01, 3.02, 3.03):  # a burst of 100/s: the window forgets the slow arrivals
         rate.arrived(t)
     assert rate.at(3.03) == pytest.approx(3 / 0.03)
+
+
+def test_reserve_share_rises_while_requests_meet_their_deadlines_and_falls_on_misses():
+    share = ReserveShare(low=0.5, high=4.0, budget=0.02, window=100)  # 2 misses allowed in the latest 100
+    assert share.share == 0.5
+    for n in range(1, 51):
+        share.outcome(True)
+        assert share.share == pytest.approx(0.5 * math.exp(0.02 * n), rel=1e-12)
+    share.outcome(False)  # a miss: ~1 / e
+    assert share.share == pytest.approx(0.5 * math.exp(0.02 * 50) * math.exp(0.02 - 1), rel=1e-12)
+    for _ in range(3):
+        share.outcome(False)
+    assert share.share == 0.5  # never below low
+    held = [share.outcome(True) or share.share for _ in range(96)]  # outcomes 51-150 hold the 4 misses: it holds
+    assert held == [0.5] * 96
+    share.outcome(True)  # the first miss left the window: 3 remain, still more than 2
+    assert share.share == 0.5
+    share.outcome(True)  # 2 remain: it rises again
+    assert share.share == pytest.approx(0.5 * math.exp(0.02))
+    for _ in range(1000):
+        share.outcome(True)
+    assert share.share == 4.0  # never above high
+
+
+@pytest.mark.parametrize("kw, match", [({"low": 0.0}, "0 < low <= high"), ({"low": 5.0}, "0 < low <= high"),
+                                       ({"budget": 1.0}, "0 < budget < 1"), ({"window": 0}, "positive int")])
+def test_reserve_share_rejects_bad_settings_in_one_line(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ReserveShare(**kw)

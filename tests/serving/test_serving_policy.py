@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from adaptive_kernels.models.skip import all_skip_configs, skip_to_str
-from adaptive_kernels.serving.latency import LatencyModel
+from adaptive_kernels.serving.latency import LatencyModel, ReserveShare
 from adaptive_kernels.serving.policy import RESERVE_SHARE, Costs, Queued, plan_dispatch, rank_by_accuracy
 from bench.serving_load import PAPER_RESNET50, bursty_trace, summarize
 from bench.serving_sim import simulate
@@ -333,15 +333,17 @@ RESNET50_US = {1: {"FFFF": 20143, "TFFF": 18724, "TTFF": 16990, "TTTT": 12731},
 def test_simulated_paper_resnet50_attains_what_the_base_net_does_with_more_accuracy():
     # 20 req/s, bursty (CV² 4, sine), SLO 200 ms, calls 1.5x the profile with log-normal noise (sigma 0.3): the
     # machine under load, past where the base-net attains 0.99. Measured on these 4 traces: base-net 0.9736,
-    # adaptive 0.9735 (on 12 traces 0.9772 and 0.9773: a tie; step 3's split raised the base-net by 0.009 here, the
-    # adaptive server by 0.004); the policy before steps 4 and 5 (myopic: no reserve, no guard) 0.027 less than the
-    # base-net (0.036 before step 3's lookahead), with the guard alone 0.018 less.
+    # adaptive 0.9769 (its reserve share following the attainment, one for the 4 traces as a server's; with it fixed
+    # at 0.5, 0.9735: here misses come too often for the share to rise much); the policy before steps 4 and 5 (myopic:
+    # no reserve, no guard) 0.027 less than the base-net (0.036 before step 3's lookahead), with the guard alone 0.018
+    # less.
     runs = {"base": [], "adaptive": [], "myopic": []}
+    share = ReserveShare()
     for seed in range(4):
         arrivals = bursty_trace(60.0, 20.0, 4.0, seed)
         for name, forced, reserve in (("base", "TTTT", True), ("adaptive", None, True), ("myopic", None, False)):
             records = simulate(arrivals, 0.2, RESNET50_US, PAPER_RESNET50, 8, forced, reserve=reserve, guard=reserve,
-                               load=1.5, noise=0.3, seed=seed)
+                               share=share if name == "adaptive" else None, load=1.5, noise=0.3, seed=seed)
             runs[name].append(summarize(records, PAPER_RESNET50, 200.0, 60.0))
     attained = {name: np.mean([r["slo_attainment"] for r in rows]) for name, rows in runs.items()}
     accuracy = {name: np.mean([r["mean_accuracy"] for r in rows]) for name, rows in runs.items()}
@@ -349,6 +351,35 @@ def test_simulated_paper_resnet50_attains_what_the_base_net_does_with_more_accur
     assert attained["adaptive"] >= attained["base"] - 0.002  # 0.002: ~2 of the ~1200 requests of a trace
     assert accuracy["adaptive"] > PAPER_RESNET50["TTTT"] + 0.1
     assert attained["myopic"] < attained["base"] - 0.01  # what steps 4 and 5 fix
+
+
+#: the same on a machine twice as fast (bench/results/serving/paper_resnet50_lookahead.json)
+RESNET50_FAST_US = {1: {"FFFF": 20282, "TFFF": 18679, "TTFF": 18395, "TTTT": 13575},
+                    2: {"FFFF": 39016, "TFFF": 36352, "TTFF": 32707, "TTTT": 24324},
+                    4: {"FFFF": 72877, "TFFF": 65476, "TTFF": 59570, "TTTT": 47138},
+                    8: {"FFFF": 149300, "TFFF": 149860, "TTFF": 133052, "TTTT": 100513}}
+
+
+def test_simulated_goal_where_the_base_net_attains_99_percent_the_adaptive_server_does_past_halfway_accuracy():
+    # 20 req/s on the fast machine's profile, calls scattered log-normally (sigma 0.3), 8 traces of 30 s: the
+    # base-net attains 1.000; with the reserve's share fixed at 0.5 the adaptive server attained 0.9996 but at 76.54,
+    # short of halfway (76.85); the share following the attainment spends some of the 1 % the goal allows on
+    # accuracy: measured 0.9957 at 77.09.
+    halfway = (PAPER_RESNET50["TTTT"] + PAPER_RESNET50["FFFF"]) / 2
+    runs = {"base": [], "adaptive": [], "cautious": []}
+    share = ReserveShare()
+    for seed in range(8):
+        arrivals = bursty_trace(30.0, 20.0, 4.0, seed)
+        for name, forced in (("base", "TTTT"), ("adaptive", None), ("cautious", None)):
+            records = simulate(arrivals, 0.2, RESNET50_FAST_US, PAPER_RESNET50, 8, forced,
+                               share=share if name == "adaptive" else None, noise=0.3, seed=seed)
+            runs[name].append(summarize(records, PAPER_RESNET50, 200.0, 30.0))
+    attained = {name: np.mean([r["slo_attainment"] for r in rows]) for name, rows in runs.items()}
+    accuracy = {name: sum(r["mean_accuracy"] * r["served"] for r in rows) / sum(r["served"] for r in rows)
+                for name, rows in runs.items()}
+    assert attained["base"] >= 0.99
+    assert attained["adaptive"] >= 0.99 and accuracy["adaptive"] >= halfway
+    assert accuracy["cautious"] < halfway  # what the following share fixes
 
 
 def poisson(rate_per_s: float, seconds: float, seed: int = 0) -> np.ndarray:

@@ -3,6 +3,7 @@ served them, graceful shutdown; with a fake engine and with a real small CPU eng
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import wait
@@ -13,6 +14,7 @@ import torch
 
 from adaptive_kernels.models.skip import all_skip_configs, skip_to_str
 from adaptive_kernels.serving import LatencyModel, Refused, Scheduler
+from adaptive_kernels.serving.policy import RESERVE_SHARE
 from adaptive_kernels.serving.scheduler import InputRing
 
 SKIPS = all_skip_configs(2)
@@ -121,11 +123,11 @@ def test_scheduler_knows_when_its_queue_is_fifo():
 def test_scheduler_passes_the_arrival_rate_to_the_policy(monkeypatch):
     from adaptive_kernels.serving import scheduler as module
 
-    seen, policy = [], module.plan_dispatch  # (now, rate) of each decision
+    seen, policy = [], module.plan_dispatch  # (now, rate, share) of each decision
 
-    def recording(queue, now, costs, factor=1.0, *, fifo=False, rate=0.0, overhead=0.0):
-        seen.append((now, rate))
-        return policy(queue, now, costs, factor, fifo=fifo, rate=rate, overhead=overhead)
+    def recording(queue, now, costs, factor=1.0, *, fifo=False, rate=0.0, overhead=0.0, share=RESERVE_SHARE):
+        seen.append((now, rate, share))
+        return policy(queue, now, costs, factor, fifo=fifo, rate=rate, overhead=overhead, share=share)
 
     monkeypatch.setattr(module, "plan_dispatch", recording)
     clock = [0.0]  # a simulated clock, moved only while the dispatcher waits in the engine
@@ -147,10 +149,31 @@ def test_scheduler_passes_the_arrival_rate_to_the_policy(monkeypatch):
     finally:
         hold.set()
         scheduler.close()
-    assert seen[0] == (0.0, 0.0)  # one arrival: no rate yet
-    # the next decision at 1.5 s: the window's 8 latest arrivals, 0.2 .. 0.9 s, 7 gaps over 1.5 - 0.2 s
-    assert seen[1] == (1.5, pytest.approx(7 / 1.3))
+    assert seen[0] == (0.0, 0.0, RESERVE_SHARE)  # one arrival: no rate yet; the cautious share
+    # the next decision at 1.5 s: the window's 8 latest arrivals, 0.2 .. 0.9 s, 7 gaps over 1.5 - 0.2 s; the share
+    # after one request served in time
+    assert seen[1] == (1.5, pytest.approx(7 / 1.3), pytest.approx(RESERVE_SHARE * math.exp(scheduler.reserve.budget)))
     assert scheduler.stats().served == 10
+
+
+def test_scheduler_reserve_share_follows_the_attainment_of_the_requests_it_chose_a_sub_network_for():
+    scheduler = fake_scheduler()
+    budget, x = scheduler.reserve.budget, torch.ones(1, *SHAPE)
+    try:
+        for _ in range(20):  # one at a time, 1 s to spare: each met
+            assert scheduler.submit(x, 1.0).result(10).met
+        up = scheduler.reserve.share
+        assert up == pytest.approx(RESERVE_SHARE * math.exp(20 * budget))
+        for _ in range(5):  # forcing a sub-network: the client's choice, not the policy's
+            scheduler.submit(x, 1.0, skip=SKIPS[0]).result(10)
+        with pytest.raises(Refused):
+            scheduler.submit(x, 1e-5, skip=SKIPS[0]).result(10)
+        assert scheduler.reserve.share == up
+        with pytest.raises(Refused):  # a miss of its own
+            scheduler.submit(x, 1e-5).result(10)
+        assert scheduler.reserve.share == pytest.approx(max(RESERVE_SHARE, up * math.exp(budget - 1)))
+    finally:
+        scheduler.close()
 
 
 def test_scheduler_engine_failure_is_every_batched_request_s_answer():
