@@ -13,6 +13,7 @@ import threading
 import torch
 
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
+from ..serving.latency import MISS_BUDGET
 from ..serving.plan import check_int8_device, compile_engine, int8_sample, measure_accuracies
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
@@ -22,6 +23,7 @@ from .checks import (
     add_data_args,
     checkpoint_data,
     device_name,
+    float_range,
     int_range,
     model_name,
     path_text,
@@ -53,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="serve INT8 on OpenVINO (CPU; the [openvino] extra), each sub-network's ranges measured on the "
                         "images `calibrate --int8-images N` kept in the checkpoint")
     s.add_argument("--profile-iters", type=positive_int, default=20, help="timed runs per sub-network and batch size")
+    s.add_argument("--miss-budget", type=float_range(0.0, 1.0, high_open=True), default=MISS_BUDGET,
+                   help="the share of requests the policy may miss while it spends slack on accuracy (0: none, "
+                        "the most cautious reserve; see docs/serving.md)")
     s.add_argument("--ray-replicas", type=int_range(1, 4096),
                    help="serve on N Ray Serve replicas (one engine each, --threads CPUs each) behind --host:--port "
                         "instead of one process; see docs/serving.md")
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         raise
     print(plan.describe())
-    scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy)
+    scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy, miss_budget=args.miss_budget)
     server = HttpServer(create_app(scheduler, plan.name, args.slo_ms), sock)
     _progress(f"ready on {args.host}:{server.port}: {plan.name} at http://{args.host}:{server.port}/v2/models/"
               f"{plan.name} (SLO {args.slo_ms:g} ms, max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops")
@@ -144,7 +149,7 @@ def _run_ray(args: argparse.Namespace, deploy, device: str, int8: torch.Tensor |
     server = deploy(args.checkpoint, args.slo_ms, accuracy, replicas=args.ray_replicas, max_batch=args.max_batch,
                     name=args.name, host=args.host, port=args.port, address=args.ray_address,
                     threads=args.threads or 1, device=device, profile_iters=args.profile_iters,
-                    int8=int8 is not None)
+                    int8=int8 is not None, miss_budget=args.miss_budget)
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

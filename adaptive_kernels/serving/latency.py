@@ -23,6 +23,9 @@ from .policy import RESERVE_SHARE
 #: the largest measured / profiled ratio one call may feed into the correction
 MAX_SAMPLE = 10.0
 
+#: the share of requests the adaptive policy may miss while it spends slack on accuracy (``ReserveShare``)
+MISS_BUDGET = 0.005
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, ... up to and including ``max_batch`` (``max_batch`` itself when it is not a power of two)."""
@@ -141,16 +144,18 @@ class ReserveShare:
     So under light load, where nothing misses, the share rises to ``high`` (the reserve hardly binds: the super-net),
     a miss brings it back toward ``low`` within a few misses, and where misses come more often than ``budget`` it
     stays at ``low``, the policy as it was before the share moved. ``budget`` is the share of requests the server may
-    miss while it buys accuracy with them (0.005, half of the 1 % a 0.99 attainment target allows). Tuned in
+    miss while it buys accuracy with them (0.005, half of the 1 % a 0.99 attainment target allows; 0: never, the
+    share stays at ``low``; ``serve --miss-budget``). Tuned in
     bench/serving_sim.py (docs/serving.md). The dispatcher thread alone calls ``outcome`` and reads ``share``.
     """
 
-    def __init__(self, low: float = RESERVE_SHARE, high: float = 4.0, budget: float = 0.005,
+    def __init__(self, low: float = RESERVE_SHARE, high: float = 4.0, budget: float = MISS_BUDGET,
                  window: int = 1000) -> None:
         if not 0 < low <= high:
             raise ValueError(f"need 0 < low <= high, got low={low!r}, high={high!r}")
-        if not 0 < budget < 1:
-            raise ValueError(f"budget is a share of requests, 0 < budget < 1; got {budget!r}")
+        if not 0 <= budget < 1:
+            raise ValueError(f"budget is a share of requests, 0 <= budget < 1 (0: the share stays at low); got "
+                             f"{budget!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.low, self.high, self.budget, self.window = low, high, budget, window

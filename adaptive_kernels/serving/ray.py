@@ -26,6 +26,7 @@ from ray import serve
 
 from ..models.skip import SkipLike, parse_skip, skip_to_str
 from .http import SWITCH_INTERVAL_S, bind_socket, create_app
+from .latency import MISS_BUDGET, ReserveShare
 from .plan import build_plan, check_int8_device, checkpoint_model, int8_sample
 from .scheduler import Scheduler
 
@@ -42,7 +43,8 @@ class Replica:
     object store). The plan (``describe()``) goes to the replica's log."""
 
     def __init__(self, checkpoint: str, accuracy: dict[str, float], slo_ms: float, max_batch: int, name: str | None,
-                 device: str, profile_iters: int, threads: int, int8: bool = False) -> None:
+                 device: str, profile_iters: int, threads: int, int8: bool = False,
+                 miss_budget: float = MISS_BUDGET) -> None:
         torch.set_num_threads(threads)  # the CPU engine takes torch's thread count
         model, model_name, image_shape = checkpoint_model(checkpoint)
         table = {parse_skip(s, model.num_skippable_stages): a for s, a in accuracy.items()}
@@ -51,7 +53,8 @@ class Replica:
         plan.check_slo(slo_ms)
         logging.getLogger("ray.serve").info("plan:\n%s", plan.describe())
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy)
+        self.scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy,
+                                   miss_budget=miss_budget)
         self._app = create_app(self.scheduler, plan.name, slo_ms, replica=self.replica)
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # as HttpServer.run: the dispatcher gets the GIL in time
 
@@ -105,7 +108,7 @@ class RayServer:
 def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipLike, float], *, replicas: int = 2,
            max_batch: int = 16, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
            address: str | None = None, threads: int = 1, device: str = "cpu", profile_iters: int = 20,
-           int8: bool = False) -> RayServer:
+           int8: bool = False, miss_budget: float = MISS_BUDGET) -> RayServer:
     """Serve ``checkpoint`` on ``replicas`` Ray Serve replicas behind ``host:port`` (port 0: a free one); returns
     once every replica has compiled and profiled its engine.
 
@@ -117,13 +120,15 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
     uses the Ray this process already runs, else starts a local one (``address="local"``: never a cluster found by
     chance) with ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import this
     ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no images,
-    or a device other than the CPU) or a taken port is a ValueError before Ray starts; a replica's start-up error
+    or a device other than the CPU) or a taken port is a ValueError before Ray starts; miss_budget: each replica's
+    scheduler's (``Scheduler``); a replica's start-up error
     (e.g. an SLO below the fastest sub-network) is raised here.
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
+    ReserveShare(budget=miss_budget)  # a bad budget fails here, not in every replica
     model, model_name, _ = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
     if int8:
         check_int8_device(device)
@@ -152,7 +157,7 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
         app = serve.deployment(Replica, name=app_name, num_replicas=replicas, ray_actor_options=actor,
                                max_constructor_retry_count=replicas).bind(
             str(Path(checkpoint).resolve()), table, float(slo_ms), max_batch, name, device, profile_iters, threads,
-            bool(int8))
+            bool(int8), float(miss_budget))
         serve.run(app, name=app_name, route_prefix="/")
     except RuntimeError:
         error = _replica_error(app_name)

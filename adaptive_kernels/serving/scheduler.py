@@ -19,7 +19,7 @@ import torch
 
 from ..engine.base import Engine
 from ..models.skip import SkipLike, parse_skip, skip_to_str
-from .latency import ArrivalRate, LatencyModel, ReserveShare
+from .latency import MISS_BUDGET, ArrivalRate, LatencyModel, ReserveShare
 from .policy import Costs, Decision, Queued, plan_dispatch, rank_by_accuracy
 
 #: engine mechanisms that serve a batch padded to its bucket (one CUDA graph capture per bucket)
@@ -161,7 +161,8 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, example_input: torch.Tensor, latency: LatencyModel,
-                 accuracy: Mapping[SkipLike, float], *, clock: Callable[[], float] = time.perf_counter) -> None:
+                 accuracy: Mapping[SkipLike, float], *, clock: Callable[[], float] = time.perf_counter,
+                 miss_budget: float = MISS_BUDGET) -> None:
         self.engine = engine
         self.latency = latency
         self.accuracy = {parse_skip(s, latency.num_stages): float(a) for s, a in accuracy.items()}
@@ -191,7 +192,7 @@ class Scheduler:
         self.arrivals = ArrivalRate()  # the policy's burst reserve reads it
         #: the reserve's share (policy step 4), following the attainment of the requests the policy chose for (not of
         #: those forcing a sub-network). Dispatcher thread only.
-        self.reserve = ReserveShare()
+        self.reserve = ReserveShare(budget=miss_budget)
         self._queue: list[_Request] = []
         self._queued: list[Queued] = []  # what the policy sees of self._queue, kept beside it
         self._fifo = True  # every queued request alike (size, forced sub-network), deadlines in arrival order

@@ -195,3 +195,15 @@ def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
     assert phases.index("[compile]") < phases.index("[profile]") < len(seen) - 2 and "[export]" in phases
     assert seen[-1].startswith("[serve] stopped: 0 requests"), seen
     assert "resnet20_adn: 2 sub-networks" in proc.stdout.read()  # the plan, on stdout
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan", "abc"])
+def test_serve_refuses_a_miss_budget_outside_0_to_1_in_one_line(checkpoint, capsys, value):
+    path, accuracy = checkpoint
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--miss-budget",
+              value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--miss-budget: must be a {'' if value == 'abc' else 'finite '}number in [0, 1), got " \
+        f"'{value}'" in err[0], err

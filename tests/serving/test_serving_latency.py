@@ -94,7 +94,8 @@ def test_reserve_share_rises_while_requests_meet_their_deadlines_and_falls_on_mi
 
 
 @pytest.mark.parametrize("kw, match", [({"low": 0.0}, "0 < low <= high"), ({"low": 5.0}, "0 < low <= high"),
-                                       ({"budget": 1.0}, "0 < budget < 1"), ({"window": 0}, "positive int")])
+                                       ({"budget": 1.0}, "0 <= budget < 1"), ({"budget": -0.1}, "0 <= budget < 1"),
+                                       ({"window": 0}, "positive int")])
 def test_reserve_share_rejects_bad_settings_in_one_line(kw, match):
     with pytest.raises(ValueError, match=match):
         ReserveShare(**kw)

@@ -174,6 +174,15 @@ def test_scheduler_reserve_share_follows_the_attainment_of_the_requests_it_chose
         assert scheduler.reserve.share == pytest.approx(max(RESERVE_SHARE, up * math.exp(budget - 1)))
     finally:
         scheduler.close()
+    tables = {b: {skip_to_str(s): 50 * (4 - sum(s)) * (1 + 0.5 * (b - 1)) for s in SKIPS} for b in (1, 2, 4)}
+    cautious = Scheduler(FakeEngine(), torch.zeros(1, *SHAPE), LatencyModel(tables), {s: 90.0 - sum(s) for s in SKIPS},
+                         miss_budget=0.0)  # serve --miss-budget 0: the share never rises
+    try:
+        for _ in range(5):
+            assert cautious.submit(x, 1.0).result(10).met
+        assert cautious.reserve.share == RESERVE_SHARE
+    finally:
+        cautious.close()
 
 
 def test_scheduler_engine_failure_is_every_batched_request_s_answer():
