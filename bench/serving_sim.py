@@ -5,7 +5,7 @@ dispatcher does what the scheduler does, with no threads and no engine: the poli
 scheduler's ``ArrivalRate`` and ``LatencyModel``) decides, a served batch takes the profiled latency times
 ``--load`` times a mean-one log-normal factor of sigma ``--noise`` (drawn per call), the latency model observes
 it, and the clock moves on. What it leaves out: HTTP, the client, the GIL, the machine's other jobs; so it shows
-the policy, not the server (its attainment is at or above a real sweep's). A sweep of 9 rates x 5 ways of serving
+the policy, not the server (its attainment is at or above a real sweep's). A sweep of 9 rates x 7 ways of serving
 x 20 traces takes seconds, which is what tuning a policy needs.
 
 Ways of serving, as in the load test: ``super``, ``base``, ``static`` (forced sub-networks) and ``adaptive`` (its
