@@ -169,7 +169,7 @@ def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "adaptive_kernels", "serve", "--checkpoint", str(path),
                              "--accuracy", str(accuracy), "--slo-ms", "50", "--host", "127.0.0.1", "--port", "0",
-                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1"],
+                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1", "--miss-budget", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.rstrip()) for line in proc.stderr], daemon=True).start()
@@ -179,8 +179,16 @@ def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
         while not (seen and seen[-1].startswith("[serve] ready on")):
             seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
         port = int(re.match(r"\[serve\] ready on 127\.0\.0\.1:(\d+): ", seen[-1]).group(1))
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                       "data": [0.0] * 64}], "parameters": {"slo_ms": 10000}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/resnet20_adn/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert json.loads(answer.read())["parameters"]["slo_met"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
             assert answer.status == 200
+            # one request met: the default budget would have raised the share to 0.5 e^0.005; --miss-budget 0 not
+            assert "\nadn_reserve_share 0.5\n" in answer.read().decode()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -193,7 +201,7 @@ def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
     phases = [line.split("]")[0] + "]" for line in seen]
     assert seen[0] == f"[serve] loading {path} ..."
     assert phases.index("[compile]") < phases.index("[profile]") < len(seen) - 2 and "[export]" in phases
-    assert seen[-1].startswith("[serve] stopped: 0 requests"), seen
+    assert seen[-1] == "[serve] stopped: 1 requests, 1 served (1 within SLO), 0 refused, 0 failed", seen
     assert "resnet20_adn: 2 sub-networks" in proc.stdout.read()  # the plan, on stdout
 
 

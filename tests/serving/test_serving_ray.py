@@ -42,6 +42,8 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
     accuracy = {"FFF": 90.0}
     with pytest.raises(ValueError, match="replicas must be a positive int"):
         deploy(path, 10.0, accuracy, replicas=0)
+    with pytest.raises(ValueError, match="0 <= budget < 1"):
+        deploy(path, 10.0, accuracy, miss_budget=1.0)
     with pytest.raises(ValueError, match="this model has 3 skippable stages"):
         deploy(path, 10.0, {"FF": 90.0})
     bad = tmp_path / "bad.pt"
