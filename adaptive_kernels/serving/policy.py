@@ -160,8 +160,8 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
     (``ArrivalRate.at(now)``; step 4); share: step 4's share of ``batch / rate`` (``ReserveShare.share``, which
     follows the SLO attainment; the default is the least it takes, the cautious one). overhead: the dispatcher's
     seconds per call outside the engine (step 3's split adds a call; 0: the profile alone decides). fifo: the caller
-    knows that every request has the same size and forced sub-network and that deadlines never decrease along the queue (all requests alike,
-    one SLO); the decision is the same, found in O(log n) instead of O(n).
+    knows that every request has the same size and forced sub-network and that deadlines never decrease along the
+    queue (all requests alike, one SLO); the decision is the same, found in O(log n) instead of O(n).
 
     Every comparison is ``now + profiled * factor <= deadline``, as ``LatencyModel.predict`` computes it, so steps 1
     and 3 agree to the last bit (a request step 1 keeps fits on its own in step 3).

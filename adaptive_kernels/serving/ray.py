@@ -120,9 +120,9 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
     uses the Ray this process already runs, else starts a local one (``address="local"``: never a cluster found by
     chance) with ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import this
     ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no images,
-    or a device other than the CPU) or a taken port is a ValueError before Ray starts; miss_budget: each replica's
-    scheduler's (``Scheduler``); a replica's start-up error
-    (e.g. an SLO below the fastest sub-network) is raised here.
+    or a device other than the CPU), a miss_budget outside [0, 1) (each replica's ``Scheduler`` takes it) or a taken
+    port is a ValueError before Ray starts; a replica's start-up error (e.g. an SLO below the fastest sub-network) is
+    raised here.
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
