@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             checkpoint, accuracy_file = Path(args.checkpoint), Path(args.accuracy)
             source = f"{accuracy_file.name} (the checkpoint's own eval)"
+        load_at_start = os.getloadavg()  # machine() runs when the result is written, after the sweep's own load
         print(f"[load] starting the server for {checkpoint.name} ...", flush=True)
         server = Server(["--checkpoint", str(checkpoint), "--accuracy", str(accuracy_file), "--slo-ms",
                          str(args.slo_ms), "--max-batch", str(args.max_batch), "--profile-iters",
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             log = server.stop()
     result["server_log_tail"] = log.splitlines()[-3:]
+    result["machine"]["load_avg_at_start"] = load_at_start
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / f"{args.scenario}.json", json.dumps(result, indent=1) + "\n")
     write_text(args.out / f"{args.scenario}.md", markdown(result))
