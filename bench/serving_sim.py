@@ -13,7 +13,8 @@ reserve's share following the attainment, ``ReserveShare``, as the scheduler's d
 policy with the share fixed at ``RESERVE_SHARE`` (as before it followed the attainment); ``myopic``: without its
 reserve and burst guard (steps 4 and 5 of ``policy.py``: no arrival rate, no SLO); ``unguarded``: without the burst
 guard (step 5). All keep step 3 as it is (split, lookahead). The share, like a server's, lives on from one trace of
-a rate to the next (a replay: from one round to the next), and starts afresh at each rate.
+a rate to the next and starts afresh at each rate of a sweep; a replay, like the HTTP run's one server, keeps it
+from round to round and from rate to rate.
 
     python bench/serving_sim.py --profile bench/results/serving/paper_resnet50.json --scenario sim_paper_resnet50 \\
         --rates 5,10,15,20,25,30,35,40,45 --out bench/results/serving
@@ -151,6 +152,8 @@ def replay(result: dict, seed: int, load: float, noise: float, repeats: int) -> 
     accuracy, latency_us, slo_ms = result["accuracy"], result["latency_us"], result["slo_ms"]
     length = result["seconds"] / result["rounds"]
     rows = []
+    # the server's share lives on from round to round and from rate to rate (one server, rates in the run's order)
+    shares = [ReserveShare() for _ in range(repeats)]
     for http in result["rows"]:
         rate, policy = http["rate"], http["policy"]
         traces = [bursty_trace(length, rate, result["cv2"], seed + r, depth=result["depth"])[:result.get("max_requests")]
@@ -158,7 +161,7 @@ def replay(result: dict, seed: int, load: float, noise: float, repeats: int) -> 
         forced = result["forced"][policy]
         runs = []
         for k in range(repeats):
-            share = ReserveShare() if forced is None else None  # the server's: it lives on from round to round
+            share = shares[k] if forced is None else None
             records = [record for r, arrivals in enumerate(traces)
                        for record in simulate(arrivals, slo_ms / 1e3, latency_us, accuracy, result["max_batch"],
                                               forced, share=share, load=load, noise=noise, seed=1000 * k + r)]
