@@ -28,7 +28,7 @@ def random_latency(rng: random.Random, padded: bool, noise: float = 0.1, slope: 
     return LatencyModel(tables, padded=padded)
 
 
-def reference(queue, now, profiled, accuracy, max_batch, rate=0.0, factor=1.0, overhead=0.0):
+def reference(queue, now, profiled, accuracy, max_batch, rate=0.0, factor=1.0, overhead=0.0, share=RESERVE_SHARE):
     """Every (prefix of the group, sub-network) pair tried: the largest prefix some sub-network finishes in time; of
     it, the first part that costs no more with the rest after it and one more call's ``overhead`` (step 3's split);
     then the most accurate sub-network that finishes it in time and leaves the group's requests behind it (up to
@@ -77,7 +77,7 @@ def reference(queue, now, profiled, accuracy, max_batch, rate=0.0, factor=1.0, o
     if forced is not None:
         return tuple(refuse), serve, forced
     if rate > 0:
-        target = min(target, now + RESERVE_SHARE * batch / rate)
+        target = min(target, now + share * batch / rate)
     slo = queue[serve[0]].slo
     if slo > 0:
         target = min(target, now + slo - min(predict(s, batch) for s in accuracy))
@@ -125,6 +125,25 @@ def test_policy_matches_brute_force(seed):
     assert got == plan_dispatch(fifo, now, costs, latency.factor, rate=rate, overhead=overhead)
     refuse, serve, skip = reference(fifo, now, latency.profiled, accuracy, 8, rate, latency.factor, overhead)
     assert (got.refuse, got.serve, got.skip, got.batch) == (refuse, serve, skip, size * len(serve))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_policy_reserve_share_matches_brute_force(seed):
+    # arrival rates at which step 4 decides (the cautious share leaves only cheaper sub-networks; in the random
+    # queues above a share from 0.5 to 4 changed none of 300 decisions): the share the scheduler passes
+    # (ReserveShare's, 0.5 .. 4) moves the pick as the reference says, in the general pass and the fifo bisection
+    rng = random.Random(seed)
+    latency = random_latency(rng, padded=seed % 2 == 0, slope=(0.6, 1.0, 1.1)[seed % 3])
+    accuracy = {s: 90 - sum(s) + rng.uniform(0, 0.5) for s in SKIPS}
+    costs = Costs.build(latency.profiled, rank_by_accuracy(accuracy, latency.predict), 8)
+    now = rng.uniform(0, 10)
+    queue = [Queued(d) for d in sorted(now + rng.uniform(1e-3, 3e-3) for _ in range(rng.randint(1, 6)))]
+    rate = rng.uniform(500, 5000)
+    for share in (RESERVE_SHARE, rng.uniform(RESERVE_SHARE, 4.0), 4.0):
+        expected = reference(queue, now, latency.profiled, accuracy, 8, rate, latency.factor, 0.0, share)
+        for fifo in (False, True):
+            got = plan_dispatch(queue, now, costs, latency.factor, fifo=fifo, rate=rate, share=share)
+            assert (got.refuse, got.serve, got.skip) == expected
 
 
 @pytest.mark.parametrize("seed", range(40))
