@@ -105,7 +105,8 @@ class Costs:
     size*(max_batch // size)``, non-decreasing in j (the largest batch of alike requests that fits a deadline);
     ``leading[b][r]``, the least time at batch b of the ``r + 1`` most accurate sub-networks, non-increasing in r
     (the most accurate sub-network that fits), and ``leading_negated``, the same negated (non-decreasing: a plain
-    C bisection finds the first guess, :func:`_most_accurate`). ``parts[skip or None][b]``: the first parts p of a
+    C bisection finds the first guess, :func:`_most_accurate`); ``quickest[b]``, the sub-network step 4 falls back
+    to at batch b (the fastest; of equally fast ones the most accurate). ``parts[skip or None][b]``: the first parts p of a
     batch b that cost no more with the rest after them, ``t(p) + t(b - p) <= t(b)``, ascending: step 3's split
     candidates (a dispatch then also counts its overhead); empty where batching pays (a GPU), so the split costs a
     dispatch nothing there."""
@@ -117,6 +118,7 @@ class Costs:
     envelope: Mapping[tuple[SkipConfig | None, int], tuple[float, ...]]
     leading: tuple[tuple[float, ...], ...]
     leading_negated: tuple[tuple[float, ...], ...]
+    quickest: tuple[SkipConfig, ...]
     parts: Mapping[SkipConfig | None, tuple[tuple[int, ...], ...]]
 
     @classmethod
@@ -138,8 +140,9 @@ class Costs:
         parts = {key: tuple(tuple(p for p in range(1, b) if row[p] + row[b - p] <= row[b])
                             for b in range(max_batch + 1))
                  for key, row in ((None, fastest), *seconds.items())}
+        quickest = tuple(ranking[row.index(row[-1])] for row in leading)  # leading ends at the fastest's time
         return cls(tuple(ranking), seconds, fastest, max_batch, envelope, leading,
-                   tuple(tuple(-t for t in row) for row in leading), parts)
+                   tuple(tuple(-t for t in row) for row in leading), quickest, parts)
 
 
 def rank_by_accuracy(accuracy: Mapping[SkipConfig, float], predict: Predict) -> tuple[SkipConfig, ...]:
@@ -148,6 +151,8 @@ def rank_by_accuracy(accuracy: Mapping[SkipConfig, float], predict: Predict) -> 
 
 
 _deadline = attrgetter("deadline")
+_new = tuple.__new__  # ``_new(Decision, fields)``: half the cost of ``Decision(*fields)`` (a Python __new__)
+_NEVER = float("inf")  # a module constant: float("inf") is a call, and step 3 resets ``rest`` to it per member
 
 
 def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: float = 1.0, *,
@@ -184,15 +189,16 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
             continue
         row, total, deadline = own, request.size, request.deadline
         members.append(i)
-        k, batch, limit, rest = 0, total, deadline, float("inf")
+        last, batch, limit, rest = i, total, deadline, _NEVER
         break
     else:
         return Decision(tuple(refuse))
     for i, request in requests:  # steps 1 and 2, step 3 as members join
         skip, size, due = request.skip, request.size, request.deadline
-        if now + (fastest if skip is None else seconds[skip])[size] * factor > due:
-            refuse.append(i)
-        elif skip is forced or skip == forced:
+        if skip is forced or (forced is not None and skip == forced):  # None == a tuple: two __eq__ calls
+            if now + row[size] * factor > due:  # step 1 on the batch's row: the same sub-networks allowed
+                refuse.append(i)
+                continue
             if total + size > max_batch:
                 break
             total += size
@@ -200,13 +206,19 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
                 deadline = due
             members.append(i)
             if now + row[total] * factor <= deadline:  # step 3: a larger batch fits
-                k, batch, limit, rest = len(members) - 1, total, deadline, float("inf")
+                last = i  # one store each (a tuple assignment of four builds a tuple)
+                batch = total
+                limit = deadline
+                rest = _NEVER
             elif due < rest:
                 rest = due
+        elif now + (fastest if skip is None else seconds[skip])[size] * factor > due:
+            refuse.append(i)
     for i, request in requests:  # the batch is full: step 1 only
         skip = request.skip
         if now + (fastest if skip is None else seconds[skip])[request.size] * factor > request.deadline:
             refuse.append(i)
+    k = members.index(last)
     totals = None
     if parts := costs.parts[forced][batch]:  # step 3's split
         totals = _totals(queue, members)
@@ -225,7 +237,8 @@ def plan_dispatch(queue: Sequence[Queued], now: float, costs: Costs, factor: flo
         totals = totals or _totals(queue, members)
         if part := _split(parts, totals[:k], costs.seconds[skip], batch, factor, overhead):
             k, batch = totals.index(part), part
-    return Decision(tuple(refuse), tuple(members[:k + 1]), skip, batch)
+    serve = members if k + 1 == len(members) else members[:k + 1]
+    return _new(Decision, (tuple(refuse), tuple(serve), skip, batch))
 
 
 def _totals(queue: Sequence[Queued], members: list[int]) -> list[int]:
@@ -264,7 +277,7 @@ def _plan_fifo(queue: Sequence[Queued], now: float, costs: Costs, factor: float,
     if forced is None and (parts := costs.parts[skip][batch]) and (
             part := _split(parts, range(size, batch, size), costs.seconds[skip], batch, factor, overhead)):
         count, batch = part // size, part  # the chosen one's own split
-    return Decision(refuse, _span(first, first + count), skip, batch)
+    return _new(Decision, (refuse, _span(first, first + count), skip, batch))
 
 
 def _split(parts: tuple[int, ...], candidates: Sequence[int], row: tuple[float, ...], batch: int, factor: float,
@@ -323,6 +336,4 @@ def _most_accurate(costs: Costs, forced: SkipConfig | None, batch: int, now: flo
         r += 1
     while r > 0 and now + leading[r - 1] * factor <= limit:
         r -= 1
-    if r < count:
-        return costs.ranking[r]
-    return costs.ranking[bisect_left(leading, True, key=leading[-1].__ge__)]  # the fastest: leading ends there
+    return costs.ranking[r] if r < count else costs.quickest[batch]
