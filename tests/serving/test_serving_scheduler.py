@@ -3,6 +3,7 @@ served them, graceful shutdown; with a fake engine and with a real small CPU eng
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -319,6 +320,54 @@ def test_scheduler_mixed_queue_on_the_cpu_engine_answers_each_like_the_model_alo
                 assert served.skip == skip_to_str(skip)
             assert isinstance(served.array, np.ndarray) and np.shares_memory(served.array, served.output.numpy())
             torch.testing.assert_close(served.output, model(x, skip=served.skip), rtol=1e-4, atol=1e-4)
+
+
+class PaddedEngine:
+    """What the scheduler sees of the GPU engine, on the CPU: ``mechanism == "conditional"`` (one capture per batch
+    bucket, so a batch arrives padded to its bucket) and an input dtype of its own (float64 here, as fp16 on a GPU:
+    the ring's float32 is converted per dispatch); the model behind it in float64."""
+
+    mechanism = "conditional"
+
+    def __init__(self, model):
+        self.model, self.dtypes = copy.deepcopy(model).double(), set()
+
+    def __call__(self, x, skip=None):
+        self.dtypes.add(x.dtype)
+        return self.model(x, skip=skip)
+
+
+def test_scheduler_pads_each_batch_to_its_bucket_and_answers_each_request_from_its_own_rows(small_model):
+    # the GPU path's host side, run on the CPU: requests of 1 and 3 images (some forcing a sub-network) queue behind a
+    # running call; each batch must reach the engine converted and zero-padded to a bucket (1, 2, 4), and each answer
+    # be the model's on that request's own input: the padding rows never leak into an answer, nor shift one
+    model = small_model
+    engine = GatedEngine(PaddedEngine(model))
+    skips = model.skip_configs()
+    buckets = (1, 2, 4)
+    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in buckets}
+    accuracy = {s: 90.0 - sum(s) for s in skips}
+    scheduler = Scheduler(engine, torch.zeros(1, 1, 16, 16, dtype=torch.float64), LatencyModel(tables, padded=True),
+                          accuracy)
+    g = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(3 if i % 5 == 2 else 1, 1, 16, 16, generator=g) for i in range(40)]
+    forced = [skips[i % len(skips)] if i % 7 == 3 else None for i in range(40)]
+    try:
+        futures = queue_behind_one_call(scheduler, engine, inputs, skips=forced)
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    served = [f.result() for f in futures]
+    assert set(engine.batches) <= set(buckets) and engine.inputs == {torch.Tensor}
+    assert engine.engine.dtypes == {torch.float64}
+    assert {s.batch for s in served} - set(buckets)  # some batch (3 images) ran padded to 4
+    with torch.no_grad():
+        for x, skip, answer in zip(inputs, forced, served, strict=True):
+            if skip is not None:
+                assert answer.skip == skip_to_str(skip)
+            assert answer.output.shape == (len(x), 10) and answer.output.dtype == torch.float32
+            expected = engine.engine.model(x.double(), skip=answer.skip).float()  # the request alone, unpadded
+            torch.testing.assert_close(answer.output, expected, rtol=1e-5, atol=1e-6)
 
 
 class EchoEngine:
