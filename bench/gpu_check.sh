@@ -225,7 +225,7 @@ gpu_tests() {
     tests/kernels/test_kernels_gather.py & pids+=($!)
   group engine_resnet50 tests/engine/test_engine_gpu.py -k resnet50 & pids+=($!)
   group engine_vit tests/engine/test_engine_gpu.py -k vit_b_16 & pids+=($!)
-  group engine_other tests/engine/test_engine_gpu.py -k "not resnet50 and not vit_b_16" & pids+=($!)
+  group engine_other tests/engine/test_engine_gpu.py tests/serving/test_serving_gpu.py -k "not resnet50 and not vit_b_16" & pids+=($!)
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { echo "gpu_tests group ${names[$i]}: FAILED (exit $?)"; rc=1; }
   done

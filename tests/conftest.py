@@ -24,6 +24,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def exact_references():
+    """For GPU tests against an fp32 reference: cuDNN's default TF32 convolutions would put ~1e-3 of error into the
+    fp32 reference itself, and cuBLAS's reduced-precision fp16 reductions into the torch fp16 yardstick (our
+    kernels accumulate in fp32)."""
+    matmul = torch.backends.cuda.matmul
+    before = torch.backends.cudnn.allow_tf32, matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = matmul.allow_fp16_reduced_precision_reduction = False
+    yield
+    torch.backends.cudnn.allow_tf32, matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction = before
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

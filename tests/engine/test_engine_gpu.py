@@ -22,24 +22,13 @@ from adaptive_kernels import calibrate, create_model
 from adaptive_kernels.engine import compile, select_skip
 from adaptive_kernels.engine.cuda.capture import IfNodeSplicer, capture_streams, conditional_nodes_unavailable
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_references")]  # tests/conftest.py
 
 
 def _needs_conditional(mechanism: str) -> None:
     why = conditional_nodes_unavailable() if torch.cuda.is_available() else "no CUDA"
     if mechanism == "conditional" and why is not None:
         pytest.skip(f"conditional mechanism unavailable: {why}")
-
-
-@pytest.fixture(autouse=True)
-def exact_references():
-    # cuDNN's default TF32 convolutions would put ~1e-3 of error into the fp32 reference itself, and cuBLAS's
-    # reduced-precision fp16 reductions into the torch fp16 yardstick (our kernels accumulate in fp32)
-    matmul = torch.backends.cuda.matmul
-    before = torch.backends.cudnn.allow_tf32, matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction
-    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = matmul.allow_fp16_reduced_precision_reduction = False
-    yield
-    torch.backends.cudnn.allow_tf32, matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction = before
 
 
 def test_if_nodes_spliced_into_a_torch_capture_follow_the_mask():
