@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import math
 import signal
 import socket
 import sys
@@ -112,11 +113,14 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
     shape, datatype = tensor.get("shape"), tensor.get("datatype")
     if tensor.get("name") != INPUT or datatype != "FP32":
         raise ProtocolError(f"input {tensor.get('name')!r} {datatype}: this model takes {INPUT!r} FP32")
-    if not isinstance(shape, list) or len(shape) != 4 or tuple(shape[1:]) != image_shape:
+    if (not isinstance(shape, list) or len(shape) != 4 or tuple(shape[1:]) != image_shape
+            or any(type(d) is not int for d in shape[1:])):  # 16.0 == 16, but not a dimension
         raise ProtocolError(f"input shape {shape}: this model takes [N, {', '.join(map(str, image_shape))}]")
     if isinstance(shape[0], bool) or not isinstance(shape[0], int) or shape[0] < 1:
         raise ProtocolError(f"input shape {shape}: the batch must be a whole number from 1 (images in the request)")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _object(tensor.get("parameters"), "the input's parameters").get("binary_data_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ProtocolError(f"binary_data_size {size!r}: give the byte count of the input's binary data")
     try:
         if size is not None:
             blob = body[json_size:json_size + size]
@@ -125,13 +129,26 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
             array = np.asarray(tensor.get("data"), dtype=np.float32).reshape(shape)
     except (ValueError, TypeError) as e:
         raise ProtocolError(f"input data does not hold shape {shape} FP32 values ({e})") from None
-    parameters = request.get("parameters") or {}
+    parameters = _object(request.get("parameters"), "the request's parameters")
     binary = bool(parameters.get("binary_data_output", False))
-    for out in request.get("outputs") or []:
+    outputs = request.get("outputs")
+    if not isinstance(outputs, (list, type(None))):
+        raise ProtocolError(f'outputs must be a list of objects like {{"name": "{OUTPUT}"}}')
+    for out in outputs or []:
+        out = _object(out, "each output")
         if out.get("name") != OUTPUT:
             raise ProtocolError(f"output {out.get('name')!r}: this model has one output, {OUTPUT!r}")
-        binary = bool((out.get("parameters") or {}).get("binary_data", binary))
+        binary = bool(_object(out.get("parameters"), "an output's parameters").get("binary_data", binary))
     return array, request, binary
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` as a JSON object (absent: empty); anything else is the client's mistake, said in one line."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {json.dumps(value)[:40]}")
+    return value
 
 
 def encode_infer_response(name: str, request: dict[str, Any], output: np.ndarray, parameters: dict[str, Any],
@@ -202,8 +219,8 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
                                                    scheduler.image_shape)
             parameters = body.get("parameters") or {}
             slo = parameters.get("slo_ms", slo_ms)
-            if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0:
-                raise ProtocolError(f"parameter slo_ms={slo!r}: give a positive number of milliseconds")
+            if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not 0 < slo < math.inf:
+                raise ProtocolError(f"parameter slo_ms={slo!r}: give a positive, finite number of milliseconds")
             future = scheduler.submit(x, slo / 1e3, parameters.get("skip"))
         except (ValueError, TypeError) as e:  # the request's mistake (a skip of a wrong type is a TypeError)
             return _error(str(e), getattr(e, "status", 400))

@@ -6,7 +6,7 @@ each request within the fp16 rule (helpers.check_fp16_error) of the model on tha
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -39,11 +39,8 @@ def test_scheduler_on_the_gpu_engine_serves_padded_buckets_from_one_capture_each
             skip = skips[(seed + i) % len(skips)] if i % 5 == 2 else None
             sent.append((x, skip, scheduler.submit(x, 5.0, skip=skip)))
 
-    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for c in clients:
-        c.start()
-    for c in clients:
-        c.join()
+    with ThreadPoolExecutor(4) as clients:  # 4 clients at once; a client's error is raised here
+        list(clients.map(client, range(4)))
     scheduler.close()
     stats = scheduler.stats()
     assert stats.served == len(sent) == 80 and stats.refused == stats.failed == 0

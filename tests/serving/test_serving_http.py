@@ -4,6 +4,7 @@ model, the sub-network reported and forced, refusals as HTTP errors, metrics; st
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.error
 import urllib.request
@@ -86,6 +87,7 @@ def post(port: int, body: bytes) -> tuple[int, dict]:
 
 
 IMAGE = [0.5] * 256  # one 1x16x16 image
+INPUT = {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": IMAGE}
 
 
 @pytest.mark.parametrize("request_json, status, message", [
@@ -97,6 +99,17 @@ IMAGE = [0.5] * 256  # one 1x16x16 image
      "input shape [-1, 1, 16, 16]: the batch must be a whole number from 1"),
     ({"inputs": [{"name": "input", "shape": [1.5, 1, 16, 16], "datatype": "FP32", "data": IMAGE}]}, 400,
      "input shape [1.5, 1, 16, 16]: the batch must be a whole number from 1"),
+    ({"inputs": [{"name": "input", "shape": [1, 1.0, 16.0, 16.0], "datatype": "FP32", "data": IMAGE}]}, 400,
+     "input shape [1, 1.0, 16.0, 16.0]: this model takes [N, 1, 16, 16]"),
+    ({"inputs": [INPUT], "parameters": [1]}, 400, "the request's parameters must be a JSON object, got [1]"),
+    ({"inputs": [{**INPUT, "parameters": "x"}]}, 400, "the input's parameters must be a JSON object"),
+    ({"inputs": [{**INPUT, "parameters": {"binary_data_size": -4}}]}, 400, "binary_data_size -4: give the byte"),
+    ({"inputs": [INPUT], "outputs": ["logits"]}, 400, "each output must be a JSON object"),
+    ({"inputs": [INPUT], "outputs": {"name": "logits"}}, 400, "outputs must be a list of objects"),
+    ({"inputs": [INPUT], "outputs": [{"name": "logits", "parameters": [1]}]}, 400,
+     "an output's parameters must be a JSON object"),
+    ({"inputs": [INPUT], "parameters": {"slo_ms": math.inf}}, 400, "slo_ms=inf: give a positive, finite number"),
+    ({"inputs": [INPUT], "parameters": {"slo_ms": -1}}, 400, "slo_ms=-1: give a positive, finite number"),
 ])
 def test_http_answers_a_malformed_request_with_one_line_and_keeps_serving(server, request_json, status, message):
     """A client's mistake is the client's 4xx with one line saying what is wrong, never a 500 and a server-side
