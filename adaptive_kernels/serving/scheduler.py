@@ -8,6 +8,7 @@ called from the dispatcher thread alone. Every submitted request ends as exactly
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -209,7 +210,11 @@ class Scheduler:
         within ``slo_s`` seconds; ``skip`` forces a sub-network (one of the servable ones). The input is copied
         here: changing ``x`` afterwards does not change the request. The future's result is a :class:`Served`;
         its exception a :class:`Refused` (deadline, shutdown) or the engine's error. Bad input raises ValueError
-        here."""
+        (TypeError for a wrong type) here."""
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"input must be a torch.Tensor or a NumPy array (N, C, H, W), got {type(x).__name__}")
+        if isinstance(slo_s, bool) or not isinstance(slo_s, numbers.Real):
+            raise TypeError(f"the SLO must be a number of seconds, got {type(slo_s).__name__} {slo_s!r}")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"input has shape {tuple(x.shape)}; this model takes "
                              f"(N, {', '.join(map(str, self.image_shape))})")

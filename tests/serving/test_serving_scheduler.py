@@ -206,6 +206,10 @@ def test_scheduler_rejects_bad_input_in_one_line():
             scheduler.submit(torch.ones(1, *SHAPE), 0.0)
         with pytest.raises(ValueError, match="skip|stages"):
             scheduler.submit(torch.ones(1, *SHAPE), 1.0, skip="TFT")
+        with pytest.raises(TypeError, match="input must be a torch.Tensor or a NumPy array .*, got list"):
+            scheduler.submit(torch.ones(1, *SHAPE).tolist(), 1.0)
+        with pytest.raises(TypeError, match="the SLO must be a number of seconds, got str '1'"):
+            scheduler.submit(torch.ones(1, *SHAPE), "1")
     finally:
         scheduler.close()
     assert scheduler.stats().submitted == 0
