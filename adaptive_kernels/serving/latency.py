@@ -39,6 +39,18 @@ def batch_buckets(max_batch: int) -> list[int]:
     return buckets
 
 
+def _microseconds(value: float | str, batch: int, name: str) -> float:
+    """A profile entry as a float of µs, or a one-line error naming it."""
+    try:
+        us = float(value)
+    except (TypeError, ValueError):
+        us = math.nan
+    if not 0 < us < math.inf:
+        raise ValueError(f"the profile at batch {batch} gives sub-network {name} {value!r} µs: latencies are "
+                         f"positive, finite µs (engine.profile(batch_size={batch}) measures them)")
+    return us
+
+
 class LatencyModel:
     """Predicted latency in seconds of a sub-network at a batch size.
 
@@ -53,6 +65,9 @@ class LatencyModel:
                  beta: float = 0.25, margin: float = 2.0) -> None:
         if not tables:
             raise ValueError("tables is empty: profile the engine at batch 1 at least")
+        wrong = [b for b in tables if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+        if wrong:
+            raise ValueError(f"tables has bucket {wrong[0]!r}: buckets are batch sizes, positive ints")
         self.buckets = sorted(tables)
         if self.buckets[0] != 1:
             raise ValueError(f"tables must include batch 1 (the refusal rule needs it), got buckets {self.buckets}")
@@ -65,7 +80,7 @@ class LatencyModel:
             missing = [b for b in self.buckets if name not in tables[b]]
             if missing:
                 raise ValueError(f"the profile at batch {missing[0]} lacks sub-network {name}")
-            self._seconds[skip] = [float(tables[b][name]) * 1e-6 for b in self.buckets]
+            self._seconds[skip] = [_microseconds(tables[b][name], b, name) * 1e-6 for b in self.buckets]
         self.padded = padded
         self.max_batch = self.buckets[-1]
         self.alpha, self.beta, self.margin = alpha, beta, margin

@@ -47,6 +47,20 @@ def test_tables_need_batch_one_and_every_sub_network():
         LatencyModel({1: TABLES[1], 2: {"FF": 1.0}})
 
 
+@pytest.mark.parametrize("value", [-1.0, 0.0, math.nan, math.inf, "a", None])
+def test_tables_take_only_positive_finite_latencies(value):
+    with pytest.raises(ValueError, match=rf"the profile at batch 2 gives sub-network TT {value!r} µs: latencies are "
+                                         r"positive, finite µs \(engine.profile\(batch_size=2\)"):
+        LatencyModel({**TABLES, 2: {"FF": 150.0, "TT": value}})
+
+
+@pytest.mark.parametrize("bucket", [0, -2, "2", 2.0, True])
+def test_tables_buckets_are_positive_int_batch_sizes(bucket):
+    tables = {bucket: TABLES[2], **({} if bucket is True else {1: TABLES[1]})}  # a new dict keeps its first key
+    with pytest.raises(ValueError, match=rf"tables has bucket {bucket!r}: buckets are batch sizes, positive ints"):
+        LatencyModel(tables)
+
+
 def test_a_stall_is_bounded_and_refusals_relax_the_correction():
     model = LatencyModel(TABLES)
     tt = (True, True)
