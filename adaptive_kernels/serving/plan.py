@@ -17,12 +17,12 @@ import torch
 
 from ..engine import compile
 from ..engine.base import Engine
-from ..models.skip import SkipConfig, parse_skip, skip_to_str
+from ..models.skip import SkipConfig, skip_to_str
 from ..training.checkpoint import INT8_SAMPLE, load_checkpoint, model_from_checkpoint
 from ..training.data import DataSource
 from ..training.evaluate import accuracy as measure_accuracy
 from .latency import LatencyModel, batch_buckets
-from .policy import rank_by_accuracy
+from .policy import parse_accuracy, rank_by_accuracy
 from .scheduler import PADDED_MECHANISMS
 
 
@@ -81,7 +81,7 @@ def load_accuracy(path: str | os.PathLike, num_stages: int) -> dict[SkipConfig, 
     if not isinstance(table, dict) or not table:
         raise ValueError(f"--accuracy {path}: expected eval --json records or {{\"TFF\": accuracy, ...}}")
     try:
-        return {parse_skip(k, num_stages): float(v) for k, v in table.items()}
+        return parse_accuracy(table, num_stages)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--accuracy {path}: {e} (the model has {num_stages} skippable stages)") from None
 
@@ -151,6 +151,8 @@ def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], 
     if accuracy is None and data is None:
         raise ValueError("the policy needs each sub-network's accuracy: give --accuracy EVAL.json (eval --json) or "
                          "--data to measure it now")
+    if accuracy is not None:  # its mistakes before the minutes of compiling and profiling
+        accuracy = parse_accuracy(accuracy, model.num_skippable_stages)
     if int8_calibration is not None:
         check_int8_device(device)
     example = torch.zeros((1, *image_shape), device=device)

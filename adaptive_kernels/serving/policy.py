@@ -55,6 +55,7 @@ batch the fastest of them fits. Step 1 is one pass over the queue, or a bisectio
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from itertools import accumulate
 from operator import attrgetter
 from typing import NamedTuple
 
-from ..models.skip import SkipConfig, skip_to_str
+from ..models.skip import SkipConfig, SkipLike, parse_skip, skip_to_str
 
 #: predict(skip, batch) -> seconds
 Predict = Callable[[SkipConfig, int], float]
@@ -143,6 +144,23 @@ class Costs:
         quickest = tuple(ranking[row.index(row[-1])] for row in leading)  # leading ends at the fastest's time
         return cls(tuple(ranking), seconds, fastest, max_batch, envelope, leading,
                    tuple(tuple(-t for t in row) for row in leading), quickest, parts)
+
+
+def parse_accuracy(accuracy: Mapping[SkipLike, float], num_stages: int) -> dict[SkipConfig, float]:
+    """``{sub-network: accuracy %}`` as the policy ranks it: at least one sub-network, each of ``num_stages`` stages,
+    each accuracy a finite number; a one-line ValueError naming the entry otherwise."""
+    if not accuracy:
+        raise ValueError("the accuracy table is empty: give the accuracy of each sub-network to serve")
+    table = {}
+    for skip, value in accuracy.items():
+        parsed = parse_skip(skip, num_stages)
+        try:
+            table[parsed] = float(value)
+        except (TypeError, ValueError):
+            table[parsed] = math.nan
+        if not math.isfinite(table[parsed]):
+            raise ValueError(f"the accuracy of {skip_to_str(parsed)} is {value!r}: give a finite number (%)")
+    return table
 
 
 def rank_by_accuracy(accuracy: Mapping[SkipConfig, float], predict: Predict) -> tuple[SkipConfig, ...]:

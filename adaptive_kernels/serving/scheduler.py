@@ -21,7 +21,7 @@ import torch
 from ..engine.base import Engine
 from ..models.skip import SkipLike, parse_skip, skip_to_str
 from .latency import MISS_BUDGET, ArrivalRate, LatencyModel, ReserveShare
-from .policy import Costs, Decision, Queued, plan_dispatch, rank_by_accuracy
+from .policy import Costs, Decision, Queued, parse_accuracy, plan_dispatch, rank_by_accuracy
 
 #: engine mechanisms that serve a batch padded to its bucket (one CUDA graph capture per bucket)
 PADDED_MECHANISMS = ("conditional", "early_exit")
@@ -166,7 +166,7 @@ class Scheduler:
                  miss_budget: float = MISS_BUDGET) -> None:
         self.engine = engine
         self.latency = latency
-        self.accuracy = {parse_skip(s, latency.num_stages): float(a) for s, a in accuracy.items()}
+        self.accuracy = parse_accuracy(accuracy, latency.num_stages)
         unknown = [skip_to_str(s) for s in self.accuracy if s not in latency.skips]
         if unknown:
             raise ValueError(f"accuracy lists sub-networks the profile lacks: {', '.join(unknown)}")

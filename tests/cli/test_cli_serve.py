@@ -74,6 +74,18 @@ def test_serve_needs_accuracies(tmp_path, capsys):
     assert "does not record its dataset: give --data" in line
 
 
+@pytest.mark.parametrize("table, message", [
+    ('{"FFF": 90.0, "TTT": NaN}', "the accuracy of TTT is nan: give a finite number"),
+    ('{"FFF": 90.0, "TT": 89.0}', "skip='TT' has 2 letters but this model has 3 skippable stages"),
+    ('[{"skip": "FFF", "accuracy": "high"}]', "the accuracy of FFF is 'high': give a finite number"),
+])
+def test_serve_refuses_a_bad_accuracy_table_in_one_line(checkpoint, tmp_path, capsys, table, message):
+    accuracy = tmp_path / "eval.json"
+    accuracy.write_text(table)
+    line = serve_error(["--checkpoint", str(checkpoint[0]), "--accuracy", str(accuracy), "--slo-ms", "10"], capsys)
+    assert f"--accuracy {accuracy}: {message}" in line
+
+
 def test_serve_slo_below_the_fastest_sub_network(checkpoint, capsys):
     path, accuracy = checkpoint
     line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "0.0001",

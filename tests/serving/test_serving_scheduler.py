@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import threading
 import time
 from concurrent.futures import wait
@@ -213,6 +214,18 @@ def test_scheduler_rejects_bad_input_in_one_line():
     finally:
         scheduler.close()
     assert scheduler.stats().submitted == 0
+
+
+@pytest.mark.parametrize("accuracy, message", [
+    ({}, "the accuracy table is empty"),
+    ({"FF": 90.0, "TT": math.nan}, "the accuracy of TT is nan: give a finite number"),
+    ({"FF": 90.0, "TT": None}, "the accuracy of TT is None: give a finite number"),
+    ({"FFF": 90.0}, "skip='FFF' has 3 letters but this model has 2 skippable stages"),
+])
+def test_scheduler_rejects_a_bad_accuracy_table_in_one_line(accuracy, message):
+    tables = {1: {skip_to_str(s): 100.0 for s in SKIPS}}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Scheduler(FakeEngine(), torch.zeros(1, *SHAPE), LatencyModel(tables), accuracy)
 
 
 def test_scheduler_on_the_cpu_engine_matches_the_model(small_model, small_plan):
