@@ -17,7 +17,7 @@ import torch
 
 from ..engine import compile
 from ..engine.base import Engine
-from ..models.skip import SkipConfig, skip_to_str
+from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from ..training.checkpoint import INT8_SAMPLE, load_checkpoint, model_from_checkpoint
 from ..training.data import DataSource
 from ..training.evaluate import accuracy as measure_accuracy
@@ -141,7 +141,7 @@ def compile_engine(model: torch.nn.Module, example: torch.Tensor, *,
 
 
 def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], *, max_batch: int,
-               accuracy: Mapping[SkipConfig, float] | None = None, data: DataSource | None = None,
+               accuracy: Mapping[SkipLike, float] | None = None, data: DataSource | None = None,
                device: str = "cpu", profile_iters: int = 20, int8_calibration: torch.Tensor | None = None,
                progress: Callable[[str], Any] = lambda line: None) -> ServingPlan:
     """Compile ``model`` (dynamic batch; on CUDA fp16, one capture per bucket; with ``int8_calibration`` images

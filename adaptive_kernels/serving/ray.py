@@ -13,6 +13,7 @@ cluster: docs/serving.md.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -24,10 +25,11 @@ import ray
 import torch
 from ray import serve
 
-from ..models.skip import SkipLike, parse_skip, skip_to_str
+from ..models.skip import SkipLike, skip_to_str
 from .http import SWITCH_INTERVAL_S, bind_socket, create_app
 from .latency import MISS_BUDGET, ReserveShare
 from .plan import build_plan, check_int8_device, checkpoint_model, int8_sample
+from .policy import parse_accuracy
 from .scheduler import Scheduler
 
 #: the object store of a Ray started here (bytes): replicas exchange only requests and answers through it
@@ -47,8 +49,7 @@ class Replica:
                  miss_budget: float = MISS_BUDGET) -> None:
         torch.set_num_threads(threads)  # the CPU engine takes torch's thread count
         model, model_name, image_shape = checkpoint_model(checkpoint)
-        table = {parse_skip(s, model.num_skippable_stages): a for s, a in accuracy.items()}
-        plan = build_plan(model, name or model_name, image_shape, max_batch=max_batch, accuracy=table, device=device,
+        plan = build_plan(model, name or model_name, image_shape, max_batch=max_batch, accuracy=accuracy, device=device,
                           profile_iters=profile_iters, int8_calibration=int8_sample(checkpoint) if int8 else None)
         plan.check_slo(slo_ms)
         logging.getLogger("ray.serve").info("plan:\n%s", plan.describe())
@@ -126,16 +127,17 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    for what, value in (("threads", threads), ("max_batch", max_batch), ("profile_iters", profile_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if isinstance(slo_ms, bool) or not isinstance(slo_ms, (int, float)) or not 0 < slo_ms < math.inf:
+        raise ValueError(f"slo_ms must be a positive, finite number of milliseconds, got {slo_ms!r}")
     ReserveShare(budget=miss_budget)  # a bad budget fails here, not in every replica
     model, model_name, _ = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
     if int8:
         check_int8_device(device)
         int8_sample(checkpoint)  # it keeps the images each replica will range INT8 on
-    table = {skip_to_str(parse_skip(s, model.num_skippable_stages)): float(a) for s, a in accuracy.items()}
-    if not table:
-        raise ValueError("accuracy is empty: give the accuracy of at least one sub-network (eval --json)")
+    table = {skip_to_str(s): a for s, a in parse_accuracy(accuracy, model.num_skippable_stages).items()}
     with bind_socket(host, port) as sock:  # a taken port fails now; port 0 picks a free one
         port = sock.getsockname()[1]
     connected = not ray.is_initialized()

@@ -5,6 +5,7 @@ engine is the OpenVINO INT8 one that ``serve --int8`` builds in one process from
 
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -46,6 +47,14 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
         deploy(path, 10.0, accuracy, miss_budget=1.0)
     with pytest.raises(ValueError, match="this model has 3 skippable stages"):
         deploy(path, 10.0, {"FF": 90.0})
+    with pytest.raises(ValueError, match="the accuracy of FFF is nan: give a finite number"):
+        deploy(path, 10.0, {"FFF": math.nan})
+    with pytest.raises(ValueError, match="slo_ms must be a positive, finite number of milliseconds, got inf"):
+        deploy(path, math.inf, accuracy)
+    with pytest.raises(ValueError, match="max_batch must be a positive int, got 0"):
+        deploy(path, 10.0, accuracy, max_batch=0)
+    with pytest.raises(ValueError, match="profile_iters must be a positive int, got 2.5"):
+        deploy(path, 10.0, accuracy, profile_iters=2.5)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
