@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -37,13 +38,25 @@ from pathlib import Path
 import numpy as np
 
 from adaptive_kernels._files import atomic_path, write_text
-from adaptive_kernels.cli.checks import positive_int
+from adaptive_kernels.cli.checks import (
+    ArgumentParser,
+    check_output_dir,
+    float_range,
+    int_range,
+    path_text,
+    positive_float,
+    positive_int,
+    seed_int,
+    thread_count,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("super", "base", "static", "adaptive")
 #: ImageNet top-1 of ResNet-50-ADN as the paper reports it (the authors' README), for the sub-networks it names
 PAPER_RESNET50 = {"FFFF": 77.6, "TFFF": 77.1, "TTFF": 76.5, "TTTT": 76.1}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: argparse type of --depth: the rate, mean x (1 + depth x sine), must stay positive (``bursty_trace``)
+depth_fraction = float_range(0.0, 1.0, high_open=True)
 
 
 def bursty_trace(seconds: float, mean_rate: float, cv2: float, seed: int, period_s: float | None = None,
@@ -288,8 +301,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Serving load test: {result['scenario']}", "",
              (f"{result['model']} on the CPU engine, SLO {result['slo_ms']:g} ms, max batch {result['max_batch']}, "
              f"{result['seconds']:g} s of traffic per policy and rate in {result['rounds']} rounds (the policies "
-             f"take turns: ABCD, DCBA, ...; each round one trace), Gamma inter-arrivals CV² {result['cv2']:g}, rate x (1 +/- "
-             f"{result['depth']:g}) sine; accuracy: {result['accuracy_source']}; "
+             f"take turns: ABCD, DCBA, ...; each round one trace), Gamma inter-arrivals CV² {result['cv2']:g}, "
+             f"rate x (1 +/- {result['depth']:g}) sine; accuracy: {result['accuracy_source']}; "
              f"static pick: {result['static_pick']}."),
              (f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work: load {m['load_avg_at_start'][0]:.1f} "
              f"at start, so the numbers are noisy), server threads {result['threads']}; torch {m['torch']}, "
@@ -332,34 +345,110 @@ def paper_resnet50_checkpoint(folder: Path) -> tuple[Path, Path]:
     return path, accuracy
 
 
+def rate_list(text: str) -> list[float]:
+    """argparse type: mean request rates per second, comma-separated; each a finite number > 0, none twice."""
+    rates: list[float] = []
+    for item in text.split(","):
+        try:
+            rate = positive_float(item)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"each rate {e}; write e.g. 5,10,20") from None
+        if rate in rates:
+            raise argparse.ArgumentTypeError(f"rate {rate:g} is given twice, in {text!r}: give each rate once")
+        rates.append(rate)
+    return rates
+
+
+rate_list.__name__ = "rates"
+
+
+def file_name(text: str) -> str:
+    """argparse type: one file name, no folder (--scenario: the results are --out/NAME.json, NAME.md, ...)."""
+    if not text.strip() or text in (".", "..") or "/" in text or "\0" in text or len(os.fsencode(text)) > 200:
+        raise argparse.ArgumentTypeError(f"must be a plain file name (no '/', not '.' or '..', at most 200 bytes): "
+                                         f"the results are --out/NAME.json, ...; got {text!r}")
+    return text
+
+
+file_name.__name__ = "file name"
+
+
+def policy_list(text: str) -> list[str]:
+    """argparse type: ways of serving (``POLICIES``), comma-separated, each once."""
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if name not in POLICIES:
+            raise argparse.ArgumentTypeError(f"unknown way of serving {name!r}: give some of {','.join(POLICIES)}")
+        if names.count(name) > 1:
+            raise argparse.ArgumentTypeError(f"{name} is given twice, in {text!r}: give each way once")
+    return names
+
+
+policy_list.__name__ = "policies"
+
+
+def check_served(args: argparse.Namespace) -> None:
+    """--paper-resnet50, or --checkpoint and its --accuracy, read now (seconds) rather than by the server after it
+    started: a one-line ValueError naming the flag."""
+    if args.paper_resnet50:
+        given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--accuracy", args.accuracy)) if value]
+        if given:
+            raise ValueError(f"--paper-resnet50 serves its own checkpoint and accuracies: drop {' and '.join(given)}")
+        return
+    if not args.checkpoint or not args.accuracy:
+        raise ValueError("give --checkpoint CK and --accuracy ACC (the checkpoint's eval --json), or --paper-resnet50")
+    from adaptive_kernels.serving import checkpoint_model, load_accuracy
+
+    try:
+        model = checkpoint_model(args.checkpoint)[0]
+    except ValueError as e:
+        raise ValueError(f"--checkpoint: {e}") from None
+    stages = model.num_skippable_stages
+    if (True,) * stages not in load_accuracy(args.accuracy, stages):  # its ValueError names --accuracy
+        raise ValueError(f"--accuracy {args.accuracy} lists no base-net ({'T' * stages}), which the base column "
+                         f"serves: add its accuracy")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="served checkpoint (e.g. the demo's calibrated.pt)")
-    p.add_argument("--accuracy", help="eval --json / subnets.json of the checkpoint")
+    p = ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=path_text, help="served checkpoint (e.g. the demo's calibrated.pt)")
+    p.add_argument("--accuracy", type=path_text, help="eval --json / subnets.json of the checkpoint")
     p.add_argument("--paper-resnet50", action="store_true",
                    help="serve ResNet-50-ADN restricted to the four sub-networks the paper reports, with its "
                         "accuracies")
-    p.add_argument("--scenario", default="demo", help="name of the result files")
-    p.add_argument("--slo-ms", type=float, required=True)
-    p.add_argument("--rates", required=True, help="mean request rates per second, comma-separated")
-    p.add_argument("--seconds", type=float, default=20.0, help="traffic per policy and rate, in seconds")
+    p.add_argument("--scenario", type=file_name, default="demo", help="name of the result files")
+    p.add_argument("--slo-ms", type=positive_float, required=True)
+    p.add_argument("--rates", type=rate_list, required=True, help="mean request rates per second, comma-separated")
+    p.add_argument("--seconds", type=positive_float, default=20.0, help="traffic per policy and rate, in seconds")
     p.add_argument("--rounds", type=positive_int, default=1,
                    help="split --seconds into this many traces the policies replay in turns (ABCD, DCBA, ...)")
-    p.add_argument("--cv2", type=float, default=4.0, help="squared coefficient of variation of inter-arrivals")
-    p.add_argument("--depth", type=float, default=0.5, help="relative amplitude of the rate's sine")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1, help="server (engine) threads; the client takes the rest")
-    p.add_argument("--profile-iters", type=int, default=20)
-    p.add_argument("--max-requests", type=int, default=100_000, help="a bound on the requests of one run")
-    p.add_argument("--timeline-rate", type=float, help="rate whose runs the timeline plots (default: the highest)")
-    p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cv2", type=float_range(4.0), default=4.0,
+                   help="squared coefficient of variation of inter-arrivals (>= 4: a bursty trace)")
+    p.add_argument("--depth", type=depth_fraction, default=0.5, help="relative amplitude of the rate's sine")
+    p.add_argument("--max-batch", type=int_range(1, 1024), default=16)  # serve's own range
+    p.add_argument("--threads", type=thread_count, default=1, help="server (engine) threads; the client takes the rest")
+    p.add_argument("--profile-iters", type=positive_int, default=20)
+    p.add_argument("--max-requests", type=positive_int, default=100_000, help="a bound on the requests of one run")
+    p.add_argument("--timeline-rate", type=positive_float,
+                   help="rate whose runs the timeline plots, one of --rates (default: the highest)")
+    p.add_argument("--policies", type=policy_list, default=",".join(POLICIES))
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--out", type=path_text, required=True)
     args = p.parse_args(argv)
-    if args.cv2 < 4:
-        p.error("--cv2 must be >= 4 (a bursty trace)")
-    rates = [float(r) for r in args.rates.split(",")]
-    policies = args.policies.split(",")
+    args.out = Path(args.out)
+    rates, policies = args.rates, args.policies
+    if args.timeline_rate is not None and args.timeline_rate not in rates:
+        p.error(f"argument --timeline-rate: {args.timeline_rate:g} is not one of --rates "
+                f"({','.join(f'{r:g}' for r in rates)}): give one of them, or leave it out (the highest)")
+    try:
+        check_served(args)
+        # the client and the plot are imported where they are used, after minutes of serving: check for them now
+        missing = [name for name in ("aiohttp", "matplotlib") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"the load test needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+        check_output_dir(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
     with tempfile.TemporaryDirectory() as folder:
         if args.paper_resnet50:
             checkpoint, accuracy_file = paper_resnet50_checkpoint(Path(folder))
@@ -439,8 +528,9 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
     plot_timeline(traces, arrivals, accuracy, args.slo_ms, args.seconds / args.rounds,
                   f"{server.name}, mean {timeline_rate:g} req/s, SLO {args.slo_ms:g} ms", timeline)
     return {"scenario": args.scenario, "model": server.name, "slo_ms": args.slo_ms, "max_batch": args.max_batch,
-            "seconds": args.seconds, "rounds": args.rounds, "cv2": args.cv2, "depth": args.depth, "threads": args.threads,
-            "seed": args.seed, "max_requests": args.max_requests, "accuracy": accuracy, "accuracy_source": source, "latency_us": latency_us,
+            "seconds": args.seconds, "rounds": args.rounds, "cv2": args.cv2, "depth": args.depth,
+            "threads": args.threads, "seed": args.seed, "max_requests": args.max_requests, "accuracy": accuracy,
+            "accuracy_source": source, "latency_us": latency_us,
             "static_pick": forced["static"], "forced": forced, "overhead": overhead, "machine": machine(),
             "rows": rows}
 

@@ -41,15 +41,38 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/serving_sim.py` from anywhere
 from adaptive_kernels._files import write_text
-from adaptive_kernels.cli.checks import positive_int
+from adaptive_kernels.cli.checks import (
+    ArgumentParser,
+    check_output_dir,
+    non_negative_float,
+    path_text,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from adaptive_kernels.models.skip import parse_skip, skip_to_str
 from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel, ReserveShare
 from adaptive_kernels.serving.policy import RESERVE_SHARE, Costs, Queued, plan_dispatch, rank_by_accuracy
-from bench.serving_load import POLICIES, bursty_trace, machine, static_pick, summarize
+from bench.serving_load import (
+    POLICIES,
+    bursty_trace,
+    depth_fraction,
+    file_name,
+    machine,
+    rate_list,
+    static_pick,
+    summarize,
+)
 
 SIM_POLICIES = (*POLICIES, "cautious", "myopic", "unguarded")
 #: the ways whose reserve share follows the attainment (the others: forced, fixed at RESERVE_SHARE, or no reserve)
 FOLLOWING = ("adaptive", "unguarded")
+#: what a sweep (--profile) and a replay (--replay) read of a serving_load.py result, with its JSON type
+SWEEP_NEEDS = {"latency_us": dict, "accuracy": dict, "slo_ms": float, "max_batch": int, "model": str,
+               "accuracy_source": str, "machine": dict}
+REPLAY_NEEDS = {"latency_us": dict, "accuracy": dict, "slo_ms": float, "max_batch": int, "machine": dict,
+                "seconds": float, "rounds": int, "cv2": float, "depth": float, "forced": dict, "rows": list}
+MACHINE_NEEDS = ("cpu", "cores", "torch", "onnxruntime", "git", "date")
 
 
 def simulate(arrivals: np.ndarray, slo_s: float, latency_us: dict, accuracy: dict[str, float], max_batch: int,
@@ -156,8 +179,8 @@ def replay(result: dict, seed: int, load: float, noise: float, repeats: int) -> 
     shares = [ReserveShare() for _ in range(repeats)]
     for http in result["rows"]:
         rate, policy = http["rate"], http["policy"]
-        traces = [bursty_trace(length, rate, result["cv2"], seed + r, depth=result["depth"])[:result.get("max_requests")]
-                  for r in range(result["rounds"])]
+        traces = [bursty_trace(length, rate, result["cv2"], seed + r,
+                               depth=result["depth"])[:result.get("max_requests")] for r in range(result["rounds"])]
         forced = result["forced"][policy]
         runs = []
         for k in range(repeats):
@@ -263,34 +286,79 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_result(path: str, flag: str, needs: dict[str, type]) -> dict:
+    """The serving_load.py result at ``path`` (given as ``flag``); a one-line ValueError when it is not one: no such
+    file, not JSON, or without one of ``needs`` (the machine's fields, a base-net's accuracy)."""
+    fix = "give the JSON bench/serving_load.py wrote (e.g. bench/results/serving/paper_resnet50.json)"
+    try:
+        result = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror or e}); {fix}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{flag} {path} is not JSON ({e}); {fix}") from None
+    if not isinstance(result, dict):
+        result = {}  # a JSON list or number: it lacks every key below
+    if result.get("simulated"):
+        raise ValueError(f"{flag} {path} is a serving_sim.py result; {fix}")
+    number = (int, float)  # JSON writes 200.0 as a float and 200 as an int
+    wrong = [key for key, kind in needs.items() if not isinstance(result.get(key), number if kind is float else kind)
+             or isinstance(result[key], bool)]
+    wrong += [f"machine.{key}" for key in MACHINE_NEEDS if "machine" not in wrong and key not in result["machine"]]
+    if wrong:
+        raise ValueError(f"{flag} {path} is not a serving_load.py result (it lacks {', '.join(wrong)}, or has the "
+                         f"wrong type); {fix}")
+    if not any(set(skip) == {"T"} for skip in result["accuracy"]):
+        raise ValueError(f"{flag} {path}: its accuracy lists no base-net (all T), which the base column serves; {fix}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     import time
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", type=Path,
+    p = ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", type=path_text,
                    help="a serving_load.py result (its latency_us, accuracy, slo_ms, max_batch are used)")
-    p.add_argument("--replay", type=Path, help="a serving_load.py result whose own traces to simulate (no sweep)")
+    p.add_argument("--replay", type=path_text, help="a serving_load.py result whose own traces to simulate (no sweep)")
     p.add_argument("--repeats", type=positive_int, default=5, help="--replay: simulations (noise draws) per trace")
-    p.add_argument("--scenario", required=True, help="name of the result files")
-    p.add_argument("--rates", help="mean request rates per second, comma-separated")
-    p.add_argument("--seconds", type=float, default=30.0, help="length of one trace")
+    p.add_argument("--scenario", type=file_name, required=True, help="name of the result files")
+    p.add_argument("--rates", type=rate_list, help="mean request rates per second, comma-separated")
+    p.add_argument("--seconds", type=positive_float, default=30.0, help="length of one trace")
     p.add_argument("--traces", type=positive_int, default=20, help="traces per rate (seeds seed, seed + 1, ...)")
-    p.add_argument("--cv2", type=float, default=4.0)
-    p.add_argument("--depth", type=float, default=0.5)
-    p.add_argument("--load", type=float, default=1.0, help="calls take the profile times this")
-    p.add_argument("--noise", type=float, default=0.0, help="sigma of the per-call log-normal factor")
-    p.add_argument("--seed", type=int, help="first trace's seed (default 0; --replay: the load test's, as recorded)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cv2", type=positive_float, default=4.0, help="squared coefficient of variation of inter-arrivals")
+    p.add_argument("--depth", type=depth_fraction, default=0.5, help="relative amplitude of the rate's sine")
+    p.add_argument("--load", type=positive_float, default=1.0, help="calls take the profile times this")
+    p.add_argument("--noise", type=non_negative_float, default=0.0, help="sigma of the per-call log-normal factor")
+    p.add_argument("--seed", type=seed_int,
+                   help="first trace's seed (default 0; --replay: the load test's, as recorded)")
+    p.add_argument("--out", type=path_text, required=True)
     args = p.parse_args(argv)
-    if args.replay is not None:
-        return main_replay(args)
-    if args.profile is None or args.rates is None:
+    args.out = Path(args.out)
+    # a flag of the other mode would be ignored without a word
+    if args.replay is None and args.repeats != p.get_default("repeats"):
+        p.error("--repeats is for --replay only (a sweep simulates each trace once): drop it")
+    sweep_only = [f"--{name}" for name in ("profile", "rates", "seconds", "traces", "cv2", "depth")
+                  if args.replay is not None and getattr(args, name) != p.get_default(name)]
+    if sweep_only:
+        p.error(f"{', '.join(sweep_only)}: not used with --replay, which rebuilds its run's own traces: drop "
+                f"{'it' if len(sweep_only) == 1 else 'them'}")
+    if args.replay is None and (args.profile is None or args.rates is None):
         p.error("give --profile and --rates (a sweep), or --replay RESULT (that run's own traces)")
+    try:
+        if args.replay is not None:
+            result = read_result(args.replay, "--replay", REPLAY_NEEDS)
+            if args.seed is None and result.get("seed") is None:
+                raise ValueError(f"--replay {args.replay} does not record the load test's seed (written before it "
+                                 f"did): pass --seed, the --seed that run was given")
+        else:
+            profile = read_result(args.profile, "--profile", SWEEP_NEEDS)
+        check_output_dir(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
+    if args.replay is not None:
+        return main_replay(args, result)
     args.seed = 0 if args.seed is None else args.seed
-    profile = json.loads(args.profile.read_text())
-    rates = [float(r) for r in args.rates.split(",")]
     start = time.perf_counter()
-    rows = sweep(profile, rates, args.seconds, args.traces, args.cv2, args.depth, args.load, args.noise, args.seed)
+    rows = sweep(profile, args.rates, args.seconds, args.traces, args.cv2, args.depth, args.load, args.noise, args.seed)
     wall = time.perf_counter() - start
     m = profile["machine"]
     result = {"scenario": args.scenario, "simulated": True, "profile": str(args.profile),
@@ -310,12 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main_replay(args: argparse.Namespace) -> int:
-    result = json.loads(args.replay.read_text())
-    seed = result.get("seed") if args.seed is None else args.seed
-    if seed is None:
-        raise SystemExit(f"{args.replay} does not record the load test's seed (written before it did): pass --seed, "
-                         f"the --seed that run was given")
+def main_replay(args: argparse.Namespace, result: dict) -> int:
+    seed = result["seed"] if args.seed is None else args.seed
     rows = replay(result, seed, args.load, args.noise, args.repeats)
     m = result["machine"]
     out = {"scenario": args.scenario, "simulated": True, "replayed": str(args.replay), "seed": seed,

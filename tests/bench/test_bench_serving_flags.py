@@ -1,0 +1,198 @@
+"""The serving benchmarks' flags: a bad value is ONE ``<script>.py: error:`` line naming the flag (exit status 2),
+given before any work (no trace simulated, no server started, nothing written to --out); good flags still run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from adaptive_kernels import create_model
+from adaptive_kernels.training import save_checkpoint
+from bench import serving_load, serving_sim
+
+RESULTS = Path(__file__).parents[2] / "bench/results/serving"
+PROFILE = RESULTS / "paper_resnet50_share.json"  # a serving_load.py result that records its seed
+#: the load test checks for its client and plot (after the model flags, before --out): the cases past that need them
+needs_client = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("aiohttp", "matplotlib")),
+                                  reason="the load test needs aiohttp and matplotlib")
+
+
+class Started(Exception):
+    """Raised where a script would start its work: the checks let the flags through."""
+
+
+@pytest.fixture
+def files(tmp_path):
+    """The paths a case names by a capitalised word: bad files of every kind, a small checkpoint and its accuracies."""
+    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
+    checkpoint = save_checkpoint({"model": create_model(spec["name"], **spec["kwargs"]).state_dict(),
+                                  "model_spec": spec, "data": {"name": "synthetic", "image_size": [8, 8]}},
+                                 tmp_path / "last.pt")
+    text = {"NOT_JSON": "# a README\n", "JSON_LIST": "[1, 2]", "NOT_RESULT": '{"rows": []}',
+            "ACCURACY": json.dumps({"FFF": 90.0, "TFT": 89.5, "TTT": 89.0}),
+            "NO_BASE_ACCURACY": json.dumps({"FFF": 90.0, "TFT": 89.5}),
+            "FOUR_STAGE_ACCURACY": json.dumps({"FFFF": 90.0, "TTTT": 89.0})}
+    no_base = json.loads(PROFILE.read_text())
+    no_base["accuracy"].pop("TTTT")
+    text["NO_BASE_PROFILE"] = json.dumps(no_base)
+    paths = {"CHECKPOINT": str(checkpoint), "MISSING": str(tmp_path / "missing.json"), "FOLDER": str(tmp_path),
+             "OUT": str(tmp_path / "out"), "PROFILE": str(PROFILE),
+             "SIM_RESULT": str(RESULTS / "sim_paper_resnet50.json"),
+             "NO_SEED": str(RESULTS / "paper_resnet50_split.json")}  # written before the load test recorded its seed
+    for name, content in text.items():
+        (tmp_path / f"{name.lower()}.json").write_text(content)
+        paths[name] = str(tmp_path / f"{name.lower()}.json")
+    (tmp_path / "a_file").write_text("x")
+    paths["A_FILE"] = str(tmp_path / "a_file")
+    return paths
+
+
+def argv(base: dict, change: dict, files: dict) -> list[str]:
+    """``base`` with ``change`` applied (None drops a flag, True gives it alone), paths named as in ``files``."""
+    out = []
+    for flag, value in {**base, **change}.items():
+        if value is None:
+            continue
+        out.append(flag)
+        if value is not True:
+            out.append(files.get(value, value))
+    return out
+
+
+def refused(main, args: list[str], flag: str, script: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err  # ONE line, no traceback
+    assert err.startswith(f"{script}: error: ") and flag in err, err
+    return err
+
+
+SWEEP = {"--profile": "PROFILE", "--scenario": "x", "--rates": "5", "--seconds": "1", "--traces": "1", "--out": "OUT"}
+REPLAY = {"--replay": "PROFILE", "--scenario": "x", "--repeats": "1", "--out": "OUT"}
+SIM_CASES = [
+    (SWEEP, {"--profile": "MISSING"}, "--profile"),
+    (SWEEP, {"--profile": "FOLDER"}, "--profile"),
+    (SWEEP, {"--profile": "NOT_JSON"}, "--profile"),
+    (SWEEP, {"--profile": "JSON_LIST"}, "--profile"),
+    (SWEEP, {"--profile": "NOT_RESULT"}, "--profile"),
+    (SWEEP, {"--profile": "SIM_RESULT"}, "--profile"),
+    (SWEEP, {"--profile": "NO_BASE_PROFILE"}, "--profile"),
+    (SWEEP, {"--profile": ""}, "--profile"),
+    (SWEEP, {"--profile": None}, "--profile"),
+    (SWEEP, {"--rates": None}, "--rates"),
+    (REPLAY, {"--replay": "MISSING"}, "--replay"),
+    (REPLAY, {"--replay": "NOT_JSON"}, "--replay"),
+    (REPLAY, {"--replay": "NOT_RESULT"}, "--replay"),
+    (REPLAY, {"--replay": "SIM_RESULT"}, "--replay"),
+    (REPLAY, {"--replay": "NO_SEED"}, "--seed"),
+    (REPLAY, {"--rates": "5"}, "--rates"),
+    (REPLAY, {"--cv2": "8"}, "--cv2"),
+    (REPLAY, {"--repeats": "0"}, "--repeats"),
+    (SWEEP, {"--repeats": "3"}, "--repeats"),
+    *((SWEEP, {"--rates": rates}, "--rates") for rates in ("abc", "-5", "0", "nan", "inf", "5,,10", "", "5,-1",
+                                                            "5,5")),
+    *((SWEEP, {"--seconds": v}, "--seconds") for v in ("-1", "0", "nan", "x")),
+    *((SWEEP, {"--noise": v}, "--noise") for v in ("-1", "inf")),
+    *((SWEEP, {"--cv2": v}, "--cv2") for v in ("0", "-4", "nan")),
+    *((SWEEP, {"--load": v}, "--load") for v in ("0", "-1")),
+    *((SWEEP, {"--depth": v}, "--depth") for v in ("1", "1.5", "-0.1")),
+    *((SWEEP, {"--scenario": v}, "--scenario") for v in ("a/b", "/x", "", ".", "..", "x" * 300)),
+    (SWEEP, {"--traces": "0"}, "--traces"),
+    (SWEEP, {"--seed": "-1"}, "--seed"),
+    (SWEEP, {"--out": "A_FILE"}, "--out"),
+    (SWEEP, {"--out": ""}, "--out"),
+]
+
+
+@pytest.mark.parametrize("base,change,flag", SIM_CASES,
+                         ids=[" ".join(f"{k}={v}" for k, v in c.items())[:60] for _, c, _ in SIM_CASES])
+def test_serving_sim_refuses_a_bad_flag_before_any_work(base, change, flag, files, capsys, monkeypatch):
+    for work in ("sweep", "replay"):
+        monkeypatch.setattr(serving_sim, work, lambda *a, **k: pytest.fail("simulated despite a bad flag"))
+    refused(serving_sim.main, argv(base, change, files), flag, "serving_sim.py", capsys)
+    assert not Path(files["OUT"]).exists()
+    assert Path(files["A_FILE"]).read_text() == "x"
+
+
+@pytest.mark.parametrize("base,change", [(SWEEP, {}), (REPLAY, {"--replay": "NO_SEED", "--seed": "200"})],
+                         ids=["sweep", "replay"])
+def test_serving_sim_runs_with_good_flags(base, change, files, capsys):
+    assert serving_sim.main(argv(base, change, files)) == 0
+    out = Path(files["OUT"])
+    assert sorted(p.name for p in out.iterdir()) == ["x.json", "x.md"]
+    result = json.loads((out / "x.json").read_text())
+    rates = [2.5] * 4 + [5.0] * 4 if base is REPLAY else [5.0] * len(serving_sim.SIM_POLICIES)
+    assert [r["rate"] for r in result["rows"]] == rates
+    assert "| 5 | adaptive |" in capsys.readouterr().out
+
+
+LOAD = {"--checkpoint": "CHECKPOINT", "--accuracy": "ACCURACY", "--slo-ms": "50", "--rates": "30,60", "--seconds": "1",
+        "--scenario": "x", "--out": "OUT"}
+LOAD_CASES = [
+    (LOAD, {"--checkpoint": "MISSING"}, "--checkpoint"),
+    (LOAD, {"--checkpoint": "NOT_JSON"}, "--checkpoint"),
+    (LOAD, {"--checkpoint": None}, "--checkpoint"),
+    (LOAD, {"--accuracy": None}, "--accuracy"),
+    (LOAD, {"--accuracy": "MISSING"}, "--accuracy"),
+    (LOAD, {"--accuracy": "NOT_JSON"}, "--accuracy"),
+    (LOAD, {"--accuracy": "NO_BASE_ACCURACY"}, "--accuracy"),
+    (LOAD, {"--accuracy": "FOUR_STAGE_ACCURACY"}, "--accuracy"),
+    (LOAD, {"--paper-resnet50": True}, "--paper-resnet50"),
+    (LOAD, {"--paper-resnet50": True, "--checkpoint": None}, "--accuracy"),
+    *((LOAD, {"--slo-ms": v}, "--slo-ms") for v in ("0", "-5", "nan")),
+    *((LOAD, {"--rates": v}, "--rates") for v in ("abc", "-5", "0", "inf", "30,,60", "30,30")),
+    *((LOAD, {"--seconds": v}, "--seconds") for v in ("-1", "0")),
+    (LOAD, {"--rounds": "0"}, "--rounds"),
+    *((LOAD, {"--cv2": v}, "--cv2") for v in ("3", "0", "inf")),
+    *((LOAD, {"--depth": v}, "--depth") for v in ("1", "-0.5")),
+    *((LOAD, {"--max-batch": v}, "--max-batch") for v in ("0", "2000", "x")),
+    *((LOAD, {"--threads": v}, "--threads") for v in ("0", "100000")),
+    (LOAD, {"--profile-iters": "0"}, "--profile-iters"),
+    (LOAD, {"--max-requests": "0"}, "--max-requests"),
+    *((LOAD, {"--timeline-rate": v}, "--timeline-rate") for v in ("45", "0", "x")),
+    *((LOAD, {"--policies": v}, "--policies") for v in ("super,foo", "super,super", "")),
+    (LOAD, {"--seed": "-1"}, "--seed"),
+    *((LOAD, {"--scenario": v}, "--scenario") for v in ("a/b", "", "..")),
+    pytest.param(LOAD, {"--out": "A_FILE"}, "--out", marks=needs_client),
+]
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """The load test's expensive steps (building ResNet-50, starting the server) raise ``Started``."""
+    def start(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(serving_load, "Server", start)
+    monkeypatch.setattr(serving_load, "paper_resnet50_checkpoint", start)
+
+
+@pytest.mark.parametrize("base,change,flag", LOAD_CASES,
+                         ids=[" ".join(f"{k}={v}" for k, v in getattr(case, "values", case)[1].items())[:60]
+                              for case in LOAD_CASES])
+def test_serving_load_refuses_a_bad_flag_before_starting_the_server(base, change, flag, files, capsys, no_server):
+    refused(serving_load.main, argv(base, change, files), flag, "serving_load.py", capsys)  # Started: too late
+    assert not Path(files["OUT"]).exists()
+    assert Path(files["A_FILE"]).read_text() == "x"
+
+
+@needs_client
+@pytest.mark.parametrize("change", [{}, {"--policies": "adaptive,base", "--timeline-rate": "30", "--threads": "1"},
+                                    {"--paper-resnet50": True, "--checkpoint": None, "--accuracy": None}])
+def test_serving_load_lets_good_flags_through_to_the_server(change, files, no_server):
+    with pytest.raises(Started):
+        serving_load.main(argv(LOAD, change, files))
+
+
+def test_serving_load_names_a_missing_client_before_starting_the_server(files, capsys, no_server, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "aiohttp" else find_spec(name, *a))
+    assert "pip install aiohttp" in refused(serving_load.main, argv(LOAD, {}, files), "aiohttp", "serving_load.py",
+                                            capsys)
+    assert not Path(files["OUT"]).exists()
