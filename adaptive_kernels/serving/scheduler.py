@@ -69,13 +69,22 @@ class Outcome:
     met: bool = False
 
 
+def _running_future() -> Future:
+    """A request's future, already running: ``cancel()`` returns False and the request is answered as any other (a
+    cancelled future would make the dispatcher's ``set_result`` raise and stop it, leaving every later request
+    unanswered)."""
+    future = Future()
+    future.set_running_or_notify_cancel()
+    return future
+
+
 @dataclass(eq=False)
 class _Request:
     x: np.ndarray | None  # the input (a float32 copy), when it is not in the ring
     pos: int | None  # its position in the ring (InputRing.put), None when it is not there
     arrival: float
     queued: Queued
-    future: Future = field(default_factory=Future)
+    future: Future = field(default_factory=_running_future)
 
 
 class InputRing:
@@ -209,8 +218,8 @@ class Scheduler:
         """Queue ``x`` (n, C, H, W) float32 (a tensor or a NumPy array; other dtypes are converted), to be answered
         within ``slo_s`` seconds; ``skip`` forces a sub-network (one of the servable ones). The input is copied
         here: changing ``x`` afterwards does not change the request. The future's result is a :class:`Served`;
-        its exception a :class:`Refused` (deadline, shutdown) or the engine's error. Bad input raises ValueError
-        (TypeError for a wrong type) here."""
+        its exception a :class:`Refused` (deadline, shutdown) or the engine's error; it cannot be cancelled (every
+        submitted request is answered). Bad input raises ValueError (TypeError for a wrong type) here."""
         if not isinstance(x, (torch.Tensor, np.ndarray)):
             raise TypeError(f"input must be a torch.Tensor or a NumPy array (N, C, H, W), got {type(x).__name__}")
         if isinstance(slo_s, bool) or not isinstance(slo_s, numbers.Real):

@@ -96,6 +96,26 @@ def test_scheduler_shutdown_answers_the_queue_and_refuses_later_requests():
     assert (stats.submitted, stats.served, stats.refused) == (41, 40, 1)
 
 
+def test_a_request_cannot_be_cancelled_and_the_dispatcher_answers_on():
+    # a caller cancelling a queued request's future (asyncio.wrap_future does when its task is cancelled) once made
+    # the dispatcher's set_result raise: its thread ended and every later request waited forever
+    hold = threading.Event()
+    scheduler = fake_scheduler(hold=hold)
+    try:
+        running = scheduler.submit(torch.ones(1, *SHAPE), 10.0)
+        while scheduler.stats().in_flight == 0:
+            time.sleep(1e-3)
+        queued = scheduler.submit(torch.ones(1, *SHAPE), 10.0)
+        assert not queued.cancel() and not running.cancel()
+        hold.set()
+        later = scheduler.submit(torch.ones(1, *SHAPE), 10.0)
+        assert all(f.result(timeout=10).skip for f in (running, queued, later))
+    finally:
+        hold.set()
+        scheduler.close()
+    assert scheduler.stats().served == 3
+
+
 def test_scheduler_knows_when_its_queue_is_fifo():
     # the policy's fifo shortcut is right only for alike requests with deadlines in arrival order
     hold = threading.Event()
