@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -170,6 +171,42 @@ def encode_infer_response(name: str, request: dict[str, Any], output: np.ndarray
                     headers={HEADER_LENGTH: str(len(header))})
 
 
+class _Answers:
+    """Hands the scheduler's answers, finished on its dispatcher thread, to the event loop with one wake-up per
+    burst: ``asyncio.wrap_future`` wakes the loop once per request (a write to its self-pipe and a GIL hand-over:
+    ~15 µs of the dispatcher's time per future, measured), so a batch of 16 cost the dispatcher ~0.2 ms before its
+    next engine call; here the first answer of a burst schedules one delivery and the rest join it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._ready: list[tuple[asyncio.Future, Future]] = []
+        self._lock = threading.Lock()
+
+    def watch(self, future: Future) -> asyncio.Future:
+        """An awaitable of ``future``'s outcome on this loop (call it on the loop's thread)."""
+        waiter = self.loop.create_future()
+        future.add_done_callback(lambda done: self._arrived(waiter, done))
+        return waiter
+
+    def _arrived(self, waiter: asyncio.Future, future: Future) -> None:  # any thread: where the future was finished
+        with self._lock:
+            self._ready.append((waiter, future))
+            first = len(self._ready) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the loop's thread
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for waiter, future in ready:
+            if waiter.done():  # cancelled: the client went away
+                continue
+            if (error := future.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
+
+
 def _error(message: str, status: int) -> Response:
     return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
 
@@ -180,6 +217,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
     parameters and in the server metadata."""
     app = FastAPI(title=f"adaptive_kernels: {name}", version=__version__)
     app.state.metrics = Metrics(scheduler)
+    app.state.answers = None  # an _Answers, made on the first request, on the loop that serves
     metadata = {
         "name": name, "versions": ["1"], "platform": f"adaptive_kernels_{scheduler.engine.mechanism}",
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *scheduler.image_shape]}],
@@ -224,8 +262,11 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
             future = scheduler.submit(x, slo / 1e3, parameters.get("skip"))
         except (ValueError, TypeError) as e:  # the request's mistake (a skip of a wrong type is a TypeError)
             return _error(str(e), getattr(e, "status", 400))
+        loop = asyncio.get_running_loop()
+        if (answers := app.state.answers) is None or answers.loop is not loop:  # bound to the serving loop
+            answers = app.state.answers = _Answers(loop)
         try:
-            served = await asyncio.wrap_future(future)
+            served = await answers.watch(future)
         except Refused as e:
             return _error(str(e), 503)
         except Exception as e:  # noqa: BLE001 -- the engine failed: the client hears why
