@@ -78,12 +78,16 @@ class Metrics:
         for part in ("policy", "batching", "answering"):
             Gauge(f"adn_dispatch_{part}_seconds", f"dispatcher time in {part}, summed", registry=r).set_function(
                 lambda part=part: getattr(scheduler.counters, f"{part}_s"))
+        # each label's series resolved once (``labels()`` per request was a third of ``record``'s ~5 µs on the
+        # dispatcher) and so exported from the start at 0, as Prometheus advises
+        self._by_status = {status: self.requests.labels(status) for status in ("served", "refused", "failed")}
+        self._by_subnet = {skip_to_str(skip): self.served.labels(skip_to_str(skip)) for skip in scheduler.ranking}
         scheduler.listeners.append(self.record)
 
     def record(self, outcome: Outcome) -> None:
-        self.requests.labels(outcome.status).inc()
+        self._by_status[outcome.status].inc()
         if outcome.status == "served":
-            self.served.labels(outcome.skip).inc()
+            self._by_subnet[outcome.skip].inc()
             self.met.inc(outcome.met)
             self.latency.observe(outcome.latency_s)
             self.batch.observe(outcome.batch)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_kernels.models.skip import parse_skip
+from adaptive_kernels.models.skip import parse_skip, skip_to_str
 
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the [serve] extra)")
 pytest.importorskip("fastapi", reason="needs fastapi (the [serve] extra)")
@@ -68,6 +68,8 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics", timeout=10).read().decode()
     assert 'adn_requests_total{status="refused"} 1.0' in metrics
     assert 'adn_served_total{subnet="TFT"} 1.0' in metrics
+    assert all(f'adn_served_total{{subnet="{skip_to_str(s)}"}}' in metrics for s in scheduler.ranking)  # from 0 on
+    assert 'adn_requests_total{status="failed"} 0.0' in metrics
     assert "adn_queue_depth 0.0" in metrics
     rate = re.search(r"^adn_arrival_rate (\S+)$", metrics, re.MULTILINE)
     assert rate and float(rate.group(1)) > 0  # 4 arrivals so far: a rate
