@@ -298,6 +298,21 @@ def queue_behind_one_call(scheduler: Scheduler, engine: GatedEngine, inputs, slo
     return futures
 
 
+def serve_behind_one_call(scheduler: Scheduler, engine: GatedEngine, inputs, skips=None):
+    """:func:`queue_behind_one_call` once, then the scheduler closed (also when it fails)."""
+    try:
+        return queue_behind_one_call(scheduler, engine, inputs, skips=skips)
+    finally:
+        engine.gate.set()
+        scheduler.close()
+
+
+def batching_pays(skips, buckets=(1, 2, 4, 8, 16), padded: bool = False) -> LatencyModel:
+    """A profile where a batch costs less than its parts (the policy does not split it), alike for every skip."""
+    return LatencyModel({b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in buckets},
+                        padded=padded)
+
+
 def test_scheduler_batch_of_sixteen_distinct_inputs_answers_each_like_the_model_alone(small_model, small_plan):
     # 16 one-image requests queued behind a running call go to the engine as ONE batch of 16 (a view of the input
     # ring); each answer must be the model's on that request's own input, over enough rounds that the ring wraps
@@ -305,8 +320,7 @@ def test_scheduler_batch_of_sixteen_distinct_inputs_answers_each_like_the_model_
     engine = GatedEngine(small_plan.engine)
     skips = model.skip_configs()
     # a profile where batching pays (a batch costs less than its parts): the policy does not split the batch
-    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in (1, 2, 4, 8, 16)}
-    scheduler = Scheduler(engine, small_plan.example_input, LatencyModel(tables), small_plan.accuracy)
+    scheduler = Scheduler(engine, small_plan.example_input, batching_pays(skips), small_plan.accuracy)
     rounds = scheduler.ring.rows // 16 + 2
     g = torch.Generator().manual_seed(0)
     try:
@@ -336,18 +350,13 @@ def test_scheduler_mixed_queue_on_the_cpu_engine_answers_each_like_the_model_alo
     model = small_model
     engine = GatedEngine(small_plan.engine)
     skips = model.skip_configs()
-    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in (1, 2, 4, 8, 16)}
-    scheduler = Scheduler(engine, small_plan.example_input, LatencyModel(tables), small_plan.accuracy)
+    scheduler = Scheduler(engine, small_plan.example_input, batching_pays(skips), small_plan.accuracy)
     views, view = [], scheduler.ring.view  # one view per batch when its rows are consecutive, one per request if not
     monkeypatch.setattr(scheduler.ring, "view", lambda *args: views.append(args) or view(*args))
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(1 + (i % 3 == 1), 1, 16, 16, generator=g) for i in range(30)]
     forced = [skips[i % len(skips)] if i % 4 == 2 else None for i in range(30)]
-    try:
-        futures = queue_behind_one_call(scheduler, engine, inputs, skips=forced)
-    finally:
-        engine.gate.set()
-        scheduler.close()
+    futures = serve_behind_one_call(scheduler, engine, inputs, skips=forced)
     assert engine.inputs == {np.ndarray} and max(engine.batches) > 2  # batched, NumPy
     assert len(views) > len(engine.batches)  # some batch was stacked from rows apart in the ring
     with torch.no_grad():
@@ -382,19 +391,12 @@ def test_scheduler_pads_each_batch_to_its_bucket_and_answers_each_request_from_i
     engine = GatedEngine(PaddedEngine(model))
     skips = model.skip_configs()
     buckets = (1, 2, 4)
-    tables = {b: {skip_to_str(s): 10.0 * (1 + 0.5 * (b - 1)) for s in skips} for b in buckets}
-    accuracy = {s: 90.0 - sum(s) for s in skips}
-    scheduler = Scheduler(engine, torch.zeros(1, 1, 16, 16, dtype=torch.float64), LatencyModel(tables, padded=True),
-                          accuracy)
+    scheduler = Scheduler(engine, torch.zeros(1, 1, 16, 16, dtype=torch.float64),
+                          batching_pays(skips, buckets, padded=True), {s: 90.0 - sum(s) for s in skips})
     g = torch.Generator().manual_seed(2)
     inputs = [torch.randn(3 if i % 5 == 2 else 1, 1, 16, 16, generator=g) for i in range(40)]
     forced = [skips[i % len(skips)] if i % 7 == 3 else None for i in range(40)]
-    try:
-        futures = queue_behind_one_call(scheduler, engine, inputs, skips=forced)
-    finally:
-        engine.gate.set()
-        scheduler.close()
-    served = [f.result() for f in futures]
+    served = [f.result() for f in serve_behind_one_call(scheduler, engine, inputs, skips=forced)]
     assert set(engine.batches) <= set(buckets) and engine.inputs == {torch.Tensor}
     assert engine.engine.dtypes == {torch.float64}
     assert {s.batch for s in served} - set(buckets)  # some batch (3 images) ran padded to 4
@@ -526,11 +528,7 @@ def test_scheduler_splits_a_batch_only_where_the_profile_saves_more_than_its_own
         tables = {b: {skip_to_str(s): us[b] for s in SKIPS} for b in (1, 2, 4, 8)}
         scheduler = Scheduler(engine, torch.zeros(1, *SHAPE), LatencyModel(tables), {s: 90.0 - sum(s) for s in SKIPS})
         inputs = [torch.randn(1, *SHAPE) for _ in range(9)]
-        try:
-            futures = queue_behind_one_call(scheduler, engine, inputs)
-        finally:
-            engine.gate.set()
-            scheduler.close()
+        futures = serve_behind_one_call(scheduler, engine, inputs)
         for x, future in zip(inputs, futures):
             torch.testing.assert_close(future.result().output, x.flatten(1), rtol=0, atol=0)
         return engine.batches, scheduler.overhead
