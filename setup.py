@@ -182,9 +182,10 @@ if __name__ == "__main__":
             "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
             # compile(..., mechanism="openvino"): the CPU engine on OpenVINO, fp32 and (with NNCF) INT8
             "openvino": ["onnx>=1.16", "onnxscript>=0.2", "openvino>=2025.0", "nncf>=2.16"],
-            # the SLO-aware server (adaptive_kernels.serving.http, serving.ray) and its stock client for the tests
+            # the SLO-aware server (adaptive_kernels.serving.http, serving.ray), its stock client for the tests and
+            # the load test's open-loop client (bench/serving_load.py: aiohttp, until now only through ray[serve])
             "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "tritonclient[http]>=2.40",
-                      "ray[serve]>=2.30"],
+                      "ray[serve]>=2.30", "aiohttp>=3.9"],
             "test": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "torchvision>=0.26", "matplotlib"],
         },
         entry_points={"console_scripts": ["adaptive-kernels=adaptive_kernels.__main__:main"]},
