@@ -25,6 +25,7 @@ if onnxruntime_unavailable() is not None:
     pytest.skip("needs onnxruntime (the [onnx] extra)", allow_module_level=True)
 
 import ray
+from ray import serve
 
 from adaptive_kernels.serving.ray import deploy
 
@@ -71,43 +72,83 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
     assert not ray.is_initialized()
 
 
+def infer_through(server, model, x) -> set[str]:
+    """Send ``x`` row by row through ``server`` with a stock client, 8 at a time, every 12th request with an
+    impossible SLO and every 12th another forcing TFT; check each answer against the torch model's output of the
+    sub-network the response names and that nothing is lost; return the replicas that answered."""
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"), concurrency=8)
+    assert client.is_model_ready(server.name)
+    pending = []
+    for i in range(len(x)):
+        inp = httpclient.InferInput("input", [1, *x.shape[1:]], "FP32")
+        inp.set_data_from_numpy(x[i:i + 1].numpy(), binary_data=True)
+        parameters = {"slo_ms": 1e-6} if i % 12 == 5 else {"skip": "TFT"} if i % 12 == 7 else None
+        pending.append(client.async_infer(server.name, [inp], parameters=parameters))
+    served, refused, replicas = 0, 0, set()
+    for i, request in enumerate(pending):
+        try:
+            result = request.get_result(timeout=60)
+        except httpclient.InferenceServerException as e:
+            assert i % 12 == 5 and "request refused" in str(e), (i, e)  # only the impossible SLOs
+            refused += 1
+            continue
+        parameters = result.get_response()["parameters"]
+        replicas.add(parameters["replica"])
+        if i % 12 == 7:
+            assert parameters["skip"] == "TFT"
+        with torch.no_grad():
+            expected = model(x[i:i + 1], skip=parameters["skip"])
+        np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-4)
+        served += 1
+    client.close()
+    assert (served, refused) == (len(x) - len(x) // 12, len(x) // 12)  # nothing lost
+    return replicas
+
+
 @pytest.mark.slow
 def test_ray_two_replicas_serve_the_model(checkpoint):
     path, model = checkpoint
     accuracy = {skip_to_str(s): 90.0 - sum(s) for s in model.skip_configs()}
     x = torch.randn(48, 1, 16, 16)
     with deploy(path, slo_ms=5000.0, accuracy=accuracy, replicas=2, max_batch=4, port=0, profile_iters=3) as server:
-        address = server.url.removeprefix("http://")
-        client = httpclient.InferenceServerClient(address, concurrency=8)
-        assert client.is_model_ready(server.name)
-        pending = []
-        for i in range(len(x)):
-            inp = httpclient.InferInput("input", [1, 1, 16, 16], "FP32")
-            inp.set_data_from_numpy(x[i:i + 1].numpy(), binary_data=True)
-            parameters = {"slo_ms": 1e-6} if i % 12 == 5 else {"skip": "TFT"} if i % 12 == 7 else None
-            pending.append(client.async_infer(server.name, [inp], parameters=parameters))
-        served, refused, replicas = 0, 0, set()
-        for i, request in enumerate(pending):
-            try:
-                result = request.get_result(timeout=60)
-            except httpclient.InferenceServerException as e:
-                assert i % 12 == 5 and "request refused" in str(e), (i, e)  # only the impossible SLOs
-                refused += 1
-                continue
-            parameters = result.get_response()["parameters"]
-            replicas.add(parameters["replica"])
-            if i % 12 == 7:
-                assert parameters["skip"] == "TFT"
-            with torch.no_grad():
-                expected = model(x[i:i + 1], skip=parameters["skip"])
-            np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-4)
-            served += 1
-        client.close()
-        assert (served, refused) == (len(x) - 4, 4)  # nothing lost
+        replicas = infer_through(server, model, x)
         assert len(replicas) == 2, replicas  # both replicas answered
     assert not ray.is_initialized()
     with socket.socket() as probe:  # the proxy is gone
-        assert probe.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) != 0
+        assert probe.connect_ex(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) != 0
+
+
+@pytest.mark.slow
+def test_ray_replicas_on_two_nodes_of_a_running_cluster(checkpoint, monkeypatch):
+    """The cluster path (``serve --ray-address auto``, docs/serving.md): a running Ray cluster of two nodes (two
+    raylets with their own object stores, here on one machine) with one CPU each, so the two one-CPU replicas land
+    one per node; ``address="auto"`` finds it through RAY_ADDRESS as ``ray start`` leaves it. Both replicas answer
+    with the model's outputs; stopping deletes the application and disconnects, and the cluster runs on."""
+    from ray.cluster_utils import Cluster
+
+    path, model = checkpoint
+    accuracy = {skip_to_str(s): 90.0 - sum(s) for s in model.skip_configs()}
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        with deploy(path, slo_ms=5000.0, accuracy=accuracy, replicas=2, max_batch=4, port=0, profile_iters=3,
+                    address="auto") as server:
+            assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+            assert ray.cluster_resources()["CPU"] == 2 and ray.available_resources().get("CPU", 0) == 0  # 1 per node
+            replicas = infer_through(server, model, torch.randn(48, 1, 16, 16))
+            assert len(replicas) == 2, replicas
+        assert not ray.is_initialized()  # disconnected
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the cluster runs on
+            assert server.app_name not in serve.status().applications  # without the application
+        finally:
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
 
 
 @pytest.mark.slow
