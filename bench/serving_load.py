@@ -60,15 +60,17 @@ depth_fraction = float_range(0.0, 1.0, high_open=True)
 
 
 def bursty_trace(seconds: float, mean_rate: float, cv2: float, seed: int, period_s: float | None = None,
-                 depth: float = 0.5) -> np.ndarray:
+                 depth: float = 0.5, limit: int | None = None) -> np.ndarray:
     """Arrival times (s) over ``seconds``: a Gamma renewal process (shape 1/cv2: squared coefficient of variation
     ``cv2`` of the inter-arrivals) run on a clock whose rate is ``mean_rate * (1 + depth * sin(2 pi t / period))``
-    (time rescaling: the process's own inter-arrivals stay Gamma, the rate varies)."""
+    (time rescaling: the process's own inter-arrivals stay Gamma, the rate varies). ``limit``: at most that many,
+    the first ones (the same as without it: the gaps are drawn in order), and only that many drawn."""
     rng = np.random.default_rng(seed)
     period_s = period_s or seconds / 2
     shape = 1.0 / cv2
     expected = mean_rate * seconds
-    gaps = rng.gamma(shape, 1.0 / shape, size=int(expected * 1.5 + 100))  # unit mean
+    drawn = int(expected * 1.5 + 100) if limit is None else min(int(expected * 1.5 + 100), limit)
+    gaps = rng.gamma(shape, 1.0 / shape, size=drawn)  # unit mean
     operational = np.cumsum(gaps)
     grid = np.linspace(0.0, seconds, 20001)
     cumulative = mean_rate * (grid + depth * period_s / (2 * np.pi) * (1 - np.cos(2 * np.pi * grid / period_s)))
@@ -163,7 +165,7 @@ async def replay(url: str, arrivals: np.ndarray, body: bytes, headers: dict[str,
 def summarize(records: list[dict], accuracy: dict[str, float], slo_ms: float, seconds: float) -> dict:
     """One row: counts, SLO attainment (server's deadline and client-measured), accuracy, latency, throughput."""
     served = [r for r in records if r.get("status") == "served"]
-    latencies = np.array([r["latency"] for r in served]) * 1e3 if served else np.array([np.nan])
+    latencies = np.array([r["latency"] for r in served]) * 1e3
     counts = {s: sum(r.get("status") == s for r in records) for s in ("served", "refused", "lost")}
     sent = len(records)
     by_skip: dict[str, int] = {}
@@ -175,7 +177,9 @@ def summarize(records: list[dict], accuracy: dict[str, float], slo_ms: float, se
         "slo_attainment": sum(r["met"] for r in served) / sent if sent else 1.0,
         "slo_attainment_client": sum(r["latency"] * 1e3 <= slo_ms for r in served) / sent if sent else 1.0,
         "mean_accuracy": float(np.mean([accuracy[r["skip"]] for r in served])) if served else None,
-        "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+        # None, not NaN, when nothing was served (a tiny rate x seconds): JSON has no NaN
+        "p50_ms": float(np.percentile(latencies, 50)) if served else None,
+        "p99_ms": float(np.percentile(latencies, 99)) if served else None,
         "throughput_per_s": len(served) / seconds,
         "mean_batch": float(np.mean([r["batch"] for r in served])) if served else None,
         "max_send_lag_ms": max((r.get("lag", 0.0) for r in records), default=0.0) * 1e3,
@@ -295,6 +299,11 @@ def plot_timeline(traces: dict[str, list[dict]], arrivals: np.ndarray, accuracy:
     plt.close(fig)
 
 
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; "-" for None (nothing served: no accuracy, batch or latency)."""
+    return "-" if value is None else format(value, spec)
+
+
 def markdown(result: dict) -> str:
     """The result as a table, one row per (rate, way of serving)."""
     m = result["machine"]
@@ -312,11 +321,11 @@ def markdown(result: dict) -> str:
              "mean accuracy | p50 ms | p99 ms | throughput /s | mean batch |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        acc = "-" if row["mean_accuracy"] is None else f"{row['mean_accuracy']:.2f}"
-        batch = "-" if row["mean_batch"] is None else f"{row['mean_batch']:.1f}"
+        acc, batch, p50, p99 = (fmt(row[key], spec) for key, spec in (("mean_accuracy", ".2f"), ("mean_batch", ".1f"),
+                                                                       ("p50_ms", ".2f"), ("p99_ms", ".2f")))
         lines.append(f"| {row['rate']:g} | {row['policy']} | {row['sent']} | {row['served']} | {row['refused']} | "
                      f"{row['lost']} | {row['slo_attainment']:.3f} | {row['slo_attainment_client']:.3f} | {acc} | "
-                     f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['throughput_per_s']:.1f} | {batch} |")
+                     f"{p50} | {p99} | {row['throughput_per_s']:.1f} | {batch} |")
     o, i = result["overhead"], result["overhead"]["isolated"]
     base, n = o["base_batch1_us"], result["max_batch"]
     lines += ["", (f"Dispatcher time outside the engine per engine call, in the server under load (shares the GIL with "
@@ -498,7 +507,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
         t0 = time.perf_counter()
         for r in range(args.rounds):
             arrivals = bursty_trace(args.seconds / args.rounds, rate, args.cv2, args.seed + r,
-                                    depth=args.depth)[: args.max_requests]
+                                    depth=args.depth, limit=args.max_requests)
             for policy in (policies if r % 2 == 0 else policies[::-1]):
                 body, headers = request_body(image, args.slo_ms, forced[policy])
                 got = asyncio.run(replay(url, arrivals, body, headers, timeout_s=args.slo_ms / 1e3 * 20 + 30))
@@ -512,8 +521,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
             rows.append(row)
             print(f"[load] rate {rate:g}/s {policy:>8}: sent {row['sent']}, served {row['served']}, refused "
                   f"{row['refused']}, lost {row['lost']}; SLO {row['slo_attainment']:.3f}, accuracy "
-                  f"{row['mean_accuracy'] if row['mean_accuracy'] is None else round(row['mean_accuracy'], 2)}, "
-                  f"p99 {row['p99_ms']:.1f} ms", flush=True)
+                  f"{fmt(row['mean_accuracy'], '.2f')}, p99 {fmt(row['p99_ms'], '.1f')} ms", flush=True)
         print(f"[load] rate {rate:g}/s: {args.rounds} rounds in {time.perf_counter() - t0:.0f} s", flush=True)
     after = server_metrics(server.port)
     batches = max(after["adn_batches"] - before["adn_batches"], 1.0)
@@ -524,7 +532,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
     timeline = args.out / f"{args.scenario}_timeline.png"
     args.out.mkdir(parents=True, exist_ok=True)
     arrivals = bursty_trace(args.seconds / args.rounds, timeline_rate, args.cv2, args.seed,
-                            depth=args.depth)[: args.max_requests]
+                            depth=args.depth, limit=args.max_requests)
     plot_timeline(traces, arrivals, accuracy, args.slo_ms, args.seconds / args.rounds,
                   f"{server.name}, mean {timeline_rate:g} req/s, SLO {args.slo_ms:g} ms", timeline)
     return {"scenario": args.scenario, "model": server.name, "slo_ms": args.slo_ms, "max_batch": args.max_batch,

@@ -58,6 +58,7 @@ from bench.serving_load import (
     bursty_trace,
     depth_fraction,
     file_name,
+    fmt,
     machine,
     rate_list,
     static_pick,
@@ -72,6 +73,8 @@ SWEEP_NEEDS = {"latency_us": dict, "accuracy": dict, "slo_ms": float, "max_batch
                "accuracy_source": str, "machine": dict}
 REPLAY_NEEDS = {"latency_us": dict, "accuracy": dict, "slo_ms": float, "max_batch": int, "machine": dict,
                 "seconds": float, "rounds": int, "cv2": float, "depth": float, "forced": dict, "rows": list}
+#: the most requests one simulated trace may be expected to hold (rate x seconds): its arrays and its minutes
+MAX_TRACE_REQUESTS = 1_000_000
 MACHINE_NEEDS = ("cpu", "cores", "torch", "onnxruntime", "git", "date")
 
 
@@ -163,8 +166,8 @@ def sweep(profile: dict, rates: list[float], seconds: float, traces: int, cv2: f
                 "vs_base": float((attainment - base).mean()), "vs_base_se": _se(attainment - base),
                 "mean_accuracy": (sum(r["mean_accuracy"] * r["served"] for r in got if r["served"]) / served
                                   if served else None),
-                "p99_ms": float(np.mean([r["p99_ms"] for r in got])),
-                "mean_batch": float(np.mean([r["mean_batch"] for r in got if r["mean_batch"] is not None])),
+                "p99_ms": _mean_of_present([r["p99_ms"] for r in got]),
+                "mean_batch": _mean_of_present([r["mean_batch"] for r in got]),
             })
     return rows
 
@@ -179,8 +182,8 @@ def replay(result: dict, seed: int, load: float, noise: float, repeats: int) -> 
     shares = [ReserveShare() for _ in range(repeats)]
     for http in result["rows"]:
         rate, policy = http["rate"], http["policy"]
-        traces = [bursty_trace(length, rate, result["cv2"], seed + r,
-                               depth=result["depth"])[:result.get("max_requests")] for r in range(result["rounds"])]
+        traces = [bursty_trace(length, rate, result["cv2"], seed + r, depth=result["depth"],
+                               limit=result.get("max_requests")) for r in range(result["rounds"])]
         forced = result["forced"][policy]
         runs = []
         for k in range(repeats):
@@ -225,6 +228,12 @@ def _share_settings() -> str:
     share = ReserveShare()
     return (f"ReserveShare {share.low:g}..{share.high:g}, budget {share.budget:g} of the latest "
             f"{share.window} outcomes")
+
+
+def _mean_of_present(values: list[float | None]) -> float | None:
+    """The mean of the values that are there (a trace with nothing served has no p99 or batch), None if none is."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def _se(values: np.ndarray) -> float:
@@ -272,10 +281,9 @@ def markdown(result: dict) -> str:
              ("| rate (req/s) | serving | sent | refused | SLO attainment ± SE | - base ± SE | mean accuracy | p99 ms "
               "| mean batch |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        acc = "-" if r["mean_accuracy"] is None else f"{r['mean_accuracy']:.2f}"
         lines.append(f"| {r['rate']:g} | {r['policy']} | {r['sent']} | {r['refused']} | {r['slo_attainment']:.4f} ± "
-                     f"{r['slo_attainment_se']:.4f} | {r['vs_base']:+.4f} ± {r['vs_base_se']:.4f} | {acc} | "
-                     f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} |")
+                     f"{r['slo_attainment_se']:.4f} | {r['vs_base']:+.4f} ± {r['vs_base_se']:.4f} | "
+                     f"{fmt(r['mean_accuracy'], '.2f')} | {fmt(r['p99_ms'], '.1f')} | {fmt(r['mean_batch'], '.2f')} |")
     lines += ["", f"Goal (halfway accuracy {result['goals'][0]['halfway']:.2f}):", "",
               "| rate | base ≥ 0.99 | adaptive ≥ 0.99 | adaptive ≥ base - 2 SE | accuracy ≥ halfway |",
               "|---|---|---|---|---|"]
@@ -343,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'it' if len(sweep_only) == 1 else 'them'}")
     if args.replay is None and (args.profile is None or args.rates is None):
         p.error("give --profile and --rates (a sweep), or --replay RESULT (that run's own traces)")
+    if args.replay is None and max(args.rates) * args.seconds > MAX_TRACE_REQUESTS:
+        p.error(f"--rates {max(args.rates):g} x --seconds {args.seconds:g} makes traces of ~"
+                f"{max(args.rates) * args.seconds:,.0f} requests; at most {MAX_TRACE_REQUESTS:,}: lower one of them")
     try:
         if args.replay is not None:
             result = read_result(args.replay, "--replay", REPLAY_NEEDS)

@@ -8,6 +8,7 @@ called from the dispatcher thread alone. Every submitted request ends as exactly
 
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 import time
@@ -230,8 +231,8 @@ class Scheduler:
         if not 1 <= x.shape[0] <= self.max_batch:
             raise ValueError(f"input has batch {x.shape[0]}; this server takes 1..{self.max_batch} images per request "
                              f"(--max-batch): split it")
-        if not slo_s > 0:
-            raise ValueError(f"the SLO must be a positive number of seconds, got {slo_s!r}")
+        if not 0 < slo_s < math.inf:  # NaN fails too; an infinite one would never be refused nor count as late
+            raise ValueError(f"the SLO must be a positive, finite number of seconds, got {slo_s!r}")
         forced = None
         if skip is not None:
             forced = parse_skip(skip, self.latency.num_stages)

@@ -102,6 +102,7 @@ SIM_CASES = [
     *((SWEEP, {"--load": v}, "--load") for v in ("0", "-1")),
     *((SWEEP, {"--depth": v}, "--depth") for v in ("1", "1.5", "-0.1")),
     *((SWEEP, {"--scenario": v}, "--scenario") for v in ("a/b", "/x", "", ".", "..", "x" * 300)),
+    (SWEEP, {"--rates": "5,200000", "--seconds": "10"}, "--rates 200000 x --seconds 10"),  # 2e6 requests a trace
     (SWEEP, {"--traces": "0"}, "--traces"),
     (SWEEP, {"--seed": "-1"}, "--seed"),
     (SWEEP, {"--out": "A_FILE"}, "--out"),
@@ -129,6 +130,16 @@ def test_serving_sim_runs_with_good_flags(base, change, files, capsys):
     rates = [2.5] * 4 + [5.0] * 4 if base is REPLAY else [5.0] * len(serving_sim.SIM_POLICIES)
     assert [r["rate"] for r in result["rows"]] == rates
     assert "| 5 | adaptive |" in capsys.readouterr().out
+
+
+def test_serving_sim_writes_strict_json_for_a_trace_with_nothing_in_it(files):
+    # 0.001 req/s x 1 s: traces with no request (no latency, accuracy or batch to report): strict JSON, "-" in the md
+    assert serving_sim.main(argv(SWEEP, {"--rates": "0.001", "--traces": "2"}, files)) == 0
+    text = (Path(files["OUT"]) / "x.json").read_text()
+    rows = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["rows"]
+    assert {(r["sent"], r["p99_ms"], r["mean_batch"]) for r in rows} == {(0, None, None)}
+    assert "| 0.001 | adaptive | 0 | 0 | 1.0000 ± 0.0000 | +0.0000 ± 0.0000 | - | - | - |" in (
+        Path(files["OUT"]) / "x.md").read_text()
 
 
 LOAD = {"--checkpoint": "CHECKPOINT", "--accuracy": "ACCURACY", "--slo-ms": "50", "--rates": "30,60", "--seconds": "1",

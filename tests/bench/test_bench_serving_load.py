@@ -18,6 +18,24 @@ def test_bursty_trace_has_the_asked_rate_and_burstiness():
     assert first > 1.3 * second  # the sine's high half, then its low half
 
 
+def test_bursty_trace_limit_keeps_the_first_arrivals_and_draws_no_more():
+    full = bursty_trace(20.0, 50.0, cv2=4.0, seed=3)
+    assert len(full) > 500
+    np.testing.assert_array_equal(bursty_trace(20.0, 50.0, cv2=4.0, seed=3, limit=500), full[:500])
+    np.testing.assert_array_equal(bursty_trace(20.0, 50.0, cv2=4.0, seed=3, limit=10**6), full)
+    # 1e12 expected requests: drawing them all would ask numpy for terabytes (MemoryError); the limit draws 100
+    assert len(bursty_trace(1e3, 1e9, cv2=4.0, seed=0, limit=100)) == 100
+
+
+def test_summary_of_nothing_served_is_strict_json():
+    import json
+
+    row = summarize([{"status": "refused"}], {"FF": 90.0, "TT": 88.0}, slo_ms=5.0, seconds=1.0)
+    assert (row["p50_ms"], row["p99_ms"], row["mean_accuracy"], row["mean_batch"]) == (None, None, None, None)
+    json.dumps(row, allow_nan=False)  # NaN is not JSON
+    assert summarize([], {"FF": 90.0}, slo_ms=5.0, seconds=1.0)["sent"] == 0
+
+
 def test_summary_counts_every_request():
     records = [{"status": "served", "latency": 0.002, "skip": "FF", "batch": 2, "met": True},
                {"status": "served", "latency": 0.009, "skip": "TT", "batch": 1, "met": False},

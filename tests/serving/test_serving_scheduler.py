@@ -223,8 +223,9 @@ def test_scheduler_rejects_bad_input_in_one_line():
             scheduler.submit(torch.ones(1, 3, 4, 4), 1.0)
         with pytest.raises(ValueError, match="1..4 images per request"):
             scheduler.submit(torch.ones(5, *SHAPE), 1.0)
-        with pytest.raises(ValueError, match="positive"):
-            scheduler.submit(torch.ones(1, *SHAPE), 0.0)
+        for slo_s in (0.0, -1.0, math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"the SLO must be a positive, finite number of seconds, got {slo_s}"):
+                scheduler.submit(torch.ones(1, *SHAPE), slo_s)
         with pytest.raises(ValueError, match="skip|stages"):
             scheduler.submit(torch.ones(1, *SHAPE), 1.0, skip="TFT")
         with pytest.raises(TypeError, match="input must be a torch.Tensor or a NumPy array .*, got list"):
