@@ -10,6 +10,11 @@ measurable. The model is the demo's base net (ResNet-20-ADN width 8, 1 x 28 x 28
             SLOs: one pass); at an arrival rate the base-net at full batch just keeps up with (the reserve, step 4,
             decides). ``share_of_base_b1`` = median / base-net batch-1 latency. The median is over rounds of
             ``CALLS`` decisions each (a single decision is too short for the clock).
+  policy_after_idle  the same fifo decision (queues of 1 and 16) as the server's dispatcher meets it: each one
+            timed alone right after its thread slept ``idle_us`` (100 µs, 1 ms: waiting for a request, or for the
+            GIL), ``provider="fifo, after idle"``; and the same decision again at once, ``"fifo, repeated"`` (what the
+            rows above measure). A thread that waited runs with cold caches on a shared (virtual) machine; inside
+            the HTTP server the dispatcher's policy time is this, not the warm figure (docs/serving.md).
   batching  what the dispatcher does to a batch of 1 or 16 one-image inputs before the engine call, in
             interleaved rounds (same sitting): ``provider="ring"`` the scheduler's ``_batch_input`` (a view of its
             input ring), ``"torch.cat"`` what it did before (``torch.cat`` of the requests' tensors, ``.to``).
@@ -103,6 +108,34 @@ def test_policy_cost(benchmark_or_none, rows, plan, n):
         timing = per_decision(measure(decide, benchmark, warmup=1, rounds=ROUNDS))
         rows.add(make_policy_row(provider, timing, base_b1, common, metric="policy", served=decision.batch,
                                  skip=skip_to_str(decision.skip)))
+
+
+@pytest.mark.parametrize("idle_us", (100, 1000))
+def test_policy_cost_after_idle(rows, plan, idle_us):
+    latency = plan.latency
+    costs = Costs.build(latency.profiled, rank_by_accuracy(plan.accuracy, latency.predict), MAX_BATCH)
+    base_b1 = min(latency.profiled(s, 1) for s in plan.accuracy) * 1e6
+    now, factor = 100.0, latency.factor
+    base = min(plan.accuracy, key=lambda s: latency.profiled(s, 1))
+    rate = MAX_BATCH / latency.profiled(base, MAX_BATCH)
+    clock = time.perf_counter_ns
+    for n in (1, MAX_BATCH):
+        queue = queues(plan, n, now)["fifo"]
+        decision = plan_dispatch(queue, now, costs, factor, fifo=True, rate=rate)
+        cold, warm = [], []
+        for _ in range(ROUNDS * 100):
+            time.sleep(idle_us / 1e6)
+            start = clock()
+            plan_dispatch(queue, now, costs, factor, fifo=True, rate=rate)
+            between = clock()
+            plan_dispatch(queue, now, costs, factor, fifo=True, rate=rate)
+            cold.append((between - start) / 1e3)
+            warm.append((clock() - between) / 1e3)
+        common = {"model": MODEL, "batch": n, "dtype": torch.float32, "macs": None, "base_b1_us": round(base_b1, 3),
+                  "idle_us": idle_us}
+        for provider, samples in (("fifo, after idle", cold), ("fifo, repeated", warm)):
+            rows.add(make_policy_row(provider, Timing(samples), base_b1, common, metric="policy_after_idle",
+                                     served=decision.batch, skip=skip_to_str(decision.skip)))
 
 
 def interleaved(candidates: dict[str, object]) -> dict[str, Timing]:
