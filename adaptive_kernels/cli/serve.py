@@ -83,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         from ..serving.http import HttpServer, bind_socket, create_app
         if args.ray_replicas:
-            from ..serving.ray import deploy
+            from ..serving.ray import check_cluster, deploy
     except ImportError as e:
         raise ImportError(f"serve needs the [serve] extra ({e.name} is not installed): "
                           f"pip install 'adaptive_kernels[serve]'") from None
     if args.ray_address and not args.ray_replicas:
         raise ValueError("--ray-address needs --ray-replicas N (the replicas to run on that cluster)")
+    if args.ray_replicas:
+        check_cluster(args.ray_address)  # before measuring accuracies or profiling: Ray would retry for minutes
     int8 = int8_sample(args.checkpoint) if args.int8 else None  # before any work: the checkpoint must keep them
     device = str(resolve_device(args.device))
     if args.int8:

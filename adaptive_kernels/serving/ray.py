@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,42 @@ from .scheduler import Scheduler
 
 #: the object store of a Ray started here (bytes): replicas exchange only requests and answers through it
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+#: how long ``check_cluster`` waits for a cluster's address to accept a connection (Ray itself retries for minutes)
+CLUSTER_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_cluster(address: str | None) -> None:
+    """Fail at once, before any work, when ``address`` (``deploy``'s; ``serve --ray-address``) reaches no running
+    Ray cluster: "auto" must find one (RAY_ADDRESS, or the cluster ``ray start`` recorded on this machine), and
+    ``HOST:PORT`` / ``ray://HOST:PORT`` must accept a TCP connection within CLUSTER_CONNECT_TIMEOUT_S (ray.init
+    would log retries for minutes). None (start a local Ray) passes. Raises ValueError, one line."""
+    if address is None:
+        return
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+        except ImportError:  # another Ray: ray.init finds it or fails, wrapped in deploy
+            return
+        try:
+            target = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise ValueError("address 'auto' finds no running Ray cluster (RAY_ADDRESS is not set and `ray start` "
+                             "has recorded none on this machine): start one (`ray start --head`), set RAY_ADDRESS "
+                             "or give HOST:PORT, or give no address to start a local Ray") from None
+        if not isinstance(target, str) or target == "auto":
+            return
+    host, colon, port = target.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"address {address!r}: give auto, HOST:PORT (the head node's GCS, as `ray start --head` "
+                         f"prints it) or ray://HOST:PORT (Ray Client)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        reached = "" if target == address else f" (found by {address!r})"
+        raise ValueError(f"no Ray cluster answers at {target}{reached}: {e.strerror or e}; check the head node's "
+                         f"address and port (`ray start --head` prints them), or give no address to start a local "
+                         f"Ray") from None
 
 
 @serve.ingress()
@@ -117,13 +154,13 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
     (and Ray CPUs) per replica; device "cuda" gives each replica one GPU. int8: each replica serves INT8 on OpenVINO
     (CPU only), ranged on the images ``calibrate --int8-images`` kept in the checkpoint (``accuracy`` should then be
     the INT8 engine's, as ``serve`` measures it: ``compile_engine`` builds the same engine). address: "auto" or
-    "ray://..." joins a running cluster, where the package and the checkpoint path must exist on every node; None
-    uses the Ray this process already runs, else starts a local one (``address="local"``: never a cluster found by
-    chance) with ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import this
-    ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no images,
-    or a device other than the CPU), a miss_budget outside [0, 1) (each replica's ``Scheduler`` takes it) or a taken
-    port is a ValueError before Ray starts; a replica's start-up error (e.g. an SLO below the fastest sub-network) is
-    raised here.
+    "HOST:PORT" or "ray://..." joins a running cluster, where the package and the checkpoint path must exist on every
+    node; None uses the Ray this process already runs, else starts a local one (``address="local"``: never a cluster
+    found by chance) with ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import
+    this ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no
+    images, or a device other than the CPU), a miss_budget outside [0, 1) (each replica's ``Scheduler`` takes it), a
+    taken port or an ``address`` where no cluster answers (:func:`check_cluster`) is a ValueError before Ray starts;
+    a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here.
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
@@ -133,6 +170,7 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
     if isinstance(slo_ms, bool) or not isinstance(slo_ms, (int, float)) or not 0 < slo_ms < math.inf:
         raise ValueError(f"slo_ms must be a positive, finite number of milliseconds, got {slo_ms!r}")
     ReserveShare(budget=miss_budget)  # a bad budget fails here, not in every replica
+    check_cluster(address)  # a cluster that is not there fails now, not after minutes of Ray's retries
     model, model_name, _ = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
     if int8:
         check_int8_device(device)
@@ -149,7 +187,10 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
                  include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
     elif connected:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as e:  # gone since check_cluster, or a Ray that check_cluster could not ask
+            raise ValueError(f"address {address!r}: {e}") from None
     name = name or model_name
     app_name = f"adn-{name}"
     server = RayServer(f"http://{host}:{port}", name, app_name, started_ray=started_ray, connected=connected)

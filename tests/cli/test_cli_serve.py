@@ -108,6 +108,9 @@ def test_serve_on_ray_checks_its_flags_and_the_port_before_starting_ray(checkpoi
         line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--port",
                             str(port), "--ray-replicas", "2"], capsys)
     assert f"port {port} on 127.0.0.1 is in use" in line
+    line = serve_error(["--checkpoint", str(path), "--slo-ms", "10", "--data", "synthetic", "--ray-replicas", "2",
+                        "--ray-address", f"127.0.0.1:{port}"], capsys)  # closed now: before measuring accuracies
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in line
     assert not ray.is_initialized()
 
 

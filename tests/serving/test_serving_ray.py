@@ -39,7 +39,7 @@ def checkpoint(tmp_path):
     return path, model
 
 
-def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
+def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path, monkeypatch):
     path, _ = checkpoint
     accuracy = {"FFF": 90.0}
     with pytest.raises(ValueError, match="replicas must be a positive int"):
@@ -69,6 +69,17 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path):
         taken.listen(1)
         with pytest.raises(ValueError, match="is in use"):
             deploy(path, 10.0, accuracy, port=taken.getsockname()[1])
+        closed = taken.getsockname()[1]
+    # a cluster that is not there: at once, not after minutes of Ray's retries
+    with pytest.raises(ValueError, match=f"no Ray cluster answers at 127.0.0.1:{closed}: .*start a local Ray"):
+        deploy(path, 10.0, accuracy, address=f"127.0.0.1:{closed}")
+    with pytest.raises(ValueError, match=f"no Ray cluster answers at ray://127.0.0.1:{closed}"):
+        deploy(path, 10.0, accuracy, address=f"ray://127.0.0.1:{closed}")
+    with pytest.raises(ValueError, match="address 'head-node': give auto, HOST:PORT"):
+        deploy(path, 10.0, accuracy, address="head-node")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed}")  # what "auto" reads first
+    with pytest.raises(ValueError, match=f"no Ray cluster answers at 127.0.0.1:{closed} \\(found by 'auto'\\)"):
+        deploy(path, 10.0, accuracy, address="auto")
     assert not ray.is_initialized()
 
 
