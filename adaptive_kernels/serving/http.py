@@ -40,6 +40,11 @@ INPUT, OUTPUT = "input", "logits"
 #: would eat a millisecond SLO whole. The server sets 0.2 ms while it runs.
 SWITCH_INTERVAL_S = 2e-4
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: an infer request's body may hold this many bytes per input value of a full request (``--max-batch`` images), plus
+#: BODY_SLACK_BYTES of JSON: JSON text takes ~25 (a float32 as a double's repr and ", "), pretty-printed ~40, binary
+#: 4. A longer body is refused unread (413), so a wrong or hostile client cannot make the server buffer gigabytes.
+BODY_BYTES_PER_VALUE = 64
+BODY_SLACK_BYTES = 64 * 2**10
 
 
 class ProtocolError(ValueError):
@@ -48,6 +53,23 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or ProtocolError 413 as soon as it is known to exceed ``limit`` bytes: from its
+    Content-Length before reading anything, else (chunked) once the bytes read pass it."""
+    length = request.headers.get("content-length", "")
+    too_long = ProtocolError(f"request body over {limit} bytes: this server takes at most the --max-batch images of "
+                             f"one request (JSON or binary); send fewer per request", 413)
+    if length.isdigit() and int(length) > limit:
+        raise too_long
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_long
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Metrics:
@@ -231,6 +253,8 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
                        "latency_us": {str(b): t for b, t in scheduler.latency.table().items()}},
     }
 
+    body_limit = BODY_SLACK_BYTES + BODY_BYTES_PER_VALUE * scheduler.max_batch * math.prod(scheduler.image_shape)
+
     def known(model: str) -> Response | None:
         return None if model == name else _error(f"unknown model {model!r}; this server serves {name!r}", 404)
 
@@ -257,8 +281,8 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
         if (unknown := known(model)) is not None:
             return unknown
         try:
-            x, body, binary = decode_infer_request(await request.body(), request.headers.get(HEADER_LENGTH),
-                                                   scheduler.image_shape)
+            x, body, binary = decode_infer_request(await read_body(request, body_limit),
+                                                   request.headers.get(HEADER_LENGTH), scheduler.image_shape)
             parameters = body.get("parameters") or {}
             slo = parameters.get("slo_ms", slo_ms)
             if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not 0 < slo < math.inf:

@@ -126,6 +126,47 @@ def test_http_answers_a_malformed_request_with_one_line_and_keeps_serving(server
     assert post(http.port, json.dumps(good).encode())[0] == 200
 
 
+def raw_post(port: int, head: bytes, body: bytes) -> tuple[int, dict]:
+    """POST ``head`` (the header lines) and as much of ``body`` as the server takes; its status and JSON answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/r20/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head + b"\r\n")
+        try:
+            sock.sendall(body)
+        except OSError:  # the server answered and closed without reading it all
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", answer.lower()).group(1)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_http_refuses_a_body_larger_than_a_full_request_unread(server):
+    """A body longer than --max-batch images could take (64 bytes a value + 64 KiB: any JSON a client writes) is a
+    413 with one line, from its Content-Length before any of it is read, or (chunked) once it passes the limit; the
+    server keeps serving. A full batch of random values, pretty-printed, is within the limit."""
+    http, scheduler = server
+    limit = 64 * 2**10 + 64 * scheduler.max_batch * 256
+    code, answer = raw_post(http.port, b"Content-Type: application/json\r\nContent-Length: 10000000000\r\n",
+                            b"{" * 1000)  # announces 10 GB, sends 1 kB: answered at once
+    assert code == 413 and f"request body over {limit} bytes" in answer["error"] and "\n" not in answer["error"]
+    chunk = b"a" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 2)) + b"0\r\n\r\n"
+    code, answer = raw_post(http.port, b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", chunked)
+    assert code == 413 and f"request body over {limit} bytes" in answer["error"]
+    x = np.random.default_rng(0).standard_normal((scheduler.max_batch, 1, 16, 16)).astype(np.float32)
+    full = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}, indent=4).encode()
+    assert 30 < len(full) / x.size < 64 and len(full) < limit  # the most a client writes a value in, within
+    assert post(http.port, full)[0] == 200
+
+
 def test_a_batch_of_answers_reaches_the_event_loop_with_one_wake_up():
     # the dispatcher finishes a batch's futures in a row on its thread; each used to wake the loop on its own (~15 µs
     # of the dispatcher's time per request); each waiter must still get its own answer, refusal included, and a
