@@ -31,10 +31,15 @@ PADDED_MECHANISMS = ("conditional", "early_exit")
 RING_BATCHES = 8
 #: ... within this many bytes (but always 2 full batches)
 RING_BYTES = 32 << 20
+#: the queued requests' inputs may take this many bytes in all (the ring and beyond it; default of ``max_queue_bytes``):
+#: past it a request is refused at once. Deadlines alone do not bound the queue: at a rate past capacity with a long
+#: SLO it holds rate x SLO requests (1000 req/s x 10 s of ResNet-50 images: 6 GB) before any expires.
+QUEUE_BYTES = 1 << 30
 
 
 class Refused(Exception):
-    """The server will not run this request: its deadline cannot be met, or the server is shutting down."""
+    """The server will not run this request: its deadline cannot be met, its queue is full, or the server is shutting
+    down."""
 
 
 @dataclass(frozen=True)
@@ -168,12 +173,14 @@ class Scheduler:
     engine: an ``adaptive_kernels.compile`` engine (or anything called as ``engine(x, skip=...)`` with a
     ``mechanism``); example_input: what it was compiled with (its device, dtype and image shape are what the
     engine runs); latency: the per-bucket profile; accuracy: ``{skip: accuracy}`` of the servable sub-networks (the
-    policy chooses among these only); clock: seconds, monotonic (tests pass a simulated one).
+    policy chooses among these only); clock: seconds, monotonic (tests pass a simulated one); max_queue_bytes: the
+    most the queued requests' inputs may take (float32; at least one full batch): a request past it is refused at
+    once (the server is past its capacity), never buffered without bound.
     """
 
     def __init__(self, engine: Engine, example_input: torch.Tensor, latency: LatencyModel,
                  accuracy: Mapping[SkipLike, float], *, clock: Callable[[], float] = time.perf_counter,
-                 miss_budget: float = MISS_BUDGET) -> None:
+                 miss_budget: float = MISS_BUDGET, max_queue_bytes: int = QUEUE_BYTES) -> None:
         self.engine = engine
         self.latency = latency
         self.accuracy = parse_accuracy(accuracy, latency.num_stages)
@@ -192,6 +199,12 @@ class Scheduler:
         # call (each costs microseconds right after a run; measured in docs/serving.md)
         self._numpy = getattr(engine, "numpy_io", False) and not self._convert
         image_bytes = 4 * example_input[0].numel()
+        if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or \
+                max_queue_bytes < self.max_batch * image_bytes:
+            raise ValueError(f"max_queue_bytes={max_queue_bytes!r}: give an int of at least one full batch "
+                             f"({self.max_batch} x {image_bytes} bytes)")
+        self._max_queued_images = max_queue_bytes // image_bytes
+        self._queued_images = 0  # the inputs of the queued requests (lock held)
         rows = max(2 * self.max_batch, min(RING_BATCHES * self.max_batch, RING_BYTES // max(image_bytes, 1)))
         self.ring = InputRing(rows, self.max_batch, self.image_shape)
         self._running_from: int | None = None  # the first ring position of the batch being run
@@ -247,7 +260,11 @@ class Scheduler:
             self.arrivals.arrived(arrival)
             if self._closing:
                 self._finish_refused(request, "the server is shutting down")
+            elif self._queued_images + request.queued.size > self._max_queued_images:
+                self._finish_refused(request, f"the queue is full ({self._queued_images} images wait, the most "
+                                              f"max_queue_bytes allows): the server is past its capacity; retry later")
             else:
+                self._queued_images += request.queued.size
                 request.pos = self.ring.put(image, self._oldest_in_ring())
                 if request.pos is None:
                     request.x = image.copy()
@@ -329,7 +346,7 @@ class Scheduler:
         them (a bug, reported to each caller instead of a dead dispatcher and callers waiting forever)."""
         queue, now = self._queue, self._clock()
         self._queue, self._queued, self._outside, self._fifo = [], [], 0, True
-        self.counters.queued = 0
+        self.counters.queued = self._queued_images = 0
         for request in queue:
             self._finish(request, Outcome("failed", now - request.arrival), error=error)
 
@@ -345,6 +362,9 @@ class Scheduler:
             self._queue = [r for i, r in enumerate(self._queue) if i not in drop]
             self._queued = [r.queued for r in self._queue]
         self.counters.queued = len(self._queue)
+        self._queued_images -= decision.batch  # the served inputs
+        for request in refused:
+            self._queued_images -= request.queued.size
         if self._outside:
             self._outside -= sum(r.pos is None for r in refused) + sum(r.pos is None for r in batch)
         return refused, batch

@@ -42,10 +42,11 @@ class FakeEngine:
         return torch.stack([x.sum(dim=(1, 2, 3)), torch.full((x.shape[0],), float(sum(skip)))], dim=1)
 
 
-def fake_scheduler(**kw) -> Scheduler:
+def fake_scheduler(max_queue_bytes: int | None = None, **kw) -> Scheduler:
     tables = {b: {skip_to_str(s): 50 * (4 - sum(s)) * (1 + 0.5 * (b - 1)) for s in SKIPS} for b in (1, 2, 4)}
     accuracy = {s: 90.0 - sum(s) for s in SKIPS}
-    return Scheduler(FakeEngine(**kw), torch.zeros(1, *SHAPE), LatencyModel(tables), accuracy)
+    bound = {} if max_queue_bytes is None else {"max_queue_bytes": max_queue_bytes}
+    return Scheduler(FakeEngine(**kw), torch.zeros(1, *SHAPE), LatencyModel(tables), accuracy, **bound)
 
 
 def test_scheduler_answers_every_request_once_with_its_own_output():
@@ -205,6 +206,38 @@ def test_scheduler_reserve_share_follows_the_attainment_of_the_requests_it_chose
         assert cautious.reserve.share == RESERVE_SHARE
     finally:
         cautious.close()
+
+
+def test_scheduler_refuses_at_once_what_its_full_queue_cannot_hold():
+    """The queue holds at most max_queue_bytes of inputs (here 8 one-image requests of 64 bytes): past that a request
+    is refused at once with a reason, counted; served ones free their room, so the queue takes them again."""
+    hold = threading.Event()
+    scheduler = fake_scheduler(max_queue_bytes=8 * 64 + 63, hold=hold)  # 8 images, not 9
+    try:
+        first = scheduler.submit(torch.ones(1, *SHAPE), 60.0)
+        while scheduler.stats().in_flight == 0:  # held in the engine: the rest queue behind it
+            time.sleep(1e-3)
+        two = scheduler.submit(torch.ones(2, *SHAPE), 60.0)
+        queued = [scheduler.submit(torch.ones(1, *SHAPE), 60.0) for _ in range(6)]  # 8 images wait
+        over = [scheduler.submit(torch.ones(1, *SHAPE), 60.0), scheduler.submit(torch.ones(2, *SHAPE), 60.0)]
+        for future in over:
+            assert future.done()
+            with pytest.raises(Refused, match=r"the queue is full \(8 images wait, the most max_queue_bytes allows\)"):
+                future.result()
+        assert scheduler.stats().queued == 7 and scheduler.stats().refused == 2
+        hold.set()
+        for future in (first, two, *queued):
+            future.result(timeout=30)
+        again = [scheduler.submit(torch.ones(1, *SHAPE), 60.0) for _ in range(8)]  # the room is back
+        wait(again, timeout=30)
+        assert all(f.exception() is None for f in again)
+    finally:
+        hold.set()
+        scheduler.close()
+    stats = scheduler.stats()
+    assert (stats.submitted, stats.served, stats.refused) == (18, 16, 2)
+    with pytest.raises(ValueError, match=r"max_queue_bytes=100: give an int of at least one full batch \(4 x 64"):
+        fake_scheduler(max_queue_bytes=100)
 
 
 def test_scheduler_engine_failure_is_every_batched_request_s_answer():
