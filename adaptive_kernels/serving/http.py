@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
@@ -45,6 +46,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 #: 4. A longer body is refused unread (413), so a wrong or hostile client cannot make the server buffer gigabytes.
 BODY_BYTES_PER_VALUE = 64
 BODY_SLACK_BYTES = 64 * 2**10
+#: outcomes the dispatcher leaves for the next ``/metrics`` scrape to count, at most: past that it counts them itself
+METRICS_BACKLOG = 4096
 
 
 class ProtocolError(ValueError):
@@ -73,7 +76,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class Metrics:
-    """Prometheus metrics of one scheduler, in a registry of their own (several servers in one process stay apart)."""
+    """Prometheus metrics of one scheduler, in a registry of their own (several servers in one process stay apart).
+
+    The dispatcher only queues each outcome (``record``, ~0.1 µs); a scrape (``scrape``) counts what is queued, then
+    exports, so it reads every request finished before it. Counting on the dispatcher took ~2.5-3.8 µs per served
+    request (Prometheus' locks and buckets) before its next engine call. Past METRICS_BACKLOG queued outcomes (no
+    one scrapes) the dispatcher counts them itself, so the backlog stays bounded."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
@@ -104,15 +112,35 @@ class Metrics:
         # dispatcher) and so exported from the start at 0, as Prometheus advises
         self._by_status = {status: self.requests.labels(status) for status in ("served", "refused", "failed")}
         self._by_subnet = {skip_to_str(skip): self.served.labels(skip_to_str(skip)) for skip in scheduler.ranking}
+        self._backlog: deque[Outcome] = deque()
         scheduler.listeners.append(self.record)
 
     def record(self, outcome: Outcome) -> None:
-        self._by_status[outcome.status].inc()
-        if outcome.status == "served":
-            self._by_subnet[outcome.skip].inc()
-            self.met.inc(outcome.met)
-            self.latency.observe(outcome.latency_s)
-            self.batch.observe(outcome.batch)
+        """Queue ``outcome`` for the next scrape (the dispatcher thread, under the scheduler's lock)."""
+        backlog = self._backlog
+        backlog.append(outcome)
+        if len(backlog) > METRICS_BACKLOG:
+            self.count()
+
+    def count(self) -> None:
+        """Count the queued outcomes into the metrics (any thread: each is popped, so counted, once)."""
+        backlog = self._backlog
+        while backlog:
+            try:
+                outcome = backlog.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            self._by_status[outcome.status].inc()
+            if outcome.status == "served":
+                self._by_subnet[outcome.skip].inc()
+                self.met.inc(outcome.met)
+                self.latency.observe(outcome.latency_s)
+                self.batch.observe(outcome.batch)
+
+    def scrape(self) -> bytes:
+        """The metrics in Prometheus' text format, every outcome queued so far counted."""
+        self.count()
+        return generate_latest(self.registry)
 
 
 def _attainment(scheduler: Scheduler) -> float:
@@ -305,7 +333,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(app.state.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -81,6 +81,41 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     assert stats.submitted == stats.served + stats.refused == 4
 
 
+def test_metrics_count_what_the_dispatcher_queued_at_the_scrape_and_bound_the_backlog(small_plan):
+    """The dispatcher only queues each outcome; a scrape counts them all (from several threads at once, each once);
+    with no scrape past METRICS_BACKLOG outcomes the dispatcher counts them itself."""
+    from adaptive_kernels.serving.http import METRICS_BACKLOG, Metrics
+    from adaptive_kernels.serving.scheduler import Outcome
+
+    scheduler = Scheduler(small_plan.engine, small_plan.example_input, small_plan.latency, small_plan.accuracy)
+    scheduler.close()
+    metrics = Metrics(scheduler)
+    served = Outcome("served", 0.003, "TFT", 4, True)
+    late = Outcome("served", 0.5, "FFF", 1, False)
+
+    def value(text: str, series: str) -> float:
+        return float(re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE).group(1))
+
+    for outcome in (served, late, Outcome("refused", 0.001)):
+        metrics.record(outcome)
+    assert metrics.served.labels("TFT")._value.get() == 0  # not counted on the dispatcher
+    text = metrics.scrape().decode()
+    assert value(text, 'adn_served_total{subnet="TFT"}') == 1 and value(text, 'adn_requests_total{status="refused"}') == 1
+    assert value(text, "adn_slo_met_total") == 1 and value(text, "adn_request_latency_seconds_count") == 2
+    assert value(text, 'adn_request_batch_size_bucket{le="4.0"}') == 2
+    recorders = [threading.Thread(target=lambda: [metrics.record(served) for _ in range(3000)]) for _ in range(2)]
+    counters = [threading.Thread(target=lambda: [metrics.count() for _ in range(300)]) for _ in range(2)]
+    for t in (*recorders, *counters):
+        t.start()
+    for t in (*recorders, *counters):
+        t.join()
+    assert value(metrics.scrape().decode(), 'adn_served_total{subnet="TFT"}') == 6001  # each counted once
+    for _ in range(METRICS_BACKLOG + 1):
+        metrics.record(served)
+    assert len(metrics._backlog) == 0  # the dispatcher counted them: bounded without a scrape
+    assert metrics.served.labels("TFT")._value.get() == 6001 + METRICS_BACKLOG + 1
+
+
 def post(port: int, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/r20/infer", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
