@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from ..engine.base import Engine
 from ..models.skip import SkipLike, parse_skip, skip_to_str
 from .latency import MISS_BUDGET, ArrivalRate, LatencyModel, ReserveShare
 from .policy import Costs, Decision, Queued, parse_accuracy, plan_dispatch, rank_by_accuracy
+
+_new = tuple.__new__  # ``_new(Outcome, fields)``: a named tuple without its Python ``__new__`` (per served request)
 
 #: engine mechanisms that serve a batch padded to its bucket (one CUDA graph capture per bucket)
 PADDED_MECHANISMS = ("conditional", "early_exit")
@@ -42,8 +45,7 @@ class Refused(Exception):
     down."""
 
 
-@dataclass(frozen=True)
-class Served:
+class Served(NamedTuple):
     """A served request: ``output`` (n, num_classes) float32 on the CPU as a tensor, ``array`` the same as a NumPy
     array (they share memory), the sub-network ``skip`` that ran (as "TFF"), the ``batch`` it ran in (inputs),
     seconds from submit to answer and whether that met the deadline. ``value`` is the rows as the engine returned
@@ -64,9 +66,10 @@ class Served:
         return self.value if isinstance(self.value, np.ndarray) else self.value.numpy()
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What listeners hear about each finished request: ``status`` "served", "refused" or "failed"."""
+class Outcome(NamedTuple):
+    """What listeners hear about each finished request: ``status`` "served", "refused" or "failed". (``Served`` and
+    ``Outcome`` are named tuples: the dispatcher makes one of each per served request, and a frozen dataclass
+    cost 0.6-0.7 µs each to make, a tuple 0.1.)"""
 
     status: str
     latency_s: float
@@ -406,8 +409,8 @@ class Scheduler:
                 met = done <= request.queued.deadline
                 if request.queued.skip is None:
                     self.reserve.outcome(met)
-                outcome = Outcome("served", latency, name, size, met)
-                self._finish(request, outcome, Served(y[offset:offset + n], name, size, latency, met))
+                outcome = _new(Outcome, ("served", latency, name, size, met))
+                self._finish(request, outcome, _new(Served, (y[offset:offset + n], name, size, latency, met)))
                 offset += n
             answered = self._clock()
             self.counters.answering_s += answered - returned
