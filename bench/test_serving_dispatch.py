@@ -82,14 +82,19 @@ def per_decision(timing: Timing) -> Timing:
     return Timing([t / CALLS for t in timing.samples_us])
 
 
-@pytest.mark.parametrize("n", QUEUES)
-def test_policy_cost(benchmark_or_none, rows, plan, n):
+def policy_inputs(plan) -> tuple[Costs, float, float, float]:
+    """The policy's table, the base-net's batch-1 latency (µs), the correction factor in use and an arrival rate the
+    base-net at full batch just keeps up with (so that step 4, the reserve, decides)."""
     latency = plan.latency
     costs = Costs.build(latency.profiled, rank_by_accuracy(plan.accuracy, latency.predict), MAX_BATCH)
-    base_b1 = min(latency.profiled(s, 1) for s in plan.accuracy) * 1e6
-    now, factor = 100.0, latency.factor
     base = min(plan.accuracy, key=lambda s: latency.profiled(s, 1))
-    rate = MAX_BATCH / latency.profiled(base, MAX_BATCH)
+    return costs, latency.profiled(base, 1) * 1e6, latency.factor, MAX_BATCH / latency.profiled(base, MAX_BATCH)
+
+
+@pytest.mark.parametrize("n", QUEUES)
+def test_policy_cost(benchmark_or_none, rows, plan, n):
+    costs, base_b1, factor, rate = policy_inputs(plan)
+    now = 100.0
     common = {"model": MODEL, "batch": n, "dtype": torch.float32, "macs": None, "base_b1_us": round(base_b1, 3)}
     for provider, queue in queues(plan, n, now).items():
         fifo = provider == "fifo"
@@ -112,12 +117,8 @@ def test_policy_cost(benchmark_or_none, rows, plan, n):
 
 @pytest.mark.parametrize("idle_us", (100, 1000))
 def test_policy_cost_after_idle(rows, plan, idle_us):
-    latency = plan.latency
-    costs = Costs.build(latency.profiled, rank_by_accuracy(plan.accuracy, latency.predict), MAX_BATCH)
-    base_b1 = min(latency.profiled(s, 1) for s in plan.accuracy) * 1e6
-    now, factor = 100.0, latency.factor
-    base = min(plan.accuracy, key=lambda s: latency.profiled(s, 1))
-    rate = MAX_BATCH / latency.profiled(base, MAX_BATCH)
+    costs, base_b1, factor, rate = policy_inputs(plan)
+    now = 100.0
     clock = time.perf_counter_ns
     for n in (1, MAX_BATCH):
         queue = queues(plan, n, now)["fifo"]
