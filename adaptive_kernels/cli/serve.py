@@ -15,6 +15,7 @@ import torch
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
 from ..serving.latency import MISS_BUDGET
 from ..serving.plan import check_int8_device, compile_engine, int8_sample, measure_accuracies
+from ..serving.scheduler import QUEUE_BYTES, check_queue_bytes
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
 from ..training.distributed import resolve_device
@@ -58,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--miss-budget", type=float_range(0.0, 1.0, high_open=True), default=MISS_BUDGET,
                    help="the share of requests the policy may miss while it spends slack on accuracy (0: none, "
                         "the most cautious reserve; see docs/serving.md)")
+    s.add_argument("--max-queue-mb", type=int_range(1, 1 << 20), default=QUEUE_BYTES >> 20,
+                   help="the most MiB the queued requests' inputs may take (float32); past it a request is refused "
+                        "at once (HTTP 503: the server is past its capacity)")
     s.add_argument("--ray-replicas", type=int_range(1, 4096),
                    help="serve on N Ray Serve replicas (one engine each, --threads CPUs each) behind --host:--port "
                         "instead of one process; see docs/serving.md")
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         _progress(f"loading {args.checkpoint} ...")
         data = None if args.accuracy else _data(args)
         model, name, image_shape = checkpoint_model(args.checkpoint, data)
+        check_queue_bytes(args.max_queue_mb << 20, args.max_batch, image_shape, f"--max-queue-mb {args.max_queue_mb}")
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages) if args.accuracy else None
         plan = build_plan(model, args.name or name, image_shape, max_batch=args.max_batch, accuracy=accuracy,
                           data=data, device=device, profile_iters=args.profile_iters, int8_calibration=int8,
@@ -112,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         raise
     print(plan.describe())
-    scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy, miss_budget=args.miss_budget)
+    scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy, miss_budget=args.miss_budget,
+                          max_queue_bytes=args.max_queue_mb << 20)
     server = HttpServer(create_app(scheduler, plan.name, args.slo_ms), sock)
     _progress(f"ready on {args.host}:{server.port}: {plan.name} at http://{args.host}:{server.port}/v2/models/"
               f"{plan.name} (SLO {args.slo_ms:g} ms, max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops")
@@ -137,6 +143,7 @@ def _run_ray(args: argparse.Namespace, deploy, device: str, int8: torch.Tensor |
     every node; this costs one INT8 build more and keeps the dataset on this machine, as for fp32."""
     data = None if args.accuracy else _data(args)
     model, _, image_shape = checkpoint_model(args.checkpoint, data)
+    check_queue_bytes(args.max_queue_mb << 20, args.max_batch, image_shape, f"--max-queue-mb {args.max_queue_mb}")
     if args.accuracy:
         accuracy = load_accuracy(args.accuracy, model.num_skippable_stages)
     elif int8 is not None:
@@ -151,7 +158,7 @@ def _run_ray(args: argparse.Namespace, deploy, device: str, int8: torch.Tensor |
     server = deploy(args.checkpoint, args.slo_ms, accuracy, replicas=args.ray_replicas, max_batch=args.max_batch,
                     name=args.name, host=args.host, port=args.port, address=args.ray_address,
                     threads=args.threads or 1, device=device, profile_iters=args.profile_iters,
-                    int8=int8 is not None, miss_budget=args.miss_budget)
+                    int8=int8 is not None, miss_budget=args.miss_budget, max_queue_bytes=args.max_queue_mb << 20)
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -31,7 +31,7 @@ from .http import SWITCH_INTERVAL_S, bind_socket, create_app
 from .latency import MISS_BUDGET, ReserveShare
 from .plan import build_plan, check_int8_device, checkpoint_model, int8_sample
 from .policy import parse_accuracy
-from .scheduler import Scheduler
+from .scheduler import QUEUE_BYTES, Scheduler, check_queue_bytes
 
 #: the object store of a Ray started here (bytes): replicas exchange only requests and answers through it
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
@@ -83,7 +83,7 @@ class Replica:
 
     def __init__(self, checkpoint: str, accuracy: dict[str, float], slo_ms: float, max_batch: int, name: str | None,
                  device: str, profile_iters: int, threads: int, int8: bool = False,
-                 miss_budget: float = MISS_BUDGET) -> None:
+                 miss_budget: float = MISS_BUDGET, max_queue_bytes: int = QUEUE_BYTES) -> None:
         torch.set_num_threads(threads)  # the CPU engine takes torch's thread count
         model, model_name, image_shape = checkpoint_model(checkpoint)
         plan = build_plan(model, name or model_name, image_shape, max_batch=max_batch, accuracy=accuracy, device=device,
@@ -92,7 +92,7 @@ class Replica:
         logging.getLogger("ray.serve").info("plan:\n%s", plan.describe())
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy,
-                                   miss_budget=miss_budget)
+                                   miss_budget=miss_budget, max_queue_bytes=max_queue_bytes)
         self._app = create_app(self.scheduler, plan.name, slo_ms, replica=self.replica)
         sys.setswitchinterval(SWITCH_INTERVAL_S)  # as HttpServer.run: the dispatcher gets the GIL in time
 
@@ -146,7 +146,7 @@ class RayServer:
 def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipLike, float], *, replicas: int = 2,
            max_batch: int = 16, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
            address: str | None = None, threads: int = 1, device: str = "cpu", profile_iters: int = 20,
-           int8: bool = False, miss_budget: float = MISS_BUDGET) -> RayServer:
+           int8: bool = False, miss_budget: float = MISS_BUDGET, max_queue_bytes: int = QUEUE_BYTES) -> RayServer:
     """Serve ``checkpoint`` on ``replicas`` Ray Serve replicas behind ``host:port`` (port 0: a free one); returns
     once every replica has compiled and profiled its engine.
 
@@ -160,7 +160,8 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
     this ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no
     images, or a device other than the CPU), a miss_budget outside [0, 1) (each replica's ``Scheduler`` takes it), a
     taken port or an ``address`` where no cluster answers (:func:`check_cluster`) is a ValueError before Ray starts;
-    a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here.
+    a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here. max_queue_bytes: each
+    replica's queue bound (``Scheduler``).
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
@@ -171,7 +172,8 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
         raise ValueError(f"slo_ms must be a positive, finite number of milliseconds, got {slo_ms!r}")
     ReserveShare(budget=miss_budget)  # a bad budget fails here, not in every replica
     check_cluster(address)  # a cluster that is not there fails now, not after minutes of Ray's retries
-    model, model_name, _ = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
+    model, model_name, image_shape = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
+    check_queue_bytes(max_queue_bytes, max_batch, image_shape)  # each replica's Scheduler takes it
     if int8:
         check_int8_device(device)
         int8_sample(checkpoint)  # it keeps the images each replica will range INT8 on
@@ -200,7 +202,7 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
         app = serve.deployment(Replica, name=app_name, num_replicas=replicas, ray_actor_options=actor,
                                max_constructor_retry_count=replicas).bind(
             str(Path(checkpoint).resolve()), table, float(slo_ms), max_batch, name, device, profile_iters, threads,
-            bool(int8), float(miss_budget))
+            bool(int8), float(miss_budget), max_queue_bytes)
         serve.run(app, name=app_name, route_prefix="/")
     except RuntimeError:
         error = _replica_error(app_name)

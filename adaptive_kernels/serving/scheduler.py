@@ -40,6 +40,18 @@ RING_BYTES = 32 << 20
 QUEUE_BYTES = 1 << 30
 
 
+def check_queue_bytes(max_queue_bytes: int, max_batch: int, image_shape: tuple[int, ...],
+                      given: str | None = None) -> None:
+    """ValueError unless ``max_queue_bytes`` is an int that holds one full batch of float32 images of
+    ``image_shape``: the scheduler's queue bound, checked where it is given (before any profiling); ``given``: how
+    the caller's user gave it (a CLI flag), named in the message."""
+    batch_bytes = 4 * max_batch * math.prod(image_shape)
+    if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < batch_bytes:
+        raise ValueError(f"{given or f'max_queue_bytes={max_queue_bytes!r}'}: the queue must hold at least one full "
+                         f"batch ({max_batch} x {'x'.join(map(str, image_shape))} float32 = {batch_bytes} bytes); "
+                         f"raise it")
+
+
 class Refused(Exception):
     """The server will not run this request: its deadline cannot be met, its queue is full, or the server is shutting
     down."""
@@ -202,10 +214,7 @@ class Scheduler:
         # call (each costs microseconds right after a run; measured in docs/serving.md)
         self._numpy = getattr(engine, "numpy_io", False) and not self._convert
         image_bytes = 4 * example_input[0].numel()
-        if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or \
-                max_queue_bytes < self.max_batch * image_bytes:
-            raise ValueError(f"max_queue_bytes={max_queue_bytes!r}: give an int of at least one full batch "
-                             f"({self.max_batch} x {image_bytes} bytes)")
+        check_queue_bytes(max_queue_bytes, self.max_batch, self.image_shape)
         self._max_queued_images = max_queue_bytes // image_bytes
         self._queued_images = 0  # the inputs of the queued requests (lock held)
         rows = max(2 * self.max_batch, min(RING_BATCHES * self.max_batch, RING_BYTES // max(image_bytes, 1)))

@@ -63,6 +63,25 @@ def test_serve_port_in_use(checkpoint, capsys):
     assert f"port {port} on 127.0.0.1 is in use" in line
 
 
+def test_serve_refuses_a_queue_bound_below_one_batch_before_profiling(tmp_path, capsys, monkeypatch):
+    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
+    path = save_checkpoint({"model": create_model(spec["name"], **spec["kwargs"]).state_dict(), "model_spec": spec,
+                            "data": {"name": "synthetic", "image_size": [64, 64]}}, tmp_path / "last.pt")
+    accuracy = tmp_path / "eval.json"
+    accuracy.write_text(json.dumps({"FFF": 90.0, "TTT": 89.0}))
+    from adaptive_kernels.cli import serve
+
+    monkeypatch.setattr(serve, "build_plan", lambda *a, **k: pytest.fail("profiled despite the bad bound"))
+    for ray in ([], ["--ray-replicas", "2"]):  # one process, and before Ray or accuracies
+        line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--max-batch",
+                            "1024", "--max-queue-mb", "1", *ray], capsys)
+        assert ("--max-queue-mb 1: the queue must hold at least one full batch (1024 x 1x64x64 float32 = 16777216 "
+                "bytes); raise it") in line
+    with pytest.raises(SystemExit):
+        main(["serve", "--checkpoint", str(path), "--slo-ms", "10", "--max-queue-mb", "0"])
+    assert "argument --max-queue-mb: must be an integer in [1, 1048576], got '0'" in capsys.readouterr().err
+
+
 def test_serve_needs_accuracies(tmp_path, capsys):
     # without --accuracy the sub-networks are measured on --data, by default the checkpoint's dataset: a checkpoint
     # that does not record it is refused before anything is compiled

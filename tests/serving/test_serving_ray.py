@@ -56,6 +56,8 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path, 
         deploy(path, 10.0, accuracy, max_batch=0)
     with pytest.raises(ValueError, match="profile_iters must be a positive int, got 2.5"):
         deploy(path, 10.0, accuracy, profile_iters=2.5)
+    with pytest.raises(ValueError, match="max_queue_bytes=1000: the queue must hold at least one full batch"):
+        deploy(path, 10.0, accuracy, max_queue_bytes=1000)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):

@@ -236,7 +236,8 @@ def test_scheduler_refuses_at_once_what_its_full_queue_cannot_hold():
         scheduler.close()
     stats = scheduler.stats()
     assert (stats.submitted, stats.served, stats.refused) == (18, 16, 2)
-    with pytest.raises(ValueError, match=r"max_queue_bytes=100: give an int of at least one full batch \(4 x 64"):
+    with pytest.raises(ValueError, match=r"max_queue_bytes=100: the queue must hold at least one full batch \(4 x "
+                                         r"1x4x4 float32 = 256 bytes\); raise it"):
         fake_scheduler(max_queue_bytes=100)
 
 
