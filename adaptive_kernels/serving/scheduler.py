@@ -81,7 +81,7 @@ class Served(NamedTuple):
 class Outcome(NamedTuple):
     """What listeners hear about each finished request: ``status`` "served", "refused" or "failed". (``Served`` and
     ``Outcome`` are named tuples: the dispatcher makes one of each per served request, and a frozen dataclass
-    cost 0.6-0.7 µs each to make, a tuple 0.1.)"""
+    cost 0.6-0.7 µs each to make, these 0.2.)"""
 
     status: str
     latency_s: float
@@ -274,7 +274,8 @@ class Scheduler:
                 self._finish_refused(request, "the server is shutting down")
             elif self._queued_images + request.queued.size > self._max_queued_images:
                 self._finish_refused(request, f"the queue is full ({self._queued_images} images wait, the most "
-                                              f"max_queue_bytes allows): the server is past its capacity; retry later")
+                                              f"max_queue_bytes / --max-queue-mb allows): the server is past its "
+                                              f"capacity; retry later")
             else:
                 self._queued_images += request.queued.size
                 request.pos = self.ring.put(image, self._oldest_in_ring())

@@ -222,7 +222,8 @@ def test_scheduler_refuses_at_once_what_its_full_queue_cannot_hold():
         over = [scheduler.submit(torch.ones(1, *SHAPE), 60.0), scheduler.submit(torch.ones(2, *SHAPE), 60.0)]
         for future in over:
             assert future.done()
-            with pytest.raises(Refused, match=r"the queue is full \(8 images wait, the most max_queue_bytes allows\)"):
+            with pytest.raises(Refused, match=r"the queue is full \(8 images wait, the most max_queue_bytes / "
+                                              r"--max-queue-mb allows\)"):
                 future.result()
         assert scheduler.stats().queued == 7 and scheduler.stats().refused == 2
         hold.set()
