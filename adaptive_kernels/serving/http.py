@@ -81,7 +81,7 @@ class Metrics:
     The dispatcher only queues each outcome (``record``, ~0.1 µs); a scrape (``scrape``) counts what is queued, then
     exports, so it reads every request finished before it. Counting on the dispatcher took ~2.5-3.8 µs per served
     request (Prometheus' locks and buckets) before its next engine call. Past METRICS_BACKLOG queued outcomes (no
-    one scrapes) the dispatcher counts them itself, so the backlog stays bounded."""
+    one scrapes) the dispatcher counts two for each new one, so the backlog stays bounded."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
@@ -116,16 +116,19 @@ class Metrics:
         scheduler.listeners.append(self.record)
 
     def record(self, outcome: Outcome) -> None:
-        """Queue ``outcome`` for the next scrape (the dispatcher thread, under the scheduler's lock)."""
+        """Queue ``outcome`` for the next scrape (the dispatcher thread, under the scheduler's lock). Past
+        METRICS_BACKLOG it counts two queued ones: the backlog stays at the bound, and no call stalls the dispatcher
+        counting thousands at once (4096 x ~2.5 µs would be 10 ms of a 5 ms SLO)."""
         backlog = self._backlog
         backlog.append(outcome)
         if len(backlog) > METRICS_BACKLOG:
-            self.count()
+            self.count(2)
 
-    def count(self) -> None:
-        """Count the queued outcomes into the metrics (any thread: each is popped, so counted, once)."""
+    def count(self, most: int | None = None) -> None:
+        """Count the queued outcomes (at most ``most``) into the metrics (any thread: each is popped, so counted,
+        once)."""
         backlog = self._backlog
-        while backlog:
+        for _ in range(len(backlog) if most is None else most):
             try:
                 outcome = backlog.popleft()
             except IndexError:  # another thread took the last one
