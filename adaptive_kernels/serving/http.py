@@ -46,7 +46,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 #: 4. A longer body is refused unread (413), so a wrong or hostile client cannot make the server buffer gigabytes.
 BODY_BYTES_PER_VALUE = 64
 BODY_SLACK_BYTES = 64 * 2**10
-#: outcomes the dispatcher leaves for the next ``/metrics`` scrape to count, at most: past that it counts them itself
+#: outcomes the dispatcher leaves for the next ``/metrics`` scrape to count: past that many it counts two per new one
 METRICS_BACKLOG = 4096
 
 

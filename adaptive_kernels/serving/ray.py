@@ -63,7 +63,7 @@ def check_cluster(address: str | None) -> None:
     host, colon, port = target.removeprefix("ray://").rpartition(":")
     if not colon or not port.isdigit() or not host:
         raise ValueError(f"address {address!r}: give auto, HOST:PORT (the head node's GCS, as `ray start --head` "
-                         f"prints it) or ray://HOST:PORT (Ray Client)")
+                         f"prints it), ray://HOST:PORT (Ray Client), or no address to start a local Ray")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
     except OSError as e:
