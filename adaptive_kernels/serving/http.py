@@ -22,14 +22,18 @@ import signal
 import socket
 import sys
 import threading
-from collections import deque
+from bisect import bisect_left
+from collections.abc import Iterator
 from concurrent.futures import Future
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .._version import __version__
 from ..models.skip import skip_to_str
@@ -46,8 +50,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 #: 4. A longer body is refused unread (413), so a wrong or hostile client cannot make the server buffer gigabytes.
 BODY_BYTES_PER_VALUE = 64
 BODY_SLACK_BYTES = 64 * 2**10
-#: outcomes the dispatcher leaves for the next ``/metrics`` scrape to count: past that many it counts two per new one
-METRICS_BACKLOG = 4096
 
 
 class ProtocolError(ValueError):
@@ -75,24 +77,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: bucket bounds (inclusive) of the request latency (seconds) and batch size histograms
+LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
 class Metrics:
     """Prometheus metrics of one scheduler, in a registry of their own (several servers in one process stay apart).
 
-    The dispatcher only queues each outcome (``record``, ~0.1 µs); a scrape (``scrape``) counts what is queued, then
-    exports, so it reads every request finished before it. Counting on the dispatcher took ~2.5-3.8 µs per served
-    request (Prometheus' locks and buckets) before its next engine call. Past METRICS_BACKLOG queued outcomes (no
-    one scrapes) the dispatcher counts two for each new one, so the backlog stays bounded."""
+    Each finished request is tallied in plain numbers (``record``, under one lock) that the registry turns into
+    Prometheus' counters and histograms when scraped (``collect``). Prometheus' own ``Counter`` / ``Histogram``
+    objects took ~2.5-3.8 µs per served request (a lock per update) on the dispatcher before its next engine call."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("adn_requests", "finished requests by outcome", ["status"], registry=r)
-        self.served = Counter("adn_served", "served requests by sub-network", ["subnet"], registry=r)
-        self.met = Counter("adn_slo_met", "served requests that met their SLO", registry=r)
-        self.latency = Histogram("adn_request_latency_seconds", "submit to answer, served requests", registry=r,
-                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
-        self.batch = Histogram("adn_request_batch_size", "inputs in the batch that served a request", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self._lock = threading.Lock()  # record (the dispatcher; submit's refusals) against collect (a scrape)
+        # the tallies: every status and servable sub-network from 0 (exported from the start, as Prometheus advises)
+        self.requests = dict.fromkeys(("served", "refused", "failed"), 0)
+        self.served = {skip_to_str(skip): 0 for skip in scheduler.ranking}
+        self.met = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket (not cumulative), the last one +Inf
+        self.latency_sum = 0.0
+        self.batch = [0] * (len(BATCH_BUCKETS) + 1)
+        self.batch_sum = 0
+        r.register(self)
         Gauge("adn_queue_depth", "requests waiting", registry=r).set_function(lambda: scheduler.counters.queued)
         Gauge("adn_slo_attainment", "served within SLO / finished requests", registry=r).set_function(
             lambda: _attainment(scheduler))
@@ -108,42 +117,43 @@ class Metrics:
         for part in ("policy", "batching", "answering"):
             Gauge(f"adn_dispatch_{part}_seconds", f"dispatcher time in {part}, summed", registry=r).set_function(
                 lambda part=part: getattr(scheduler.counters, f"{part}_s"))
-        # each label's series resolved once (``labels()`` per request was a third of ``record``'s ~5 µs on the
-        # dispatcher) and so exported from the start at 0, as Prometheus advises
-        self._by_status = {status: self.requests.labels(status) for status in ("served", "refused", "failed")}
-        self._by_subnet = {skip_to_str(skip): self.served.labels(skip_to_str(skip)) for skip in scheduler.ranking}
-        self._backlog: deque[Outcome] = deque()
         scheduler.listeners.append(self.record)
 
     def record(self, outcome: Outcome) -> None:
-        """Queue ``outcome`` for the next scrape (the dispatcher thread, under the scheduler's lock). Past
-        METRICS_BACKLOG it counts two queued ones: the backlog stays at the bound, and no call stalls the dispatcher
-        counting thousands at once (4096 x ~2.5 µs would be 10 ms of a 5 ms SLO)."""
-        backlog = self._backlog
-        backlog.append(outcome)
-        if len(backlog) > METRICS_BACKLOG:
-            self.count(2)
-
-    def count(self, most: int | None = None) -> None:
-        """Count the queued outcomes (at most ``most``) into the metrics (any thread: each is popped, so counted,
-        once)."""
-        backlog = self._backlog
-        for _ in range(len(backlog) if most is None else most):
-            try:
-                outcome = backlog.popleft()
-            except IndexError:  # another thread took the last one
-                return
-            self._by_status[outcome.status].inc()
+        """Tally one finished request (a scheduler listener)."""
+        with self._lock:
+            self.requests[outcome.status] += 1
             if outcome.status == "served":
-                self._by_subnet[outcome.skip].inc()
-                self.met.inc(outcome.met)
-                self.latency.observe(outcome.latency_s)
-                self.batch.observe(outcome.batch)
+                self.served[outcome.skip] += 1
+                self.met += outcome.met
+                self.latency[bisect_left(LATENCY_BUCKETS, outcome.latency_s)] += 1
+                self.latency_sum += outcome.latency_s
+                self.batch[bisect_left(BATCH_BUCKETS, outcome.batch)] += 1
+                self.batch_sum += outcome.batch
 
-    def scrape(self) -> bytes:
-        """The metrics in Prometheus' text format, every outcome queued so far counted."""
-        self.count()
-        return generate_latest(self.registry)
+    def collect(self) -> Iterator[Metric]:
+        """The tallies as Prometheus metric families (the registry calls it on a scrape), copied under the lock so
+        that each histogram's buckets, count and sum agree."""
+        with self._lock:
+            requests, served, met = dict(self.requests), dict(self.served), self.met
+            latency, latency_sum, batch, batch_sum = list(self.latency), self.latency_sum, list(self.batch), self.batch_sum
+        family = CounterMetricFamily("adn_requests", "finished requests by outcome", labels=["status"])
+        for status, n in requests.items():
+            family.add_metric([status], n)
+        yield family
+        family = CounterMetricFamily("adn_served", "served requests by sub-network", labels=["subnet"])
+        for subnet, n in served.items():
+            family.add_metric([subnet], n)
+        yield family
+        yield CounterMetricFamily("adn_slo_met", "served requests that met their SLO", value=met)
+        for name, doc, bounds, counts, total in (
+                ("adn_request_latency_seconds", "submit to answer, served requests", LATENCY_BUCKETS, latency,
+                 latency_sum),
+                ("adn_request_batch_size", "inputs in the batch that served a request", BATCH_BUCKETS, batch,
+                 batch_sum)):
+            cumulative = list(accumulate(counts))
+            buckets = [(floatToGoString(b), n) for b, n in zip(bounds, cumulative, strict=False)]
+            yield HistogramMetricFamily(name, doc, buckets=[*buckets, ("+Inf", cumulative[-1])], sum_value=total)
 
 
 def _attainment(scheduler: Scheduler) -> float:
@@ -336,7 +346,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(app.state.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -81,40 +81,47 @@ def test_http_serves_the_model_with_a_stock_client(server, small_model):
     assert stats.submitted == stats.served + stats.refused == 4
 
 
-def test_metrics_count_what_the_dispatcher_queued_at_the_scrape_and_bound_the_backlog(small_plan):
-    """The dispatcher only queues each outcome; a scrape counts them all (from several threads at once, each once);
-    with no scrape past METRICS_BACKLOG outcomes the dispatcher counts two for each new one (the backlog stays bounded)."""
-    from adaptive_kernels.serving.http import METRICS_BACKLOG, Metrics
+def test_metrics_tally_each_request_once_and_export_prometheus_counters_and_histograms(small_plan):
+    """The tallies a scrape exports: counters by status and sub-network (every one from 0), met, and histograms of
+    latency and batch with Prometheus' inclusive buckets, cumulative, their count and sum; each request counted once
+    while 2 threads record and 2 scrape."""
+    from prometheus_client import generate_latest
+
+    from adaptive_kernels.serving.http import Metrics
     from adaptive_kernels.serving.scheduler import Outcome
 
     scheduler = Scheduler(small_plan.engine, small_plan.example_input, small_plan.latency, small_plan.accuracy)
     scheduler.close()
     metrics = Metrics(scheduler)
-    served = Outcome("served", 0.003, "TFT", 4, True)
-    late = Outcome("served", 0.5, "FFF", 1, False)
 
-    def value(text: str, series: str) -> float:
+    def value(series: str) -> float:
+        text = generate_latest(metrics.registry).decode()
         return float(re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE).group(1))
 
-    for outcome in (served, late, Outcome("refused", 0.001)):
+    assert value('adn_served_total{subnet="FFF"}') == 0 and value('adn_requests_total{status="failed"}') == 0
+    for outcome in (Outcome("served", 0.002, "TFT", 4, True), Outcome("served", 0.5, "FFF", 5, False),
+                    Outcome("served", 7.0, "TFT", 200, True), Outcome("refused", 0.001)):
         metrics.record(outcome)
-    assert metrics.served.labels("TFT")._value.get() == 0  # not counted on the dispatcher
-    text = metrics.scrape().decode()
-    assert value(text, 'adn_served_total{subnet="TFT"}') == 1 and value(text, 'adn_requests_total{status="refused"}') == 1
-    assert value(text, "adn_slo_met_total") == 1 and value(text, "adn_request_latency_seconds_count") == 2
-    assert value(text, 'adn_request_batch_size_bucket{le="4.0"}') == 2
+    assert value('adn_served_total{subnet="TFT"}') == 2 and value('adn_requests_total{status="refused"}') == 1
+    assert value("adn_slo_met_total") == 2
+    assert value('adn_request_latency_seconds_bucket{le="0.002"}') == 1  # inclusive: 0.002 <= 0.002
+    assert value('adn_request_latency_seconds_bucket{le="0.5"}') == 2
+    assert value('adn_request_latency_seconds_bucket{le="5.0"}') == 2 and value(
+        'adn_request_latency_seconds_bucket{le="+Inf"}') == 3
+    assert value("adn_request_latency_seconds_count") == 3 and value("adn_request_latency_seconds_sum") == 7.502
+    assert [value(f'adn_request_batch_size_bucket{{le="{b}"}}') for b in ("2.0", "4.0", "8.0", "128.0", "+Inf")] \
+        == [0, 1, 2, 2, 3]
+    assert value("adn_request_batch_size_sum") == 209
+    served = Outcome("served", 0.003, "TFT", 4, True)
     recorders = [threading.Thread(target=lambda: [metrics.record(served) for _ in range(3000)]) for _ in range(2)]
-    counters = [threading.Thread(target=lambda: [metrics.count() for _ in range(300)]) for _ in range(2)]
-    for t in (*recorders, *counters):
+    scrapers = [threading.Thread(target=lambda: [generate_latest(metrics.registry) for _ in range(50)])
+                for _ in range(2)]
+    for t in (*recorders, *scrapers):
         t.start()
-    for t in (*recorders, *counters):
+    for t in (*recorders, *scrapers):
         t.join()
-    assert value(metrics.scrape().decode(), 'adn_served_total{subnet="TFT"}') == 6001  # each counted once
-    for _ in range(METRICS_BACKLOG + 100):
-        metrics.record(served)
-    assert len(metrics._backlog) <= METRICS_BACKLOG  # past the bound a record counts two: it stays there
-    assert metrics.served.labels("TFT")._value.get() >= 6001 + 100 - 1
-    assert value(metrics.scrape().decode(), 'adn_served_total{subnet="TFT"}') == 6001 + METRICS_BACKLOG + 100
+    assert value('adn_served_total{subnet="TFT"}') == 6002
+    assert value("adn_request_latency_seconds_count") == value('adn_request_batch_size_bucket{le="+Inf"}') == 6003
 
 
 def post(port: int, body: bytes) -> tuple[int, dict]:
