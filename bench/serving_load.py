@@ -328,8 +328,9 @@ def markdown(result: dict) -> str:
                      f"{p50} | {p99} | {row['throughput_per_s']:.1f} | {batch} |")
     o, i = result["overhead"], result["overhead"]["isolated"]
     base, n = o["base_batch1_us"], result["max_batch"]
-    lines += ["", (f"Dispatcher time outside the engine per engine call, in the server under load (a decision after the "
-                  f"thread waited runs with cold caches: docs/serving.md): policy {o['policy_us']:.1f} µs, batching {o['batching_us']:.1f} µs, "
+    lines += ["", (f"Dispatcher time outside the engine per engine call, in the server under load (a decision "
+                  f"after the thread waited runs with cold caches: docs/serving.md): policy {o['policy_us']:.1f} µs, "
+                  f"batching {o['batching_us']:.1f} µs, "
                   f"answering {o['answering_us']:.1f} µs; policy + batching = "
                   f"{(o['policy_us'] + o['batching_us']) / base * 100:.1f} % of the base-net's batch-1 latency "
                   f"({base:.1f} µs)."),

@@ -123,6 +123,7 @@ def test_policy_cost_after_idle(rows, plan, idle_us):
     for n in (1, MAX_BATCH):
         queue = queues(plan, n, now)["fifo"]
         decision = plan_dispatch(queue, now, costs, factor, fifo=True, rate=rate)
+        assert decision.serve and decision == plan_dispatch(queue, now, costs, factor, rate=rate)  # as the pass does
         cold, warm = [], []
         for _ in range(ROUNDS * 100):
             time.sleep(idle_us / 1e6)

@@ -136,7 +136,8 @@ class Metrics:
         that each histogram's buckets, count and sum agree."""
         with self._lock:
             requests, served, met = dict(self.requests), dict(self.served), self.met
-            latency, latency_sum, batch, batch_sum = list(self.latency), self.latency_sum, list(self.batch), self.batch_sum
+            latency, latency_sum = list(self.latency), self.latency_sum
+            batch, batch_sum = list(self.batch), self.batch_sum
         family = CounterMetricFamily("adn_requests", "finished requests by outcome", labels=["status"])
         for status, n in requests.items():
             family.add_metric([status], n)
