@@ -148,7 +148,7 @@ class Metrics:
         yield family
         yield CounterMetricFamily("adn_slo_met", "served requests that met their SLO", value=met)
         for name, doc, bounds, counts, total in (
-                ("adn_request_latency_seconds", "submit to answer, served requests", LATENCY_BUCKETS, latency,
+                ("adn_request_latency_seconds", "received to answered, served requests", LATENCY_BUCKETS, latency,
                  latency_sum),
                 ("adn_request_batch_size", "inputs in the batch that served a request", BATCH_BUCKETS, batch,
                  batch_sum)):
@@ -320,6 +320,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
 
     @app.post("/v2/models/{model}/infer")
     async def infer(model: str, request: Request) -> Response:
+        received = scheduler.now()  # the SLO counts from here: reading and decoding the request are waited for too
         if (unknown := known(model)) is not None:
             return unknown
         try:
@@ -329,7 +330,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
             slo = parameters.get("slo_ms", slo_ms)
             if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not 0 < slo < math.inf:
                 raise ProtocolError(f"parameter slo_ms={slo!r}: give a positive, finite number of milliseconds")
-            future = scheduler.submit(x, slo / 1e3, parameters.get("skip"))
+            future = scheduler.submit(x, slo / 1e3, parameters.get("skip"), received=received)
         except (ValueError, TypeError) as e:  # the request's mistake (a skip of a wrong type is a TypeError)
             return _error(str(e), getattr(e, "status", 400))
         loop = asyncio.get_running_loop()

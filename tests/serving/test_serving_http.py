@@ -8,6 +8,7 @@ import json
 import math
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,6 +168,31 @@ def test_http_answers_a_malformed_request_with_one_line_and_keeps_serving(server
     assert (code, set(answer)) == (status, {"error"}) and message in answer["error"] and "\n" not in answer["error"]
     good = {"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": IMAGE}]}
     assert post(http.port, json.dumps(good).encode())[0] == 200
+
+
+def test_http_counts_the_slo_from_when_the_request_arrived_not_from_after_decoding(server, monkeypatch):
+    """Reading and decoding a request is part of the client's wait (a JSON ResNet-50 image: 44 ms here): a
+    request whose SLO ran out while it was decoded is refused, and a served one's latency includes the decoding."""
+    import adaptive_kernels.serving.http as http_module
+
+    http, _ = server
+    decode = http_module.decode_infer_request
+
+    def slow_decode(*args):
+        time.sleep(0.06)
+        return decode(*args)
+
+    def latency_sum() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http.port}/metrics", timeout=10).read().decode()
+        return float(re.search(r"^adn_request_latency_seconds_sum (\S+)$", text, re.MULTILINE).group(1))
+
+    monkeypatch.setattr(http_module, "decode_infer_request", slow_decode)
+    code, answer = post(http.port, json.dumps({"inputs": [INPUT], "parameters": {"slo_ms": 50}}).encode())
+    assert code == 503 and "request refused" in answer["error"]  # served from submit on, it would count as met
+    before = latency_sum()
+    code, answer = post(http.port, json.dumps({"inputs": [INPUT], "parameters": {"slo_ms": 2000}}).encode())
+    assert code == 200 and answer["parameters"]["slo_met"]
+    assert latency_sum() - before >= 0.06
 
 
 def raw_post(port: int, head: bytes, body: bytes) -> tuple[int, dict]:

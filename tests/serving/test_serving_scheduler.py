@@ -272,6 +272,30 @@ def test_scheduler_rejects_bad_input_in_one_line():
     assert scheduler.stats().submitted == 0
 
 
+def test_scheduler_counts_a_request_s_slo_from_when_it_was_received():
+    # a front end reads the request (and decodes it) before submitting: the client's clock ran meanwhile
+    scheduler = fake_scheduler()
+    try:
+        x = torch.ones(1, *SHAPE)
+        on_time = scheduler.submit(x, 0.05).result(timeout=10)
+        assert on_time.met and on_time.latency_s < 0.01
+        received = scheduler.now() - 0.02
+        late_start = scheduler.submit(x, 0.05, received=received).result(timeout=10)
+        assert late_start.met and late_start.latency_s >= 0.02  # counted from receipt, not from submit
+        # 50 us of its 50 ms left: less than any sub-network's 100 us, so refused at once, never served late
+        with pytest.raises(Refused, match="deadline cannot be met"):
+            scheduler.submit(x, 0.05, received=scheduler.now() - 0.05 + 5e-5).result(timeout=10)
+        for bad in ("0", True, math.nan, math.inf, None.__class__):
+            with pytest.raises(TypeError, match=r"received must be a time on the scheduler's clock \(Scheduler.now"):
+                scheduler.submit(x, 0.05, received=bad)
+        with pytest.raises(ValueError, match="later than the scheduler's clock now"):
+            scheduler.submit(x, 0.05, received=scheduler.now() + 1.0)
+    finally:
+        scheduler.close()
+    stats = scheduler.stats()
+    assert (stats.submitted, stats.served, stats.refused) == (3, 2, 1)
+
+
 @pytest.mark.parametrize("accuracy, message", [
     ({}, "the accuracy table is empty"),
     ({"FF": 90.0, "TT": math.nan}, "the accuracy of TT is nan: give a finite number"),
