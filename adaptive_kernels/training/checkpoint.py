@@ -61,9 +61,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle errors of every kind: report them as one clear problem
+        detail = str(e).splitlines()[0] if str(e) else ""
+        if detail.startswith("Weights only load failed"):  # torch's text goes on to advise weights_only=False
+            detail = "it holds something other than tensors and plain values, which is never unpickled here"
         raise CheckpointError(
             f"checkpoint {path} cannot be read: the file is truncated, corrupt or not a torch checkpoint "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"({type(e).__name__}: {detail})"
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict without our format marker"

@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes that survive a kill, clear errors for bad files, and exact resume."""
 
+import datetime
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -94,6 +96,11 @@ def test_garbage_missing_and_foreign_files_give_clear_errors(tmp_path):
     garbage.write_bytes(os.urandom(1000))
     with pytest.raises(ckpt.CheckpointError, match="garbage.pt cannot be read"):
         ckpt.load_checkpoint(garbage)
+    pickled = tmp_path / "pickled.pt"  # a pickle of an arbitrary object: never unpickled, nor advised to be
+    pickled.write_bytes(pickle.dumps(datetime.date(2026, 1, 1)))
+    with pytest.raises(ckpt.CheckpointError, match="pickled.pt cannot be read.*never unpickled here") as error:
+        ckpt.load_checkpoint(pickled)
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ckpt.CheckpointError, match="nothere.pt does not exist"):
         ckpt.load_checkpoint(tmp_path / "nothere.pt")
     bare = tmp_path / "bare.pt"
