@@ -3,8 +3,9 @@ extension) over the scheduler, on FastAPI + uvicorn, with Prometheus metrics at 
 extra.
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``, ``/v2/models/{name}/ready``,
-``POST /v2/models/{name}/infer``, ``GET /metrics``. Request parameters: ``slo_ms`` (this request's latency objective,
-default the server's ``--slo-ms``) and ``skip`` (force a sub-network, e.g. "TFF"). The response's parameters say
+``POST /v2/models/{name}/infer`` (each model route also under ``/v2/models/{name}/versions/1``), ``GET /metrics``.
+Request parameters: ``slo_ms`` (this request's latency objective, default the server's ``--slo-ms``) and ``skip``
+(force a sub-network, e.g. "TFF"). The response's parameters say
 which sub-network served the request (``skip``), the ``batch`` it ran in and whether it met its SLO (``slo_met``);
 behind Ray Serve also which ``replica`` answered.
 A request the scheduler refuses gets HTTP 503 with ``{"error": "request refused: ..."}``.
@@ -22,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import zlib
 from bisect import bisect_left
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -34,12 +36,16 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .._version import __version__
 from ..models.skip import skip_to_str
 from .scheduler import Outcome, Refused, Scheduler
 
 INPUT, OUTPUT = "input", "logits"
+#: the model's one version (the protocol's ``/versions/{v}`` routes serve it too)
+VERSION = "1"
 #: Python hands the GIL to a waiting thread after this many seconds (default 5 ms). The event loop decoding requests
 #: keeps the GIL busy under load, and the dispatcher thread needs it between engine calls: at 5 ms each hand-over
 #: would eat a millisecond SLO whole. The server sets 0.2 ms while it runs.
@@ -50,6 +56,9 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 #: 4. A longer body is refused unread (413), so a wrong or hostile client cannot make the server buffer gigabytes.
 BODY_BYTES_PER_VALUE = 64
 BODY_SLACK_BYTES = 64 * 2**10
+#: seconds a request's body may take to arrive (then 408): a client that stalls mid-upload does not hold its
+#: connection, nor the server's graceful shutdown, longer than this
+BODY_TIMEOUT_S = 10.0
 
 
 class ProtocolError(ValueError):
@@ -60,21 +69,48 @@ class ProtocolError(ValueError):
         self.status = status
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, or ProtocolError 413 as soon as it is known to exceed ``limit`` bytes: from its
-    Content-Length before reading anything, else (chunked) once the bytes read pass it."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request's body, decompressed if its Content-Encoding is gzip or deflate; ProtocolError 413 as soon as it
+    is known to exceed ``limit`` bytes (from its Content-Length before reading anything, else once the bytes read, or
+    decompressed, pass it), 415 for another encoding, 408 when it has not arrived within ``timeout`` seconds (a
+    stalled client would otherwise hold its connection, and a graceful shutdown, for as long as it likes)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported: send the body as is, gzip or deflate",
+                            415)
     length = request.headers.get("content-length", "")
     too_long = ProtocolError(f"request body over {limit} bytes: this server takes at most the --max-batch images of "
                              f"one request (JSON or binary); send fewer per request", 413)
     if length.isdigit() and int(length) > limit:
         raise too_long
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_long
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_long
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        body = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"the request body did not arrive within {timeout:g} s", 408) from None
+    if encoding == "identity":
+        return body
+    # gzip, or deflate (zlib's format, as the HTTP standard and tritonclient have it; raw deflate accepted too)
+    wbits = 31 if encoding == "gzip" else (15 if body[:1] == b"\x78" else -15)
+    inflate = zlib.decompressobj(wbits)
+    try:
+        data = inflate.decompress(body, limit + 1)  # at most limit + 1 bytes: a small bomb cannot fill memory
+    except zlib.error as e:
+        raise ProtocolError(f"the body is not valid {encoding} data ({e})") from None
+    if len(data) > limit:
+        raise too_long
+    if not inflate.eof:
+        raise ProtocolError(f"the {encoding} body ends before its compressed data does (truncated)")
+    return data
 
 
 #: bucket bounds (inclusive) of the request latency (seconds) and batch size histograms
@@ -169,11 +205,19 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
 
     Binary data comes back as a read-only view of ``body``, not copied: ``Scheduler.submit`` copies it once, into
     its input ring."""
+    json_size = len(body)
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {header_length!r}: give the byte length of the JSON header that "
+                                f"starts the body (0..{len(body)})")
+        json_size = int(header_length)
     try:
-        json_size = int(header_length) if header_length is not None else len(body)
         request = json.loads(body[:json_size])
-    except ValueError as e:
-        raise ProtocolError(f"the request is not v2 JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+        binary = isinstance(e, UnicodeDecodeError) or b'"binary_data_size"' in body  # what the client meant
+        hint = (f"; a body with binary tensor data needs the {HEADER_LENGTH} header"
+                if header_length is None and binary else "")
+        raise ProtocolError(f"the request is not v2 JSON ({str(e)[:200]}){hint}") from None
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(f"the request needs exactly one input, {INPUT!r} FP32 "
@@ -190,25 +234,55 @@ def decode_infer_request(body: bytes, header_length: str | None, image_shape: tu
     size = _object(tensor.get("parameters"), "the input's parameters").get("binary_data_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise ProtocolError(f"binary_data_size {size!r}: give the byte count of the input's binary data")
+    if size is not None and "data" in tensor:
+        raise ProtocolError("the input has both data and binary_data_size: send its values one way")
+    if size is not None and json_size + size != len(body):
+        raise ProtocolError(f"binary_data_size {size}, but the body holds {len(body) - json_size} bytes after the "
+                            f"{json_size}-byte JSON header: send exactly the input's bytes")
+    if size is None and json_size != len(body):
+        raise ProtocolError(f"the body holds {len(body) - json_size} bytes after the JSON header that no input "
+                            f"claims: give the input's binary_data_size")
     try:
         if size is not None:
-            blob = body[json_size:json_size + size]
-            array = np.frombuffer(blob, dtype="<f4").reshape(shape)
+            array = np.frombuffer(body, dtype="<f4", count=size // 4, offset=json_size).reshape(shape)
+            if size % 4:
+                raise ValueError(f"{size} bytes is not a whole number of FP32 values")
         else:
-            array = np.asarray(tensor.get("data"), dtype=np.float32).reshape(shape)
-    except (ValueError, TypeError) as e:
-        raise ProtocolError(f"input data does not hold shape {shape} FP32 values ({e})") from None
+            with np.errstate(over="ignore"):  # beyond FP32's range: inf, refused below
+                array = np.asarray(tensor.get("data"), dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as e:  # OverflowError: an integer beyond a double's range
+        raise ProtocolError(f"input data does not hold shape {shape} FP32 values ({str(e)[:200]})") from None
+    if not np.isfinite(array).all():  # NaN, Infinity, null (NaN in NumPy), or beyond FP32's range
+        bad = int(array.size - np.isfinite(array).sum())
+        raise ProtocolError(f"the input holds {bad} values that are not finite FP32 numbers (NaN, Infinity, null or "
+                            f"beyond +-3.4e38): send finite values")
+    if "id" in request and not isinstance(request["id"], str):
+        raise ProtocolError(f"id {json.dumps(request['id'])[:40]}: the protocol's request id is a string")
     parameters = _object(request.get("parameters"), "the request's parameters")
-    binary = bool(parameters.get("binary_data_output", False))
+    binary = _flag(parameters, "binary_data_output", False)
     outputs = request.get("outputs")
     if not isinstance(outputs, (list, type(None))):
         raise ProtocolError(f'outputs must be a list of objects like {{"name": "{OUTPUT}"}}')
+    if outputs is not None and len(outputs) > 1:
+        raise ProtocolError(f"{len(outputs)} outputs requested: this model has one output, {OUTPUT!r}")
     for out in outputs or []:
         out = _object(out, "each output")
         if out.get("name") != OUTPUT:
             raise ProtocolError(f"output {out.get('name')!r}: this model has one output, {OUTPUT!r}")
-        binary = bool(_object(out.get("parameters"), "an output's parameters").get("binary_data", binary))
+        out_parameters = _object(out.get("parameters"), "an output's parameters")
+        if out_parameters.get("class_count"):
+            raise ProtocolError(f"class_count {out_parameters['class_count']!r}: the classification extension is "
+                                f"not supported; request the {OUTPUT} and take the top classes")
+        binary = _flag(out_parameters, "binary_data", binary)
     return array, request, binary
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
+    """A boolean parameter (``"false"`` is a string, not False: the client's mistake, said in one line)."""
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"parameter {key}={json.dumps(value)[:40]}: give true or false")
+    return value
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -229,10 +303,14 @@ def encode_infer_response(name: str, request: dict[str, Any], output: np.ndarray
         tensor["parameters"] = {"binary_data_size": len(raw)}
     else:
         tensor["data"] = output.reshape(-1).tolist()
-    response = {"model_name": name, "model_version": "1", "outputs": [tensor], "parameters": parameters}
+    response = {"model_name": name, "model_version": VERSION, "outputs": [tensor], "parameters": parameters}
     if "id" in request:
         response["id"] = request["id"]
-    header = json.dumps(response).encode()
+    try:
+        header = json.dumps(response, allow_nan=False).encode()  # NaN is not JSON: a client's parser would fail
+    except ValueError:
+        raise ProtocolError("the output holds values that are not finite (NaN or Infinity), which JSON cannot carry: "
+                            "request it as binary data (binary_data_output)", 500) from None
     if not binary:
         return Response(header, media_type="application/json")
     return Response(header + raw, media_type="application/octet-stream",
@@ -287,7 +365,7 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
     app.state.metrics = Metrics(scheduler)
     app.state.answers = None  # an _Answers, made on the first request, on the loop that serves
     metadata = {
-        "name": name, "versions": ["1"], "platform": f"adaptive_kernels_{scheduler.engine.mechanism}",
+        "name": name, "versions": [VERSION], "platform": f"adaptive_kernels_{scheduler.engine.mechanism}",
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *scheduler.image_shape]}],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, -1]}],
         "parameters": {"slo_ms": slo_ms, "max_batch": scheduler.max_batch,
@@ -297,8 +375,19 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
 
     body_limit = BODY_SLACK_BYTES + BODY_BYTES_PER_VALUE * scheduler.max_batch * math.prod(scheduler.image_shape)
 
-    def known(model: str) -> Response | None:
-        return None if model == name else _error(f"unknown model {model!r}; this server serves {name!r}", 404)
+    def known(model: str, version: str | None = None) -> Response | None:
+        """None for this model (and its one version), else the 404 naming what is served."""
+        if model != name:
+            return _error(f"unknown model {model!r}; this server serves {name!r}", 404)
+        if version is not None and version != VERSION:
+            return _error(f"unknown version {version!r} of model {name!r}; this server serves version {VERSION}", 404)
+        return None
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        """Routing errors (an unknown path: 404, a wrong method: 405) as the protocol's {"error": ...}: a v2 client
+        reads that key (tritonclient fails on FastAPI's {"detail": ...})."""
+        return _error(f"{request.method} {request.url.path}: {error.detail}", error.status_code)
 
     @app.get("/v2")
     def server_metadata() -> dict[str, Any]:
@@ -310,21 +399,27 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
         return {"live": True}
 
     @app.get("/v2/health/ready")
+    def server_ready() -> dict[str, Any]:
+        return {"ready": True}
+
     @app.get("/v2/models/{model}/ready")
-    def ready(model: str = name) -> Response:
-        return known(model) or Response(json.dumps({"ready": True}), media_type="application/json")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    def ready(model: str, version: str | None = None) -> Response:
+        return known(model, version) or Response(json.dumps({"ready": True}), media_type="application/json")
 
     @app.get("/v2/models/{model}")
-    def model_metadata(model: str) -> Response:
-        return known(model) or Response(json.dumps(metadata), media_type="application/json")
+    @app.get("/v2/models/{model}/versions/{version}")
+    def model_metadata(model: str, version: str | None = None) -> Response:
+        return known(model, version) or Response(json.dumps(metadata), media_type="application/json")
 
     @app.post("/v2/models/{model}/infer")
-    async def infer(model: str, request: Request) -> Response:
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str | None = None) -> Response:
         received = scheduler.now()  # the SLO counts from here: reading and decoding the request are waited for too
-        if (unknown := known(model)) is not None:
+        if (unknown := known(model, version)) is not None:
             return unknown
         try:
-            x, body, binary = decode_infer_request(await read_body(request, body_limit),
+            x, body, binary = decode_infer_request(await read_body(request, body_limit, BODY_TIMEOUT_S),
                                                    request.headers.get(HEADER_LENGTH), scheduler.image_shape)
             parameters = body.get("parameters") or {}
             slo = parameters.get("slo_ms", slo_ms)
@@ -333,6 +428,8 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
             future = scheduler.submit(x, slo / 1e3, parameters.get("skip"), received=received)
         except (ValueError, TypeError) as e:  # the request's mistake (a skip of a wrong type is a TypeError)
             return _error(str(e), getattr(e, "status", 400))
+        except ClientDisconnect:  # the client went away while sending: no one to answer, nothing to log
+            return Response(status_code=400)
         loop = asyncio.get_running_loop()
         if (answers := app.state.answers) is None or answers.loop is not loop:  # bound to the serving loop
             answers = app.state.answers = _Answers(loop)
@@ -344,7 +441,10 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
             return _error(f"inference failed: {type(e).__name__}: {e}", 500)
         result = {"skip": served.skip, "batch": served.batch, "slo_met": served.met, "slo_ms": slo,
                   **({"replica": replica} if replica else {})}
-        return encode_infer_response(name, body, served.array, result, binary)
+        try:
+            return encode_infer_response(name, body, served.array, result, binary)
+        except ProtocolError as e:
+            return _error(str(e), e.status)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -159,6 +159,19 @@ INPUT = {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": I
      "an output's parameters must be a JSON object"),
     ({"inputs": [INPUT], "parameters": {"slo_ms": math.inf}}, 400, "slo_ms=inf: give a positive, finite number"),
     ({"inputs": [INPUT], "parameters": {"slo_ms": -1}}, 400, "slo_ms=-1: give a positive, finite number"),
+    # values NumPy would take silently: NaN, null (NaN), beyond FP32 (inf), beyond a double (OverflowError)
+    ({"inputs": [{**INPUT, "data": [math.nan] + IMAGE[1:]}]}, 400, "1 values that are not finite FP32 numbers"),
+    ({"inputs": [{**INPUT, "data": [None, None] + IMAGE[2:]}]}, 400, "2 values that are not finite FP32 numbers"),
+    ({"inputs": [{**INPUT, "data": [1e39] + IMAGE[1:]}]}, 400, "1 values that are not finite FP32 numbers"),
+    ({"inputs": [{**INPUT, "data": [10**400] + IMAGE[1:]}]}, 400, "input data does not hold shape [1, 1, 16, 16]"),
+    ({"inputs": [INPUT], "id": 7}, 400, "id 7: the protocol's request id is a string"),
+    ({"inputs": [INPUT], "parameters": {"binary_data_output": "false"}}, 400,
+     'parameter binary_data_output="false": give true or false'),
+    ({"inputs": [INPUT], "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]}, 400,
+     "parameter binary_data=1: give true or false"),
+    ({"inputs": [INPUT], "outputs": [{"name": "logits", "parameters": {"class_count": 3}}]}, 400,
+     "class_count 3: the classification extension is not supported"),
+    ({"inputs": [INPUT], "outputs": [{"name": "logits"}, {"name": "logits"}]}, 400, "2 outputs requested"),
 ])
 def test_http_answers_a_malformed_request_with_one_line_and_keeps_serving(server, request_json, status, message):
     """A client's mistake is the client's 4xx with one line saying what is wrong, never a 500 and a server-side
@@ -234,6 +247,139 @@ def test_http_refuses_a_body_larger_than_a_full_request_unread(server):
                                    "data": x.ravel().tolist()}]}, indent=4).encode()
     assert 30 < len(full) / x.size < 64 and len(full) < limit  # the most a client writes a value in, within
     assert post(http.port, full)[0] == 200
+
+
+def test_http_checks_the_binary_tensor_data_against_its_byte_counts(server):
+    """The binary extension's byte counts must agree: the header's JSON length, binary_data_size and the body; a
+    request that breaks them is a 400 naming the mismatch, never served from the bytes that happen to be there."""
+    http, _ = server
+    raw = np.full(256, 0.5, "<f4").tobytes()
+
+    def request(size, extra=b"", header=None, data=False):
+        tensor = {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32",
+                  "parameters": {"binary_data_size": size}, **({"data": IMAGE} if data else {})}
+        head = json.dumps({"inputs": [tensor]}).encode()
+        body = head + raw + extra
+        length = str(len(head) if header is None else header).encode()
+        head = b"Content-Length: %d\r\nInference-Header-Content-Length: %s\r\n" % (len(body), length)
+        return raw_post(http.port, head, body)
+
+    assert request(len(raw))[0] == 200
+    for args, message in (((10**30,), "binary_data_size 1000000000000000000000000000000, but the body holds 1024"),
+                          ((len(raw), b"junk"), "binary_data_size 1024, but the body holds 1028 bytes"),
+                          ((len(raw), b"", None, True), "both data and binary_data_size"),
+                          ((len(raw), b"", -1), "Inference-Header-Content-Length '-1': give the byte length"),
+                          ((len(raw), b"", 10**9), "Inference-Header-Content-Length '1000000000'")):
+        code, answer = request(*args)
+        assert code == 400 and message in answer["error"] and "\n" not in answer["error"], (args, answer)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode() + raw
+    code, answer = raw_post(http.port, b"Content-Length: %d\r\n" % len(body), body)  # the header left out
+    assert code == 400 and "needs the Inference-Header-Content-Length header" in answer["error"]
+
+
+def test_http_refuses_json_nested_past_the_parser_in_one_line(server):
+    http, _ = server
+    for body in (b"[" * 100_000, b'{"inputs": [{"name": "input", "data": ' + b"[" * 5000 + b"]}]}"):
+        code, answer = raw_post(http.port, b"Content-Length: %d\r\n" % len(body), body)
+        assert code == 400 and "the request is not v2 JSON" in answer["error"] and "\n" not in answer["error"]
+
+
+def test_http_serves_the_versioned_routes_and_answers_unknown_paths_in_the_protocol_s_error_format(server,
+                                                                                                  small_model):
+    http, _ = server
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http.port}")
+    assert client.is_model_ready("r20", model_version="1") and not client.is_model_ready("r20", model_version="2")
+    assert client.get_model_metadata("r20", model_version="1")["versions"] == ["1"]
+    x = np.random.default_rng(1).standard_normal((2, 1, 16, 16)).astype(np.float32)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("r20", [inp], model_version="1")
+    with torch.no_grad():
+        expected = small_model(torch.from_numpy(x), skip=result.get_response()["parameters"]["skip"])
+    np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(httpclient.InferenceServerException, match="unknown version '2' of model 'r20'"):
+        client.infer("r20", [inp], model_version="2")
+    for path, status in (("/v2/nowhere", 404), ("/v2/models/r20/infer", 405)):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"http://127.0.0.1:{http.port}{path}", timeout=10)  # a GET
+        assert error.value.code == status and set(json.loads(error.value.read())) == {"error"}
+    assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http.port}/v2/health/ready?model=x",
+                                             timeout=10).read()) == {"ready": True}
+
+
+def test_http_takes_gzip_and_deflate_bodies_as_tritonclient_sends_them_within_the_size_limit(server, small_model):
+    http, scheduler = server
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{http.port}")
+    x = np.random.default_rng(2).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    for algorithm in ("gzip", "deflate"):
+        for binary in (True, False):
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            result = client.infer("r20", [inp], request_compression_algorithm=algorithm)
+            with torch.no_grad():
+                expected = small_model(torch.from_numpy(x), skip=result.get_response()["parameters"]["skip"])
+            np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-4)
+    import gzip
+
+    limit = 64 * 2**10 + 64 * scheduler.max_batch * 256
+    bomb = gzip.compress(b" " * (limit + 1))  # ~1 kB that inflates past the limit
+    code, answer = raw_post(http.port, b"Content-Encoding: gzip\r\nContent-Length: %d\r\n" % len(bomb), bomb)
+    assert code == 413 and f"request body over {limit} bytes" in answer["error"]
+    for head, body, status, message in (
+            (b"Content-Encoding: br\r\n", b"{}", 415, "Content-Encoding 'br' is not supported"),
+            (b"Content-Encoding: gzip\r\n", b"{}", 400, "the body is not valid gzip data"),
+            (b"Content-Encoding: gzip\r\n", gzip.compress(b"{}" * 100)[:20], 400, "truncated")):
+        code, answer = raw_post(http.port, head + b"Content-Length: %d\r\n" % len(body), body)
+        assert code == status and message in answer["error"], answer
+
+
+def test_http_answers_a_client_that_stalls_mid_body_with_408_within_the_body_timeout(server, monkeypatch):
+    import socket
+
+    import adaptive_kernels.serving.http as http_module
+
+    http, _ = server
+    monkeypatch.setattr(http_module, "BODY_TIMEOUT_S", 0.5)
+    with socket.create_connection(("127.0.0.1", http.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/r20/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"inputs"')  # then nothing
+        start = time.perf_counter()
+        answer = sock.recv(65536)
+        waited = time.perf_counter() - start
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer and waited < 5
+
+
+def test_http_a_client_gone_mid_body_leaves_no_traceback_and_the_server_serves_on(server):
+    import logging
+    import socket
+
+    http, _ = server
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")  # where uvicorn logs "Exception in ASGI application"
+    logger.addHandler(handler)
+    try:
+        with socket.create_connection(("127.0.0.1", http.port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/models/r20/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
+                         b'{"inputs"')
+            time.sleep(0.2)  # the handler is reading the body
+        time.sleep(0.3)
+        assert post(http.port, json.dumps({"inputs": [INPUT]}).encode())[0] == 200
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+
+
+def test_a_json_response_never_holds_nan():
+    from adaptive_kernels.serving.http import ProtocolError, encode_infer_response
+
+    with pytest.raises(ProtocolError, match="not finite .* request it as binary data") as error:
+        encode_infer_response("r20", {}, np.array([[np.nan, 1.0]], np.float32), {}, binary=False)
+    assert error.value.status == 500
+    response = encode_infer_response("r20", {}, np.array([[np.nan, 1.0]], np.float32), {}, binary=True)
+    assert response.status_code == 200  # binary data carries it
 
 
 def test_a_batch_of_answers_reaches_the_event_loop_with_one_wake_up():
