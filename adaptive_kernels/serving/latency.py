@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -51,6 +52,26 @@ def _microseconds(value: float | str, batch: int, name: str) -> float:
     return us
 
 
+def _tf_key(key: object, batch: int, num_stages: int | None) -> str:
+    """A profile's key: a sub-network's T/F string (as ``engine.profile`` writes it), or a one-line error."""
+    if not isinstance(key, str) or not key.strip() or set(key.strip().upper()) - {"T", "F"}:
+        example = f", e.g. {'F' * num_stages!r}" if num_stages else ""
+        raise ValueError(f"the profile at batch {batch} has key {key!r}: key each sub-network by its T/F string, as "
+                         f"engine.profile() writes it{example}")
+    return key.strip()
+
+
+def _by_skip(table: Mapping[str, float], batch: int, num_stages: int) -> dict[SkipConfig, float]:
+    """One bucket's profile as ``{sub-network: µs}``; a key given twice (as "FFT" and "fft") is a one-line error."""
+    parsed: dict[SkipConfig, float] = {}
+    for key, value in table.items():
+        skip = parse_skip(_tf_key(key, batch, num_stages), num_stages)
+        if skip in parsed:
+            raise ValueError(f"the profile at batch {batch} gives sub-network {skip_to_str(skip)} twice")
+        parsed[skip] = _microseconds(value, batch, skip_to_str(skip))
+    return parsed
+
+
 class LatencyModel:
     """Predicted latency in seconds of a sub-network at a batch size.
 
@@ -71,16 +92,17 @@ class LatencyModel:
         self.buckets = sorted(tables)
         if self.buckets[0] != 1:
             raise ValueError(f"tables must include batch 1 (the refusal rule needs it), got buckets {self.buckets}")
-        first = tables[1]
-        self.num_stages = len(next(iter(first)))
-        self.skips: list[SkipConfig] = [parse_skip(s, self.num_stages) for s in first]
+        if not tables[1]:
+            raise ValueError("the profile at batch 1 is empty: it needs each servable sub-network's latency")
+        self.num_stages = len(_tf_key(next(iter(tables[1])), 1, None))
+        parsed = {b: _by_skip(tables[b], b, self.num_stages) for b in self.buckets}
+        self.skips: list[SkipConfig] = list(parsed[1])
         self._seconds: dict[SkipConfig, list[float]] = {}
         for skip in self.skips:
-            name = skip_to_str(skip)
-            missing = [b for b in self.buckets if name not in tables[b]]
+            missing = [b for b in self.buckets if skip not in parsed[b]]
             if missing:
-                raise ValueError(f"the profile at batch {missing[0]} lacks sub-network {name}")
-            self._seconds[skip] = [_microseconds(tables[b][name], b, name) * 1e-6 for b in self.buckets]
+                raise ValueError(f"the profile at batch {missing[0]} lacks sub-network {skip_to_str(skip)}")
+            self._seconds[skip] = [parsed[b][skip] * 1e-6 for b in self.buckets]
         self.padded = padded
         self.max_batch = self.buckets[-1]
         self.alpha, self.beta, self.margin = alpha, beta, margin
@@ -133,8 +155,8 @@ class LatencyModel:
 
 class ArrivalRate:
     """Arrivals per second over the latest ``window`` arrivals, as seen at a time ``now``: the gaps between them over
-    ``now`` minus the oldest of them, so the estimate follows a burst within a few requests and decays once arrivals stop. The
-    scheduler calls ``arrived`` under its lock on submit and ``at`` before each decision."""
+    ``now`` minus the oldest of them, so the estimate follows a burst within a few requests and decays once arrivals
+    stop. The scheduler calls ``arrived`` under its lock on submit and ``at`` before each decision."""
 
     def __init__(self, window: int = 8) -> None:
         self._times: deque[float] = deque(maxlen=window)
@@ -168,7 +190,7 @@ class ReserveShare:
                  window: int = 1000) -> None:
         if not 0 < low <= high:
             raise ValueError(f"need 0 < low <= high, got low={low!r}, high={high!r}")
-        if not 0 <= budget < 1:
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget < 1:
             raise ValueError(f"budget is a share of requests, 0 <= budget < 1 (0: the share stays at low); got "
                              f"{budget!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:

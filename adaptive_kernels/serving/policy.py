@@ -107,8 +107,8 @@ class Costs:
     ``leading[b][r]``, the least time at batch b of the ``r + 1`` most accurate sub-networks, non-increasing in r
     (the most accurate sub-network that fits), and ``leading_negated``, the same negated (non-decreasing: a plain
     C bisection finds the first guess, :func:`_most_accurate`); ``quickest[b]``, the sub-network step 4 falls back
-    to at batch b (the fastest; of equally fast ones the most accurate). ``parts[skip or None][b]``: the first parts p of a
-    batch b that cost no more with the rest after them, ``t(p) + t(b - p) <= t(b)``, ascending: step 3's split
+    to at batch b (the fastest; of equally fast ones the most accurate). ``parts[skip or None][b]``: the first parts p
+    of a batch b that cost no more with the rest after them, ``t(p) + t(b - p) <= t(b)``, ascending: step 3's split
     candidates (a dispatch then also counts its overhead); empty where batching pays (a GPU), so the split costs a
     dispatch nothing there."""
 
@@ -149,17 +149,24 @@ class Costs:
 def parse_accuracy(accuracy: Mapping[SkipLike, float], num_stages: int) -> dict[SkipConfig, float]:
     """``{sub-network: accuracy %}`` as the policy ranks it: at least one sub-network, each of ``num_stages`` stages,
     each accuracy a finite number; a one-line ValueError naming the entry otherwise."""
+    if not isinstance(accuracy, Mapping):
+        raise TypeError(f"the accuracy table must be a mapping {{sub-network: accuracy %}}, got "
+                        f"{type(accuracy).__name__} (a file from eval --json: serving.load_accuracy reads it)")
     if not accuracy:
         raise ValueError("the accuracy table is empty: give the accuracy of each sub-network to serve")
-    table = {}
+    table, given = {}, {}
     for skip, value in accuracy.items():
         parsed = parse_skip(skip, num_stages)
         try:
-            table[parsed] = float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            table[parsed] = math.nan
-        if not math.isfinite(table[parsed]):
+            number = math.nan
+        if not math.isfinite(number):
             raise ValueError(f"the accuracy of {skip_to_str(parsed)} is {value!r}: give a finite number (%)")
+        if parsed in table and table[parsed] != number:
+            raise ValueError(f"the accuracy table gives {skip_to_str(parsed)} twice, as {given[parsed]!r} "
+                             f"({table[parsed]:g}) and {skip!r} ({number:g}): give it once")
+        table[parsed], given[parsed] = number, skip
     return table
 
 

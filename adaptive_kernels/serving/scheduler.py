@@ -4,10 +4,13 @@ served in time, runs one batch, answers every request in it, and feeds the measu
 Callers (HTTP handlers, a Ray replica, a benchmark) only ``submit`` and wait on the returned future; the engine is
 called from the dispatcher thread alone. Every submitted request ends as exactly one of served, refused or failed
 (``stats()``: nothing is lost), also on ``close()``, which answers everything queued before the thread ends.
+``listeners`` hear each finished request's ``Outcome`` on the thread that finished it; one that raises is logged
+once and the request is answered all the same.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import threading
@@ -46,7 +49,10 @@ def check_queue_bytes(max_queue_bytes: int, max_batch: int, image_shape: tuple[i
     ``image_shape``: the scheduler's queue bound, checked where it is given (before any profiling); ``given``: how
     the caller's user gave it (a CLI flag), named in the message."""
     batch_bytes = 4 * max_batch * math.prod(image_shape)
-    if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < batch_bytes:
+    if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, numbers.Integral):
+        raise TypeError(f"{given or 'max_queue_bytes'} must be a whole number of bytes, got "
+                        f"{type(max_queue_bytes).__name__} {max_queue_bytes!r}")
+    if max_queue_bytes < batch_bytes:
         raise ValueError(f"{given or f'max_queue_bytes={max_queue_bytes!r}'}: the queue must hold at least one full "
                          f"batch ({max_batch} x {'x'.join(map(str, image_shape))} float32 = {batch_bytes} bytes); "
                          f"raise it")
@@ -197,6 +203,7 @@ class Scheduler:
     def __init__(self, engine: Engine, example_input: torch.Tensor, latency: LatencyModel,
                  accuracy: Mapping[SkipLike, float], *, clock: Callable[[], float] = time.perf_counter,
                  miss_budget: float = MISS_BUDGET, max_queue_bytes: int = QUEUE_BYTES) -> None:
+        _check_example_input(example_input)
         self.engine = engine
         self.latency = latency
         self.accuracy = parse_accuracy(accuracy, latency.num_stages)
@@ -216,7 +223,7 @@ class Scheduler:
         self._numpy = getattr(engine, "numpy_io", False) and not self._convert
         image_bytes = 4 * example_input[0].numel()
         check_queue_bytes(max_queue_bytes, self.max_batch, self.image_shape)
-        self._max_queued_images = max_queue_bytes // image_bytes
+        self._max_queued_images = int(max_queue_bytes) // image_bytes
         self._queued_images = 0  # the inputs of the queued requests (lock held)
         rows = max(2 * self.max_batch, min(RING_BATCHES * self.max_batch, RING_BYTES // max(image_bytes, 1)))
         self.ring = InputRing(rows, self.max_batch, self.image_shape)
@@ -237,6 +244,7 @@ class Scheduler:
         self._closing = False
         self.counters = Counters()
         self.listeners: list[Callable[[Outcome], None]] = []
+        self._failed_listeners: set[int] = set()  # ids of listeners that raised (reported once each)
         self._thread = threading.Thread(target=self._dispatch_loop, name="adn-dispatcher", daemon=True)
         self._thread.start()
 
@@ -265,15 +273,20 @@ class Scheduler:
                              f"(--max-batch): split it")
         if not 0 < slo_s < math.inf:  # NaN fails too; an infinite one would never be refused nor count as late
             raise ValueError(f"the SLO must be a positive, finite number of seconds, got {slo_s!r}")
+        slo_s = float(slo_s)  # a NumPy float32 plus the clock (~1e4-1e5 s) would round the deadline by milliseconds
         if received is not None and (isinstance(received, bool) or not isinstance(received, numbers.Real)
                                      or not math.isfinite(received)):
             raise TypeError(f"received must be a time on the scheduler's clock (Scheduler.now()), got {received!r}")
+        received = None if received is None else float(received)
         forced = None
         if skip is not None:
             forced = parse_skip(skip, self.latency.num_stages)
             if forced not in self.accuracy:
                 raise ValueError(f"sub-network {skip_to_str(forced)} is not served here; served: "
                                  f"{', '.join(map(skip_to_str, self.ranking))}")
+        if x.is_complex() if isinstance(x, torch.Tensor) else x.dtype.kind == "c":
+            raise TypeError(f"input is {x.dtype}: the model takes real images (float32); a complex input's imaginary "
+                            f"part would be dropped")
         image = _as_float32_array(x)
         with self._cond:  # arrival read under the lock: the queue is in arrival order, and so is the ring
             now = self._clock()
@@ -475,6 +488,14 @@ class Scheduler:
         latency = self._clock() - request.arrival
         self._finish(request, Outcome("refused", latency), error=Refused(f"request refused: {why}"))
 
+    def _listener_failed(self, listener: Callable[[Outcome], None]) -> None:
+        """Log a listener's exception (called in its ``except``), once per listener."""
+        if id(listener) not in self._failed_listeners:
+            self._failed_listeners.add(id(listener))
+            logging.getLogger(__name__).exception(
+                "scheduler listener %r raised: the request is answered and the dispatcher goes on (reported once)",
+                listener)
+
     def _finish(self, request: _Request, outcome: Outcome, result: Served | None = None,
                 error: BaseException | None = None) -> None:
         """Count one answer and deliver it (lock held)."""
@@ -488,11 +509,28 @@ class Scheduler:
         else:
             c.failed += 1
         for listener in self.listeners:
-            listener(outcome)
+            try:
+                listener(outcome)
+            except Exception:  # noqa: BLE001 -- a listener's bug must not end the dispatcher (every later request
+                self._listener_failed(listener)  # would wait forever): reported once, the answer still delivered
         if error is not None:
             request.future.set_exception(error)
         else:
             request.future.set_result(result)
+
+
+def _check_example_input(example_input: torch.Tensor) -> None:
+    """TypeError / ValueError unless ``example_input`` can be what an engine was compiled with: a real floating
+    (N >= 1, C, H, W) tensor with data (the scheduler takes the image shape, device and dtype from it)."""
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be the torch.Tensor the engine was compiled with (N, C, H, W), got "
+                        f"{type(example_input).__name__}")
+    if example_input.ndim != 4 or example_input.shape[0] < 1:
+        raise ValueError(f"example_input has shape {tuple(example_input.shape)}: give the (N, C, H, W) input the "
+                         f"engine was compiled with")
+    if not example_input.is_floating_point() or example_input.device.type == "meta":
+        raise ValueError(f"example_input is {example_input.dtype} on {example_input.device}: give the floating "
+                         f"input, on the engine's device, that the engine was compiled with")
 
 
 def _as_float32_array(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The latency model: buckets, interpolation or padding, and the online correction."""
 
 import math
+import re
 
 import pytest
 
@@ -109,7 +110,26 @@ def test_reserve_share_rises_while_requests_meet_their_deadlines_and_falls_on_mi
 
 @pytest.mark.parametrize("kw, match", [({"low": 0.0}, "0 < low <= high"), ({"low": 5.0}, "0 < low <= high"),
                                        ({"budget": 1.0}, "0 <= budget < 1"), ({"budget": -0.1}, "0 <= budget < 1"),
-                                       ({"window": 0}, "positive int")])
+                                       ({"window": 0}, "positive int"), ({"budget": "0.1"}, "0 <= budget < 1")])
 def test_reserve_share_rejects_bad_settings_in_one_line(kw, match):
     with pytest.raises(ValueError, match=match):
         ReserveShare(**kw)
+
+
+@pytest.mark.parametrize("tables, message", [
+    ({1: {}}, "the profile at batch 1 is empty"),
+    ({1: {"super": 10.0, "TT": 5.0}}, "the profile at batch 1 has key 'super': key each sub-network by its T/F string"),
+    ({1: {"FF": 10.0, "TT": 5.0, "ff": 11.0}}, "the profile at batch 1 gives sub-network FF twice"),
+    ({1: {"FF": 10.0, "TT": 5.0}, 2: {"FF": 20.0, "tt": 9.0, "TT": 9.5}}, "the profile at batch 2 gives sub-network TT"),
+    ({1: {"FF": 10.0, "TT": 5.0}, 2: {"FF": 20.0, 3: 9.0}},
+     "the profile at batch 2 has key 3: key each sub-network by its T/F string, as engine.profile() writes it, e.g. 'FF'"),
+])
+def test_latency_model_rejects_a_malformed_profile_in_one_line(tables, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LatencyModel(tables)
+
+
+def test_latency_model_reads_a_sub_network_s_key_in_any_case():
+    model = LatencyModel({1: {"ff": 10.0, " TT ": 5.0}, 2: {"FF": 20.0, "tt": 9.0}})
+    assert model.skips == [(False, False), (True, True)]
+    assert model.profiled((True, True), 2) == pytest.approx(9e-6)

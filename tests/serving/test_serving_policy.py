@@ -433,3 +433,15 @@ def test_policy_simulated_overload_trades_accuracy_for_deadlines():
     assert row["slo_attainment"] * row["sent"] == row["served"]  # exact predictions: what is served is in time
     assert 88.0 <= row["mean_accuracy"] < 89.9  # cheaper sub-networks took over
     assert row["refused"] < 0.01 * row["sent"]
+
+
+def test_parse_accuracy_refuses_a_table_that_is_not_a_mapping_or_names_a_sub_network_twice_differently():
+    from adaptive_kernels.serving.policy import parse_accuracy
+
+    with pytest.raises(TypeError, match=r"the accuracy table must be a mapping \{sub-network: accuracy %\}, got str"):
+        parse_accuracy("/path/to/eval.json", 2)
+    with pytest.raises(ValueError, match="the accuracy table gives FF twice, as 'super' \\(10\\) and 'FF' \\(90\\)"):
+        parse_accuracy({"super": 10, "FF": 90, "TT": 80}, 2)
+    with pytest.raises(ValueError, match="gives TT twice"):
+        parse_accuracy({"base": 99, "tt": 1}, 2)
+    assert parse_accuracy({"super": 90, "FF": 90.0, "TT": 80}, 2) == {(False, False): 90.0, (True, True): 80.0}

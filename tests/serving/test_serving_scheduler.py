@@ -42,11 +42,30 @@ class FakeEngine:
         return torch.stack([x.sum(dim=(1, 2, 3)), torch.full((x.shape[0],), float(sum(skip)))], dim=1)
 
 
+ACCURACY = {s: 90.0 - sum(s) for s in SKIPS}
+
+
+def fake_scheduler_latency() -> LatencyModel:
+    """FakeEngine's profile: 50 µs per stage run, +50 % per extra input."""
+    return LatencyModel({b: {skip_to_str(s): 50 * (4 - sum(s)) * (1 + 0.5 * (b - 1)) for s in SKIPS}
+                         for b in (1, 2, 4)})
+
+
 def fake_scheduler(max_queue_bytes: int | None = None, **kw) -> Scheduler:
-    tables = {b: {skip_to_str(s): 50 * (4 - sum(s)) * (1 + 0.5 * (b - 1)) for s in SKIPS} for b in (1, 2, 4)}
-    accuracy = {s: 90.0 - sum(s) for s in SKIPS}
     bound = {} if max_queue_bytes is None else {"max_queue_bytes": max_queue_bytes}
-    return Scheduler(FakeEngine(**kw), torch.zeros(1, *SHAPE), LatencyModel(tables), accuracy, **bound)
+    return Scheduler(FakeEngine(**kw), torch.zeros(1, *SHAPE), fake_scheduler_latency(), ACCURACY, **bound)
+
+
+class SlowEngine(FakeEngine):
+    """FakeEngine taking ``seconds`` more per call than its profile says."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, x, skip=None):
+        time.sleep(self.seconds)
+        return super().__call__(x, skip)
 
 
 def test_scheduler_answers_every_request_once_with_its_own_output():
@@ -294,6 +313,63 @@ def test_scheduler_counts_a_request_s_slo_from_when_it_was_received():
         scheduler.close()
     stats = scheduler.stats()
     assert (stats.submitted, stats.served, stats.refused) == (3, 2, 1)
+
+
+def test_scheduler_keeps_a_numpy_float32_slo_exact_on_a_clock_far_from_zero():
+    # perf_counter() is ~1e4-1e5 s on a machine that has run a while; float32 there steps by ~4 ms: a deadline of
+    # arrival + np.float32(0.0025) rounded up to 3.9 ms, and requests served in 3 ms were counted as met
+    start = time.perf_counter()
+    scheduler = Scheduler(SlowEngine(3e-3), torch.zeros(1, *SHAPE), fake_scheduler_latency(), ACCURACY,
+                          clock=lambda: 41839.5 + (time.perf_counter() - start))
+    try:
+        served = scheduler.submit(torch.ones(1, *SHAPE), np.float32(0.0025)).result(timeout=10)
+    finally:
+        scheduler.close()
+    assert served.latency_s > 0.003 and served.met is False  # a Python bool: the answer and the counters serialise
+    assert type(scheduler.stats().met) is int
+
+
+def test_a_listener_that_raises_is_reported_once_and_every_request_is_still_answered(caplog):
+    scheduler = fake_scheduler()
+    heard = []
+
+    def broken(outcome):
+        raise RuntimeError("listener bug")
+
+    scheduler.listeners += [broken, heard.append]
+    try:
+        with caplog.at_level("ERROR", logger="adaptive_kernels.serving.scheduler"):
+            futures = [scheduler.submit(torch.ones(1, *SHAPE), 10.0) for _ in range(3)]
+            assert all(f.result(timeout=10).skip for f in futures)
+    finally:
+        scheduler.close()
+    assert len(heard) == 3 and scheduler.stats().served == 3  # the listeners after it heard each one too
+    reports = [r for r in caplog.records if "listener" in r.getMessage()]
+    assert len(reports) == 1 and "listener bug" in caplog.text
+
+
+@pytest.mark.parametrize("example, error, message", [
+    (np.zeros((1, *SHAPE), np.float32), TypeError, "example_input must be the torch.Tensor the engine was compiled"),
+    (torch.zeros(SHAPE), ValueError, r"example_input has shape \(1, 4, 4\): give the \(N, C, H, W\) input"),
+    (torch.zeros(1, *SHAPE, dtype=torch.int64), ValueError, "example_input is torch.int64 on cpu: give the floating"),
+    (torch.zeros(1, *SHAPE, device="meta"), ValueError, "example_input is torch.float32 on meta"),
+])
+def test_scheduler_rejects_an_example_input_no_engine_was_compiled_with(example, error, message):
+    with pytest.raises(error, match=message):
+        Scheduler(FakeEngine(), example, fake_scheduler_latency(), ACCURACY)
+
+
+def test_scheduler_takes_a_queue_bound_of_any_integer_type_and_refuses_other_types_and_complex_inputs():
+    scheduler = fake_scheduler(max_queue_bytes=np.int64(4 * 64))  # NumPy's integers are integers
+    try:
+        with pytest.raises(TypeError, match="input is torch.complex64: the model takes real images"):
+            scheduler.submit(torch.ones(1, *SHAPE, dtype=torch.complex64), 1.0)
+        with pytest.raises(TypeError, match="input is complex128"):
+            scheduler.submit(np.ones((1, *SHAPE), np.complex128), 1.0)
+    finally:
+        scheduler.close()
+    with pytest.raises(TypeError, match="max_queue_bytes must be a whole number of bytes, got float 25088.0"):
+        fake_scheduler(max_queue_bytes=25088.0)
 
 
 @pytest.mark.parametrize("accuracy, message", [
