@@ -120,9 +120,11 @@ def test_reserve_share_rejects_bad_settings_in_one_line(kw, match):
     ({1: {}}, "the profile at batch 1 is empty"),
     ({1: {"super": 10.0, "TT": 5.0}}, "the profile at batch 1 has key 'super': key each sub-network by its T/F string"),
     ({1: {"FF": 10.0, "TT": 5.0, "ff": 11.0}}, "the profile at batch 1 gives sub-network FF twice"),
-    ({1: {"FF": 10.0, "TT": 5.0}, 2: {"FF": 20.0, "tt": 9.0, "TT": 9.5}}, "the profile at batch 2 gives sub-network TT"),
+    ({1: {"FF": 10.0, "TT": 5.0}, 2: {"FF": 20.0, "tt": 9.0, "TT": 9.5}},
+     "the profile at batch 2 gives sub-network TT"),
     ({1: {"FF": 10.0, "TT": 5.0}, 2: {"FF": 20.0, 3: 9.0}},
-     "the profile at batch 2 has key 3: key each sub-network by its T/F string, as engine.profile() writes it, e.g. 'FF'"),
+     ("the profile at batch 2 has key 3: key each sub-network by its T/F string, as engine.profile() writes it, "
+      "e.g. 'FF'")),
 ])
 def test_latency_model_rejects_a_malformed_profile_in_one_line(tables, message):
     with pytest.raises(ValueError, match=re.escape(message)):
