@@ -18,7 +18,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 
 from ..models.footprint import check_fits, memory_needed
 from ..models.registry import create_model, get_builder
+from ..serving.plan import model_name_problem
 from ..training.data import DATASETS
 
 
@@ -94,10 +94,11 @@ path_text.__name__ = "path"
 
 
 def model_name(text: str) -> str:
-    """argparse type: a served model's name, one segment of the protocol's URLs (``/v2/models/NAME/infer``)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", text):
-        raise argparse.ArgumentTypeError(f"must be letters, digits, '_', '.' or '-' (at most 128, a letter or digit "
-                                         f"first: it is part of the URL), got {text!r}")
+    """argparse type: a served model's name, one segment of the protocol's URLs (``/v2/models/NAME/infer``); the
+    rule ``build_plan`` and ``deploy`` check (``serving.plan.model_name_problem``)."""
+    problem = model_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -14,11 +14,19 @@ import torch
 
 from ..serving import Scheduler, build_plan, checkpoint_model, load_accuracy
 from ..serving.latency import MISS_BUDGET
-from ..serving.plan import check_int8_device, compile_engine, int8_sample, measure_accuracies
+from ..serving.plan import (
+    MAX_BATCH,
+    MAX_PORT,
+    MAX_REPLICAS,
+    check_int8_device,
+    compile_engine,
+    int8_sample,
+    measure_accuracies,
+    serving_device,
+)
 from ..serving.scheduler import QUEUE_BYTES, check_queue_bytes
 from ..training.checkpoint import load_checkpoint
 from ..training.data import build_data
-from ..training.distributed import resolve_device
 from .checks import (
     HelpFormatter,
     add_data_args,
@@ -48,8 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "checkpoint's dataset)")
     add_data_args(s, from_checkpoint=True)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (0: any free port)")
-    s.add_argument("--max-batch", type=int_range(1, 1024), default=16, help="the most inputs one engine call takes")
+    s.add_argument("--port", type=int_range(0, MAX_PORT), default=8000, help="port (0: any free port)")
+    s.add_argument("--max-batch", type=int_range(1, MAX_BATCH), default=16,
+                   help="the most inputs one engine call takes")
     s.add_argument("--name", type=model_name, help="model name in the protocol's URLs (default: the checkpoint's model name)")
     s.add_argument("--device", type=device_name, default="cpu", help="cpu (ONNX Runtime engine) or cuda / cuda:N")
     s.add_argument("--int8", action="store_true",
@@ -62,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue-mb", type=int_range(1, 1 << 20), default=QUEUE_BYTES >> 20,
                    help="the most MiB the queued requests' inputs may take (float32); past it a request is refused "
                         "at once (HTTP 503: the server is past its capacity)")
-    s.add_argument("--ray-replicas", type=int_range(1, 4096),
+    s.add_argument("--ray-replicas", type=int_range(1, MAX_REPLICAS),
                    help="serve on N Ray Serve replicas (one engine each, --threads CPUs each) behind --host:--port "
                         "instead of one process; see docs/serving.md")
     s.add_argument("--ray-address", help="with --ray-replicas: the Ray cluster to join (auto: the one `ray start` "
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray_replicas:
         check_cluster(args.ray_address)  # before measuring accuracies or profiling: Ray would retry for minutes
     int8 = int8_sample(args.checkpoint) if args.int8 else None  # before any work: the checkpoint must keep them
-    device = str(resolve_device(args.device))
+    device = serving_device(args.device, here=not args.int8)  # as build_plan and deploy check it
     if args.int8:
         check_int8_device(device)
     sock = bind_socket(args.host, args.port)  # a taken port fails now, not after profiling

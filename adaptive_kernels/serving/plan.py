@@ -1,5 +1,7 @@
 """What a server needs before its first request: the model of a checkpoint, its engine, the per-bucket latency profile,
-the accuracy of each servable sub-network; and the checks that make a bad start one clear error.
+the accuracy of each servable sub-network; and the checks that make a bad start one clear error: those of the
+arguments ``build_plan`` and ``ray.deploy`` take, whose bounds ``serve``'s flags share (``MAX_BATCH``, ``MAX_PORT``,
+``MAX_REPLICAS``, ``model_name_problem``, ``serving_device``, ``accuracy_table``).
 
 Used alike by ``serve`` (the CLI), the Ray Serve replica and the load benchmark.
 """
@@ -7,7 +9,10 @@ Used alike by ``serve`` (the CLI), the Ray Serve replica and the load benchmark.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +25,108 @@ from ..engine.base import Engine
 from ..models.skip import SkipConfig, SkipLike, skip_to_str
 from ..training.checkpoint import INT8_SAMPLE, load_checkpoint, model_from_checkpoint
 from ..training.data import DataSource
+from ..training.distributed import resolve_device
 from ..training.evaluate import accuracy as measure_accuracy
 from .latency import LatencyModel, batch_buckets
 from .policy import parse_accuracy, rank_by_accuracy
 from .scheduler import PADDED_MECHANISMS
+
+#: the most inputs one engine call may take (``serve --max-batch``, ``build_plan``, ``deploy``): the plan profiles
+#: every bucket up to it, which at 1024 already takes minutes
+MAX_BATCH = 1024
+#: the highest TCP port (``serve --port``, ``deploy``'s port; 0: any free one)
+MAX_PORT = 65535
+#: the most Ray Serve replicas of one deployment (``serve --ray-replicas``, ``deploy``'s replicas)
+MAX_REPLICAS = 4096
+#: a served model's name: one segment of the protocol's URLs (``/v2/models/NAME/infer``)
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class BadArgumentType(TypeError, ValueError):
+    """An argument of the wrong type (``port="8000"``, ``max_batch=2.0``): a TypeError, and a ValueError as every
+    other bad argument, so that a caller (the CLI's one-line errors) catching ValueError catches it too."""
+
+
+def check_int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    """``value`` (argument ``what``) as an int in [low, high] (no upper bound when ``high`` is None); a bool or a
+    non-integer is a BadArgumentType, one out of range a ValueError, each one line naming ``what``."""
+    allowed = (("a positive int" if low == 1 else f"an int >= {low}") if high is None
+               else f"an int in [{low}, {high}]")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BadArgumentType(f"{what} must be {allowed}, got {value!r} of type {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{what} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+def check_number(value: Any, what: str, allowed: str, ok: Callable[[float], bool]) -> float:
+    """``value`` (argument ``what``) as a float: a real number, not a bool (BadArgumentType otherwise), for which
+    ``ok`` holds (ValueError otherwise; NaN fails every comparison); the message says it must be ``allowed``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BadArgumentType(f"{what} must be {allowed}, got {value!r} of type {type(value).__name__}")
+    if not ok(value):
+        raise ValueError(f"{what} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def check_slo_ms(slo_ms: Any, what: str = "slo_ms") -> float:
+    """A latency objective: a positive, finite number of milliseconds (not NaN, inf, 0 or a bool)."""
+    return check_number(slo_ms, what, "a positive, finite number of milliseconds", lambda v: 0 < v < math.inf)
+
+
+def model_name_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as a served model's name (``serve --name``, ``deploy``'s and ``build_plan``'s
+    ``name``), or None: it is one segment of the protocol's URLs, so a '/' would serve it where no client looks."""
+    if MODEL_NAME.fullmatch(name):
+        return None
+    return (f"must be letters, digits, '_', '.' or '-' (at most 128, a letter or digit first: it is part of the "
+            f"URL), got {name!r}")
+
+
+def check_model_name(name: Any, what: str = "name") -> str:
+    """``name`` as a served model's name (``model_name_problem``); a non-str is a BadArgumentType."""
+    if not isinstance(name, str):
+        raise BadArgumentType(f"{what} must be a str (the model's name in the URLs), got {name!r}")
+    problem = model_name_problem(name)
+    if problem:
+        raise ValueError(f"{what} {problem}")
+    return name
+
+
+def serving_device(device: Any, *, here: bool = True) -> str:
+    """The device a server runs on, as torch names it: cpu, cuda or cuda:N; "auto": a GPU of this machine when it
+    has one, else the CPU. ``here``: the engine runs on this machine, whose CUDA must then be available with that
+    GPU (``resolve_device``; else torch fails deep inside, or a Ray replica waits forever for a GPU); not ``here``
+    (a Ray cluster): only the name is checked. One line naming ``device`` and the fix."""
+    if not isinstance(device, (str, torch.device)):
+        raise BadArgumentType(f"device must be a str (cpu, cuda or cuda:N), got {device!r}")
+    if device == "auto":
+        return str(resolve_device(device))
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: a server runs on cpu or cuda / cuda:N")
+    if not here:
+        return str(dev)
+    dev = resolve_device(str(dev))  # CUDA must be available
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}: choose one of them")
+    return str(dev)
+
+
+def accuracy_table(accuracy: Any, num_stages: int) -> dict[SkipConfig, float]:
+    """``{skip: accuracy}`` of the servable sub-networks from a mapping (``parse_accuracy``) or from the path of an
+    ``eval --json`` file (``load_accuracy``, as ``serve --accuracy`` reads it); anything else is a
+    BadArgumentType."""
+    if isinstance(accuracy, (str, os.PathLike)):
+        return load_accuracy(accuracy, num_stages)
+    if not isinstance(accuracy, Mapping):
+        raise BadArgumentType(f"accuracy must be a mapping {{skip: accuracy %}} (e.g. {{'FFF': 91.2}}) or the path "
+                              f"of an `eval --json` file, got {accuracy!r} of type {type(accuracy).__name__}")
+    return parse_accuracy(accuracy, num_stages)
 
 
 @dataclass
@@ -44,7 +147,9 @@ class ServingPlan:
         return min(self.latency.profiled(s, 1) for s in self.accuracy)
 
     def check_slo(self, slo_ms: float) -> None:
-        """Refuse an SLO no request can meet, with the number that would do."""
+        """Refuse an SLO no request can meet, with the number that would do (and one that is no SLO: NaN, inf,
+        <= 0, not a number)."""
+        check_slo_ms(slo_ms)
         fastest = self.fastest_batch1_s * 1e3
         if slo_ms < fastest:
             raise ValueError(f"--slo-ms {slo_ms:g} is below the fastest sub-network's batch-1 latency on this machine "
@@ -147,14 +252,21 @@ def build_plan(model: torch.nn.Module, name: str, image_shape: tuple[int, ...], 
     """Compile ``model`` (dynamic batch; on CUDA fp16, one capture per bucket; with ``int8_calibration`` images
     INT8 on OpenVINO, each sub-network's ranges measured on them), profile it at every bucket up to ``max_batch``,
     and take the sub-networks' accuracy from ``accuracy`` or measure it on ``data``'s test split (INT8: through
-    the engine, whose ranges change it a little). ``progress`` hears one line per step."""
+    the engine, whose ranges change it a little). ``accuracy``: a mapping or the path of an ``eval --json`` file
+    (``accuracy_table``). ``progress`` hears one line per step. A bad argument (a name that is no URL segment,
+    max_batch outside [1, MAX_BATCH], profile_iters < 1, a device that is not cpu / cuda or whose CUDA is not here)
+    is a one-line error before the compile (``serving_device``, ``check_int``...)."""
+    check_model_name(name)
+    check_int(max_batch, "max_batch", 1, MAX_BATCH)
+    check_int(profile_iters, "profile_iters", 1)
+    device = serving_device(device, here=int8_calibration is None)  # INT8: check_int8_device names the fix
+    if int8_calibration is not None:
+        check_int8_device(device)
     if accuracy is None and data is None:
         raise ValueError("the policy needs each sub-network's accuracy: give --accuracy EVAL.json (eval --json) or "
                          "--data to measure it now")
     if accuracy is not None:  # its mistakes before the minutes of compiling and profiling
-        accuracy = parse_accuracy(accuracy, model.num_skippable_stages)
-    if int8_calibration is not None:
-        check_int8_device(device)
+        accuracy = accuracy_table(accuracy, model.num_skippable_stages)
     example = torch.zeros((1, *image_shape), device=device)
     progress(f"compiling {name} for {device}{' in INT8' if int8_calibration is not None else ''} ...")
     # INT8 builds one quantized model per sub-network: only the ones the accuracy table lists are served

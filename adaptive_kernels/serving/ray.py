@@ -13,7 +13,6 @@ cluster: docs/serving.md.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import socket
@@ -28,9 +27,23 @@ from ray import serve
 
 from ..models.skip import SkipLike, skip_to_str
 from .http import SWITCH_INTERVAL_S, bind_socket, create_app
-from .latency import MISS_BUDGET, ReserveShare
-from .plan import build_plan, check_int8_device, checkpoint_model, int8_sample
-from .policy import parse_accuracy
+from .latency import MISS_BUDGET
+from .plan import (
+    MAX_BATCH,
+    MAX_PORT,
+    MAX_REPLICAS,
+    BadArgumentType,
+    accuracy_table,
+    build_plan,
+    check_int,
+    check_int8_device,
+    check_model_name,
+    check_number,
+    check_slo_ms,
+    checkpoint_model,
+    int8_sample,
+    serving_device,
+)
 from .scheduler import QUEUE_BYTES, Scheduler, check_queue_bytes
 
 #: the object store of a Ray started here (bytes): replicas exchange only requests and answers through it
@@ -71,6 +84,22 @@ def check_cluster(address: str | None) -> None:
         raise ValueError(f"no Ray cluster answers at {target}{reached}: {e.strerror or e}; check the head node's "
                          f"address and port (`ray start --head` prints them), or give no address to start a local "
                          f"Ray") from None
+
+
+def check_resources(have: Mapping[str, float], replicas: int, threads: int, gpu: bool, where: str) -> None:
+    """Refuse, in one line, a deployment the Ray resources ``have`` (``ray.cluster_resources()``; a local Ray's:
+    this machine's GPUs) cannot place: each of the ``replicas`` takes ``threads`` CPUs and, with ``gpu``, one GPU.
+    Ray Serve would otherwise wait forever for a node that has them (``where``: the cluster, as named in the
+    message). Resources an autoscaler would add later are not counted."""
+    need = {"CPU": replicas * threads, **({"GPU": replicas} if gpu else {})}
+    for resource, needed in need.items():
+        got = have.get(resource, 0)
+        if got < needed:
+            each = "one GPU" if resource == "GPU" else f"{threads} CPU(s) (threads)"
+            fix = ("add GPU nodes, give fewer replicas or device='cpu'" if resource == "GPU"
+                   else "add nodes, or give fewer replicas or threads")
+            raise ValueError(f"{where} has {got:g} {resource}(s), but {replicas} replica(s) need {needed} ({each} "
+                             f"each), and Ray Serve would wait for them forever: {fix}")
 
 
 @serve.ingress()
@@ -143,49 +172,71 @@ class RayServer:
         self.stop()
 
 
-def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipLike, float], *, replicas: int = 2,
-           max_batch: int = 16, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipLike, float] | str | os.PathLike, *,
+           replicas: int = 2, max_batch: int = 16, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
            address: str | None = None, threads: int = 1, device: str = "cpu", profile_iters: int = 20,
            int8: bool = False, miss_budget: float = MISS_BUDGET, max_queue_bytes: int = QUEUE_BYTES) -> RayServer:
     """Serve ``checkpoint`` on ``replicas`` Ray Serve replicas behind ``host:port`` (port 0: a free one); returns
     once every replica has compiled and profiled its engine.
 
-    accuracy: ``{skip: accuracy}`` of the servable sub-networks (as ``load_accuracy`` reads it); threads: CPU threads
-    (and Ray CPUs) per replica; device "cuda" gives each replica one GPU. int8: each replica serves INT8 on OpenVINO
-    (CPU only), ranged on the images ``calibrate --int8-images`` kept in the checkpoint (``accuracy`` should then be
-    the INT8 engine's, as ``serve`` measures it: ``compile_engine`` builds the same engine). address: "auto" or
-    "HOST:PORT" or "ray://..." joins a running cluster, where the package and the checkpoint path must exist on every
-    node; None uses the Ray this process already runs, else starts a local one (``address="local"``: never a cluster
-    found by chance) with ``replicas x threads`` CPUs, a 128 MiB object store and no dashboard, whose workers import
-    this ``adaptive_kernels``. A bad argument, a checkpoint that cannot be read (with ``int8``: one that keeps no
-    images, or a device other than the CPU), a miss_budget outside [0, 1) (each replica's ``Scheduler`` takes it), a
-    taken port or an ``address`` where no cluster answers (:func:`check_cluster`) is a ValueError before Ray starts;
-    a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here. max_queue_bytes: each
-    replica's queue bound (``Scheduler``).
+    accuracy: ``{skip: accuracy}`` of the servable sub-networks, or the path of an ``eval --json`` file (as
+    ``serve --accuracy`` reads it: ``load_accuracy``); threads: CPU threads (and Ray CPUs) per replica; device "cpu",
+    or "cuda" (each replica gets one GPU of its own, its cuda:0; "auto": "cuda" when this machine has a GPU).
+    int8: each replica serves INT8 on OpenVINO (CPU only), ranged on the images ``calibrate --int8-images`` kept in
+    the checkpoint (``accuracy`` should then be the INT8 engine's, as ``serve`` measures it: ``compile_engine``
+    builds the same engine). address: "auto" or "HOST:PORT" or "ray://..." joins a running cluster, where the
+    package and the checkpoint path must exist on every node; None uses the Ray this process already runs, else
+    starts a local one (``address="local"``: never a cluster found by chance) with ``replicas x threads`` CPUs (and
+    this machine's GPUs for "cuda"), a 128 MiB object store and no dashboard, whose workers import this
+    ``adaptive_kernels``. max_queue_bytes: each replica's queue bound (``Scheduler``).
+
+    Checked as ``serve`` checks its flags, before Ray starts: a bad argument is one line, a ValueError (a wrong
+    type: ``plan.BadArgumentType``, a TypeError and a ValueError) naming it: replicas in [1, MAX_REPLICAS],
+    max_batch in [1, MAX_BATCH], port in [0, MAX_PORT], a name that is one URL segment, a miss_budget in [0, 1), a
+    device that is cpu or cuda and, for a Ray started here, one this machine has (as many GPUs as replicas), a
+    checkpoint that cannot be read (with ``int8``: one that keeps no images, or a device other than the CPU), a
+    taken port, an ``address`` where no cluster answers (:func:`check_cluster`). A cluster (or the Ray this process
+    runs) without the CPUs or GPUs the replicas need is refused once connected (:func:`check_resources`), not waited
+    for; a replica's start-up error (e.g. an SLO below the fastest sub-network) is raised here.
     """
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
-    for what, value in (("threads", threads), ("max_batch", max_batch), ("profile_iters", profile_iters)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive int, got {value!r}")
-    if isinstance(slo_ms, bool) or not isinstance(slo_ms, (int, float)) or not 0 < slo_ms < math.inf:
-        raise ValueError(f"slo_ms must be a positive, finite number of milliseconds, got {slo_ms!r}")
-    ReserveShare(budget=miss_budget)  # a bad budget fails here, not in every replica
+    replicas = check_int(replicas, "replicas", 1, MAX_REPLICAS)
+    threads = check_int(threads, "threads", 1)
+    max_batch = check_int(max_batch, "max_batch", 1, MAX_BATCH)
+    profile_iters = check_int(profile_iters, "profile_iters", 1)
+    port = check_int(port, "port", 0, MAX_PORT)
+    slo_ms = check_slo_ms(slo_ms)
+    miss_budget = check_number(miss_budget, "miss_budget", "a share of requests, 0 <= miss_budget < 1",
+                               lambda v: 0 <= v < 1)
+    if name is not None:
+        check_model_name(name)
+    if not isinstance(host, str):
+        raise BadArgumentType(f"host must be a str (an address to listen on, e.g. '127.0.0.1'), got {host!r}")
+    local = address is None and not ray.is_initialized()  # a Ray started here, on this machine's CPUs and GPUs
+    device = serving_device(device, here=local and not int8)  # int8: check_int8_device names the fix
+    if int8:
+        check_int8_device(device)
+    gpu = torch.device(device).type == "cuda"
+    if gpu and torch.device(device).index not in (None, 0):
+        raise ValueError(f"device {device!r}: Ray gives each replica one GPU of its own, which it sees as cuda:0: "
+                         f"give device='cuda'")
+    device = "cuda" if gpu else device
     check_cluster(address)  # a cluster that is not there fails now, not after minutes of Ray's retries
     model, model_name, image_shape = checkpoint_model(checkpoint)  # a bad checkpoint fails here, not in every replica
     check_queue_bytes(max_queue_bytes, max_batch, image_shape)  # each replica's Scheduler takes it
     if int8:
-        check_int8_device(device)
         int8_sample(checkpoint)  # it keeps the images each replica will range INT8 on
-    table = {skip_to_str(s): a for s, a in parse_accuracy(accuracy, model.num_skippable_stages).items()}
+    table = {skip_to_str(s): a for s, a in accuracy_table(accuracy, model.num_skippable_stages).items()}
     with bind_socket(host, port) as sock:  # a taken port fails now; port 0 picks a free one
         port = sock.getsockname()[1]
+    if local and gpu:  # the Ray started here gets replicas x threads CPUs and this machine's GPUs
+        check_resources({"CPU": replicas * threads, "GPU": torch.cuda.device_count()}, replicas, threads, gpu,
+                        "this machine")
     connected = not ray.is_initialized()
     started_ray = connected and address is None
     if started_ray:
         package_root = str(Path(__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(address="local", num_cpus=replicas * threads, num_gpus=None if device.startswith("cuda") else 0,
+        ray.init(address="local", num_cpus=replicas * threads, num_gpus=None if gpu else 0,
                  include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
     elif connected:
@@ -193,12 +244,20 @@ def deploy(checkpoint: str | os.PathLike, slo_ms: float, accuracy: Mapping[SkipL
             ray.init(address=address, log_to_driver=False)
         except ConnectionError as e:  # gone since check_cluster, or a Ray that check_cluster could not ask
             raise ValueError(f"address {address!r}: {e}") from None
+    if not started_ray:  # a cluster, or the Ray this process runs: can it place the replicas at all?
+        try:
+            check_resources(ray.cluster_resources(), replicas, threads, gpu,
+                            f"the Ray cluster at {address!r}" if address else "the Ray this process runs")
+        except ValueError:
+            if connected:
+                ray.shutdown()
+            raise
     name = name or model_name
     app_name = f"adn-{name}"
     server = RayServer(f"http://{host}:{port}", name, app_name, started_ray=started_ray, connected=connected)
     try:
         serve.start(http_options={"host": host, "port": port})
-        actor = {"num_cpus": threads, "num_gpus": 1 if device.startswith("cuda") else 0}
+        actor = {"num_cpus": threads, "num_gpus": 1 if gpu else 0}
         app = serve.deployment(Replica, name=app_name, num_replicas=replicas, ray_actor_options=actor,
                                max_constructor_retry_count=replicas).bind(
             str(Path(checkpoint).resolve()), table, float(slo_ms), max_batch, name, device, profile_iters, threads,

@@ -82,6 +82,20 @@ def test_serve_refuses_a_queue_bound_below_one_batch_before_profiling(tmp_path, 
     assert "argument --max-queue-mb: must be an integer in [1, 1048576], got '0'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_serve_refuses_a_device_no_server_runs_on_before_loading(checkpoint, capsys, monkeypatch, device):
+    """torch names these devices, but no engine serves on them: refused as build_plan and deploy refuse them
+    (``serving_device``), not by an error from inside the compile."""
+    from adaptive_kernels.cli import serve
+
+    monkeypatch.setattr(serve, "build_plan", lambda *a, **k: pytest.fail("went on to compile"))
+    path, accuracy = checkpoint
+    for ray in ([], ["--ray-replicas", "2"]):
+        line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--device",
+                            device, *ray], capsys)
+        assert f"device '{device}': a server runs on cpu or cuda / cuda:N" in line
+
+
 def test_serve_needs_accuracies(tmp_path, capsys):
     # without --accuracy the sub-networks are measured on --data, by default the checkpoint's dataset: a checkpoint
     # that does not record it is refused before anything is compiled

@@ -5,6 +5,7 @@ engine is the OpenVINO INT8 one that ``serve --int8`` builds in one process from
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 
@@ -27,6 +28,7 @@ if onnxruntime_unavailable() is not None:
 import ray
 from ray import serve
 
+from adaptive_kernels.serving import ray as serving_ray
 from adaptive_kernels.serving.ray import deploy
 
 
@@ -42,9 +44,9 @@ def checkpoint(tmp_path):
 def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path, monkeypatch):
     path, _ = checkpoint
     accuracy = {"FFF": 90.0}
-    with pytest.raises(ValueError, match="replicas must be a positive int"):
+    with pytest.raises(ValueError, match="replicas must be an int in \\[1, 4096\\], got 0"):
         deploy(path, 10.0, accuracy, replicas=0)
-    with pytest.raises(ValueError, match="0 <= budget < 1"):
+    with pytest.raises(ValueError, match="miss_budget must be a share of requests, 0 <= miss_budget < 1, got 1.0"):
         deploy(path, 10.0, accuracy, miss_budget=1.0)
     with pytest.raises(ValueError, match="this model has 3 skippable stages"):
         deploy(path, 10.0, {"FF": 90.0})
@@ -52,7 +54,7 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path, 
         deploy(path, 10.0, {"FFF": math.nan})
     with pytest.raises(ValueError, match="slo_ms must be a positive, finite number of milliseconds, got inf"):
         deploy(path, math.inf, accuracy)
-    with pytest.raises(ValueError, match="max_batch must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="max_batch must be an int in \\[1, 1024\\], got 0"):
         deploy(path, 10.0, accuracy, max_batch=0)
     with pytest.raises(ValueError, match="profile_iters must be a positive int, got 2.5"):
         deploy(path, 10.0, accuracy, profile_iters=2.5)
@@ -83,6 +85,134 @@ def test_deploy_refuses_bad_arguments_before_starting_ray(checkpoint, tmp_path, 
     with pytest.raises(ValueError, match=f"no Ray cluster answers at 127.0.0.1:{closed} \\(found by 'auto'\\)"):
         deploy(path, 10.0, accuracy, address="auto")
     assert not ray.is_initialized()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test should ``deploy`` start or join Ray: its argument errors come before."""
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail(f"Ray started despite a bad argument: {a} {k}"))
+    yield
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    # what `serve` refuses as flags: the same bounds and rules (plan.MAX_BATCH, MAX_PORT, MAX_REPLICAS, ...)
+    ({"name": "a/b"}, ValueError, "name must be letters, digits, '_', '.' or '-' .*part of the URL.*got 'a/b'"),
+    ({"name": ""}, ValueError, "name must be letters, digits"),
+    ({"name": 7}, TypeError, "name must be a str"),
+    ({"max_batch": 2000}, ValueError, r"max_batch must be an int in \[1, 1024\], got 2000"),
+    ({"max_batch": 2.0}, TypeError, r"max_batch must be an int in \[1, 1024\], got 2.0 of type float"),
+    ({"replicas": 5000}, ValueError, r"replicas must be an int in \[1, 4096\], got 5000"),
+    ({"port": True}, TypeError, r"port must be an int in \[0, 65535\], got True of type bool"),
+    ({"port": -1}, ValueError, r"port must be an int in \[0, 65535\], got -1"),
+    ({"port": 70000}, ValueError, r"port must be an int in \[0, 65535\], got 70000"),
+    ({"port": "8000"}, TypeError, r"port must be an int in \[0, 65535\], got '8000' of type str"),
+    ({"host": 127}, TypeError, "host must be a str"),
+    ({"miss_budget": "x"}, TypeError, "miss_budget must be a share of requests, 0 <= miss_budget < 1, got 'x'"),
+    ({"miss_budget": math.nan}, ValueError, "miss_budget must be a share of requests, 0 <= miss_budget < 1, got nan"),
+    ({"slo_ms": "5"}, TypeError, "slo_ms must be a positive, finite number of milliseconds, got '5' of type str"),
+    ({"slo_ms": math.nan}, ValueError, "slo_ms must be a positive, finite number of milliseconds, got nan"),
+    ({"accuracy": 3}, TypeError, "accuracy must be a mapping .* or the path of an `eval --json` file, got 3"),
+    ({"accuracy": "/nonexistent/eval.json"}, ValueError, "--accuracy /nonexistent/eval.json: cannot read it as JSON"),
+    ({"device": "tpu"}, ValueError, "device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    ({"device": "mps"}, ValueError, "device 'mps': a server runs on cpu or cuda / cuda:N"),
+    ({"device": 0}, TypeError, "device must be a str"),
+])
+def test_deploy_refuses_what_serve_refuses_before_starting_ray(checkpoint, no_ray, kwargs, error, message):
+    """Each is one line naming the argument, raised before Ray starts: ``name="a/b"`` deployed "successfully" where
+    no client finds it (404), max_batch=2000 profiled for minutes, port=True served on port 1, port=-1 was a raw
+    OverflowError, port="8000", miss_budget="x" or a path as accuracy a raw TypeError / AttributeError."""
+    path, _ = checkpoint
+    args = {"slo_ms": 10.0, "accuracy": {"FFF": 90.0}, "port": 0, **kwargs}
+    with pytest.raises(error, match=message) as raised:
+        deploy(path, **args)
+    assert isinstance(raised.value, ValueError)  # a wrong type too (BadArgumentType): what the CLI prints in a line
+    assert "\n" not in str(raised.value)
+
+
+def test_deploy_takes_the_accuracy_as_an_eval_json_file(checkpoint, tmp_path, monkeypatch):
+    """``accuracy`` may be the path of an ``eval --json`` file, read as ``serve --accuracy`` reads it."""
+    path, _ = checkpoint
+    records = tmp_path / "eval.json"
+    records.write_text(json.dumps([{"skip": "FFF", "accuracy": 90.0}, {"skip": "TTT", "accuracy": 88.5}]))
+
+    class Deployed(Exception):
+        pass
+
+    def bind(*args):
+        raise Deployed(args[1])  # the table each replica gets
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "start", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "deployment", lambda *a, **k: type("D", (), {"bind": staticmethod(bind)}))
+    monkeypatch.setattr(serving_ray.RayServer, "stop", lambda self: None)
+    for accuracy in (records, str(records)):
+        with pytest.raises(Deployed) as deployed:
+            deploy(path, 10.0, accuracy, port=0)
+        assert deployed.value.args[0] == {"FFF": 90.0, "TTT": 88.5}
+    (tmp_path / "bad.json").write_text('{"FF": 90.0}')
+    with pytest.raises(ValueError, match="--accuracy .*bad.json: .*has 2 letters but this model has 3 skippable"):
+        deploy(path, 10.0, tmp_path / "bad.json", port=0)
+
+
+def test_deploy_on_cuda_without_a_gpu_here_is_refused_before_ray_starts(checkpoint, no_ray, monkeypatch):
+    """A local Ray started without a GPU waited in serve.run forever for a GPU replica: CUDA must be here, with a
+    GPU for each replica, and each replica sees its own GPU as cuda:0."""
+    path, _ = checkpoint
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' asked for but CUDA is not available: use --device cpu"):
+        deploy(path, 10.0, {"FFF": 90.0}, device="cuda", port=0)
+    with pytest.raises(ValueError, match="--int8 runs on the CPU \\(OpenVINO\\), not on cuda: drop --int8"):
+        deploy(path, 10.0, {"FFF": 90.0}, device="cuda", int8=True, port=0)  # INT8 names its own fix
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"this machine has 1 GPU\(s\), but 2 replica\(s\) need 2 \(one GPU each\)"):
+        deploy(path, 10.0, {"FFF": 90.0}, device="cuda", replicas=2, port=0)
+    with pytest.raises(ValueError, match="device 'cuda:3': this machine has 1 GPU"):
+        deploy(path, 10.0, {"FFF": 90.0}, device="cuda:3", port=0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="device 'cuda:1': Ray gives each replica one GPU of its own.*device='cuda'"):
+        deploy(path, 10.0, {"FFF": 90.0}, device="cuda:1", port=0)
+
+
+@pytest.mark.parametrize("have, kwargs, message", [
+    ({"CPU": 8.0}, {"device": "cuda"},
+     r"the Ray cluster at '10.0.0.1:6379' has 0 GPU\(s\), but 2 replica\(s\) need 2 .*add GPU nodes"),
+    ({"CPU": 8.0, "GPU": 1.0}, {"device": "cuda"}, r"has 1 GPU\(s\), but 2 replica\(s\) need 2"),
+    ({"CPU": 2.0}, {"threads": 2}, r"has 2 CPU\(s\), but 2 replica\(s\) need 4 \(2 CPU\(s\) \(threads\) each\)"),
+])
+def test_deploy_on_a_cluster_without_the_gpus_it_needs_is_refused_once_connected(checkpoint, monkeypatch, have,
+                                                                                   kwargs, message):
+    """A cluster's GPUs are on its nodes, not here: deploy connects, asks the cluster's resources and refuses
+    (disconnecting) what Ray Serve would wait for forever."""
+    path, _ = checkpoint
+    calls = []
+    monkeypatch.setattr(serving_ray, "check_cluster", lambda address: None)  # no cluster here: Ray's calls faked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "cuda" is not this machine's to check
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(("init", k["address"])))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: have)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown",)))
+    monkeypatch.setattr(serve, "start", lambda *a, **k: pytest.fail("served on a cluster that cannot place it"))
+    with pytest.raises(ValueError, match=message):
+        deploy(path, 10.0, {"FFF": 90.0}, replicas=2, address="10.0.0.1:6379", port=0, **kwargs)
+    assert calls == [("init", "10.0.0.1:6379"), ("shutdown",)]
+
+
+@pytest.mark.slow
+def test_deploy_cuda_on_a_running_cluster_without_gpus_is_refused_at_once(checkpoint):
+    """The real thing: a one-node cluster with no GPU; ``device="cuda"`` is refused once connected (before, Ray Serve
+    waited forever for a GPU), and deploy disconnects; the cluster runs on."""
+    from ray.cluster_utils import Cluster
+
+    path, _ = checkpoint
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+                                                            "object_store_memory": 80 * 2**20})
+    try:
+        with pytest.raises(ValueError, match=f"the Ray cluster at '{cluster.address}' has 0 GPU"):
+            deploy(path, 10.0, {"FFF": 90.0}, replicas=1, device="cuda", address=cluster.address, port=0)
+        assert not ray.is_initialized()
+    finally:
+        cluster.shutdown()
 
 
 def infer_through(server, model, x) -> set[str]:
