@@ -317,7 +317,89 @@ def read_result(path: str, flag: str, needs: dict[str, type]) -> dict:
                          f"wrong type); {fix}")
     if not any(set(skip) == {"T"} for skip in result["accuracy"]):
         raise ValueError(f"{flag} {path}: its accuracy lists no base-net (all T), which the base column serves; {fix}")
+    problem = _wrong_value(result, needs)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}; {fix}")
     return result
+
+
+def _finite(value: object) -> bool:
+    """A JSON number (not a boolean), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: object, least: int) -> bool:
+    """A JSON integer (not a boolean) >= ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _wrong_value(result: dict, needs: dict[str, type]) -> str | None:
+    """What is wrong with the values of a result whose ``needs`` have the right types (read_result): the field and
+    the problem, or None. What the simulation would otherwise fail on minutes in (or not at all: an SLO of 0 ms
+    refuses everything and writes a meaningless result)."""
+    profile = result["latency_us"]
+    bad = next((b for b in profile if not b.isdigit() or int(b) < 1), None)
+    if bad is not None:
+        return f"latency_us has the key {bad!r}: its keys are the profiled batch sizes, positive integers"
+    bad = next((b for b, table in profile.items() if not isinstance(table, dict) or not table), None)
+    if bad is not None:
+        return f"latency_us[{bad!r}] is {profile[bad]!r}: each batch size maps sub-networks to µs"
+    try:
+        latency = LatencyModel({int(b): t for b, t in profile.items()})  # batch 1, one set of sub-networks, µs > 0
+    except ValueError as e:
+        return f"latency_us: {e}"
+    accuracy = result["accuracy"]
+    for skip, value in accuracy.items():
+        if not _finite(value):
+            return f"accuracy[{skip!r}] is {json.dumps(value)}: each accuracy is a finite number (%)"
+        try:
+            parse_skip(skip, latency.num_stages)
+        except ValueError as e:
+            return f"accuracy: {e}"
+        if skip not in profile["1"]:
+            return f"accuracy lists {skip}, which latency_us does not profile: each served sub-network needs both"
+    if not _finite(result["slo_ms"]) or result["slo_ms"] <= 0:
+        return f"slo_ms is {json.dumps(result['slo_ms'])}: the SLO is a finite number of ms > 0"
+    if not _count(result["max_batch"], 1) or result["max_batch"] > latency.max_batch:
+        return (f"max_batch is {result['max_batch']}, but latency_us profiles batches 1..{latency.max_batch}: "
+                f"max_batch is within that range")
+    if "rows" not in needs:
+        return None
+    for key, least in (("seconds", 0.0), ("cv2", 0.0)):
+        if not _finite(result[key]) or result[key] <= least:
+            return f"{key} is {json.dumps(result[key])}: a finite number > {least:g}"
+    if not 0 <= result["depth"] < 1:
+        return f"depth is {json.dumps(result['depth'])}: the rate's sine amplitude is in [0, 1)"
+    if not _count(result["rounds"], 1):
+        return f"rounds is {result['rounds']}: at least 1"
+    for key, least in (("max_requests", 1), ("seed", 0)):
+        if result.get(key) is not None and not _count(result[key], least):
+            return f"{key} is {json.dumps(result[key])}: an integer >= {least} (or absent)"
+    forced = result["forced"]
+    for skip_key, skip in forced.items():
+        if skip is not None and skip not in accuracy:
+            return f"forced[{skip_key!r}] is {json.dumps(skip)}: a sub-network of accuracy, or null (the policy picks)"
+    if not result["rows"]:
+        return "rows is empty: the load test's rows are the runs to replay"
+    for i, row in enumerate(result["rows"]):
+        if not isinstance(row, dict):
+            return f"rows[{i}] is {json.dumps(row)}: each row is an object"
+        if not isinstance(row.get("policy"), str) or row["policy"] not in forced:
+            return f"rows[{i}].policy is {json.dumps(row.get('policy'))}: one of forced's ({', '.join(forced)})"
+        rate = row.get("rate")
+        if not _finite(rate) or rate <= 0:
+            return f"rows[{i}].rate is {json.dumps(rate)}: a request rate per second, finite and > 0"
+        expected = rate * result["seconds"] / result["rounds"]  # bursty_trace draws at most max_requests
+        if min(expected, result.get("max_requests") or math.inf) > MAX_TRACE_REQUESTS:
+            return (f"rows[{i}]: rate {rate:g} x {result['seconds'] / result['rounds']:g} s makes traces of "
+                    f"~{expected:,.0f} requests; at most {MAX_TRACE_REQUESTS:,}")
+        if not _finite(row.get("slo_attainment")):
+            return f"rows[{i}].slo_attainment is {json.dumps(row.get('slo_attainment'))}: a finite number"
+        if row.get("mean_accuracy") is not None and not _finite(row["mean_accuracy"]):
+            return f"rows[{i}].mean_accuracy is {json.dumps(row['mean_accuracy'])}: a finite number or null"
+        if not _count(row.get("sent"), 0):
+            return f"rows[{i}].sent is {json.dumps(row.get('sent'))}: a count of requests"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

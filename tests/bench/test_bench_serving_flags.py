@@ -120,6 +120,46 @@ def test_serving_sim_refuses_a_bad_flag_before_any_work(base, change, flag, file
     assert Path(files["A_FILE"]).read_text() == "x"
 
 
+#: (field of a serving_load.py result, a bad value for it; "a.b.0": result["a"]["b"][0]), for --profile and --replay
+BAD_VALUES = [("max_batch", 32), ("max_batch", 0), ("accuracy.TTTT", None), ("accuracy.FFFF", "NaN"),
+              ("accuracy.FFFF", float("inf")), ("accuracy.TTT", 70.0), ("latency_us", {}), ("latency_us.8", {}),
+              ("latency_us.x", {"FFFF": 1.0}), ("latency_us.1.FFFF", -1.0), ("slo_ms", -5), ("slo_ms", 0)]
+#: only --replay reads these
+BAD_REPLAY_VALUES = [("rounds", 0), ("seconds", 0), ("cv2", -1.0), ("depth", 1.0), ("max_requests", 0),
+                     ("seed", -1), ("forced.base", "XXXX"), ("rows", []), ("rows.0.rate", -1),
+                     ("rows.0.rate", float("nan")), ("rows.0.policy", "foo"), ("rows.0.slo_attainment", None),
+                     ("rows.0.sent", "many")]
+
+
+def with_value(result: dict, field: str, value) -> dict:
+    """``result`` with ``field`` ("a.b.0": ``result["a"]["b"][0]``) set to ``value``."""
+    *parents, last = field.split(".")
+    at = result
+    for key in parents:
+        at = at[int(key)] if isinstance(at, list) else at[key]
+    at[int(last) if isinstance(at, list) else last] = value
+    return result
+
+
+@pytest.mark.parametrize("base,field,value", [(b, f, v) for f, v in BAD_VALUES for b in (SWEEP, REPLAY)]
+                         + [(REPLAY, f, v) for f, v in BAD_REPLAY_VALUES],
+                         ids=[f"{'replay' if b is REPLAY else 'sweep'}-{f}={v!r}"[:60]
+                              for f, v in BAD_VALUES for b in (SWEEP, REPLAY)]
+                         + [f"replay-{f}={v!r}"[:60] for f, v in BAD_REPLAY_VALUES])
+def test_serving_sim_refuses_a_result_with_a_bad_value_before_simulating(base, field, value, files, tmp_path, capsys,
+                                                                         monkeypatch):
+    # a result whose values (not only types) the simulation cannot use: one error line naming the file and the
+    # field, before any simulation (it was a traceback minutes in, or a meaningless result for an SLO <= 0)
+    for work in ("sweep", "replay"):
+        monkeypatch.setattr(serving_sim, work, lambda *a, **k: pytest.fail("simulated despite a bad result"))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(with_value(json.loads(PROFILE.read_text()), field, value)))
+    flag = "--replay" if base is REPLAY else "--profile"
+    err = refused(serving_sim.main, argv(base, {flag: str(path)}, files), f"{flag} {path}", "serving_sim.py", capsys)
+    assert field.split(".")[0] in err, err
+    assert not Path(files["OUT"]).exists()
+
+
 @pytest.mark.parametrize("base,change", [(SWEEP, {}), (REPLAY, {"--replay": "NO_SEED", "--seed": "200"})],
                          ids=["sweep", "replay"])
 def test_serving_sim_runs_with_good_flags(base, change, files, capsys):
