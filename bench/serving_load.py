@@ -12,6 +12,8 @@ varying as a sine over the run) replayed against four ways of serving, all throu
 Arrivals do not wait for answers (open loop); every request ends as served (HTTP 200), refused (503) or lost (no
 answer within the client's timeout), and the run checks sent = answered + refused. Writes ``<scenario>.json`` (rows,
 machine, versions), ``<scenario>.md`` (the table) and ``<scenario>_timeline.png`` into ``--out``, each atomically.
+Ctrl-C or SIGTERM stops the sweep and the server and writes nothing (exit status 130 / 143); a server that does not
+start, or stops during the sweep, ends the run with one line naming why.
 
     python bench/serving_load.py --checkpoint demo_out/calibrated.pt --accuracy demo_out/subnets.json \\
         --slo-ms 5 --rates 200,500,1000,2000 --seconds 20 --out bench/results/serving --scenario demo
@@ -22,17 +24,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import importlib.util
 import json
 import os
 import platform
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +47,9 @@ import numpy as np
 from adaptive_kernels._files import atomic_path, write_text
 from adaptive_kernels.cli.checks import (
     ArgumentParser,
-    check_output_dir,
     float_range,
     int_range,
+    output_dir,
     path_text,
     positive_float,
     positive_int,
@@ -78,37 +85,174 @@ def bursty_trace(seconds: float, mean_rate: float, cv2: float, seed: int, period
     return np.interp(operational, cumulative, grid)
 
 
+class ServerError(RuntimeError):
+    """The server did not start, or stopped before the sweep was done: a one-line message that names why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (``timeout``, CI) stopped the run: the server is stopped, nothing is written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """While ``with signals:`` runs (in the main thread): SIGINT and SIGTERM stop the run with ``Interrupted``.
+
+    Set whatever this process inherited: a shell starts ``cmd &`` with SIGINT ignored (so ``kill -INT`` did nothing
+    while the sweep ran), and SIGTERM's default ends the process without its clean-up (the server left running). A
+    replay (``run_replay``) is cancelled rather than interrupted inside the event loop: its requests end and the
+    loop closes. A further signal while stopping is ignored, so that stopping the server runs to its end."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.task: asyncio.Task | None = None  # the replay now running, the one to cancel
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            return  # already stopping
+        self.signum = signum
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # run_replay turns the cancellation into Interrupted
+            return
+        raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Interrupted if a signal came (one that arrived while a replay was ending)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+#: ``python -c LAUNCH PARENT_PID COMMAND...`` (Linux) runs COMMAND as a process that gets SIGTERM when PARENT_PID ends,
+#: however it ends (even SIGKILL, after which no clean-up of this script runs): prctl(PR_SET_PDEATHSIG) survives exec
+_LAUNCH = """import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class Server:
     """``python -m adaptive_kernels serve`` as a subprocess on 127.0.0.1, a free port; ``stop()`` ends it with
-    SIGINT (graceful: queued requests answered) and returns its output."""
+    SIGINT (graceful: queued requests answered) and returns its output.
+
+    The server runs in its own session (a Ctrl-C to the terminal's process group reaches this script alone, which
+    then stops it) and, on Linux, ends with this process. Its output is read by a thread all along (a full pipe
+    would block it), so that a failure can name its last lines. A server that does not start is a ``ServerError``
+    naming its own error line (its output is printed above it), and is stopped."""
 
     def __init__(self, argv: list[str], threads: int, start_timeout_s: float = 900.0) -> None:
         cmd = [sys.executable, "-m", "adaptive_kernels", "serve", "--host", "127.0.0.1", "--port", "0",
                "--threads", str(threads), *argv]
+        if sys.platform.startswith("linux"):
+            cmd = [sys.executable, "-c", _LAUNCH, str(os.getpid()), *cmd]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
         self.lines: list[str] = []
-        deadline = time.monotonic() + start_timeout_s
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the server stopped during start-up:\n" + "".join(self.lines))
+        self.ready = False
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
+        self._reader.start()
+        print(f"[load] the server is pid {self.proc.pid}", flush=True)
+        try:
+            self._wait_ready(start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
             self.lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServerError(f"the server did not start within {timeout_s:.0f} s; its log ends: {self.tail()}")
+            try:
+                line = self._lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:  # its output ended: it exited
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=30)
+                raise ServerError(f"the server did not start: {self.reason()} ({self.status()}; its output is above)")
             print(f"  | {line.rstrip()}", flush=True)
             found = re.search(r"ready on 127\.0\.0\.1:(\d+): (\S+) at ", line)
             if found:
                 self.port, self.name = int(found.group(1)), found.group(2)
+                self.ready = True
                 return
-        self.proc.kill()
-        raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
 
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=120)
-        self.lines.append(out)
-        if self.proc.returncode != 0:  # Ctrl-C is serve's normal stop: exit status 0
-            raise RuntimeError(f"the server exited with status {self.proc.returncode} on SIGINT:\n{out}")
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def status(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return "still running"
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+    def tail(self, lines: int = 3) -> str:
+        """Its last ``lines`` non-empty lines of output, on one line."""
+        if not self.alive():
+            self._reader.join(timeout=5)  # the rest of its output
+        text = [line.strip() for line in self.lines if line.strip()]
+        return " | ".join(text[-lines:]) if text else "(nothing)"
+
+    def reason(self) -> str:
+        """Its own error line (``error: ...``; the last line when it has none, e.g. a traceback's)."""
+        text = [line.strip() for line in self.lines if line.strip()]
+        errors = [line for line in text if line.startswith("error:")]
+        return errors[-1] if errors else text[-1] if text else "it printed nothing"
+
+    def check(self, doing: str) -> None:
+        """A ``ServerError`` naming ``doing`` and the end of its log if the server has stopped."""
+        if not self.alive():
+            raise ServerError(f"the server stopped ({self.status()}) {doing}; its log ends: {self.tail()}")
+
+    def get(self, path: str) -> bytes:
+        """The server's answer to GET ``path``; a ``ServerError`` if it has stopped or does not answer."""
+        self.check(f"before GET {path}")
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30).read()
+        except OSError as e:  # URLError, a timeout
+            self.check(f"during GET {path}")
+            raise ServerError(f"the server did not answer GET {path} ({e}); its log ends: {self.tail()}") from None
+
+    def stop(self, timeout_s: float = 60.0) -> str:
+        """End it if it still runs: SIGINT once it serves (graceful: queued requests answered), SIGTERM while it
+        starts up (it may ignore SIGINT until then); SIGKILL after ``timeout_s``. Returns its output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT if self.ready else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            except BaseException:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+            self.proc.wait()
+        self._reader.join(timeout=10)
         return "".join(self.lines)
 
 
@@ -123,9 +267,11 @@ def request_body(image: np.ndarray, slo_ms: float, skip: str | None) -> tuple[by
     return header + raw, {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
 
 
-async def replay(url: str, arrivals: np.ndarray, body: bytes, headers: dict[str, str], timeout_s: float
-                 ) -> list[dict]:
-    """Send one request per arrival time, whatever the answers (open loop); one record per request."""
+async def replay(url: str, arrivals: np.ndarray, body: bytes, headers: dict[str, str], timeout_s: float,
+                 alive: Callable[[], bool] | None = None) -> list[dict]:
+    """Send one request per arrival time, whatever the answers (open loop); one record per request. ``alive``: asked
+    every 0.1 s; False ends the replay at once (the server stopped: nothing left to send to), its requests cancelled
+    (their records stay empty)."""
     import aiohttp
 
     records: list[dict] = [{} for _ in arrivals]
@@ -149,16 +295,55 @@ async def replay(url: str, arrivals: np.ndarray, body: bytes, headers: dict[str,
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             record.update(status="lost", error=type(e).__name__)
 
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024), timeout=timeout) as session:
+    async def send(session: aiohttp.ClientSession) -> None:
         start = loop.time() + 0.1
-        tasks = []
         for i, at in enumerate(arrivals):
             delay = start + at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(session, i, start)))
         await asyncio.gather(*tasks)
+
+    async def watch() -> None:
+        while alive():
+            await asyncio.sleep(0.1)
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    tasks: list[asyncio.Task] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024), timeout=timeout) as session:
+        sender = asyncio.create_task(send(session))
+        watcher = asyncio.create_task(watch()) if alive is not None else None
+        running = [task for task in (sender, watcher) if task is not None]
+        try:
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done():
+                sender.result()  # its error, if any
+        finally:  # the server stopped, or this replay was cancelled (Ctrl-C): end every request now
+            for task in (*running, *tasks):
+                task.cancel()
+            await asyncio.gather(*running, *tasks, return_exceptions=True)
+    return records
+
+
+def run_replay(signals: Signals, server: Server, arrivals: np.ndarray, body: bytes, headers: dict[str, str],
+               timeout_s: float) -> list[dict]:
+    """``replay`` against ``server`` in an event loop of its own; ``Interrupted`` on SIGINT/SIGTERM (``signals``),
+    a ``ServerError`` if the server stopped meanwhile."""
+    async def cancellable() -> list[dict]:
+        signals.task = asyncio.current_task()
+        try:
+            return await replay(f"http://127.0.0.1:{server.port}/v2/models/{server.name}/infer", arrivals, body,
+                                headers, timeout_s, alive=server.alive)
+        finally:
+            signals.task = None
+
+    try:
+        records = asyncio.run(cancellable())
+    except asyncio.CancelledError:
+        signals.check()
+        raise
+    signals.check()
+    server.check("during the sweep")
     return records
 
 
@@ -187,11 +372,9 @@ def summarize(records: list[dict], accuracy: dict[str, float], slo_ms: float, se
     }
 
 
-def server_metrics(port: int) -> dict[str, float]:
+def server_metrics(server: Server) -> dict[str, float]:
     """The scalar series of the server's /metrics."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    text = server.get("/metrics").decode()
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(adn_[a-z_]+) ([0-9.e+-]+)$", text, re.MULTILINE)}
 
 
@@ -450,15 +633,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeline_rate is not None and args.timeline_rate not in rates:
         p.error(f"argument --timeline-rate: {args.timeline_rate:g} is not one of --rates "
                 f"({','.join(f'{r:g}' for r in rates)}): give one of them, or leave it out (the highest)")
-    try:
-        check_served(args)
-        # the client and the plot are imported where they are used, after minutes of serving: check for them now
-        missing = [name for name in ("aiohttp", "matplotlib") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise ValueError(f"the load test needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-        check_output_dir(args.out, "--out")
-    except ValueError as e:
-        p.error(str(e))
+    signals = Signals()
+    with signals:
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    check_served(args)
+                    # the client and the plot are imported where they are used, after minutes of serving: check now
+                    missing = [name for name in ("aiohttp", "matplotlib") if importlib.util.find_spec(name) is None]
+                    if missing:
+                        raise ValueError(f"the load test needs {' and '.join(missing)}: pip install "
+                                         f"{' '.join(missing)}")
+                    # proven writable now; a folder made for it is removed again should the run not write there
+                    stack.enter_context(output_dir(args.out, "--out"))
+                except ValueError as e:
+                    p.error(str(e))
+                return run(args, rates, policies, signals)
+        except Interrupted as e:
+            print(f"{p.prog}: interrupted by {signal.Signals(e.signum).name}: stopped the sweep and the server; "
+                  f"nothing written", file=sys.stderr, flush=True)
+            return 128 + e.signum
+        except ServerError as e:
+            print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            return 1
+
+
+def run(args: argparse.Namespace, rates: list[float], policies: list[str], signals: Signals) -> int:
+    """Start the server, sweep, stop it (whatever happened), write the results; 0 if no request was lost."""
     with tempfile.TemporaryDirectory() as folder:
         if args.paper_resnet50:
             checkpoint, accuracy_file = paper_resnet50_checkpoint(Path(folder))
@@ -472,9 +673,11 @@ def main(argv: list[str] | None = None) -> int:
                          str(args.slo_ms), "--max-batch", str(args.max_batch), "--profile-iters",
                          str(args.profile_iters)], args.threads)
         try:
-            result = run_sweep(server, args, rates, policies, source)
+            result = run_sweep(server, args, rates, policies, source, signals)
         finally:
             log = server.stop()
+    if server.proc.returncode != 0:  # Ctrl-C is serve's normal stop: exit status 0
+        raise ServerError(f"the server ended with {server.status()} on SIGINT; its log ends: {server.tail()}")
     result["server_log_tail"] = log.splitlines()[-3:]
     result["machine"]["load_avg_at_start"] = load_at_start
     args.out.mkdir(parents=True, exist_ok=True)
@@ -486,21 +689,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if lost == 0 else 1
 
 
-def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], policies: list[str], source: str) -> dict:
-    import urllib.request
-
-    meta = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v2/models/{server.name}",
-                                             timeout=30).read())
+def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], policies: list[str], source: str,
+              signals: Signals) -> dict:
+    meta = json.loads(server.get(f"/v2/models/{server.name}"))
     accuracy, latency_us = meta["parameters"]["accuracy"], meta["parameters"]["latency_us"]
     shape = meta["inputs"][0]["shape"][1:]
     ranking = sorted(accuracy, key=accuracy.get, reverse=True)
     forced = {"super": ranking[0], "base": next(s for s in accuracy if set(s) == {"T"}),
               "static": static_pick(latency_us, accuracy, args.slo_ms), "adaptive": None}
     image = np.random.default_rng(args.seed).standard_normal((1, *shape)).astype(np.float32)
-    url = f"http://127.0.0.1:{server.port}/v2/models/{server.name}/infer"
     timeline_rate = args.timeline_rate or max(rates)
     rows, traces = [], {}
-    before = server_metrics(server.port)
+    before = server_metrics(server)
     for rate in rates:
         # the policies take turns in rounds (ABCD, DCBA, ...), each round one trace that every policy replays: a
         # change in the machine's load hits every policy alike instead of the last ones
@@ -511,7 +711,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
                                     depth=args.depth, limit=args.max_requests)
             for policy in (policies if r % 2 == 0 else policies[::-1]):
                 body, headers = request_body(image, args.slo_ms, forced[policy])
-                got = asyncio.run(replay(url, arrivals, body, headers, timeout_s=args.slo_ms / 1e3 * 20 + 30))
+                got = run_replay(signals, server, arrivals, body, headers, args.slo_ms / 1e3 * 20 + 30)
                 records[policy] += got
                 if rate == timeline_rate and r == 0:
                     traces[policy] = got
@@ -524,7 +724,7 @@ def run_sweep(server: Server, args: argparse.Namespace, rates: list[float], poli
                   f"{row['refused']}, lost {row['lost']}; SLO {row['slo_attainment']:.3f}, accuracy "
                   f"{fmt(row['mean_accuracy'], '.2f')}, p99 {fmt(row['p99_ms'], '.1f')} ms", flush=True)
         print(f"[load] rate {rate:g}/s: {args.rounds} rounds in {time.perf_counter() - t0:.0f} s", flush=True)
-    after = server_metrics(server.port)
+    after = server_metrics(server)
     batches = max(after["adn_batches"] - before["adn_batches"], 1.0)
     overhead = {f"{part}_us": (after[f"adn_dispatch_{part}_seconds"] - before[f"adn_dispatch_{part}_seconds"])
                 / batches * 1e6 for part in ("policy", "batching", "answering")}
