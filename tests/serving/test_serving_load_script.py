@@ -30,16 +30,24 @@ from bench.serving_load import POLICIES, main
 pytestmark = pytest.mark.slow
 
 
-def test_load_script_smoke(tmp_path):
+SCRIPT = Path(__file__).parents[2] / "bench/serving_load.py"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
     spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
     checkpoint = save_checkpoint({"model": create_model(spec["name"], **spec["kwargs"]).state_dict(),
                                   "model_spec": spec, "data": {"name": "synthetic", "image_size": [8, 8]}},
-                                 tmp_path / "last.pt")
-    accuracy = tmp_path / "subnets.json"
+                                 folder / "last.pt")
+    accuracy = folder / "subnets.json"
     accuracy.write_text(json.dumps({"FFF": 90.0, "TFT": 89.5, "TTT": 89.0}))
+    return ["--checkpoint", str(checkpoint), "--accuracy", str(accuracy), "--max-batch", "4", "--profile-iters", "3"]
+
+
+def test_load_script_smoke(tmp_path, served):
     out = tmp_path / "results"
-    code = main(["--checkpoint", str(checkpoint), "--accuracy", str(accuracy), "--slo-ms", "50", "--rates", "30,60",
-                 "--seconds", "1", "--max-batch", "4", "--profile-iters", "3", "--max-requests", "200",
+    code = main([*served, "--slo-ms", "50", "--rates", "30,60", "--seconds", "1", "--max-requests", "200",
                  "--scenario", "smoke", "--out", str(out)])
     assert code == 0  # nothing lost
     assert sorted(p.name for p in out.iterdir()) == ["smoke.json", "smoke.md", "smoke_timeline.png"]  # no temp files
@@ -64,21 +72,6 @@ def test_load_script_smoke(tmp_path):
 # The script run as a user runs it (its own process, its server a child of it): Ctrl-C, SIGTERM and a server that
 # dies stop the sweep at once with one line, the server is always stopped, and a run that writes nothing leaves no
 # --out folder behind.
-
-SCRIPT = Path(__file__).parents[2] / "bench/serving_load.py"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    spec = {"name": "resnet20_adn", "kwargs": {"num_classes": 10, "in_chans": 1, "width": 2}}
-    checkpoint = save_checkpoint({"model": create_model(spec["name"], **spec["kwargs"]).state_dict(),
-                                  "model_spec": spec, "data": {"name": "synthetic", "image_size": [8, 8]}},
-                                 folder / "last.pt")
-    accuracy = folder / "subnets.json"
-    accuracy.write_text(json.dumps({"FFF": 90.0, "TFT": 89.5, "TTT": 89.0}))
-    return ["--checkpoint", str(checkpoint), "--accuracy", str(accuracy), "--max-batch", "4", "--profile-iters", "3"]
-
 
 def running(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
