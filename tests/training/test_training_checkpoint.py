@@ -97,7 +97,7 @@ def test_garbage_missing_and_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="garbage.pt cannot be read"):
         ckpt.load_checkpoint(garbage)
     pickled = tmp_path / "pickled.pt"  # a pickle of an arbitrary object: never unpickled, nor advised to be
-    pickled.write_bytes(pickle.dumps(datetime.date(2026, 1, 1)))
+    pickled.write_bytes(pickle.dumps(datetime.date(2026, 1, 1), protocol=2))
     with pytest.raises(ckpt.CheckpointError, match="pickled.pt cannot be read.*never unpickled here") as error:
         ckpt.load_checkpoint(pickled)
     assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
