@@ -52,7 +52,14 @@ from adaptive_kernels.cli.checks import (
 )
 from adaptive_kernels.models.skip import parse_skip, skip_to_str
 from adaptive_kernels.serving.latency import ArrivalRate, LatencyModel, ReserveShare
-from adaptive_kernels.serving.policy import RESERVE_SHARE, Costs, Queued, plan_dispatch, rank_by_accuracy
+from adaptive_kernels.serving.policy import (
+    RESERVE_SHARE,
+    Costs,
+    Queued,
+    parse_accuracy,
+    plan_dispatch,
+    rank_by_accuracy,
+)
 from bench.serving_load import (
     POLICIES,
     bursty_trace,
@@ -349,15 +356,14 @@ def _wrong_value(result: dict, needs: dict[str, type]) -> str | None:
     except ValueError as e:
         return f"latency_us: {e}"
     accuracy = result["accuracy"]
-    for skip, value in accuracy.items():
-        if not _finite(value):
-            return f"accuracy[{skip!r}] is {json.dumps(value)}: each accuracy is a finite number (%)"
-        try:
-            parse_skip(skip, latency.num_stages)
-        except ValueError as e:
-            return f"accuracy: {e}"
-        if skip not in profile["1"]:
-            return f"accuracy lists {skip}, which latency_us does not profile: each served sub-network needs both"
+    try:  # the scheduler's own reading: finite numbers, one per sub-network of the profile's stages
+        table = parse_accuracy(accuracy, latency.num_stages)
+    except ValueError as e:
+        return f"accuracy: {e}"
+    unprofiled = [skip_to_str(s) for s in table if s not in latency.skips]
+    if unprofiled:
+        return (f"accuracy lists {', '.join(unprofiled)}, which latency_us does not profile: each served "
+                f"sub-network needs both")
     if not _finite(result["slo_ms"]) or result["slo_ms"] <= 0:
         return f"slo_ms is {json.dumps(result['slo_ms'])}: the SLO is a finite number of ms > 0"
     if not _count(result["max_batch"], 1) or result["max_batch"] > latency.max_batch:
