@@ -97,7 +97,10 @@ fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-OUT=${OUT:-bench/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)}
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -cs 'A-Za-z0-9' '_' \
+       | tr 'A-Z' 'a-z' | sed 's/_$//')
+CALLS_TAG=$(IFS=_; echo "${CALLS[*]}")
+OUT=${OUT:-bench/results/gpu/$(date -u +%Y-%m-%d)_${CARD:-nogpu}/call$CALLS_TAG}  # where the rows are committed
 mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 LOGS="$OUT/logs"
