@@ -512,8 +512,8 @@ def markdown(result: dict) -> str:
     o, i = result["overhead"], result["overhead"]["isolated"]
     base, n = o["base_batch1_us"], result["max_batch"]
     lines += ["", (f"Dispatcher time outside the engine per engine call, in the server under load (a decision "
-                  f"after the thread waited runs with cold caches: docs/serving.md): policy {o['policy_us']:.1f} µs, "
-                  f"batching {o['batching_us']:.1f} µs, "
+                  f"after the thread waited runs with cold caches: bench/results/serving/README.md): "
+                  f"policy {o['policy_us']:.1f} µs, batching {o['batching_us']:.1f} µs, "
                   f"answering {o['answering_us']:.1f} µs; policy + batching = "
                   f"{(o['policy_us'] + o['batching_us']) / base * 100:.1f} % of the base-net's batch-1 latency "
                   f"({base:.1f} µs)."),

@@ -14,7 +14,7 @@ measurable. The model is the demo's base net (ResNet-20-ADN width 8, 1 x 28 x 28
             timed alone right after its thread slept ``idle_us`` (100 µs, 1 ms: waiting for a request, or for the
             GIL), ``provider="fifo, after idle"``; and the same decision again at once, ``"fifo, repeated"`` (what the
             rows above measure). A thread that waited runs with cold caches on a shared (virtual) machine; inside
-            the HTTP server the dispatcher's policy time is this, not the warm figure (docs/serving.md).
+            the HTTP server the dispatcher's policy time is this, not the warm figure (bench/results/serving/README.md).
   batching  what the dispatcher does to a batch of 1 or 16 one-image inputs before the engine call, in
             interleaved rounds (same sitting): ``provider="ring"`` the scheduler's ``_batch_input`` (a view of its
             input ring), ``"torch.cat"`` what it did before (``torch.cat`` of the requests' tensors, ``.to``).

@@ -182,8 +182,9 @@ class ReserveShare:
     a miss brings it back toward ``low`` within a few misses, and where misses come more often than ``budget`` it
     stays at ``low``, the policy as it was before the share moved. ``budget`` is the share of requests the server may
     miss while it buys accuracy with them (0.005, half of the 1 % a 0.99 attainment target allows; 0: never, the
-    share stays at ``low``; ``serve --miss-budget``). Tuned in bench/serving_sim.py (docs/serving.md). The
-    dispatcher thread alone calls ``outcome``; any thread may read ``share`` (one float, e.g. for metrics).
+    share stays at ``low``; ``serve --miss-budget``). Tuned in bench/serving_sim.py
+    (bench/results/serving/README.md). The dispatcher thread alone calls ``outcome``; any thread may read ``share``
+    (one float, e.g. for metrics).
     """
 
     def __init__(self, low: float = RESERVE_SHARE, high: float = 4.0, budget: float = MISS_BUDGET,

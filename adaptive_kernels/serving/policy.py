@@ -25,20 +25,21 @@ The rule (SlackFit-like, after SuperServe, NSDI '25):
    at 1), and where the chosen one's parts cost less than its batch, its first part is served (it finishes sooner,
    and the rest after it no later than the batch would have). In bench/serving_sim.py (calls scattered
    log-normally, sigma 0.3) the split raised the adaptive server's attainment at 5 req/s from 0.985 to 0.992 and the
-   base-net's from 0.994 to 0.996 (docs/serving.md).
+   base-net's from 0.994 to 0.996 (bench/results/serving/README.md).
 4. Keep a reserve for what arrives meanwhile: at the predicted arrival rate, ``batch`` more requests arrive in
    ``batch / rate`` seconds; the sub-network must finish the batch within a ``share`` of that (and by the deadline):
    the most accurate that does, the fastest when none does. With ``RESERVE_SHARE`` = 0.5 the server keeps up with
    twice the predicted rate, which is what a bursty stream needs; the scheduler passes a share that follows the SLO
    attainment (``latency.ReserveShare``: 0.5 after misses, up to 4 while requests meet their deadlines), because a
    fixed 0.5 spends accuracy a fast engine does not need to (ResNet-50 over HTTP at 20 req/s: 0.998 attained at
-   76.52 with 0.5, 0.996 at 77.11 with the share following, the base-net 0.999 and 0.993; docs/serving.md).
+   76.52 with 0.5, 0.996 at 77.11 with the share following, the base-net 0.999 and 0.993;
+   bench/results/serving/README.md).
 5. Guard against the next burst: a batch of b requests says that b more may come while it runs, so the sub-network
    must leave the fastest one time to serve as many within one SLO (the batch's own): ``t(skip, b) + t(fastest, b)
    <= slo``. The rate of step 4 reacts to a burst only after several arrivals (it averages the latest 8); this
    reacts to the queue itself. Seen over HTTP: the super-net on three queued ResNet-50 requests took 142 ms while a
    burst of five arrived behind it, and one of those was refused. In bench/serving_sim.py the guard raised
-   attainment by up to 0.010 for 0.001-0.06 points of accuracy (docs/serving.md).
+   attainment by up to 0.010 for 0.001-0.06 points of accuracy (bench/results/serving/README.md).
 
 Under light load the queue holds one request and the super-net serves it; as load grows the batches grow and the
 sub-networks get cheaper, so throughput follows the load while every served request still meets its deadline as

@@ -219,7 +219,7 @@ class Scheduler:
         # the ring is float32 on the CPU; other engines get it converted (on the device) per dispatch
         self._convert = self._device.type != "cpu" or self._dtype != torch.float32
         # a CPU runtime's engine takes and returns NumPy arrays (``numpy_io``): the dispatcher then makes no torch
-        # call (each costs microseconds right after a run; measured in docs/serving.md)
+        # call (each costs microseconds right after a run; measured in bench/results/serving/README.md)
         self._numpy = getattr(engine, "numpy_io", False) and not self._convert
         image_bytes = 4 * example_input[0].numel()
         check_queue_bytes(max_queue_bytes, self.max_batch, self.image_shape)
