@@ -175,7 +175,7 @@ class HostEngine(Engine):
                 raise TypeError(f"engine input must be a torch.Tensor like the example input {self._input_shape} "
                                 f"{self._input_dtype} or a float32 NumPy array of that shape, got {type(x).__name__}")
             self._check_input(x)
-            array = x.detach().float().numpy()
+            array = x.detach().float().numpy(force=True)  # force: also resolves conj / neg views
         return array
 
     def _describe(self) -> str:

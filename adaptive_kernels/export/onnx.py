@@ -4,9 +4,9 @@ graph's input and output names and its mask input (``mask_of``)."""
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_path, check_output_file
+from .._quiet import muted
 from ..models.base import ADNModel
 from ..models.skip import SkipConfig, SkipLike, skip_to_mask, skip_to_str
 from .graph import finish_file
@@ -23,6 +24,9 @@ from .masked import ExportError, StaticForward, masked_forward, own_trace_memory
 
 logger = logging.getLogger(__name__)  # the phases of an export at INFO (the CLI shows them; docs/export.md)
 INPUT, MASK, OUTPUT = "input", "mask", "logits"
+#: one trace at a time: torch.export (dynamo) is not thread-safe, and ``own_trace_memory`` empties torch's process-wide
+#: caches around a trace (``compile`` / ``export_onnx`` from two threads: the second waits for the first's trace)
+_TRACE_LOCK = threading.Lock()
 FORMATS = ("onnx", "pt2")
 
 
@@ -108,7 +112,7 @@ def export_onnx(
     what = (f"every sub-network in one graph, {len(wrapper.blocks)} If node(s)" if skip is None
             else f"sub-network {skip_to_str(wrapper.skip)}")
     logger.info("[export] tracing %s (%s) and translating it to ONNX ...", name, what)
-    with (inference_only(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+    with (_TRACE_LOCK, inference_only(model), torch.no_grad(), warnings.catch_warnings(), muted(),
           own_trace_memory()):
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
         try:

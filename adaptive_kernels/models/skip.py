@@ -43,6 +43,8 @@ def parse_skip(skip: SkipLike, num_stages: int) -> SkipConfig:
         return tuple(c == "t" for c in word)
     if hasattr(skip, "tolist") and not isinstance(skip, (list, tuple)):
         skip = skip.tolist()  # numpy arrays and tensors
+    if isinstance(skip, (bytes, bytearray)):
+        raise TypeError(f"skip={skip!r} is bytes: give a str (skip.decode()), e.g. {example!r}")
     if not isinstance(skip, Sequence):
         raise TypeError(
             f"skip must be None, 'super', 'base', a T/F string or a sequence of bools, "
@@ -55,6 +57,8 @@ def parse_skip(skip: SkipLike, num_stages: int) -> SkipConfig:
         )
     out = []
     for i, v in enumerate(skip):
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+            v = v.item()  # a NumPy or torch scalar (np.True_, torch.tensor(1))
         if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
             out.append(bool(v))
         else:

@@ -330,11 +330,14 @@ class Scheduler:
         return oldest
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking requests (later ones are refused), answer everything queued, then stop the dispatcher."""
+        """Stop taking requests (later ones are refused), answer everything queued, then stop the dispatcher. Called
+        on the dispatcher's own thread (a listener, a future's done-callback), it cannot wait for that thread: it
+        returns at once, and the dispatcher answers what is queued and stops after the callback."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def now(self) -> float:
         """The scheduler's clock (seconds): what ``submit``'s ``received`` is read from."""

@@ -87,6 +87,8 @@ def test_inputs_the_lean_path_does_not_take_as_they_are_are_converted_or_rejecte
     wants_grad = x.clone().requires_grad_()
     got = engine(wants_grad)
     assert relative_error(got, want) < 1e-4 and not got.requires_grad
+    negative_view = torch.complex(torch.zeros_like(x), -x).conj().imag  # == x, with the negative bit set
+    assert negative_view.is_neg() and relative_error(engine(negative_view, "FTF"), want) < 1e-4
     compiled = r"\(2, 3, 16, 16\) torch.float32"
     for bad, error, match in [
         ("image", TypeError, "must be a torch.Tensor"),

@@ -97,6 +97,24 @@ def test_threads_sharing_one_engine_each_get_their_own_subnetwork(model, fp32, i
     assert all(len(r._idle) >= 1 for r in int8._subnets.values())  # every request given back
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_an_image_holding_nan_or_inf_answers_nan_like_the_model_and_the_other_is_exact(model, fp32, int8, bad):
+    """OpenVINO's CPU plugin answers finite logits for an image holding NaN (the torch model and ONNX Runtime: NaN);
+    the engine answers that image's row with NaN, the other row as before."""
+    for row, where in ((0, (0, 0, 3, 4)), (1, (1,))):  # one value of the first image, all of the second
+        x = X.clone()
+        x[where] = bad
+        with torch.no_grad():
+            ref = model(x, "TFT")
+        good = 1 - row
+        assert ref[row].isnan().all() and ref[good].isfinite().all()  # the reference itself
+        for engine, tolerance in ((fp32, 1e-4), (int8, INT8_TOLERANCE)):
+            got = engine(x, "TFT")
+            assert got[row].isnan().all()
+            assert relative_error(got[good], ref[good]) < tolerance
+            assert torch.equal(got[good], engine(X, "TFT")[good])  # as if served without the bad image
+
+
 def test_profile_times_every_subnetwork(int8, model):
     int8.set_skip("FTF")
     table = int8.profile(iters=2, warmup=1)

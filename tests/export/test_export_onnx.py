@@ -9,12 +9,13 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, small_resnet20
 from torch import nn
 
 from adaptive_kernels import calibrate, create_model
@@ -395,3 +396,18 @@ def test_the_files_hold_no_unused_weights(exported):
         return [t.name for t in graph.initializer if t.name not in names] + inner
 
     assert unused(onnx.load(str(exported[1])).graph) == []
+
+
+def test_exports_from_two_threads_leave_the_process_streams_as_they_were_and_both_files_exact(tmp_path, capsys):
+    # the exporter's progress notes are silenced for the exporting thread only: contextlib.redirect_stdout, used
+    # before, swapped the process's sys.stdout, and two overlapping exports left it a StringIO for good
+    model = small_resnet20(width=4, calibrated=False)
+    x = torch.randn(1, 3, 16, 16)
+    before = sys.stdout, sys.stderr
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda i: export_onnx(model, tmp_path / f"{i}.onnx", x, dynamic_batch=bool(i)), (0, 1)))
+    assert (sys.stdout, sys.stderr) == before
+    print("heard")
+    assert capsys.readouterr().out == "heard\n"  # nothing of the exporter's, and later output not lost
+    for path in paths:
+        assert max(verify_onnx(path, model, x).values()) < 1e-4

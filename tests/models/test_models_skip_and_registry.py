@@ -2,7 +2,9 @@
 
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import adaptive_kernels as ak
 from adaptive_kernels import models
@@ -18,6 +20,10 @@ def test_parse_skip_spellings():
     assert parse_skip("TFfT", 4) == (True, False, False, True)
     assert parse_skip([True, 0, 1, False], 4) == (True, False, True, False)
     assert parse_skip((False, True), 2) == (False, True)
+    # elements that are NumPy or torch scalars (iterating an array or a tensor gives those)
+    assert parse_skip(tuple(np.array([True, False, True])), 3) == (True, False, True)
+    assert parse_skip(list(torch.tensor([0, 1])), 2) == (False, True)
+    assert parse_skip([np.int64(1), torch.tensor(False)], 2) == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +43,10 @@ def test_parse_skip_errors(bad, match):
 def test_parse_skip_wrong_type():
     with pytest.raises(TypeError, match="skip must be None, 'super', 'base', a T/F string or a sequence of bools, got float"):
         parse_skip(3.5, 4)
+    with pytest.raises(TypeError, match=r"skip=b'TFF' is bytes: give a str \(skip.decode\(\)\)"):
+        parse_skip(b"TFF", 3)
+    with pytest.raises(ValueError, match=r"skip\[0\]=0.5 is not a bool"):
+        parse_skip([np.float32(0.5), True], 2)
 
 
 def test_all_skip_configs_order():

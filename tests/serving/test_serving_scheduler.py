@@ -116,6 +116,25 @@ def test_scheduler_shutdown_answers_the_queue_and_refuses_later_requests():
     assert (stats.submitted, stats.served, stats.refused) == (41, 40, 1)
 
 
+def test_close_called_from_a_done_callback_on_the_dispatcher_answers_everything_without_error(caplog):
+    # the callback runs on the dispatcher's own thread, which close() must not try to join (it logged "cannot join
+    # current thread" through concurrent.futures and did not close in order)
+    hold = threading.Event()
+    scheduler = fake_scheduler(hold=hold)
+    with caplog.at_level("ERROR"):
+        first = scheduler.submit(torch.ones(1, *SHAPE), 10.0)
+        first.add_done_callback(lambda _: scheduler.close())
+        queued = [scheduler.submit(torch.ones(1, *SHAPE), 10.0) for _ in range(5)]
+        hold.set()
+        assert first.result(timeout=10).skip and all(f.result(timeout=10).skip for f in queued)
+        scheduler._thread.join(timeout=10)
+    assert not scheduler._thread.is_alive() and not caplog.records
+    with pytest.raises(Refused, match="shutting down"):
+        scheduler.submit(torch.ones(1, *SHAPE), 10.0).result(timeout=1)
+    stats = scheduler.stats()
+    assert (stats.submitted, stats.served, stats.refused, stats.queued) == (7, 6, 1, 0)
+
+
 def test_a_request_cannot_be_cancelled_and_the_dispatcher_answers_on():
     # a caller cancelling a queued request's future (asyncio.wrap_future does when its task is cancelled) once made
     # the dispatcher's set_result raise: its thread ended and every later request waited forever

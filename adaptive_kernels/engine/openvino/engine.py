@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -197,8 +198,14 @@ class OpenVinoEngine(HostEngine):
 
     def _infer(self, array: np.ndarray, config: SkipConfig, mask: np.ndarray) -> np.ndarray:
         if self.precision == "int8":
-            return self._subnets[config].run({INPUT: array})
-        return self._one_graph.run({INPUT: array, MASK: mask})
+            out = self._subnets[config].run({INPUT: array})
+        else:
+            out = self._one_graph.run({INPUT: array, MASK: mask})
+        flat = array.reshape(-1)
+        if not math.isfinite(flat.dot(flat)):  # 0.6 us for a 28 x 28 image; finite values too large also land here
+            # OpenVINO's CPU plugin answers finite logits for an image holding NaN (the model and ONNX Runtime: NaN)
+            out[~np.isfinite(array.reshape(len(array), -1)).all(axis=1)] = np.nan
+        return out
 
     def _describe(self) -> str:
         if self.precision == "int8":

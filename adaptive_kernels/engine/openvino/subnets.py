@@ -14,14 +14,13 @@ which earlier stages ran, and a calibrated model's norms on all of them), so no 
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 
+from ..._quiet import muted
 from ...export import MASK
 
 
@@ -69,7 +68,7 @@ def quantize(model, batches: Sequence[np.ndarray]):
 
     nncf.set_log_level(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        with muted(stdout=True, stderr=True):  # its progress bars; this thread's only
             return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches))
     finally:
         # NNCF compiles on a Core of its own: free it now, before the next quantize makes another, so Cores die in
