@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -330,13 +331,18 @@ def check_data_fits_model(spec: dict[str, Any], num_classes: int, in_chans: int,
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written (line breaks kept) and each option's default, except empty ones (None/False)."""
+    """Descriptions as written (line breaks kept), the values a numeric option takes (its type's name: ``int in
+    [1, 1024]``, as in its error) and each option's default, except empty ones (None/False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        kind = getattr(action.type, "__name__", "")
+        if kind.startswith(("int ", "number ", "auto or ")):
+            text += f" ({kind})"
         empty = action.default is None or action.default is False or action.default == []  # 0 is a real default
-        if empty or action.default is argparse.SUPPRESS or "%(default)" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
+        if empty or action.default is argparse.SUPPRESS or re.search(r"\bdefault\b", text):  # says it itself
+            return text
+        return text + " (default: %(default)s)"
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -92,7 +92,30 @@ def _data(args: argparse.Namespace):
                       num_workers=args.workers)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def run(args: argparse.Namespace) -> int:
+    """SIGTERM (``timeout``, CI, a process manager) during the start-up ends it as Ctrl-C does (``error:
+    interrupted``, temporary files removed); once serving, the server's own handler stops it gracefully."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.accuracy:
+        given = [flag for flag, value in (("--data", args.data), ("--data-dir", args.data_dir),
+                                          ("--image-size", args.image_size), ("--test-subset", args.test_subset))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} choose the data that measures the accuracies, which --accuracy "
+                             f"gives: drop {'them' if len(given) > 1 else 'it'}, or drop --accuracy to measure now")
     try:
         from ..serving.http import HttpServer, bind_socket, create_app
         if args.ray_replicas:
@@ -129,9 +152,11 @@ def run(args: argparse.Namespace) -> int:
     scheduler = Scheduler(plan.engine, plan.example_input, plan.latency, plan.accuracy, miss_budget=args.miss_budget,
                           max_queue_bytes=args.max_queue_mb << 20)
     server = HttpServer(create_app(scheduler, plan.name, args.slo_ms), sock)
-    _progress(f"ready on {args.host}:{server.port}: {plan.name} at http://{args.host}:{server.port}/v2/models/"
-              f"{plan.name} (SLO {args.slo_ms:g} ms, max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops")
     try:
+        server.listen()  # connections made before were refused: none waited through the start-up
+        address = f"[{args.host}]:{server.port}" if ":" in args.host else f"{args.host}:{server.port}"  # IPv6
+        _progress(f"ready on {address}: {plan.name} at http://{address}/v2/models/{plan.name} (SLO "
+                  f"{args.slo_ms:g} ms, max batch {args.max_batch}); metrics at /metrics; Ctrl-C stops")
         server.run()
     finally:
         scheduler.close()

@@ -453,8 +453,18 @@ def create_app(scheduler: Scheduler, name: str, slo_ms: float, replica: str | No
     return app
 
 
+#: connections the listening socket holds before the server accepts them
+BACKLOG = 2048
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: any free port), or one clear ValueError when it is taken."""
+    """A socket bound to host:port (port 0: any free port), or one clear ValueError when it is taken. It listens
+    only once the server runs (uvicorn's ``listen``): until then a connection is refused at once, where a listening
+    socket would hold it in the backlog through the start-up (a minute of profiling, then served as if just
+    arrived: its SLO counts from the handler's start)."""
+    if not host.strip():
+        raise ValueError("--host is empty (that would listen on every interface): give an address, e.g. 127.0.0.1 "
+                         "(the default) or 0.0.0.0 for every interface")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -466,7 +476,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
             raise ValueError(f"port {port} on {host} is in use: stop what listens there or choose another --port") \
                 from None
         raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --host/--port") from None
-    sock.listen(2048)
     return sock
 
 
@@ -483,12 +492,22 @@ class HttpServer:
         self.sock = sock
         self.port = sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                     timeout_graceful_shutdown=30))
+                                                     timeout_graceful_shutdown=30, backlog=BACKLOG))
         self._thread: threading.Thread | None = None
+
+    def listen(self) -> None:
+        """Start taking connections (they wait for ``run`` in the backlog); ValueError if another socket listens on
+        the port since ``bind_socket`` (both bound with SO_REUSEADDR, neither listening yet)."""
+        try:
+            self.sock.listen(BACKLOG)
+        except OSError as e:
+            raise ValueError(f"port {self.port} is in use ({e.strerror or e}): stop what listens there or choose "
+                             f"another --port") from None
 
     def run(self) -> None:
         """Serve until Ctrl-C / SIGTERM, then return normally (uvicorn re-raises the signal it stopped on once its
         graceful shutdown is done; here that ends the call, so the caller's clean-up and summary run)."""
+        self.listen()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None

@@ -100,6 +100,17 @@ def test_zero_means_what_help_says(capsys):
     assert "(0: all classes)" in text and "(0 or unset: at epoch ends only)" in text
 
 
+def test_help_shows_each_numeric_flags_range_as_its_error_does_and_each_default_once():
+    parsers = subparsers(build_parser())
+    serve = " ".join(parsers["serve"].format_help().split())
+    assert "the most inputs one engine call takes (int in [1, 1024]) (default: 16)" in serve
+    assert "(number in [0, 1)) (default: 0.005)" in serve  # --miss-budget
+    calibrate = " ".join(parsers["calibrate"].format_help().split())
+    assert "(default 4096) (int >= 1)" in calibrate and "(default: 4096)" not in calibrate  # says it itself
+    train = " ".join(parsers["train"].format_help().split())
+    assert "--epochs EPOCHS" in train and "(int >= 1)" in train
+
+
 def test_zero_top_k_trains_on_all_classes(tmp_path, capsys):
     assert main(TRAIN + ["--out", str(tmp_path), "--top-k", "0", "--save-every", "0", "--eval-every", "0"]) == 0
     config = load_checkpoint(tmp_path / "last.pt")["config"]
@@ -409,10 +420,11 @@ def test_help_is_plain_text_with_defaults():
         assert "10-minute" not in text and "10 min" not in text, name
     flat = {n: " ".join(t.split()) for n, t in texts.items()}
     assert "7 minutes" in flat[""] and "7-minute" in flat[""]
-    assert "--batch-size BATCH_SIZE GLOBAL batch (split over processes) (default: 128)" in flat["train"]
-    assert "--warmup-epochs WARMUP_EPOCHS linear LR warmup, may be fractional (0: none) (default: 0.0)" in flat["train"]
-    assert "--latency-repeats LATENCY_REPEATS timed rounds; each round runs every sub-network once (default: 30)" \
-        in flat["eval"]
+    assert "--batch-size BATCH_SIZE GLOBAL batch (split over processes) (int >= 1) (default: 128)" in flat["train"]
+    assert ("--warmup-epochs WARMUP_EPOCHS linear LR warmup, may be fractional (0: none) (number >= 0) (default: 0.0)"
+            in flat["train"])
+    assert ("--latency-repeats LATENCY_REPEATS timed rounds; each round runs every sub-network once "
+            "(int in [1, 10000]) (default: 30)") in flat["eval"]
     assert "(default: None)" not in flat["train"] and "(default: False)" not in flat["train"]
     assert "{demo,train,eval,calibrate,export,serve}" in flat[""].split("usage:")[1].split("options:")[0]
     assert "Per-sub-network norm statistics" in flat["calibrate"]

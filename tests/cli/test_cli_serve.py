@@ -210,23 +210,72 @@ def test_serve_refuses_data_the_model_was_not_trained_on(checkpoint, capsys):
     assert "was trained on data image_size [8, 8] but --image-size gives [12, 12]: measure its accuracy" in line
 
 
-def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
-    """A real ``python -m adaptive_kernels serve`` on 127.0.0.1 (any free port): one line per phase on stderr while
-    it starts (stdout keeps the plan), answers once ready, stops on Ctrl-C (SIGINT) with its last line; bounded."""
+def test_serve_refuses_data_flags_that_accuracy_makes_unused(checkpoint, capsys):
     path, accuracy = checkpoint
+    line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--data-dir",
+                        "/nonexistent", "--image-size", "32"], capsys)
+    assert ("--data-dir, --image-size choose the data that measures the accuracies, which --accuracy gives: drop "
+            "them, or drop --accuracy to measure now") in line
+
+
+def test_serve_refuses_an_empty_host(checkpoint, capsys):
+    path, accuracy = checkpoint
+    line = serve_error(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "10", "--host", " "],
+                       capsys)
+    assert "--host is empty (that would listen on every interface): give an address" in line
+
+
+def start_serve(*argv: str) -> tuple[subprocess.Popen, queue.Queue]:
+    """``python -m adaptive_kernels serve ARGV`` and a queue of its stderr lines (read on a thread)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "adaptive_kernels", "serve", "--checkpoint", str(path),
-                             "--accuracy", str(accuracy), "--slo-ms", "50", "--host", "127.0.0.1", "--port", "0",
-                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1", "--miss-budget", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "adaptive_kernels", "serve", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.rstrip()) for line in proc.stderr], daemon=True).start()
+    return proc, lines
+
+
+def test_serve_stops_on_sigterm_during_its_start_up_as_on_ctrl_c(checkpoint):
+    """SIGTERM (``timeout``, CI) while it loads, exports or profiles: the same one line and status as Ctrl-C, not a
+    silent death by the signal; bounded."""
+    path, accuracy = checkpoint
+    proc, lines = start_serve("--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--port",
+                              "0", "--max-batch", "1", "--profile-iters", "2", "--threads", "1")
+    try:
+        assert lines.get(timeout=120).startswith("[serve] loading")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # the reader thread's last lines
+    seen = []
+    while not lines.empty():
+        seen.append(lines.get())
+    assert seen and seen[-1] == "error: interrupted" and not any("ready on" in line for line in seen), seen
+
+
+def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
+    """A real ``python -m adaptive_kernels serve`` on 127.0.0.1: one line per phase on stderr while it starts
+    (stdout keeps the plan; a connection meanwhile is refused at once, not held until it is ready), answers once
+    ready, stops on Ctrl-C (SIGINT) with its last line; bounded."""
+    path, accuracy = checkpoint
+    with socket.socket() as probe:  # a free port, known before the ready line
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc, lines = start_serve("--checkpoint", str(path),
+                             "--accuracy", str(accuracy), "--slo-ms", "50", "--host", "127.0.0.1", "--port", str(port),
+                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1", "--miss-budget", "0")
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 240
+        seen.append(lines.get(timeout=120))
+        with pytest.raises(ConnectionRefusedError):  # bound (the port is taken) but not listening yet
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
         while not (seen and seen[-1].startswith("[serve] ready on")):
             seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-        port = int(re.match(r"\[serve\] ready on 127\.0\.0\.1:(\d+): ", seen[-1]).group(1))
+        assert re.match(rf"\[serve\] ready on 127\.0\.0\.1:{port}: ", seen[-1])
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                        "data": [0.0] * 64}], "parameters": {"slo_ms": 10000}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/resnet20_adn/infer", data=body,
