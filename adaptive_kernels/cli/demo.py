@@ -26,7 +26,13 @@ from .._files import write_text
 from ..engine import select_skip
 from ..models.calibration import calibrate
 from ..models.skip import skip_to_str
-from ..training.data import DataSource, InMemoryImages, build_data, calibration_batches
+from ..training.data import (
+    DEFAULT_CALIBRATION_BATCH,
+    DataSource,
+    InMemoryImages,
+    build_data,
+    calibration_batches,
+)
 from ..training.distributed import DistEnv
 from ..training.evaluate import (
     SubnetResult,
@@ -232,8 +238,10 @@ def run_demo(
     model = trainer.eval_model
     echo(f"[demo] scoring every sub-network as trained on {data.num_test} test images ...")
     as_trained = {skip_to_str(s): accuracy(model, data, s) for s in model.skip_configs()}
-    calibration = calibrate(model, calibration_batches(train_data, CALIBRATION_IMAGES))
-    trainer.save(out_dir / "calibrated.pt")
+    calibration = calibrate(model, calibration_batches(train_data, CALIBRATION_IMAGES, DEFAULT_CALIBRATION_BATCH))
+    trainer.save(out_dir / "calibrated.pt", extra={"calibration": {  # as `calibrate` records it
+        "images": calibration.images, "batch_size": DEFAULT_CALIBRATION_BATCH, "data": data.name,
+        "weights": "model" if trainer.ema is None else "ema", "seconds": round(calibration.seconds, 1)}})
     echo(f"[demo] calibrated the norms of every sub-network on {calibration.images} training images "
          f"({calibration.seconds:.1f} s); evaluating the calibrated sub-networks ...")
     timed = latency_source(model, (LATENCY_BATCH, data.in_chans, *data.image_size), "cpu")

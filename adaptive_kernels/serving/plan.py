@@ -206,12 +206,27 @@ def checkpoint_model(path: str | os.PathLike, data: DataSource | None = None
 
 def int8_sample(path: str | os.PathLike) -> torch.Tensor:
     """The images ``calibrate --int8-images`` kept in checkpoint ``path`` (float32), for ``serve --int8``."""
-    sample = load_checkpoint(path).get(INT8_SAMPLE)
+    state = load_checkpoint(path)
+    sample = state.get(INT8_SAMPLE)
     if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or len(sample) < 2:
         raise ValueError(f"--int8: checkpoint {path} keeps no images to measure INT8 ranges on: calibrate it with "
-                         f"`python -m adaptive_kernels calibrate --checkpoint {path} --int8-images 300 --out "
-                         f"CALIBRATED.pt` and serve that")
+                         f"`python -m adaptive_kernels calibrate --checkpoint {path}{_same_calibration(state)} "
+                         f"--int8-images 300 --out CALIBRATED.pt` and serve that")
     return sample.float()
+
+
+def _same_calibration(state: dict) -> str:
+    """The ``calibrate`` flags that measure the norms again as ``state``'s own calibration did (calibrate always
+    does): without them, the default image count would give other norms than the accuracies were measured with."""
+    done = state.get("calibration")
+    if not isinstance(done, dict) or not isinstance(done.get("images"), int):
+        return ""
+    flags = f" --images {done['images']}"
+    if isinstance(done.get("batch_size"), int):
+        flags += f" --batch-size {done['batch_size']}"
+    if done.get("weights") in ("model", "ema"):
+        flags += f" --weights {done['weights']}"
+    return flags
 
 
 def measure_accuracies(model: torch.nn.Module, data: DataSource, *, device: str = "cpu", scorer: Engine | None = None,

@@ -366,13 +366,14 @@ class Trainer:
             "history": self.history,
         }
 
-    def save(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write a checkpoint (rank 0; default ``out_dir/last.pt``). Every rank must call it under DDP."""
+    def save(self, path: str | os.PathLike | None = None, extra: dict | None = None) -> Path | None:
+        """Write a checkpoint (rank 0; default ``out_dir/last.pt``), with ``extra``'s entries beside the trainer's
+        (e.g. ``calibration``). Every rank must call it under DDP."""
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             return None
         broadcast_buffers(self.model, self.env)
-        state = self.state_dict()
+        state = {**self.state_dict(), **(extra or {})}
         if self.env.is_main:
             save_checkpoint(state, path)
             self.log.write(event="checkpoint", path=str(path), epoch=self.epoch, step_in_epoch=self.step_in_epoch,

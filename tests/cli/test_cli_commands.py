@@ -1,11 +1,13 @@
 """CLI smoke tests on synthetic data: train / resume / eval / demo, and their error messages."""
 
 import json
+import re
 import shlex
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from adaptive_kernels import create_model
 from adaptive_kernels.cli import main
@@ -110,6 +112,18 @@ def test_demo_smoke(tmp_path, capsys):
     calibrated = create_model("resnet20_adn", num_classes=10, in_chans=1, width=2)
     calibrated.load_state_dict(load_checkpoint(out / "calibrated.pt")["model"])
     assert calibrated.is_calibrated and summary["calibration"]["images"] == summary["plan"]["train_images"]
+    # serve --int8's hint (calibrate again, keeping images) names the flags that give the same norms: the demo's
+    # calibrated.pt records its calibration as `calibrate` does (without them: other norms than were evaluated)
+    from adaptive_kernels.serving.plan import int8_sample
+
+    with pytest.raises(ValueError, match="keeps no images") as refused:
+        int8_sample(out / "calibrated.pt")
+    command = re.search(r"`python -m adaptive_kernels (calibrate [^`]*)`", str(refused.value)).group(1)
+    assert f"--images {summary['calibration']['images']} --batch-size " in command
+    assert main(shlex.split(command.replace("CALIBRATED.pt", str(tmp_path / "again.pt")))) == 0
+    again, first = (load_checkpoint(p)["model"] for p in (tmp_path / "again.pt", out / "calibrated.pt"))
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    assert int8_sample(tmp_path / "again.pt").shape[1:] == (1, 16, 16)
     assert "as trained %" in printed and all("accuracy_as_trained" in r for r in rows)
     for name in ("last.pt", "subnets.json", "tradeoff.png"):
         assert str(out / name) in printed  # the demo says where its outputs went
