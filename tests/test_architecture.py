@@ -13,7 +13,7 @@ import adaptive_kernels
 PACKAGE = Path(adaptive_kernels.__file__).parent
 ROOT = PACKAGE.name
 #: layer of each top-level part of the package; an import may only point to the same or a lower layer
-LAYERS = {"_ext": -1, "_discovery": -1, "_files": -1, "_version": -1, "numerics": -1,
+LAYERS = {"_ext": -1, "_discovery": -1, "_files": -1, "_quiet": -1, "_version": -1, "numerics": -1,
           "models": 0, "kernels": 1, "export": 2, "engine": 3,
           "training": 4, "serving": 5, "cli": 6, "__main__": 6, "": 6}
 
