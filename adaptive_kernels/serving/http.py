@@ -492,7 +492,9 @@ class HttpServer:
         self.sock = sock
         self.port = sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                     timeout_graceful_shutdown=30, backlog=BACKLOG))
+                                                     timeout_graceful_shutdown=30, backlog=BACKLOG,
+                                                     lifespan="off"))  # no start-up/shutdown hooks: a second Ctrl-C
+        # (forced exit) left "auto"'s idle lifespan task to be cancelled, and it logged a CancelledError traceback
         self._thread: threading.Thread | None = None
 
     def listen(self) -> None:

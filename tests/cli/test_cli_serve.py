@@ -256,6 +256,35 @@ def test_serve_stops_on_sigterm_during_its_start_up_as_on_ctrl_c(checkpoint):
     assert seen and seen[-1] == "error: interrupted" and not any("ready on" in line for line in seen), seen
 
 
+def test_serve_stopped_by_two_quick_ctrl_c_exits_without_tracebacks(checkpoint):
+    """The second Ctrl-C forces the exit (uvicorn): it once left an idle lifespan task to be cancelled, which logged
+    a 30-line CancelledError traceback; bounded."""
+    path, accuracy = checkpoint
+    proc, lines = start_serve("--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--port",
+                              "0", "--max-batch", "1", "--profile-iters", "2", "--threads", "1")
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (seen and seen[-1].startswith("[serve] ready on")):
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        port = re.match(r"\[serve\] ready on 127\.0\.0\.1:(\d+): ", seen[-1]).group(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30) as answer:
+            assert answer.status == 200  # serving: its signal handlers are in place
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # the reader thread's last lines
+    while not lines.empty():
+        seen.append(lines.get())
+    log = "\n".join(seen)
+    assert seen[-1].startswith("[serve] stopped: 0 requests") and "Traceback" not in log, log
+
+
 def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
     """A real ``python -m adaptive_kernels serve`` on 127.0.0.1: one line per phase on stderr while it starts
     (stdout keeps the plan; a connection meanwhile is refused at once, not held until it is ready), answers once
