@@ -235,52 +235,67 @@ def start_serve(*argv: str) -> tuple[subprocess.Popen, queue.Queue]:
     return proc, lines
 
 
-def test_serve_stops_on_sigterm_during_its_start_up_as_on_ctrl_c(checkpoint):
-    """SIGTERM (``timeout``, CI) while it loads, exports or profiles: the same one line and status as Ctrl-C, not a
-    silent death by the signal; bounded."""
-    path, accuracy = checkpoint
-    proc, lines = start_serve("--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--port",
-                              "0", "--max-batch", "1", "--profile-iters", "2", "--threads", "1")
+def serve_session(argv: list[str], drive) -> tuple[subprocess.Popen, list[str]]:
+    """``serve ARGV`` driven by ``drive(proc, next_line)`` (``next_line()``: its next stderr line, kept), killed if
+    ``drive`` fails; returns the process and every stderr line it printed."""
+    proc, lines = start_serve(*argv)
+    seen: list[str] = []
+
+    def next_line(timeout: float = 240) -> str:
+        seen.append(lines.get(timeout=timeout))
+        return seen[-1]
+
     try:
-        assert lines.get(timeout=120).startswith("[serve] loading")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
+        drive(proc, next_line)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     time.sleep(0.2)  # the reader thread's last lines
-    seen = []
     while not lines.empty():
         seen.append(lines.get())
-    assert seen and seen[-1] == "error: interrupted" and not any("ready on" in line for line in seen), seen
+    return proc, seen
+
+
+def until_ready(next_line) -> str:
+    """The ``[serve] ready on`` line, within 240 s."""
+    deadline = time.monotonic() + 240
+    while not (line := next_line(max(0.1, deadline - time.monotonic()))).startswith("[serve] ready on"):
+        pass
+    return line
+
+
+def test_serve_stops_on_sigterm_during_its_start_up_as_on_ctrl_c(checkpoint):
+    """SIGTERM (``timeout``, CI) while it loads, exports or profiles: the same one line and status as Ctrl-C, not a
+    silent death by the signal; bounded."""
+    path, accuracy = checkpoint
+
+    def drive(proc, next_line):
+        assert next_line(120).startswith("[serve] loading")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+
+    _, seen = serve_session(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--port", "0",
+                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1"], drive)
+    assert seen[-1] == "error: interrupted" and not any("ready on" in line for line in seen), seen
 
 
 def test_serve_stopped_by_two_quick_ctrl_c_exits_without_tracebacks(checkpoint):
     """The second Ctrl-C forces the exit (uvicorn): it once left an idle lifespan task to be cancelled, which logged
     a 30-line CancelledError traceback; bounded."""
     path, accuracy = checkpoint
-    proc, lines = start_serve("--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--port",
-                              "0", "--max-batch", "1", "--profile-iters", "2", "--threads", "1")
-    seen: list[str] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not (seen and seen[-1].startswith("[serve] ready on")):
-            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-        port = re.match(r"\[serve\] ready on 127\.0\.0\.1:(\d+): ", seen[-1]).group(1)
+
+    def drive(proc, next_line):
+        port = re.match(r"\[serve\] ready on 127\.0\.0\.1:(\d+): ", until_ready(next_line)).group(1)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30) as answer:
             assert answer.status == 200  # serving: its signal handlers are in place
         proc.send_signal(signal.SIGINT)
         time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    time.sleep(0.2)  # the reader thread's last lines
-    while not lines.empty():
-        seen.append(lines.get())
+
+    _, seen = serve_session(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--port", "0",
+                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1"], drive)
     log = "\n".join(seen)
     assert seen[-1].startswith("[serve] stopped: 0 requests") and "Traceback" not in log, log
 
@@ -293,18 +308,12 @@ def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
     with socket.socket() as probe:  # a free port, known before the ready line
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc, lines = start_serve("--checkpoint", str(path),
-                             "--accuracy", str(accuracy), "--slo-ms", "50", "--host", "127.0.0.1", "--port", str(port),
-                             "--max-batch", "1", "--profile-iters", "2", "--threads", "1", "--miss-budget", "0")
-    seen: list[str] = []
-    try:
-        deadline = time.monotonic() + 240
-        seen.append(lines.get(timeout=120))
+
+    def drive(proc, next_line):
+        next_line(120)
         with pytest.raises(ConnectionRefusedError):  # bound (the port is taken) but not listening yet
             socket.create_connection(("127.0.0.1", port), timeout=10).close()
-        while not (seen and seen[-1].startswith("[serve] ready on")):
-            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-        assert re.match(rf"\[serve\] ready on 127\.0\.0\.1:{port}: ", seen[-1])
+        assert re.match(rf"\[serve\] ready on 127\.0\.0\.1:{port}: ", until_ready(next_line))
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                        "data": [0.0] * 64}], "parameters": {"slo_ms": 10000}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/resnet20_adn/infer", data=body,
@@ -317,13 +326,10 @@ def test_serve_shows_its_phases_on_stderr_then_serves_and_stops(checkpoint):
             assert "\nadn_reserve_share 0.5\n" in answer.read().decode()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    time.sleep(0.2)  # the reader thread's last lines
-    while not lines.empty():
-        seen.append(lines.get())
+
+    proc, seen = serve_session(["--checkpoint", str(path), "--accuracy", str(accuracy), "--slo-ms", "50", "--host",
+                                "127.0.0.1", "--port", str(port), "--max-batch", "1", "--profile-iters", "2",
+                                "--threads", "1", "--miss-budget", "0"], drive)
     phases = [line.split("]")[0] + "]" for line in seen]
     assert seen[0] == f"[serve] loading {path} ..."
     assert phases.index("[compile]") < phases.index("[profile]") < len(seen) - 2 and "[export]" in phases
