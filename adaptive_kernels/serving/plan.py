@@ -234,9 +234,11 @@ def measure_accuracies(model: torch.nn.Module, data: DataSource, *, device: str 
     """The accuracy (%) of every sub-network of ``model`` on ``data``'s test split, as ``scorer`` (an engine of the
     model; default: the model itself) computes it; ``progress`` hears each one."""
     model, accuracy = model.to(device), {}
-    for skip in model.skip_configs():
+    configs = model.skip_configs()
+    progress(f"measuring the accuracy of {len(configs)} sub-networks on {data.num_test} {data.name} test images ...")
+    for i, skip in enumerate(configs, 1):
         accuracy[skip] = measure_accuracy(scorer or model, data, skip, device=device)
-        progress(f"accuracy of {skip_to_str(skip)} on {data.name}: {accuracy[skip]:.2f} %")
+        progress(f"accuracy of {skip_to_str(skip)} on {data.name}: {accuracy[skip]:.2f} % ({i}/{len(configs)})")
     return accuracy
 
 
