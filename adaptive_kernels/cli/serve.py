@@ -92,15 +92,11 @@ def _data(args: argparse.Namespace):
                       num_workers=args.workers)
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def run(args: argparse.Namespace) -> int:
     """SIGTERM (``timeout``, CI, a process manager) during the start-up ends it as Ctrl-C does (``error:
     interrupted``, temporary files removed); once serving, the server's own handler stops it gracefully."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None  # KeyboardInterrupt
     try:
         return _run(args)
     finally:

@@ -479,10 +479,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 class HttpServer:
     """uvicorn serving ``app`` on ``sock``. ``run()`` blocks (Ctrl-C / SIGTERM stop it gracefully: no new
     connections, open requests answered); ``start()`` runs it on a thread and ``stop()`` ends that (tests,
@@ -512,7 +508,7 @@ class HttpServer:
         self.listen()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
         try:
             self._server.run(sockets=[self.sock])
         except KeyboardInterrupt:
